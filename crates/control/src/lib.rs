@@ -1,0 +1,1 @@
+//! Control plane: metadata store, supervision, health, failover, HTTP JSON API.

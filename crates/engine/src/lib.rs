@@ -1,0 +1,1 @@
+//! Buffer cache, B+trees, MVCC, catalog and transactions over the volume.

@@ -1,0 +1,1 @@
+//! PostgreSQL wire protocol front end mapping to engine sessions.

@@ -1,0 +1,1 @@
+//! Endpoints: a TCP proxy that follows the current writer (later pooling, TLS).

@@ -1,0 +1,1 @@
+//! Deterministic simulation of storage + volume under faults.

@@ -1,0 +1,1 @@
+//! SQL: parse (sqlparser), bind, plan, execute against the engine.

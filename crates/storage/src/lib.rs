@@ -1,0 +1,1 @@
+//! Storage node: segment logs, group commit, gossip, page materialization, GC.

@@ -1,0 +1,156 @@
+//! Client side of the volume, used by database instances.
+//!
+//! The engine sees the volume through [`Volume`]:
+//!
+//! * [`Volume::append`] turns one mini-transaction (a list of page ops) into redo
+//!   records: it allocates dense, increasing LSNs, sets each record's backlink to the
+//!   previous record of its PG, flags the last record as the MTR's CPL, queues the
+//!   records to every segment of their PGs, and returns them so the caller can apply
+//!   them to its cached pages with [`borealis_redo::apply`]. It waits (asynchronously)
+//!   while the next LSN would pass VDL + LAL: that is the write path's backpressure.
+//! * [`Volume::wait_durable`] resolves when VDL has reached an LSN: commit waits on it.
+//! * [`Volume::get_page`] reads a page as of a read LSN from one complete segment.
+//!
+//! Backends: `Memory` keeps the log in this process (engine unit tests, and the
+//! reference the simulation compares against). The quorum backend over real storage
+//! nodes lives beside it behind the same API.
+
+mod memory;
+
+use borealis_common::{Epoch, Geometry, Lsn, PageNo};
+use borealis_redo::{Op, Page, Record};
+use std::sync::Arc;
+
+pub use memory::MemoryVolume;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume is fenced: epoch {ours} superseded by {theirs}")]
+    Fenced { ours: Epoch, theirs: Epoch },
+    #[error("page {0} is beyond the volume's maximum size")]
+    PageOutOfRange(PageNo),
+    #[error("read at LSN {read} is outside what storage can serve ({why})")]
+    ReadPoint { read: Lsn, why: String },
+    #[error("no segment of {pg} could serve the request: {why}")]
+    Unavailable { pg: borealis_common::PgId, why: String },
+    #[error("corrupt data from storage: {0}")]
+    Corrupt(String),
+    #[error("volume is shut down")]
+    Closed,
+}
+
+/// Limits and timeouts of the volume client (invariant 9: everything bounded).
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub geometry: Geometry,
+    /// LSN allocation limit: the writer never allocates beyond VDL + lal.
+    pub lal: u64,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig { geometry: Geometry::default(), lal: 100_000 }
+    }
+}
+
+/// A snapshot of the volume client's state, for status and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VolumeStatus {
+    pub epoch: Epoch,
+    pub vcl: Lsn,
+    pub vdl: Lsn,
+    /// Highest LSN allocated so far.
+    pub last_lsn: Lsn,
+    pub protection_groups: u32,
+}
+
+/// Handle to a volume; cheap to clone.
+#[derive(Clone)]
+pub struct Volume {
+    backend: Arc<Backend>,
+}
+
+enum Backend {
+    Memory(MemoryVolume),
+}
+
+impl Volume {
+    /// A volume kept entirely in this process (no storage nodes). Durable "at once":
+    /// VDL follows every CPL immediately.
+    pub fn in_memory(config: VolumeConfig) -> Volume {
+        Volume { backend: Arc::new(Backend::Memory(MemoryVolume::new(config))) }
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        match &*self.backend {
+            Backend::Memory(m) => m.geometry(),
+        }
+    }
+
+    /// Appends one mini-transaction. See the module docs.
+    pub async fn append(&self, mtr: Vec<(PageNo, Op)>) -> Result<Vec<Record>, VolumeError> {
+        match &*self.backend {
+            Backend::Memory(m) => m.append(mtr),
+        }
+    }
+
+    /// Resolves once VDL >= `lsn`.
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
+        match &*self.backend {
+            Backend::Memory(m) => m.wait_durable(lsn).await,
+        }
+    }
+
+    /// The page as of `read_lsn` (all records of the page with LSN <= read_lsn
+    /// applied). A page never written is returned zeroed.
+    pub async fn get_page(&self, page: PageNo, read_lsn: Lsn) -> Result<Page, VolumeError> {
+        match &*self.backend {
+            Backend::Memory(m) => m.get_page(page, read_lsn),
+        }
+    }
+
+    /// Lowest read point any instance still needs (PGMRPL); storage may GC below it.
+    pub fn set_min_read_point(&self, lsn: Lsn) {
+        match &*self.backend {
+            Backend::Memory(m) => m.set_min_read_point(lsn),
+        }
+    }
+
+    pub fn vdl(&self) -> Lsn {
+        self.status().vdl
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        match &*self.backend {
+            Backend::Memory(m) => m.status(),
+        }
+    }
+}
+
+/// Where a volume's segments live. Owned by the control plane (served at
+/// `GET /v1/volume/topology`), consumed by instances.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Topology {
+    pub geometry: Geometry,
+    pub nodes: Vec<StorageNodeInfo>,
+    /// Explicit placements. A PG not listed here lives on `default_segments`.
+    pub protection_groups: Vec<PgPlacement>,
+    /// Node names (6, two per AZ) for PGs without an explicit placement.
+    pub default_segments: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageNodeInfo {
+    pub name: String,
+    pub az: String,
+    pub addr: std::net::SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PgPlacement {
+    pub pg: borealis_common::PgId,
+    /// Membership epoch: bumped when a segment is replaced.
+    pub membership_epoch: u64,
+    /// Node names hosting the PG's 6 segments.
+    pub segments: Vec<String>,
+}
