@@ -1,0 +1,558 @@
+//! The storage node as a state machine with no I/O of its own: it is handed decoded
+//! requests and a [`Disk`], and answers either at once (reads, errors) or after the
+//! next sync (appends: acknowledged only once durable).
+//!
+//! ```text
+//!   requests ──> Node::handle ──> Reply(now)            (GetPage, Hello, Tail, errors)
+//!                     │
+//!                     └─> log bytes appended to Disk ──> AfterSync(reply)
+//!   driver: when no sync runs and something is dirty: job = Node::take_sync();
+//!           run job (fdatasync) ──> release every AfterSync reply taken before it
+//! ```
+//!
+//! Group commit falls out of this shape: while one fdatasync runs, everything that
+//! arrives is appended to the files and waits for the next one, which covers all of
+//! it. Only append-and-ack is on the latency path; coalescing and compaction run in
+//! [`Node::tick`].
+//!
+//! Epochs are node-wide (the volume epoch): the node keeps the current epoch and the
+//! truncation history in a small metadata file replaced atomically, and applies the
+//! history to every segment on install and on replay.
+
+use crate::disk::{Disk, SyncJob};
+use crate::proto::{
+    Append, ErrorCode, PgAck, Request, Response, SegmentInfo, Truncation, MAX_HISTORY,
+};
+use crate::segment::{record_entry, vdl_hint_entry, Inserted, ReadError, Segment};
+use borealis_common::{Epoch, Lsn, PgId};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::time::Duration;
+
+/// Limits of a node's background work (invariant 9).
+#[derive(Debug, Clone)]
+pub struct NodeLimits {
+    /// Records folded into page images per segment per tick.
+    pub coalesce_per_tick: usize,
+    /// Compact a log once it exceeds this many bytes and twice its live data.
+    pub compact_min_bytes: u64,
+    /// Largest ReadLog/Tail chunk served.
+    pub max_chunk_bytes: usize,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            coalesce_per_tick: 10_000,
+            compact_min_bytes: 64 << 20,
+            max_chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+/// What to do with a request's reply.
+#[derive(Debug)]
+pub enum Handled {
+    Reply(Response),
+    /// Send only after the next sync job completes successfully.
+    AfterSync(Response),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct NodeStats {
+    pub appends: u64,
+    pub records_appended: u64,
+    pub bytes_appended: u64,
+    pub fsyncs: u64,
+    pub fsync_seconds_sum: f64,
+    pub fsync_seconds_max: f64,
+    pub torn_tails_cut: u64,
+    pub fenced_requests: u64,
+}
+
+pub struct Node<D: Disk> {
+    pub name: String,
+    disk: D,
+    epoch: Epoch,
+    history: Vec<Truncation>,
+    segments: BTreeMap<PgId, Segment>,
+    dirty: BTreeSet<PgId>,
+    pgmrpl: Lsn,
+    failed: Option<String>,
+    limits: NodeLimits,
+    pub stats: NodeStats,
+}
+
+const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
+
+fn encode_meta(epoch: Epoch, history: &[Truncation]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + history.len() * 16);
+    out.extend_from_slice(META_MAGIC);
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&epoch.0.to_le_bytes());
+    out.extend_from_slice(&(history.len() as u32).to_le_bytes());
+    for t in history {
+        out.extend_from_slice(&t.epoch.0.to_le_bytes());
+        out.extend_from_slice(&t.vdl.0.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out[12..]);
+    out[8..12].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+fn decode_meta(b: &[u8]) -> Result<(Epoch, Vec<Truncation>), String> {
+    let u64_at = |at: usize| -> Result<u64, String> {
+        let s = b.get(at..at + 8).ok_or("short node meta")?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    };
+    if b.get(0..8) != Some(&META_MAGIC[..]) || b.len() < 24 {
+        return Err("bad node meta header".into());
+    }
+    let stored = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if crc32c::crc32c(&b[12..]) != stored {
+        return Err("node meta CRC mismatch".into());
+    }
+    let epoch = Epoch(u64_at(12)?);
+    let n = u32::from_le_bytes([b[20], b[21], b[22], b[23]]) as usize;
+    if n > MAX_HISTORY || b.len() != 24 + n * 16 {
+        return Err("bad node meta history length".into());
+    }
+    let mut history = Vec::with_capacity(n);
+    for i in 0..n {
+        history.push(Truncation {
+            epoch: Epoch(u64_at(24 + i * 16)?),
+            vdl: Lsn(u64_at(32 + i * 16)?),
+        });
+    }
+    Ok((epoch, history))
+}
+
+/// Union of two histories keyed by epoch (entries of one epoch are identical by
+/// construction: one recovery per epoch), newest `MAX_HISTORY` kept.
+pub fn merge_history(a: &[Truncation], b: &[Truncation]) -> Vec<Truncation> {
+    let mut m: BTreeMap<Epoch, Lsn> = BTreeMap::new();
+    for t in a.iter().chain(b) {
+        m.insert(t.epoch, t.vdl);
+    }
+    let mut v: Vec<Truncation> = m
+        .into_iter()
+        .map(|(epoch, vdl)| Truncation { epoch, vdl })
+        .collect();
+    if v.len() > MAX_HISTORY {
+        v.drain(..v.len() - MAX_HISTORY);
+    }
+    v
+}
+
+impl<D: Disk> Node<D> {
+    /// Opens a node: reads the metadata, replays every segment log and cuts torn tails.
+    /// A metadata file that fails its CRC is an error (the epoch must not regress).
+    pub fn open(name: &str, mut disk: D, limits: NodeLimits) -> io::Result<Node<D>> {
+        let (epoch, history) = match disk.read_meta()? {
+            Some(b) => {
+                decode_meta(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            }
+            None => (Epoch(0), Vec::new()),
+        };
+        let mut stats = NodeStats::default();
+        let mut segments = BTreeMap::new();
+        for pg in disk.list_segments()? {
+            let bytes = disk.read_log(pg)?;
+            let replayed = Segment::replay(pg, &bytes, &history);
+            if let Some(why) = &replayed.torn {
+                log::warn!(
+                    "{name}: {pg}: log tail cut ({why}); peers and the writer fill it back in"
+                );
+                disk.truncate_log(pg, replayed.valid_len as u64)?;
+                stats.torn_tails_cut += 1;
+            }
+            segments.insert(pg, replayed.segment);
+        }
+        Ok(Node {
+            name: name.to_string(),
+            disk,
+            epoch,
+            history,
+            segments,
+            dirty: BTreeSet::new(),
+            pgmrpl: Lsn::ZERO,
+            failed: None,
+            limits,
+            stats,
+        })
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn is_healthy(&self) -> bool {
+        self.failed.is_none()
+    }
+    pub fn segment(&self, pg: PgId) -> Option<&Segment> {
+        self.segments.get(&pg)
+    }
+
+    fn fail(&mut self, what: &str, e: &io::Error) -> Response {
+        let msg = format!("{what}: {e}");
+        if self.failed.is_none() {
+            log::error!(
+                "{}: disk failure, no longer acknowledging writes: {msg}",
+                self.name
+            );
+            self.failed = Some(msg.clone());
+        }
+        Response::error(ErrorCode::Unhealthy, 0, msg)
+    }
+
+    pub fn handle(&mut self, req: Request) -> Handled {
+        match req {
+            Request::Append(a) => self.append(a),
+            Request::InstallEpoch { epoch, history } => {
+                Handled::Reply(self.install_epoch(epoch, &history))
+            }
+            Request::Hello => Handled::Reply(Response::Hello {
+                name: self.name.clone(),
+                epoch: self.epoch,
+                history: self.history.clone(),
+                segments: self
+                    .segments
+                    .values()
+                    .map(|s| SegmentInfo {
+                        pg: s.pg,
+                        scl: s.scl(),
+                        vdl_hint: s.vdl_hint(),
+                        gc_floor: s.gc_floor(),
+                        max_lsn: s.max_lsn(),
+                    })
+                    .collect(),
+            }),
+            Request::Tail {
+                pg,
+                from,
+                history,
+                max_bytes,
+            } => {
+                let max = (max_bytes as usize).min(self.limits.max_chunk_bytes);
+                let (last_at_or_below, records, more) = match self.segments.get(&pg) {
+                    Some(s) => s.tail(from, &merge_history(&self.history, &history), max),
+                    None => (Lsn::ZERO, Vec::new(), false),
+                };
+                Handled::Reply(Response::Tail {
+                    pg,
+                    epoch: self.epoch,
+                    last_at_or_below,
+                    records,
+                    more,
+                })
+            }
+            Request::GetPage { pg, page, read_lsn } => {
+                Handled::Reply(match self.segments.get(&pg) {
+                    None => {
+                        Response::error(ErrorCode::NoSegment, 0, format!("no segment of {pg} here"))
+                    }
+                    Some(s) => match s.get_page(page, read_lsn) {
+                        Ok(p) => Response::Page {
+                            bytes: p.as_bytes().to_vec(),
+                        },
+                        Err(ReadError::NotComplete { scl }) => Response::error(
+                            ErrorCode::NotComplete,
+                            scl.0,
+                            format!("{pg} complete to {scl}, read point {read_lsn}"),
+                        ),
+                        Err(ReadError::BelowGcFloor { floor }) => Response::error(
+                            ErrorCode::BelowGcFloor,
+                            floor.0,
+                            format!("{pg} GC floor {floor} above read point {read_lsn}"),
+                        ),
+                        Err(ReadError::Corrupt(why)) => {
+                            log::error!(
+                                "{}: {pg}: corrupt data serving page {page}: {why}",
+                                self.name
+                            );
+                            Response::error(ErrorCode::Corrupt, 0, why)
+                        }
+                    },
+                })
+            }
+            Request::ReadLog {
+                pg,
+                after,
+                max_bytes,
+            } => {
+                let max = (max_bytes as usize).min(self.limits.max_chunk_bytes);
+                Handled::Reply(match self.segments.get(&pg) {
+                    Some(s) => {
+                        let (records, more) = s.read_log(after, max);
+                        Response::LogChunk {
+                            pg,
+                            scl: s.scl(),
+                            records,
+                            more,
+                        }
+                    }
+                    None => Response::LogChunk {
+                        pg,
+                        scl: Lsn::ZERO,
+                        records: Vec::new(),
+                        more: false,
+                    },
+                })
+            }
+        }
+    }
+
+    fn check_epoch(&mut self, epoch: Epoch) -> Option<Response> {
+        if epoch < self.epoch {
+            self.stats.fenced_requests += 1;
+            return Some(Response::error(
+                ErrorCode::Fenced,
+                self.epoch.0,
+                format!("epoch {epoch} is fenced by epoch {}", self.epoch),
+            ));
+        }
+        if epoch > self.epoch {
+            return Some(Response::error(
+                ErrorCode::NeedEpoch,
+                self.epoch.0,
+                format!("epoch {epoch} not installed"),
+            ));
+        }
+        None
+    }
+
+    fn append(&mut self, a: Append) -> Handled {
+        if self.failed.is_some() {
+            return Handled::Reply(Response::error(
+                ErrorCode::Unhealthy,
+                0,
+                "node is unhealthy",
+            ));
+        }
+        if let Some(r) = self.check_epoch(a.epoch) {
+            return Handled::Reply(r);
+        }
+        self.stats.appends += 1;
+        self.pgmrpl = self.pgmrpl.max(a.pgmrpl);
+        let mut acks = Vec::with_capacity(a.pgs.len());
+        for batch in a.pgs {
+            let seg = self
+                .segments
+                .entry(batch.pg)
+                .or_insert_with(|| Segment::new(batch.pg));
+            let mut lsns = Vec::with_capacity(batch.records.len());
+            let mut out = Vec::new();
+            for bytes in &batch.records {
+                match seg.insert(a.epoch, bytes) {
+                    Ok(inserted) => {
+                        if let Ok(h) = borealis_redo::decode_header(bytes) {
+                            lsns.push(h.lsn);
+                        }
+                        if inserted == Inserted::New {
+                            out.extend_from_slice(&record_entry(a.epoch, bytes));
+                            self.stats.records_appended += 1;
+                        }
+                    }
+                    Err(e) => {
+                        log::warn!(
+                            "{}: {}: rejecting malformed record: {e}",
+                            self.name,
+                            batch.pg
+                        );
+                        return Handled::Reply(Response::error(ErrorCode::BadRequest, 0, e));
+                    }
+                }
+            }
+            if seg.note_vdl_hint(a.vdl_hint) {
+                out.extend_from_slice(&vdl_hint_entry(a.vdl_hint));
+            }
+            seg.note_complete(batch.pg_last, batch.complete_to);
+            let scl = seg.scl();
+            if !out.is_empty() {
+                seg.log_bytes += out.len() as u64;
+                self.stats.bytes_appended += out.len() as u64;
+                if let Err(e) = self.disk.append_log(batch.pg, &out) {
+                    return Handled::Reply(self.fail("log append", &e));
+                }
+            }
+            // Even an all-duplicate batch is acked after the next sync: the earlier
+            // copy may itself still be waiting for its fdatasync.
+            self.dirty.insert(batch.pg);
+            acks.push(PgAck {
+                pg: batch.pg,
+                lsns,
+                scl,
+            });
+        }
+        Handled::AfterSync(Response::Appended {
+            epoch: self.epoch,
+            pgs: acks,
+        })
+    }
+
+    fn install_epoch(&mut self, epoch: Epoch, history: &[Truncation]) -> Response {
+        if epoch < self.epoch {
+            self.stats.fenced_requests += 1;
+            return Response::error(
+                ErrorCode::Fenced,
+                self.epoch.0,
+                format!("epoch {epoch} is fenced by epoch {}", self.epoch),
+            );
+        }
+        let merged = merge_history(&self.history, history);
+        if epoch == self.epoch && merged == self.history {
+            return Response::EpochInstalled { epoch };
+        }
+        if self.failed.is_some() {
+            return Response::error(ErrorCode::Unhealthy, 0, "node is unhealthy");
+        }
+        // Durable before it takes effect: a node that restarts must not forget it was
+        // fenced.
+        if let Err(e) = self.disk.write_meta(&encode_meta(epoch, &merged)) {
+            return self.fail("writing node metadata", &e);
+        }
+        log::info!(
+            "{}: installed volume epoch {epoch} (was {})",
+            self.name,
+            self.epoch
+        );
+        self.epoch = epoch;
+        self.history = merged;
+        for seg in self.segments.values_mut() {
+            let n = seg.truncate(&self.history);
+            if n > 0 {
+                log::info!(
+                    "{}: {}: truncated {n} records above the recovery point",
+                    self.name,
+                    seg.pg
+                );
+            }
+        }
+        Response::EpochInstalled { epoch }
+    }
+
+    /// A job making every append so far durable, or `None` if nothing is dirty.
+    pub fn take_sync(&mut self) -> Option<SyncJob> {
+        if self.dirty.is_empty() {
+            return None;
+        }
+        let pgs: Vec<PgId> = std::mem::take(&mut self.dirty).into_iter().collect();
+        match self.disk.sync_job(&pgs) {
+            Ok(job) => Some(job),
+            Err(e) => {
+                self.fail("preparing fdatasync", &e);
+                Some(Box::new(move || Err(io::Error::other(e.to_string()))))
+            }
+        }
+    }
+
+    /// Reports a sync job's outcome. On error the node is unhealthy from then on and
+    /// the replies that waited for the job must not be sent as acks.
+    pub fn sync_done(&mut self, result: &io::Result<()>, took: Duration) {
+        self.stats.fsyncs += 1;
+        let s = took.as_secs_f64();
+        self.stats.fsync_seconds_sum += s;
+        self.stats.fsync_seconds_max = self.stats.fsync_seconds_max.max(s);
+        if let Err(e) = result {
+            self.fail("fdatasync", e);
+        }
+    }
+
+    /// Background work: fold records below PGMRPL into page images, compact logs.
+    pub fn tick(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let mut compact = Vec::new();
+        for seg in self.segments.values_mut() {
+            seg.coalesce(self.pgmrpl, self.limits.coalesce_per_tick);
+            if seg.log_bytes > self.limits.compact_min_bytes && seg.log_bytes > 2 * seg.live_bytes()
+            {
+                compact.push(seg.pg);
+            }
+        }
+        for pg in compact {
+            let Some(seg) = self.segments.get_mut(&pg) else {
+                continue;
+            };
+            let bytes = seg.compacted_log();
+            match self.disk.replace_log(pg, &bytes) {
+                Ok(()) => {
+                    log::info!(
+                        "{}: {pg}: compacted log {} -> {} bytes",
+                        self.name,
+                        seg.log_bytes,
+                        bytes.len()
+                    );
+                    seg.log_bytes = bytes.len() as u64;
+                }
+                Err(e) => {
+                    self.fail("compaction", &e);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "state": if self.failed.is_none() { "available" } else { "failed" },
+            "error": self.failed,
+            "epoch": self.epoch.0,
+            "segments": self.segments.values().map(|s| serde_json::json!({
+                "pg": s.pg.0,
+                "scl": s.scl().0,
+                "gc_floor": s.gc_floor().0,
+                "vdl_hint": s.vdl_hint().0,
+                "records": s.record_count(),
+                "log_bytes": s.log_bytes,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let n = &self.name;
+        let st = &self.stats;
+        let mut out = String::new();
+        let bytes: u64 = self.segments.values().map(|s| s.log_bytes).sum();
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_bytes gauge\nborealis_storage_bytes{{node=\"{n}\"}} {bytes}"
+        );
+        let _ = writeln!(out, "# TYPE borealis_storage_segment_scl gauge");
+        for s in self.segments.values() {
+            let _ = writeln!(
+                out,
+                "borealis_storage_segment_scl{{node=\"{n}\",pg=\"{}\"}} {}",
+                s.pg.0,
+                s.scl().0
+            );
+        }
+        let _ = writeln!(out, "# TYPE borealis_storage_appends_total counter\nborealis_storage_appends_total{{node=\"{n}\"}} {}", st.appends);
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_records_appended_total counter\nborealis_storage_records_appended_total{{node=\"{n}\"}} {}",
+            st.records_appended
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_fsync_seconds summary\nborealis_storage_fsync_seconds_sum{{node=\"{n}\"}} {}\nborealis_storage_fsync_seconds_count{{node=\"{n}\"}} {}",
+            st.fsync_seconds_sum, st.fsyncs
+        );
+        let _ = writeln!(out, "# TYPE borealis_storage_fsync_seconds_max gauge\nborealis_storage_fsync_seconds_max{{node=\"{n}\"}} {}", st.fsync_seconds_max);
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_epoch gauge\nborealis_storage_epoch{{node=\"{n}\"}} {}",
+            self.epoch.0
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_healthy gauge\nborealis_storage_healthy{{node=\"{n}\"}} {}",
+            self.failed.is_none() as u8
+        );
+        out
+    }
+}

@@ -1,0 +1,516 @@
+//! One segment: the part of a protection group (PG) a storage node hosts.
+//!
+//! # Log format
+//!
+//! A segment is one append-only file of entries:
+//!
+//! ```text
+//!   entry := len:u32 | crc32c:u32 | type:u8 | payload        (len = 1 + payload length)
+//!   type 1 RECORD     epoch:u64 | encoded redo record (itself CRC-protected)
+//!   type 2 VDL_HINT   lsn:u64           (the writer's VDL, bounds recovery's tail scan)
+//!   type 3 PAGE_IMAGE page:u64 | 8192 bytes      (written only by compaction)
+//!   type 4 FLOOR      gc_floor:u64 | chain_anchor:u64 | scl:u64   (compaction header)
+//! ```
+//!
+//! Replay reads entries until the first one that is short or fails its CRC: that is
+//! a torn tail (a crash during an unsynced append) and everything from there on is cut.
+//! Records lost that way were never acknowledged (acks follow the fdatasync), and
+//! gossip or the writer's resend fills them back in.
+//!
+//! # Completeness (SCL)
+//!
+//! Each record carries a backlink (`prev_lsn`: the previous record of the same PG).
+//! Starting from the chain anchor (LSN 0, or the last record folded into page images)
+//! the segment follows backlinks forward: `scl_record` is the last record reached; a
+//! record whose backlink points at a missing record sits behind a hole. The writer
+//! additionally tells the segment "every record of this PG at or below volume LSN
+//! `complete_to` ends at `pg_last`", which lets the SCL advance past LSNs that belong
+//! to other PGs: `scl` is a volume LSN up to which this segment holds every record of
+//! its PG, so it can serve GetPage at any read point at or below it.
+//!
+//! # Epochs
+//!
+//! Every stored record remembers the volume epoch it was written under. A recovery at
+//! epoch E keeps exactly the records at or below its VDL; the node's durable
+//! truncation history (see [`crate::proto::Truncation`]) is applied to the segment on
+//! every epoch install and on replay, so a record is dropped iff some later epoch's
+//! recovery truncated above it, even if this node slept through that recovery.
+//!
+//! # Pages and GC
+//!
+//! Records at or below `gc_floor` (min of PGMRPL, SCL and the VDL hint) are folded into
+//! page images with [`borealis_redo::apply`] (the only function that changes pages)
+//! and dropped from memory; GetPage below the floor is refused. Compaction rewrites
+//! the file as FLOOR + PAGE_IMAGEs + live records so the log does not grow forever.
+
+use crate::proto::{record_survives, EpochRecord, Truncation};
+use borealis_common::{Epoch, Lsn, PageNo, PgId, PAGE_SIZE};
+use borealis_redo::{apply, decode_header, Page, Record};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+const ENTRY_RECORD: u8 = 1;
+const ENTRY_VDL_HINT: u8 = 2;
+const ENTRY_PAGE_IMAGE: u8 = 3;
+const ENTRY_FLOOR: u8 = 4;
+/// Largest payload of one log entry (a page image or a maximal record).
+const MAX_ENTRY_BYTES: usize = borealis_redo::record::MAX_RECORD_BYTES + 64;
+
+#[derive(Clone, Debug)]
+struct Stored {
+    epoch: Epoch,
+    prev: Lsn,
+    page: PageNo,
+    bytes: Vec<u8>,
+}
+
+/// What inserting a record did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// New (or a newer-epoch version): must be appended to the log.
+    New,
+    /// Already held (or already folded into page images): nothing to write.
+    Duplicate,
+}
+
+/// Why a segment could not serve a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    NotComplete { scl: Lsn },
+    BelowGcFloor { floor: Lsn },
+    Corrupt(String),
+}
+
+pub struct Segment {
+    pub pg: PgId,
+    records: BTreeMap<Lsn, Stored>,
+    /// prev_lsn -> lsn: walks the backlink chain forward.
+    next_in_chain: HashMap<Lsn, Lsn>,
+    by_page: BTreeSet<(PageNo, Lsn)>,
+    chain_anchor: Lsn,
+    scl_record: Lsn,
+    scl: Lsn,
+    base: HashMap<PageNo, Page>,
+    gc_floor: Lsn,
+    vdl_hint: Lsn,
+    /// Bytes in the log file (for compaction decisions and metrics).
+    pub log_bytes: u64,
+    live_bytes: u64,
+    pub corrupt_records: u64,
+}
+
+/// Frames a log entry.
+fn entry(kind: u8, payload: &[&[u8]]) -> Vec<u8> {
+    let len: usize = 1 + payload.iter().map(|p| p.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(8 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.extend_from_slice(&[0u8; 4]);
+    out.push(kind);
+    for p in payload {
+        out.extend_from_slice(p);
+    }
+    let crc = crc32c::crc32c(&out[8..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+pub fn record_entry(epoch: Epoch, record: &[u8]) -> Vec<u8> {
+    entry(ENTRY_RECORD, &[&epoch.0.to_le_bytes(), record])
+}
+
+pub fn vdl_hint_entry(lsn: Lsn) -> Vec<u8> {
+    entry(ENTRY_VDL_HINT, &[&lsn.0.to_le_bytes()])
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at + 8)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(s);
+    Some(u64::from_le_bytes(a))
+}
+
+/// Result of replaying a log file.
+pub struct Replayed {
+    pub segment: Segment,
+    /// Length of the valid prefix; the caller cuts the file there.
+    pub valid_len: usize,
+    /// Why replay stopped before the end of the file, if it did.
+    pub torn: Option<String>,
+}
+
+impl Segment {
+    pub fn new(pg: PgId) -> Segment {
+        Segment {
+            pg,
+            records: BTreeMap::new(),
+            next_in_chain: HashMap::new(),
+            by_page: BTreeSet::new(),
+            chain_anchor: Lsn::ZERO,
+            scl_record: Lsn::ZERO,
+            scl: Lsn::ZERO,
+            base: HashMap::new(),
+            gc_floor: Lsn::ZERO,
+            vdl_hint: Lsn::ZERO,
+            log_bytes: 0,
+            live_bytes: 0,
+            corrupt_records: 0,
+        }
+    }
+
+    /// Rebuilds a segment from its log bytes, then applies the node's truncation
+    /// history. Never panics on arbitrary bytes.
+    pub fn replay(pg: PgId, log: &[u8], history: &[Truncation]) -> Replayed {
+        let mut seg = Segment::new(pg);
+        let mut at = 0usize;
+        let mut torn = None;
+        while at < log.len() {
+            match Self::replay_entry(&mut seg, &log[at..]) {
+                Ok(n) => at += n,
+                Err(why) => {
+                    torn = Some(format!("{why} at offset {at} of {}", log.len()));
+                    break;
+                }
+            }
+        }
+        seg.log_bytes = at as u64;
+        seg.truncate(history);
+        Replayed {
+            segment: seg,
+            valid_len: at,
+            torn,
+        }
+    }
+
+    fn replay_entry(seg: &mut Segment, buf: &[u8]) -> Result<usize, String> {
+        let len = buf
+            .get(0..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let len = len.ok_or("short entry header")?;
+        if len == 0 || len > MAX_ENTRY_BYTES {
+            return Err(format!("entry length {len} out of range"));
+        }
+        let body = buf.get(8..8 + len).ok_or("short entry")?;
+        let stored_crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+        if crc32c::crc32c(body) != stored_crc {
+            return Err("entry CRC mismatch".into());
+        }
+        let payload = &body[1..];
+        match body[0] {
+            ENTRY_RECORD => {
+                let epoch = Epoch(u64_at(payload, 0).ok_or("short record entry")?);
+                seg.insert(epoch, &payload[8..])
+                    .map_err(|e| format!("bad record: {e}"))?;
+            }
+            ENTRY_VDL_HINT => {
+                let lsn = Lsn(u64_at(payload, 0).ok_or("short hint entry")?);
+                seg.vdl_hint = seg.vdl_hint.max(lsn);
+            }
+            ENTRY_PAGE_IMAGE => {
+                let page = u64_at(payload, 0).ok_or("short page entry")?;
+                let image = payload
+                    .get(8..)
+                    .and_then(Page::from_bytes)
+                    .ok_or("bad page image size")?;
+                seg.base.insert(page, image);
+            }
+            ENTRY_FLOOR => {
+                let floor = Lsn(u64_at(payload, 0).ok_or("short floor entry")?);
+                let anchor = Lsn(u64_at(payload, 8).ok_or("short floor entry")?);
+                let scl = Lsn(u64_at(payload, 16).ok_or("short floor entry")?);
+                seg.gc_floor = floor;
+                seg.chain_anchor = anchor;
+                seg.scl_record = seg.scl_record.max(anchor);
+                seg.scl = seg.scl.max(scl).max(anchor);
+                seg.advance_chain();
+            }
+            other => return Err(format!("unknown entry type {other}")),
+        }
+        Ok(8 + len)
+    }
+
+    /// Adds a record (CRC-checked) written under `epoch`.
+    pub fn insert(&mut self, epoch: Epoch, bytes: &[u8]) -> Result<Inserted, String> {
+        let h = decode_header(bytes).map_err(|e| e.to_string())?;
+        if h.len as usize != bytes.len() {
+            return Err(format!("record length {} but {} bytes", h.len, bytes.len()));
+        }
+        if h.lsn == Lsn::ZERO || h.prev_lsn >= h.lsn {
+            return Err(format!("record {} has backlink {}", h.lsn, h.prev_lsn));
+        }
+        if h.lsn <= self.gc_floor {
+            return Ok(Inserted::Duplicate);
+        }
+        if let Some(old) = self.records.get(&h.lsn) {
+            if old.epoch >= epoch {
+                return Ok(Inserted::Duplicate);
+            }
+            self.remove(h.lsn);
+        }
+        self.live_bytes += bytes.len() as u64;
+        self.records.insert(
+            h.lsn,
+            Stored {
+                epoch,
+                prev: h.prev_lsn,
+                page: h.page,
+                bytes: bytes.to_vec(),
+            },
+        );
+        self.next_in_chain.insert(h.prev_lsn, h.lsn);
+        self.by_page.insert((h.page, h.lsn));
+        self.advance_chain();
+        Ok(Inserted::New)
+    }
+
+    fn remove(&mut self, lsn: Lsn) {
+        if let Some(old) = self.records.remove(&lsn) {
+            self.live_bytes = self.live_bytes.saturating_sub(old.bytes.len() as u64);
+            if self.next_in_chain.get(&old.prev) == Some(&lsn) {
+                self.next_in_chain.remove(&old.prev);
+            }
+            self.by_page.remove(&(old.page, lsn));
+        }
+    }
+
+    fn advance_chain(&mut self) {
+        // Bounded by the number of records held.
+        while let Some(&next) = self.next_in_chain.get(&self.scl_record) {
+            if !self.records.contains_key(&next) {
+                break;
+            }
+            self.scl_record = next;
+        }
+        self.scl = self.scl.max(self.scl_record);
+    }
+
+    /// The writer's statement that the PG's records at or below `complete_to` end
+    /// at `pg_last`.
+    pub fn note_complete(&mut self, pg_last: Lsn, complete_to: Lsn) {
+        let chain_has_last = pg_last <= self.scl_record
+            && (pg_last == self.chain_anchor
+                || pg_last <= self.gc_floor
+                || self.records.contains_key(&pg_last));
+        if chain_has_last && complete_to >= pg_last {
+            // Records after pg_last in our chain (if any) are > complete_to only if
+            // the writer is consistent; never claim less than scl_record either way.
+            self.scl = self.scl.max(complete_to);
+        }
+    }
+
+    pub fn note_vdl_hint(&mut self, lsn: Lsn) -> bool {
+        if lsn > self.vdl_hint {
+            self.vdl_hint = lsn;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops every record that does not survive `history`. Returns how many.
+    pub fn truncate(&mut self, history: &[Truncation]) -> usize {
+        let doomed: Vec<Lsn> = self
+            .records
+            .iter()
+            .filter(|(lsn, s)| !record_survives(history, s.epoch, **lsn))
+            .map(|(lsn, _)| *lsn)
+            .collect();
+        for lsn in &doomed {
+            self.remove(*lsn);
+        }
+        let newest = history.iter().max_by_key(|t| t.epoch);
+        let scl_too_high = newest.is_some_and(|t| self.scl > t.vdl);
+        if !doomed.is_empty() || scl_too_high {
+            // Recompute completeness from the anchor: LSNs above the truncation point
+            // will be reused by the new writer.
+            self.scl_record = self.chain_anchor;
+            self.next_in_chain = self.records.iter().map(|(lsn, s)| (s.prev, *lsn)).collect();
+            self.scl = self.chain_anchor;
+            self.advance_chain();
+            if let Some(t) = newest {
+                self.scl = self.scl.min(t.vdl.max(self.scl_record));
+            }
+        }
+        doomed.len()
+    }
+
+    pub fn scl(&self) -> Lsn {
+        self.scl
+    }
+    pub fn scl_record(&self) -> Lsn {
+        self.scl_record
+    }
+    pub fn gc_floor(&self) -> Lsn {
+        self.gc_floor
+    }
+    pub fn vdl_hint(&self) -> Lsn {
+        self.vdl_hint
+    }
+    pub fn max_lsn(&self) -> Lsn {
+        self.records
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.chain_anchor)
+    }
+    pub fn record_count(&self) -> usize {
+        self.records.len()
+    }
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes + self.base.len() as u64 * PAGE_SIZE as u64
+    }
+
+    /// The page as of `read_lsn`: its image at the GC floor plus its records up to
+    /// `read_lsn`, each CRC-checked again on the way (scrubbing what we serve).
+    pub fn get_page(&self, page: PageNo, read_lsn: Lsn) -> Result<Page, ReadError> {
+        if read_lsn < self.gc_floor {
+            return Err(ReadError::BelowGcFloor {
+                floor: self.gc_floor,
+            });
+        }
+        if read_lsn > self.scl {
+            return Err(ReadError::NotComplete { scl: self.scl });
+        }
+        let mut image = self.base.get(&page).cloned().unwrap_or_else(Page::zeroed);
+        for (_, lsn) in self
+            .by_page
+            .range((page, Lsn(self.gc_floor.0.saturating_add(1)))..=(page, read_lsn))
+        {
+            let stored = self
+                .records
+                .get(lsn)
+                .ok_or_else(|| ReadError::Corrupt(format!("index names missing {lsn}")))?;
+            let (record, _) = Record::decode(&stored.bytes)
+                .map_err(|e| ReadError::Corrupt(format!("{lsn}: {e}")))?;
+            apply(&mut image, page, &record).map_err(|e| ReadError::Corrupt(e.to_string()))?;
+        }
+        Ok(image)
+    }
+
+    /// Recovery's view: surviving records above `from` (at most `max_bytes`, at least
+    /// one), whether more remain, and the highest surviving record at or below `from`.
+    pub fn tail(
+        &self,
+        from: Lsn,
+        history: &[Truncation],
+        max_bytes: usize,
+    ) -> (Lsn, Vec<EpochRecord>, bool) {
+        let below = self
+            .records
+            .range(..=from)
+            .rev()
+            .find(|(lsn, s)| record_survives(history, s.epoch, **lsn))
+            .map(|(lsn, _)| *lsn)
+            .unwrap_or(if self.chain_anchor <= from {
+                self.chain_anchor
+            } else {
+                Lsn::ZERO
+            });
+        let (records, more) = self.collect(from, max_bytes, |lsn, s| {
+            record_survives(history, s.epoch, lsn)
+        });
+        (below, records, more)
+    }
+
+    /// Gossip and rebuild: records above `after` in LSN order.
+    pub fn read_log(&self, after: Lsn, max_bytes: usize) -> (Vec<EpochRecord>, bool) {
+        self.collect(after, max_bytes, |_, _| true)
+    }
+
+    fn collect(
+        &self,
+        after: Lsn,
+        max_bytes: usize,
+        keep: impl Fn(Lsn, &Stored) -> bool,
+    ) -> (Vec<EpochRecord>, bool) {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for (lsn, s) in self.records.range(Lsn(after.0.saturating_add(1))..) {
+            if !keep(*lsn, s) {
+                continue;
+            }
+            if !out.is_empty() && bytes + s.bytes.len() > max_bytes {
+                return (out, true);
+            }
+            bytes += s.bytes.len() + 12;
+            out.push(EpochRecord {
+                epoch: s.epoch,
+                bytes: s.bytes.clone(),
+            });
+        }
+        (out, false)
+    }
+
+    /// Folds records at or below `min(pgmrpl, scl_record, vdl_hint)` into page
+    /// images (via `redo::apply`) and drops them. Returns the new floor.
+    pub fn coalesce(&mut self, pgmrpl: Lsn, max_records: usize) -> Lsn {
+        let target = pgmrpl.min(self.scl_record).min(self.vdl_hint);
+        let mut folded = 0usize;
+        while folded < max_records {
+            let Some((&lsn, _)) = self.records.first_key_value() else {
+                break;
+            };
+            if lsn > target {
+                break;
+            }
+            let Some(stored) = self.records.get(&lsn) else {
+                break;
+            };
+            let page = stored.page;
+            let result = Record::decode(&stored.bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|(record, _)| {
+                    let image = self.base.entry(page).or_insert_with(Page::zeroed);
+                    apply(image, page, &record).map_err(|e| e.to_string())
+                });
+            if let Err(e) = result {
+                // A record that cannot be applied stays in the log (and GetPage
+                // reports it); stop folding so nothing after it is lost either.
+                log::error!(
+                    "{}: cannot fold record {lsn} into page {page}: {e}",
+                    self.pg
+                );
+                self.corrupt_records += 1;
+                break;
+            }
+            self.remove(lsn);
+            self.chain_anchor = lsn;
+            self.gc_floor = lsn;
+            folded += 1;
+        }
+        if self
+            .records
+            .first_key_value()
+            .is_none_or(|(l, _)| *l > target)
+            && target > self.gc_floor
+        {
+            // No records between the last folded one and the target: the floor can
+            // move to the target itself.
+            self.gc_floor = target;
+        }
+        self.gc_floor
+    }
+
+    /// A compacted log: FLOOR, page images, VDL hint, live records.
+    pub fn compacted_log(&self) -> Vec<u8> {
+        let mut out = entry(
+            ENTRY_FLOOR,
+            &[
+                &self.gc_floor.0.to_le_bytes(),
+                &self.chain_anchor.0.to_le_bytes(),
+                &self.scl.min(self.vdl_hint).0.to_le_bytes(),
+            ],
+        );
+        let mut pages: Vec<_> = self.base.iter().collect();
+        pages.sort_by_key(|(p, _)| **p);
+        for (page, image) in pages {
+            out.extend_from_slice(&entry(
+                ENTRY_PAGE_IMAGE,
+                &[&page.to_le_bytes(), image.as_bytes()],
+            ));
+        }
+        out.extend_from_slice(&vdl_hint_entry(self.vdl_hint));
+        for s in self.records.values() {
+            out.extend_from_slice(&record_entry(s.epoch, &s.bytes));
+        }
+        out
+    }
+}

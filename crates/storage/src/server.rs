@@ -1,0 +1,426 @@
+//! The tokio driver of a storage node: sockets, the node's event loop, group commit,
+//! background ticks, and `/health` + `/metrics`.
+//!
+//! ```text
+//!   conn task (1 per client) ──frames──> node loop (owns Node<FileDisk>) ──> spawn_blocking(fdatasync)
+//!        ^                                   │  replies that wait for durability
+//!        └──────── bounded reply queue <─────┘  are released when that sync returns
+//! ```
+//!
+//! One task owns the node state, so no lock is held across an await. Appends are
+//! written to the files as they arrive; at most one fdatasync runs at a time and it
+//! covers everything written before it started (group commit).
+
+use crate::disk::FileDisk;
+use crate::node::{Handled, Node, NodeLimits};
+use crate::proto::{decode_request, encode_response, frame_len, Request, Response};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub az: String,
+    /// Storage protocol address (port 0 picks one; see [`NodeHandle::addr`]).
+    pub listen: SocketAddr,
+    /// `/health` and `/metrics`.
+    pub http: Option<SocketAddr>,
+    /// Largest frame accepted from a peer.
+    pub max_frame_bytes: usize,
+    /// Requests queued from all connections to the node loop.
+    pub queue_depth: usize,
+    /// Replies queued per connection; a client that does not read them is cut off.
+    pub reply_queue_depth: usize,
+    pub max_connections: usize,
+    /// Requests handled between two looks at the sync state (bounds a batch).
+    pub max_batch_requests: usize,
+    pub tick_interval: Duration,
+    pub limits: NodeLimits,
+}
+
+impl NodeConfig {
+    pub fn new(data_dir: PathBuf, name: &str, az: &str, listen: SocketAddr) -> NodeConfig {
+        NodeConfig {
+            data_dir,
+            name: name.to_string(),
+            az: az.to_string(),
+            listen,
+            http: None,
+            max_frame_bytes: crate::proto::MAX_FRAME_BYTES,
+            queue_depth: 4096,
+            reply_queue_depth: 4096,
+            max_connections: 1024,
+            max_batch_requests: 1024,
+            tick_interval: Duration::from_millis(200),
+            limits: NodeLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("cannot open data directory {dir}: {source}")]
+    Open { dir: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running node. Dropping the handle (or [`NodeHandle::kill`]) stops every task of
+/// the node at its next await point, like a process kill without the page cache loss.
+pub struct NodeHandle {
+    pub addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    shutdown: Option<watch::Sender<bool>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl NodeHandle {
+    pub async fn kill(mut self) {
+        self.shutdown.take();
+        if let Some(done) = self.done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        }
+    }
+    /// Resolves when the node loop exits (it only does on shutdown).
+    pub async fn wait(mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.shutdown.take();
+    }
+}
+
+/// Runs a storage node until the process is killed (SIGTERM handling belongs to the
+/// binary: dropping this future stops the node).
+pub async fn run(config: NodeConfig) -> Result<(), StorageError> {
+    let handle = start(config).await?;
+    handle.wait().await;
+    Ok(())
+}
+
+enum Incoming {
+    Request {
+        conn: Arc<Conn>,
+        id: u64,
+        req: Request,
+    },
+    Health(oneshot::Sender<serde_json::Value>),
+    Metrics(oneshot::Sender<String>),
+}
+
+struct Conn {
+    peer: SocketAddr,
+    replies: mpsc::Sender<Vec<u8>>,
+    kill: Notify,
+}
+
+impl Conn {
+    fn send(&self, id: u64, resp: &Response) {
+        if self.replies.try_send(encode_response(id, resp)).is_err() {
+            log::warn!(
+                "{}: reply queue full or closed; closing the connection",
+                self.peer
+            );
+            self.kill.notify_one();
+        }
+    }
+}
+
+/// Binds the sockets, opens the data directory and starts the node's tasks.
+pub async fn start(config: NodeConfig) -> Result<NodeHandle, StorageError> {
+    let dir = config.data_dir.display().to_string();
+    let disk = FileDisk::open(&config.data_dir).map_err(|source| StorageError::Open {
+        dir: dir.clone(),
+        source,
+    })?;
+    let node = Node::open(&config.name, disk, config.limits.clone()).map_err(|source| {
+        StorageError::Open {
+            dir: dir.clone(),
+            source,
+        }
+    })?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StorageError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StorageError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (tx, rx) = mpsc::channel::<Incoming>(config.queue_depth);
+
+    let mut http_addr = None;
+    if let Some(http) = config.http {
+        let l = TcpListener::bind(http)
+            .await
+            .map_err(|source| StorageError::Listen { addr: http, source })?;
+        http_addr = l.local_addr().ok();
+        let tx = tx.clone();
+        let mut sd = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let serve = borealis_common::http::serve(l, move |req| {
+                let tx = tx.clone();
+                async move { http_handler(tx, req).await }
+            });
+            tokio::select! { _ = serve => {}, _ = sd.changed() => {} }
+        });
+    }
+
+    log::info!(
+        "{}: storage node ({}) serving on {addr}, data in {dir}",
+        config.name,
+        config.az
+    );
+    let accept_cfg = config.clone();
+    let sd = shutdown_rx.clone();
+    tokio::spawn(accept_loop(listener, tx, sd, accept_cfg));
+    let done = tokio::spawn(node_loop(node, rx, shutdown_rx, config));
+    Ok(NodeHandle {
+        addr,
+        http_addr,
+        shutdown: Some(shutdown_tx),
+        done: Some(done),
+    })
+}
+
+async fn http_handler(
+    tx: mpsc::Sender<Incoming>,
+    req: borealis_common::http::Request,
+) -> borealis_common::http::Response {
+    use borealis_common::http::Response as H;
+    match req.path.as_str() {
+        "/health" => {
+            let (otx, orx) = oneshot::channel();
+            if tx.send(Incoming::Health(otx)).await.is_err() {
+                return H::error(503, "node stopped");
+            }
+            match orx.await {
+                Ok(v) => {
+                    let ok = v.get("state").and_then(|s| s.as_str()) == Some("available");
+                    H::json(if ok { 200 } else { 503 }, &v)
+                }
+                Err(_) => H::error(503, "node stopped"),
+            }
+        }
+        "/metrics" => {
+            let (otx, orx) = oneshot::channel();
+            if tx.send(Incoming::Metrics(otx)).await.is_err() {
+                return H::error(503, "node stopped");
+            }
+            match orx.await {
+                Ok(s) => H::text(200, s),
+                Err(_) => H::error(503, "node stopped"),
+            }
+        }
+        _ => H::error(404, "not found"),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tx: mpsc::Sender<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+    config: NodeConfig,
+) {
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                log::warn!("{}: accept failed: {e}", config.name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if live.load(std::sync::atomic::Ordering::Relaxed) >= config.max_connections {
+            log::warn!(
+                "{}: refusing {peer}: {} connections open",
+                config.name,
+                config.max_connections
+            );
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        live.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let live = live.clone();
+        let tx = tx.clone();
+        let sd = shutdown.clone();
+        let cfg = config.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, peer, tx, sd, cfg).await;
+            live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tx: mpsc::Sender<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+    config: NodeConfig,
+) {
+    let (mut rd, wr) = stream.into_split();
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(config.reply_queue_depth);
+    let conn = Arc::new(Conn {
+        peer,
+        replies: reply_tx,
+        kill: Notify::new(),
+    });
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(64 << 10, wr);
+        while let Some(frame) = reply_rx.recv().await {
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+            // Coalesce replies that are already queued into one write.
+            while let Ok(frame) = reply_rx.try_recv() {
+                if wr.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            if wr.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut body = Vec::new();
+    loop {
+        let mut prefix = [0u8; 4];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut prefix) => r,
+            _ = conn.kill.notified() => break,
+            _ = shutdown.changed() => break,
+        };
+        if read.is_err() {
+            break; // peer closed
+        }
+        let len = match frame_len(prefix, config.max_frame_bytes) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("{}: closing connection from {peer}: {e}", config.name);
+                break;
+            }
+        };
+        body.resize(len, 0);
+        if rd.read_exact(&mut body).await.is_err() {
+            break;
+        }
+        let (id, req) = match decode_request(&body) {
+            Ok(x) => x,
+            Err(e) => {
+                log::warn!("{}: closing connection from {peer}: {e}", config.name);
+                break;
+            }
+        };
+        if tx
+            .send(Incoming::Request {
+                conn: conn.clone(),
+                id,
+                req,
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    drop(conn);
+    writer.abort();
+}
+
+async fn node_loop(
+    mut node: Node<FileDisk>,
+    mut rx: mpsc::Receiver<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+    config: NodeConfig,
+) {
+    // Replies waiting for the next sync, and those waiting for the sync in flight.
+    let mut waiting: Vec<(Arc<Conn>, u64, Response)> = Vec::new();
+    let mut in_flight: Option<(
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        Instant,
+        Vec<(Arc<Conn>, u64, Response)>,
+    )> = None;
+    let mut tick = tokio::time::interval(config.tick_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return };
+                handle(&mut node, msg, &mut waiting);
+                // Drain what else has arrived: it all joins the next group commit.
+                for _ in 0..config.max_batch_requests {
+                    match rx.try_recv() {
+                        Ok(msg) => handle(&mut node, msg, &mut waiting),
+                        Err(_) => break,
+                    }
+                }
+            }
+            res = async { match in_flight.as_mut() { Some((h, _, _)) => h.await, None => std::future::pending().await } } => {
+                if let Some((_, started, replies)) = in_flight.take() {
+                    let res = res.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                    node.sync_done(&res, started.elapsed());
+                    for (conn, id, resp) in replies {
+                        match &res {
+                            Ok(()) => conn.send(id, &resp),
+                            Err(e) => conn.send(id, &Response::error(crate::proto::ErrorCode::Unhealthy, 0, e.to_string())),
+                        }
+                    }
+                }
+            }
+            _ = tick.tick() => node.tick(),
+            _ = shutdown.changed() => return,
+        }
+        if in_flight.is_none() {
+            if let Some(job) = node.take_sync() {
+                let replies = std::mem::take(&mut waiting);
+                in_flight = Some((tokio::task::spawn_blocking(job), Instant::now(), replies));
+            } else if !waiting.is_empty() {
+                // Nothing dirty (e.g. the batch failed before writing): answer now.
+                for (conn, id, resp) in waiting.drain(..) {
+                    conn.send(id, &resp);
+                }
+            }
+        }
+    }
+}
+
+fn handle(node: &mut Node<FileDisk>, msg: Incoming, waiting: &mut Vec<(Arc<Conn>, u64, Response)>) {
+    match msg {
+        Incoming::Request { conn, id, req } => match node.handle(req) {
+            Handled::Reply(resp) => conn.send(id, &resp),
+            Handled::AfterSync(resp) => waiting.push((conn, id, resp)),
+        },
+        Incoming::Health(tx) => {
+            let _ = tx.send(node.health());
+        }
+        Incoming::Metrics(tx) => {
+            let _ = tx.send(node.metrics());
+        }
+    }
+}
