@@ -2,7 +2,878 @@
 //! transactions, all over the volume. It persists nothing itself: every page change is
 //! a redo record from [`borealis_volume::Volume::append`], applied to the cached page
 //! with [`borealis_redo::apply`] (invariants 1 and 2).
+//!
+//! Concurrency: engine state sits behind one async mutex, taken per row operation or
+//! per scan batch, never across a wait for another transaction or for durability.
+//! Commit appends the commit record under the mutex and waits for VDL outside it, so
+//! concurrent commits share storage round trips (group commit, invariant 4).
 
+pub mod btree;
+pub mod catalog;
+pub mod mvcc;
+pub mod row;
+pub mod store;
 pub mod types;
 
+use borealis_common::{Lsn, PageNo};
+use borealis_redo::page::BODY_BYTES;
+use borealis_redo::{Op, PageKind};
+use borealis_volume::{Volume, VolumeError};
+use catalog::*;
+use mvcc::*;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+use store::Store;
+use tokio::sync::{Mutex, MutexGuard, Notify};
+
 pub use types::{Datum, Numeric, Type};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    /// Internal to walks over the cache: the page must be loaded, then retry.
+    #[error("page {0} is not cached")]
+    PageMiss(PageNo),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("corrupt page data: {0}")]
+    Corrupt(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("row is too big: {0} bytes (rows must fit in half a page)")]
+    RowTooBig(usize),
+    #[error("duplicate key value violates unique constraint \"{constraint}\"")]
+    UniqueViolation { constraint: String, detail: String },
+    #[error("could not serialize access due to concurrent update")]
+    SerializationFailure,
+    #[error("deadlock detected")]
+    Deadlock { detail: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("relation \"{0}\" already exists")]
+    DuplicateTable(String),
+    #[error("{0}")]
+    SequenceLimit(String),
+    #[error("this volume was not written by a compatible Borealis (magic/version mismatch)")]
+    IncompatibleVolume,
+}
+
+const MAGIC: u64 = u64::from_le_bytes(*b"BOREALIS");
+const FORMAT_VERSION: u64 = 1;
+/// Transaction ids are reserved in blocks so that begin rarely writes the superblock.
+const TXID_BLOCK: u64 = 1024;
+const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
+const SCAN_BATCH_ROWS: usize = 512;
+/// How long a row-lock wait sleeps between re-checks if no wake-up arrives.
+const LOCK_RECHECK: Duration = Duration::from_millis(100);
+
+// Superblock body offsets.
+const SB_MAGIC: u16 = 0;
+const SB_VERSION: u16 = 8;
+const SB_NEXT_PAGE: u16 = 16;
+const SB_TXID_HWM: u16 = 24;
+const SB_NEXT_OID: u16 = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    ReadCommitted,
+    RepeatableRead,
+}
+
+/// A transaction as the SQL layer holds it.
+#[derive(Debug, Clone)]
+pub struct Txn {
+    /// 0 until the first write (read-only transactions never get one).
+    pub txid: TxnId,
+    pub cid: CommandId,
+    pub snapshot: Lsn,
+    pub isolation: Isolation,
+    pub read_only: bool,
+    snapshot_taken: bool,
+    /// Highest LSN this transaction wrote (its commit must cover it).
+    last_write: Lsn,
+}
+
+impl Txn {
+    pub fn snap(&self) -> Snapshot {
+        Snapshot { txid: self.txid, cid: self.cid, lsn: self.snapshot }
+    }
+    pub fn has_writes(&self) -> bool {
+        self.txid != 0
+    }
+}
+
+/// What an update callback decides for the row it is shown.
+pub enum RowAction {
+    /// Leave the row alone (the re-checked predicate no longer matches).
+    Skip,
+    Delete,
+    Update(Vec<Datum>),
+    /// Lock the row against concurrent writers (SELECT ... FOR UPDATE).
+    Lock,
+}
+
+pub enum RowOutcome {
+    NotFound,
+    Skipped,
+    Done(Vec<Datum>),
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    txn_ended: Notify,
+    volume: Volume,
+}
+
+struct State {
+    store: Store,
+    next_page: PageNo,
+    next_txid: TxnId,
+    txid_hwm: TxnId,
+    next_oid: u32,
+    /// Transactions begun since start-up; older ones are looked up in the CLOG.
+    txns: HashMap<TxnId, TxnState>,
+    startup_txid: TxnId,
+    /// Active transactions with writes, and their snapshot LSNs (for pruning).
+    active: BTreeMap<TxnId, Lsn>,
+    /// Who waits for whom (row locks), for deadlock detection.
+    waits_for: HashMap<TxnId, TxnId>,
+}
+
+/// Retries a synchronous walk after loading whichever page it missed.
+macro_rules! walk {
+    ($st:expr, $e:expr) => {
+        loop {
+            match $e {
+                Err(EngineError::PageMiss(p)) => $st.store.load(p).await?,
+                other => break other,
+            }
+        }
+    };
+}
+
+/// Page allocation inside one MTR; committed to the state only if the MTR is written.
+struct Alloc {
+    next: PageNo,
+}
+impl btree::PageAllocator for Alloc {
+    fn allocate(&mut self) -> PageNo {
+        let p = self.next;
+        self.next += 1;
+        p
+    }
+}
+
+fn u64_at(body: &[u8], off: u16) -> u64 {
+    let o = off as usize;
+    body.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+}
+
+impl State {
+    fn clog_page(&self, txid: TxnId) -> PageNo {
+        self.store.volume.geometry().max_pages() - 1 - txid / CLOG_PER_PAGE
+    }
+
+    fn txn_state(&self, txid: TxnId) -> Result<TxnState, EngineError> {
+        if txid == 0 {
+            return Ok(TxnState::Aborted);
+        }
+        if let Some(s) = self.txns.get(&txid) {
+            return Ok(*s);
+        }
+        let page = self.store.page(self.clog_page(txid))?;
+        let v = if page.kind() == Some(PageKind::Raw) { u64_at(page.body(), ((txid % CLOG_PER_PAGE) * 8) as u16) } else { 0 };
+        Ok(match v {
+            0 if txid < self.startup_txid => TxnState::Aborted,
+            0 => TxnState::InProgress,
+            CLOG_ABORTED => TxnState::Aborted,
+            lsn => TxnState::Committed(Lsn(lsn)),
+        })
+    }
+
+    /// Oldest read point any active transaction may still use: versions superseded
+    /// at or below it are invisible to everyone and can be pruned.
+    fn prune_horizon(&self) -> Lsn {
+        let vdl = self.store.volume.vdl();
+        self.active.values().copied().min().unwrap_or(vdl).min(vdl)
+    }
+
+    /// Removes versions no snapshot can see: after the newest version committed at or
+    /// below the horizon, everything older is dead; aborted versions are dead too.
+    fn prune(&self, versions: Vec<Version>) -> Result<Vec<Version>, EngineError> {
+        let horizon = self.prune_horizon();
+        let mut out = Vec::with_capacity(versions.len());
+        for v in versions {
+            let st = self.txn_state(v.xmin)?;
+            if st == TxnState::Aborted {
+                continue;
+            }
+            let settled = matches!(st, TxnState::Committed(l) if l <= horizon);
+            out.push(v);
+            if settled {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn superblock_op(&self, offset: u16, value: u64) -> (PageNo, Op) {
+        (SUPERBLOCK_PAGE, Op::WriteBody { offset, data: value.to_le_bytes().to_vec() })
+    }
+
+    async fn assign_txid(&mut self, txn: &mut Txn) -> Result<(), EngineError> {
+        if txn.txid != 0 {
+            return Ok(());
+        }
+        if self.next_txid >= self.txid_hwm {
+            let hwm = self.next_txid + TXID_BLOCK;
+            self.store.write(vec![self.superblock_op(SB_TXID_HWM, hwm)]).await?;
+            self.txid_hwm = hwm;
+        }
+        txn.txid = self.next_txid;
+        self.next_txid += 1;
+        self.txns.insert(txn.txid, TxnState::InProgress);
+        self.active.insert(txn.txid, txn.snapshot);
+        Ok(())
+    }
+
+    async fn write_mtr(&mut self, txn: &mut Txn, mut ops: Vec<(PageNo, Op)>, alloc: Option<Alloc>) -> Result<Lsn, EngineError> {
+        if let Some(a) = alloc {
+            if a.next != self.next_page {
+                ops.push(self.superblock_op(SB_NEXT_PAGE, a.next));
+                self.next_page = a.next;
+            }
+        }
+        let lsn = self.store.write(ops).await?;
+        txn.last_write = lsn;
+        Ok(lsn)
+    }
+
+    async fn set_clog(&mut self, txid: TxnId, commit: bool) -> Result<Lsn, EngineError> {
+        let page_no = self.clog_page(txid);
+        let page = walk!(self, self.store.page(page_no).map(|p| p.kind()))?;
+        let mut ops = Vec::with_capacity(2);
+        if page != Some(PageKind::Raw) {
+            ops.push((page_no, Op::Init { kind: PageKind::Raw as u16 }));
+        }
+        let offset = ((txid % CLOG_PER_PAGE) * 8) as u16;
+        ops.push((
+            page_no,
+            if commit {
+                Op::StampLsnBody { offset }
+            } else {
+                Op::WriteBody { offset, data: CLOG_ABORTED.to_le_bytes().to_vec() }
+            },
+        ));
+        self.store.write(ops).await
+    }
+}
+
+/// Result of inspecting a row's version chain for a write.
+enum WriteCheck {
+    /// Wait for this transaction to finish, then retry.
+    Wait(TxnId),
+    /// Wait until VDL reaches this LSN (a commit not yet durable), then retry.
+    WaitDurable(Lsn),
+    /// Operate on version `idx` of the chain (the newest committed or own version).
+    Proceed(Option<usize>),
+}
+
+impl Engine {
+    /// Opens the engine over `volume`, formatting it if it is empty.
+    pub async fn open(volume: Volume, cache_pages: usize) -> Result<Engine, EngineError> {
+        let mut store = Store::new(volume.clone(), cache_pages);
+        store.load(SUPERBLOCK_PAGE).await?;
+        let sb = store.page(SUPERBLOCK_PAGE)?.clone();
+        let (next_page, txid_hwm, next_oid) = match sb.kind() {
+            Some(PageKind::Uninit) => {
+                let mut ops = vec![(SUPERBLOCK_PAGE, Op::Init { kind: PageKind::Raw as u16 })];
+                for (off, v) in [
+                    (SB_MAGIC, MAGIC),
+                    (SB_VERSION, FORMAT_VERSION),
+                    (SB_NEXT_PAGE, FIRST_FREE_PAGE),
+                    (SB_TXID_HWM, TXID_BLOCK),
+                    (SB_NEXT_OID, FIRST_USER_OID as u64),
+                ] {
+                    ops.push((SUPERBLOCK_PAGE, Op::WriteBody { offset: off, data: v.to_le_bytes().to_vec() }));
+                }
+                ops.push((CATALOG_ROOT, Op::Init { kind: PageKind::BtreeLeaf as u16 }));
+                ops.push((SEQUENCES_ROOT, Op::Init { kind: PageKind::BtreeLeaf as u16 }));
+                let lsn = store.write(ops).await?;
+                volume.wait_durable(lsn).await?;
+                (FIRST_FREE_PAGE, TXID_BLOCK, FIRST_USER_OID)
+            }
+            Some(PageKind::Raw) => {
+                let body = sb.body();
+                if u64_at(body, SB_MAGIC) != MAGIC || u64_at(body, SB_VERSION) != FORMAT_VERSION {
+                    return Err(EngineError::IncompatibleVolume);
+                }
+                (u64_at(body, SB_NEXT_PAGE), u64_at(body, SB_TXID_HWM), u64_at(body, SB_NEXT_OID) as u32)
+            }
+            _ => return Err(EngineError::IncompatibleVolume),
+        };
+        // Transaction ids from before this start that never committed were cut off by
+        // recovery: everything below the persisted high-water mark is decided.
+        let state = State {
+            store,
+            next_page,
+            next_txid: txid_hwm,
+            txid_hwm,
+            next_oid,
+            txns: HashMap::new(),
+            startup_txid: txid_hwm,
+            active: BTreeMap::new(),
+            waits_for: HashMap::new(),
+        };
+        Ok(Engine { inner: Arc::new(Inner { state: Mutex::new(state), txn_ended: Notify::new(), volume }) })
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.inner.volume
+    }
+
+    async fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().await
+    }
+
+    /// Starts a transaction. Its snapshot is taken by the first statement.
+    pub fn begin(&self, isolation: Isolation, read_only: bool) -> Txn {
+        Txn { txid: 0, cid: 0, snapshot: Lsn::ZERO, isolation, read_only, snapshot_taken: false, last_write: Lsn::ZERO }
+    }
+
+    /// Marks the start of a statement: a new command id, and under READ COMMITTED a
+    /// new snapshot (VDL now).
+    pub fn start_statement(&self, txn: &mut Txn) {
+        txn.cid += 1;
+        if !txn.snapshot_taken || txn.isolation == Isolation::ReadCommitted {
+            txn.snapshot = self.inner.volume.vdl();
+            txn.snapshot_taken = true;
+        }
+    }
+
+    /// Commits: appends the commit record and waits until it is durable (VDL).
+    pub async fn commit(&self, txn: Txn) -> Result<Lsn, EngineError> {
+        if txn.txid == 0 {
+            return Ok(Lsn::ZERO);
+        }
+        let lsn = {
+            let mut st = self.lock().await;
+            let lsn = st.set_clog(txn.txid, true).await?;
+            st.txns.insert(txn.txid, TxnState::Committed(lsn));
+            st.active.remove(&txn.txid);
+            lsn
+        };
+        self.inner.txn_ended.notify_waiters();
+        self.inner.volume.wait_durable(lsn).await?;
+        Ok(lsn)
+    }
+
+    /// Aborts: its versions simply never become visible.
+    pub async fn rollback(&self, txn: Txn) -> Result<(), EngineError> {
+        if txn.txid == 0 {
+            return Ok(());
+        }
+        {
+            let mut st = self.lock().await;
+            st.txns.insert(txn.txid, TxnState::Aborted);
+            st.active.remove(&txn.txid);
+            st.waits_for.remove(&txn.txid);
+            // Record the abort so that readers and later starts need not guess.
+            let r = st.set_clog(txn.txid, false).await;
+            if let Err(e) = r {
+                log::warn!("could not record abort of transaction {}: {e}", txn.txid);
+            }
+        }
+        self.inner.txn_ended.notify_waiters();
+        Ok(())
+    }
+
+    /// Waits for `holder` to finish, with deadlock detection on the waits-for graph.
+    async fn wait_for_txn(&self, mut st: MutexGuard<'_, State>, waiter: TxnId, holder: TxnId) -> Result<(), EngineError> {
+        // Follow the chain of waits from the holder; reaching the waiter is a cycle.
+        let mut cur = holder;
+        for _ in 0..1024 {
+            match st.waits_for.get(&cur) {
+                Some(&next) if next == waiter => {
+                    return Err(EngineError::Deadlock {
+                        detail: format!("Process for transaction {waiter} waits for transaction {holder}, which waits for it."),
+                    })
+                }
+                Some(&next) => cur = next,
+                None => break,
+            }
+        }
+        if waiter != 0 {
+            st.waits_for.insert(waiter, holder);
+        }
+        let notified = self.inner.txn_ended.notified();
+        drop(st);
+        let _ = tokio::time::timeout(LOCK_RECHECK, notified).await;
+        let mut st = self.lock().await;
+        st.waits_for.remove(&waiter);
+        Ok(())
+    }
+
+    fn check_write(st: &State, txn: &Txn, versions: &[Version]) -> Result<WriteCheck, EngineError> {
+        let vdl = st.store.volume.vdl();
+        for (i, v) in versions.iter().enumerate() {
+            let created = if v.xmin == txn.txid { TxnState::InProgress } else { st.txn_state(v.xmin)? };
+            if v.xmin != txn.txid {
+                match created {
+                    TxnState::Aborted => continue,
+                    TxnState::InProgress => return Ok(WriteCheck::Wait(v.xmin)),
+                    TxnState::Committed(l) if l > vdl => return Ok(WriteCheck::WaitDurable(l)),
+                    TxnState::Committed(l) if l > txn.snapshot && txn.isolation == Isolation::RepeatableRead => {
+                        return Err(EngineError::SerializationFailure)
+                    }
+                    TxnState::Committed(_) => {}
+                }
+            } else if v.xmin_cid >= txn.cid {
+                // Created by this very statement: it already did its work on this row.
+                return Ok(WriteCheck::Proceed(None));
+            }
+            // `v` is the newest live-or-deleted version we may act on; look at its xmax.
+            if v.xmax != 0 && v.xmax != txn.txid {
+                match st.txn_state(v.xmax)? {
+                    TxnState::Aborted => {}
+                    TxnState::InProgress => return Ok(WriteCheck::Wait(v.xmax)),
+                    TxnState::Committed(l) if l > vdl => return Ok(WriteCheck::WaitDurable(l)),
+                    TxnState::Committed(_) if v.flags & FLAG_LOCK_ONLY != 0 => {}
+                    TxnState::Committed(l) => {
+                        if l > txn.snapshot && txn.isolation == Isolation::RepeatableRead {
+                            return Err(EngineError::SerializationFailure);
+                        }
+                        return Ok(WriteCheck::Proceed(None)); // deleted: nothing to act on
+                    }
+                }
+            } else if v.xmax == txn.txid && v.flags & FLAG_LOCK_ONLY == 0 {
+                // Deleted or superseded by us earlier.
+                return Ok(WriteCheck::Proceed(None));
+            }
+            return Ok(WriteCheck::Proceed(Some(i)));
+        }
+        Ok(WriteCheck::Proceed(None))
+    }
+
+    /// Reads the row at `key` as `txn` sees it and lets `decide` update, delete or
+    /// lock it, waiting for concurrent writers first. Under READ COMMITTED the row
+    /// shown is the newest committed version (PostgreSQL's re-check); `decide` must
+    /// re-evaluate its predicate on it.
+    pub async fn modify_row(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
+    ) -> Result<RowOutcome, EngineError> {
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        loop {
+            let payload = walk!(st, btree::get(&st.store, table.root, key))?;
+            let Some(payload) = payload else { return Ok(RowOutcome::NotFound) };
+            let versions = decode_versions(&payload)?;
+            let check = walk!(st, Self::check_write(&st, txn, &versions))?;
+            let idx = match check {
+                WriteCheck::Wait(holder) => {
+                    self.wait_for_txn(st, txn.txid, holder).await?;
+                    st = self.lock().await;
+                    continue;
+                }
+                WriteCheck::WaitDurable(lsn) => {
+                    drop(st);
+                    self.inner.volume.wait_durable(lsn).await?;
+                    st = self.lock().await;
+                    continue;
+                }
+                WriteCheck::Proceed(None) => return Ok(RowOutcome::NotFound),
+                WriteCheck::Proceed(Some(i)) => i,
+            };
+            let current = row::decode_row(&versions[idx].row)?;
+            let action = decide(&current)?;
+            let mut versions = versions;
+            let result = match action {
+                RowAction::Skip => return Ok(RowOutcome::Skipped),
+                RowAction::Lock => {
+                    let v = &mut versions[idx];
+                    if v.xmax == txn.txid {
+                        return Ok(RowOutcome::Done(current));
+                    }
+                    v.xmax = txn.txid;
+                    v.xmax_cid = txn.cid;
+                    v.flags |= FLAG_LOCK_ONLY;
+                    current
+                }
+                RowAction::Delete => {
+                    let v = &mut versions[idx];
+                    v.xmax = txn.txid;
+                    v.xmax_cid = txn.cid;
+                    v.flags &= !FLAG_LOCK_ONLY;
+                    current
+                }
+                RowAction::Update(new_row) => {
+                    {
+                        let v = &mut versions[idx];
+                        v.xmax = txn.txid;
+                        v.xmax_cid = txn.cid;
+                        v.flags &= !FLAG_LOCK_ONLY;
+                    }
+                    let mut buf = Vec::with_capacity(64);
+                    row::encode_row(&new_row, &mut buf);
+                    versions.insert(
+                        0,
+                        Version { xmin: txn.txid, xmin_cid: txn.cid, xmax: 0, xmax_cid: 0, flags: 0, row: buf },
+                    );
+                    new_row
+                }
+            };
+            let versions = walk!(st, st.prune(versions.clone()))?;
+            let payload = encode_versions(&versions);
+            let mut alloc = Alloc { next: st.next_page };
+            let ops = walk!(st, btree::put(&st.store, table.root, key, &payload, &mut alloc))?;
+            st.write_mtr(txn, ops, Some(alloc)).await?;
+            return Ok(RowOutcome::Done(result));
+        }
+    }
+
+    /// Inserts a new row under `key`. A live or in-doubt row with the same key is a
+    /// unique violation (after waiting for its writer to finish).
+    pub async fn insert_row(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        row: &[Datum],
+        constraint: &str,
+    ) -> Result<(), EngineError> {
+        let mut buf = Vec::with_capacity(64);
+        row::encode_row(row, &mut buf);
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        loop {
+            let existing = walk!(st, btree::get(&st.store, table.root, key))?;
+            let mut versions = match existing {
+                Some(p) => decode_versions(&p)?,
+                None => vec![],
+            };
+            if !versions.is_empty() {
+                // Is any version live (or possibly live) for uniqueness purposes?
+                let mut conflict = None;
+                for v in &versions {
+                    let created = if v.xmin == txn.txid { TxnState::Committed(Lsn::ZERO) } else { walk!(st, st.txn_state(v.xmin))? };
+                    match created {
+                        TxnState::Aborted => continue,
+                        TxnState::InProgress => {
+                            conflict = Some(WriteCheck::Wait(v.xmin));
+                            break;
+                        }
+                        TxnState::Committed(_) => {}
+                    }
+                    let deleted = if v.xmax == 0 || v.flags & FLAG_LOCK_ONLY != 0 {
+                        TxnState::Aborted
+                    } else if v.xmax == txn.txid {
+                        TxnState::Committed(Lsn::ZERO)
+                    } else {
+                        walk!(st, st.txn_state(v.xmax))?
+                    };
+                    match deleted {
+                        TxnState::Committed(l) if l > st.store.volume.vdl() => conflict = Some(WriteCheck::WaitDurable(l)),
+                        TxnState::Committed(_) => {}
+                        TxnState::InProgress => conflict = Some(WriteCheck::Wait(v.xmax)),
+                        TxnState::Aborted => {
+                            return Err(EngineError::UniqueViolation {
+                                constraint: constraint.to_string(),
+                                detail: String::new(),
+                            })
+                        }
+                    }
+                    break;
+                }
+                match conflict {
+                    Some(WriteCheck::Wait(holder)) => {
+                        self.wait_for_txn(st, txn.txid, holder).await?;
+                        st = self.lock().await;
+                        continue;
+                    }
+                    Some(WriteCheck::WaitDurable(l)) => {
+                        drop(st);
+                        self.inner.volume.wait_durable(l).await?;
+                        st = self.lock().await;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            versions.insert(0, Version { xmin: txn.txid, xmin_cid: txn.cid, xmax: 0, xmax_cid: 0, flags: 0, row: buf });
+            let versions = walk!(st, st.prune(versions.clone()))?;
+            let payload = encode_versions(&versions);
+            let mut alloc = Alloc { next: st.next_page };
+            let ops = walk!(st, btree::put(&st.store, table.root, key, &payload, &mut alloc))?;
+            st.write_mtr(txn, ops, Some(alloc)).await?;
+            return Ok(());
+        }
+    }
+
+    /// Scans rows visible to `txn` with keys in [`from`, `to`), calling `visit` on
+    /// each until it returns false. Rows are produced in key order.
+    pub async fn scan(
+        &self,
+        txn: &Txn,
+        root: PageNo,
+        from: Bound<Vec<u8>>,
+        to: Bound<Vec<u8>>,
+        visit: &mut (dyn FnMut(&[u8], Vec<Datum>) -> Result<bool, EngineError> + Send),
+    ) -> Result<(), EngineError> {
+        let snap = txn.snap();
+        let mut resume: Option<Vec<u8>> = match &from {
+            Bound::Included(k) | Bound::Excluded(k) => Some(k.clone()),
+            Bound::Unbounded => None,
+        };
+        let mut leaf: Option<PageNo> = None;
+        let mut batch_rows: Vec<(Vec<u8>, Vec<Datum>)> = Vec::with_capacity(SCAN_BATCH_ROWS);
+        loop {
+            let next_leaf;
+            {
+                let mut st = self.lock().await;
+                let batch = match leaf {
+                    None => walk!(st, btree::scan_leaf_from(&st.store, root, resume.as_deref()))?,
+                    Some(p) => walk!(st, btree::read_leaf(&st.store, p, resume.as_deref()))?,
+                };
+                next_leaf = batch.next_leaf;
+                for (key, payload) in batch.items {
+                    if let Bound::Excluded(k) = &from {
+                        if &key == k {
+                            continue;
+                        }
+                    }
+                    let past_end = match &to {
+                        Bound::Included(k) => &key > k,
+                        Bound::Excluded(k) => &key >= k,
+                        Bound::Unbounded => false,
+                    };
+                    if past_end {
+                        leaf = Some(0);
+                        break;
+                    }
+                    let versions = decode_versions(&payload)?;
+                    if let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? {
+                        batch_rows.push((key, row::decode_row(&versions[v].row)?));
+                    }
+                }
+            }
+            for (key, row) in batch_rows.drain(..) {
+                if !visit(&key, row)? {
+                    return Ok(());
+                }
+            }
+            if leaf == Some(0) || next_leaf == 0 {
+                return Ok(());
+            }
+            leaf = Some(next_leaf);
+            resume = None;
+        }
+    }
+
+    /// Point lookup of the version of `key` visible to `txn`.
+    pub async fn get_row(&self, txn: &Txn, root: PageNo, key: &[u8]) -> Result<Option<Vec<Datum>>, EngineError> {
+        let snap = txn.snap();
+        let mut st = self.lock().await;
+        let Some(payload) = walk!(st, btree::get(&st.store, root, key))? else { return Ok(None) };
+        let versions = decode_versions(&payload)?;
+        match walk!(st, Self::visible(&st, &snap, &versions))? {
+            Some(i) => Ok(Some(row::decode_row(&versions[i].row)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn visible(st: &State, snap: &Snapshot, versions: &[Version]) -> Result<Option<usize>, EngineError> {
+        for (i, v) in versions.iter().enumerate() {
+            let created = if v.xmin == snap.txid { TxnState::InProgress } else { st.txn_state(v.xmin)? };
+            if !snap.sees(v.xmin, v.xmin_cid, created) {
+                continue;
+            }
+            if v.xmax != 0 && v.flags & FLAG_LOCK_ONLY == 0 {
+                let deleted = if v.xmax == snap.txid { TxnState::InProgress } else { st.txn_state(v.xmax)? };
+                if snap.sees(v.xmax, v.xmax_cid, deleted) {
+                    return Ok(None);
+                }
+            }
+            return Ok(Some(i));
+        }
+        Ok(None)
+    }
+
+    // ---- catalog ----
+
+    fn catalog_table() -> TableDef {
+        TableDef {
+            oid: 0,
+            name: "borealis_catalog".into(),
+            kind: RelKind::Table,
+            columns: vec![],
+            pk: vec![0],
+            pk_name: None,
+            root: CATALOG_ROOT,
+            indexes: vec![],
+            checks: vec![],
+            rowid_seq: None,
+            sequence: None,
+        }
+    }
+
+    /// All relations visible to `txn`.
+    pub async fn relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.scan(txn, CATALOG_ROOT, Bound::Unbounded, Bound::Unbounded, &mut |_, row| {
+            match row.first() {
+                Some(Datum::Text(json)) => match serde_json::from_str::<TableDef>(json) {
+                    Ok(def) => out.push(Arc::new(def)),
+                    Err(e) => err = Some(EngineError::Corrupt(format!("catalog entry: {e}"))),
+                },
+                _ => err = Some(EngineError::Corrupt("catalog entry without definition".into())),
+            }
+            Ok(true)
+        })
+        .await?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    pub async fn relation(&self, txn: &Txn, name: &str) -> Result<Option<Arc<TableDef>>, EngineError> {
+        Ok(self.relations(txn).await?.into_iter().find(|t| t.name == name))
+    }
+
+    /// Allocates an OID and (unless `root` is given) a fresh B+tree root page.
+    pub async fn allocate_relation(&self, txn: &mut Txn) -> Result<(u32, PageNo), EngineError> {
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        let oid = st.next_oid;
+        let root = st.next_page;
+        st.next_oid += 1;
+        let ops = vec![
+            (root, Op::Init { kind: PageKind::BtreeLeaf as u16 }),
+            st.superblock_op(SB_NEXT_OID, st.next_oid as u64),
+        ];
+        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 })).await?;
+        Ok((oid, root))
+    }
+
+    /// Stores (inserts or replaces) a relation definition in the catalog.
+    pub async fn put_relation(&self, txn: &mut Txn, def: &TableDef, create: bool) -> Result<(), EngineError> {
+        let key = row::encode_key(&[Datum::Int8(def.oid as i64)])?;
+        let json = serde_json::to_string(def).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let row = vec![Datum::Text(json)];
+        let cat = Self::catalog_table();
+        if create {
+            self.insert_row(txn, &cat, &key, &row, "borealis_catalog_pkey").await
+        } else {
+            let mut action = Some(RowAction::Update(row));
+            match self
+                .modify_row(txn, &cat, &key, &mut |_| Ok(action.take().unwrap_or(RowAction::Skip)))
+                .await?
+            {
+                RowOutcome::Done(_) => Ok(()),
+                _ => Err(EngineError::Internal(format!("catalog entry {} vanished", def.oid))),
+            }
+        }
+    }
+
+    pub async fn drop_relation(&self, txn: &mut Txn, oid: u32) -> Result<(), EngineError> {
+        let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
+        self.modify_row(txn, &Self::catalog_table(), &key, &mut |_| Ok(RowAction::Delete)).await?;
+        Ok(())
+    }
+
+    // ---- sequences (non-transactional, like PostgreSQL's) ----
+
+    /// Creates or resets a sequence's state: the next `nextval` returns `value` if
+    /// `is_called` is false, else value + increment.
+    pub async fn set_sequence(&self, txn: &mut Txn, oid: u32, value: i64, is_called: bool) -> Result<(), EngineError> {
+        let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
+        let mut payload = value.to_le_bytes().to_vec();
+        payload.push(is_called as u8);
+        let mut st = self.lock().await;
+        let mut alloc = Alloc { next: st.next_page };
+        let ops = walk!(st, btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc))?;
+        st.write_mtr(txn, ops, Some(alloc)).await?;
+        Ok(())
+    }
+
+    pub async fn nextval(&self, txn: &mut Txn, seq: &TableDef) -> Result<i64, EngineError> {
+        let def = seq.sequence.as_ref().ok_or_else(|| EngineError::Internal("not a sequence".into()))?;
+        let key = row::encode_key(&[Datum::Int8(seq.oid as i64)])?;
+        let mut st = self.lock().await;
+        let cur = walk!(st, btree::get(&st.store, SEQUENCES_ROOT, &key))?;
+        let (value, called) = match cur.as_deref() {
+            Some([v @ .., c]) if v.len() == 8 => (i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0),
+            _ => (def.start, false),
+        };
+        let mut next = if called { value.checked_add(def.increment) } else { Some(value) };
+        if let Some(n) = next {
+            if n > def.max_value || n < def.min_value {
+                next = if def.cycle { Some(if def.increment > 0 { def.min_value } else { def.max_value }) } else { None };
+            }
+        }
+        let Some(next) = next else {
+            return Err(EngineError::SequenceLimit(format!(
+                "nextval: reached maximum value of sequence \"{}\" ({})",
+                seq.name, def.max_value
+            )));
+        };
+        let mut payload = next.to_le_bytes().to_vec();
+        payload.push(1);
+        let mut alloc = Alloc { next: st.next_page };
+        let ops = walk!(st, btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc))?;
+        st.write_mtr(txn, ops, Some(alloc)).await?;
+        Ok(next)
+    }
+
+    /// Current value without advancing (for `currval`-like needs and tests).
+    pub async fn sequence_state(&self, oid: u32) -> Result<Option<(i64, bool)>, EngineError> {
+        let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
+        let mut st = self.lock().await;
+        let cur = walk!(st, btree::get(&st.store, SEQUENCES_ROOT, &key))?;
+        Ok(match cur.as_deref() {
+            Some([v @ .., c]) if v.len() == 8 => Some((i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0)),
+            _ => None,
+        })
+    }
+
+    /// Removes every key of a B+tree's rows visible... (TRUNCATE): replaces the tree
+    /// with a fresh root page and returns it.
+    pub async fn new_root(&self, txn: &mut Txn) -> Result<PageNo, EngineError> {
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        let root = st.next_page;
+        let ops = vec![(root, Op::Init { kind: PageKind::BtreeLeaf as u16 })];
+        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 })).await?;
+        Ok(root)
+    }
+
+    /// Engine statistics for metrics.
+    pub async fn stats(&self) -> EngineStats {
+        let st = self.lock().await;
+        EngineStats {
+            cache_pages: st.store.cached_pages() as u64,
+            cache_hits: st.store.hits.get(),
+            cache_misses: st.store.misses,
+            active_transactions: st.active.len() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EngineStats {
+    pub cache_pages: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub active_transactions: u64,
+}

@@ -1,0 +1,87 @@
+//! Table definitions. Stored as MVCC rows in the catalog B+tree (root page
+//! [`CATALOG_ROOT`]), keyed by OID, so DDL is transactional like any other write.
+
+use crate::types::Type;
+use serde::{Deserialize, Serialize};
+
+pub const SUPERBLOCK_PAGE: u64 = 0;
+pub const CATALOG_ROOT: u64 = 1;
+pub const SEQUENCES_ROOT: u64 = 2;
+pub const FIRST_FREE_PAGE: u64 = 3;
+/// OIDs below this are reserved for built-in objects (as in PostgreSQL).
+pub const FIRST_USER_OID: u32 = 16384;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnDef {
+    pub name: String,
+    /// Type OID.
+    pub type_oid: u32,
+    /// Type modifier: varchar/char length, numeric (precision << 16 | scale); -1 = none.
+    pub typmod: i32,
+    pub not_null: bool,
+    /// Default expression as SQL text (parsed when used).
+    pub default: Option<String>,
+}
+
+impl ColumnDef {
+    pub fn ty(&self) -> Type {
+        Type::from_oid(self.type_oid).unwrap_or(Type::Text)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckDef {
+    pub name: String,
+    pub expr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexDef {
+    pub oid: u32,
+    pub name: String,
+    pub columns: Vec<usize>,
+    pub unique: bool,
+    pub primary: bool,
+    pub root: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceDef {
+    pub increment: i64,
+    pub min_value: i64,
+    pub max_value: i64,
+    pub start: i64,
+    pub cycle: bool,
+    /// Column (table oid, column index) that owns this sequence (serial), if any.
+    pub owned_by: Option<(u32, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelKind {
+    Table,
+    Sequence,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableDef {
+    pub oid: u32,
+    pub name: String,
+    pub kind: RelKind,
+    pub columns: Vec<ColumnDef>,
+    /// Primary-key column positions; empty = rows are keyed by a hidden row id
+    /// drawn from `rowid_seq`.
+    pub pk: Vec<usize>,
+    pub pk_name: Option<String>,
+    /// Root page of the clustered B+tree (fixed for the table's life).
+    pub root: u64,
+    pub indexes: Vec<IndexDef>,
+    pub checks: Vec<CheckDef>,
+    pub rowid_seq: Option<u32>,
+    pub sequence: Option<SequenceDef>,
+}
+
+impl TableDef {
+    pub fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c.name == name)
+    }
+}
