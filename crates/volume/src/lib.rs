@@ -13,15 +13,25 @@
 //!
 //! Backends: `Memory` keeps the log in this process (engine unit tests, and the
 //! reference the simulation compares against). The quorum backend over real storage
-//! nodes lives beside it behind the same API.
+//! nodes ([`Volume::open_writer`]) lives beside it behind the same API:
+//!
+//! * [`quorum`]: sans-I/O writer state (LSN allocation, acks, PGCL/VCL/VDL, LAL,
+//!   read routing), shared with the deterministic simulation.
+//! * [`recovery`]: VCL/VDL from a read quorum of segment tails, truncation history.
+//! * `remote`: the tokio driver (one pipelined connection per storage node).
 
 mod memory;
+pub mod quorum;
+pub mod recovery;
+mod remote;
 
 use borealis_common::{Epoch, Geometry, Lsn, PageNo};
 use borealis_redo::{Op, Page, Record};
 use std::sync::Arc;
 
 pub use memory::MemoryVolume;
+pub use quorum::QuorumConfig;
+pub use remote::RemoteVolume;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VolumeError {
@@ -32,7 +42,10 @@ pub enum VolumeError {
     #[error("read at LSN {read} is outside what storage can serve ({why})")]
     ReadPoint { read: Lsn, why: String },
     #[error("no segment of {pg} could serve the request: {why}")]
-    Unavailable { pg: borealis_common::PgId, why: String },
+    Unavailable {
+        pg: borealis_common::PgId,
+        why: String,
+    },
     #[error("corrupt data from storage: {0}")]
     Corrupt(String),
     #[error("volume is shut down")]
@@ -49,7 +62,10 @@ pub struct VolumeConfig {
 
 impl Default for VolumeConfig {
     fn default() -> Self {
-        VolumeConfig { geometry: Geometry::default(), lal: 100_000 }
+        VolumeConfig {
+            geometry: Geometry::default(),
+            lal: 100_000,
+        }
     }
 }
 
@@ -72,18 +88,48 @@ pub struct Volume {
 
 enum Backend {
     Memory(MemoryVolume),
+    Remote(RemoteVolume),
 }
 
 impl Volume {
     /// A volume kept entirely in this process (no storage nodes). Durable "at once":
     /// VDL follows every CPL immediately.
     pub fn in_memory(config: VolumeConfig) -> Volume {
-        Volume { backend: Arc::new(Backend::Memory(MemoryVolume::new(config))) }
+        Volume {
+            backend: Arc::new(Backend::Memory(MemoryVolume::new(config))),
+        }
+    }
+
+    /// Opens the quorum-replicated volume as its writer under `epoch` (handed out by
+    /// the control plane, higher than any before): runs recovery (read quorum of
+    /// every PG's tail, VCL/VDL, truncation above VDL and fencing of older epochs on
+    /// a write quorum, re-replication of the kept tail), then serves. The geometry
+    /// is the topology's.
+    pub async fn open_writer(
+        topology: Topology,
+        epoch: Epoch,
+        config: VolumeConfig,
+    ) -> Result<Volume, VolumeError> {
+        Self::open_writer_with(topology, epoch, config, QuorumConfig::default()).await
+    }
+
+    /// [`Volume::open_writer`] with explicit quorum-client limits and timeouts.
+    pub async fn open_writer_with(
+        topology: Topology,
+        epoch: Epoch,
+        config: VolumeConfig,
+        quorum: QuorumConfig,
+    ) -> Result<Volume, VolumeError> {
+        let remote = RemoteVolume::open_writer(topology, epoch, config, quorum).await?;
+        Ok(Volume {
+            backend: Arc::new(Backend::Remote(remote)),
+        })
     }
 
     pub fn geometry(&self) -> Geometry {
         match &*self.backend {
             Backend::Memory(m) => m.geometry(),
+            Backend::Remote(r) => r.geometry(),
         }
     }
 
@@ -91,6 +137,7 @@ impl Volume {
     pub async fn append(&self, mtr: Vec<(PageNo, Op)>) -> Result<Vec<Record>, VolumeError> {
         match &*self.backend {
             Backend::Memory(m) => m.append(mtr),
+            Backend::Remote(r) => r.append(mtr).await,
         }
     }
 
@@ -98,6 +145,7 @@ impl Volume {
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
         match &*self.backend {
             Backend::Memory(m) => m.wait_durable(lsn).await,
+            Backend::Remote(r) => r.wait_durable(lsn).await,
         }
     }
 
@@ -106,6 +154,7 @@ impl Volume {
     pub async fn get_page(&self, page: PageNo, read_lsn: Lsn) -> Result<Page, VolumeError> {
         match &*self.backend {
             Backend::Memory(m) => m.get_page(page, read_lsn),
+            Backend::Remote(r) => r.get_page(page, read_lsn).await,
         }
     }
 
@@ -113,6 +162,7 @@ impl Volume {
     pub fn set_min_read_point(&self, lsn: Lsn) {
         match &*self.backend {
             Backend::Memory(m) => m.set_min_read_point(lsn),
+            Backend::Remote(r) => r.set_min_read_point(lsn),
         }
     }
 
@@ -123,6 +173,7 @@ impl Volume {
     pub fn status(&self) -> VolumeStatus {
         match &*self.backend {
             Backend::Memory(m) => m.status(),
+            Backend::Remote(r) => r.status(),
         }
     }
 }

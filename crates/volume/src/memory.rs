@@ -24,7 +24,10 @@ struct State {
 
 impl MemoryVolume {
     pub fn new(config: VolumeConfig) -> MemoryVolume {
-        MemoryVolume { config, state: Mutex::new(State::default()) }
+        MemoryVolume {
+            config,
+            state: Mutex::new(State::default()),
+        }
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -49,8 +52,17 @@ impl MemoryVolume {
             let pg = geometry.pg_of(page);
             let prev_lsn = st.pg_tail.insert(pg, lsn).unwrap_or(Lsn::ZERO);
             let flags = if i + 1 == n { CPL_FLAG } else { 0 };
-            let record = Record { lsn, prev_lsn, page, flags, op };
-            st.pages.entry(page).or_default().insert(lsn, record.clone());
+            let record = Record {
+                lsn,
+                prev_lsn,
+                page,
+                flags,
+                op,
+            };
+            st.pages
+                .entry(page)
+                .or_default()
+                .insert(lsn, record.clone());
             out.push(record);
         }
         Ok(out)
@@ -59,7 +71,10 @@ impl MemoryVolume {
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
         let last = self.lock().last_lsn;
         if lsn > last {
-            return Err(VolumeError::ReadPoint { read: lsn, why: format!("beyond last LSN {last}") });
+            return Err(VolumeError::ReadPoint {
+                read: lsn,
+                why: format!("beyond last LSN {last}"),
+            });
         }
         Ok(())
     }
@@ -69,7 +84,8 @@ impl MemoryVolume {
         let mut page = Page::zeroed();
         if let Some(records) = st.pages.get(&page_no) {
             for record in records.range(..=read_lsn).map(|(_, r)| r) {
-                apply(&mut page, page_no, record).map_err(|e| VolumeError::Corrupt(e.to_string()))?;
+                apply(&mut page, page_no, record)
+                    .map_err(|e| VolumeError::Corrupt(e.to_string()))?;
             }
         }
         Ok(page)

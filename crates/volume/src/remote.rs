@@ -1,0 +1,762 @@
+//! The quorum backend's tokio driver: recovery, one connection task per storage
+//! node (pipelined append batches, acks, page reads), and the futures the engine
+//! awaits. All decisions live in [`crate::quorum::WriterCore`] and
+//! [`crate::recovery`]; this file only moves bytes and wakes tasks.
+//!
+//! ```text
+//!   append() ──lock core──> records queued ──notify──> node task i ──frames──> storage node i
+//!   wait_durable(lsn) <── watch(VDL) <── core.on_response <── acks ──────────────┘
+//!   get_page() ──> node task of the best segment (hedged to a second after `hedge_after`)
+//! ```
+//!
+//! The core sits behind a std mutex that is never held across an await. Commit
+//! waiters share one `watch` channel of VDL: no task or thread per transaction.
+
+use crate::quorum::{
+    Placement, QuorumConfig, Recovered, WriterCore, READ_QUORUM, SEGMENTS, WRITE_QUORUM,
+};
+use crate::recovery::{plan, TailAnswer};
+use crate::{Topology, VolumeConfig, VolumeError, VolumeStatus};
+use borealis_common::{Epoch, Lsn, PageNo, PgId};
+use borealis_redo::{Op, Page, Record};
+use borealis_storage::client::Client;
+use borealis_storage::node::merge_history;
+use borealis_storage::proto::{
+    decode_response, encode_request, frame_len, ErrorCode, Request, Response, Truncation,
+    MAX_FRAME_BYTES,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+type PageReq = (Request, oneshot::Sender<Response>);
+
+struct NodeConn {
+    wake: Notify,
+    reads: mpsc::Sender<PageReq>,
+}
+
+struct Shared {
+    core: Mutex<WriterCore>,
+    /// (VDL, fenced) for waiters.
+    vdl: watch::Sender<(Lsn, bool)>,
+    nodes: Vec<NodeConn>,
+    cfg: QuorumConfig,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriterCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn publish(&self, core: &WriterCore) {
+        let state = (core.vdl(), core.fenced().is_some());
+        self.vdl.send_if_modified(|s| {
+            let changed = *s != state;
+            *s = state;
+            changed
+        });
+    }
+}
+
+/// The quorum-replicated volume, writer side.
+pub struct RemoteVolume {
+    shared: Arc<Shared>,
+    /// Dropping the volume stops every node task.
+    _shutdown: watch::Sender<()>,
+}
+
+fn unavailable(pg: PgId, why: impl Into<String>) -> VolumeError {
+    VolumeError::Unavailable {
+        pg,
+        why: why.into(),
+    }
+}
+
+impl RemoteVolume {
+    /// Recovers the volume under `epoch` and starts the write path. See
+    /// [`crate::recovery`] for the steps.
+    pub async fn open_writer(
+        topology: Topology,
+        epoch: Epoch,
+        config: VolumeConfig,
+        qcfg: QuorumConfig,
+    ) -> Result<RemoteVolume, VolumeError> {
+        let placement = Placement::from_topology(&topology)?;
+        let geometry = topology.geometry;
+        if geometry != config.geometry {
+            log::warn!(
+                "volume geometry from topology {geometry:?} overrides the configured {:?}",
+                config.geometry
+            );
+        }
+        let deadline = tokio::time::Instant::now() + qcfg.recovery_timeout;
+        let recovered =
+            tokio::time::timeout_at(deadline, recover(&placement, geometry, epoch, &qcfg))
+                .await
+                .map_err(|_| unavailable(PgId(0), "recovery timed out"))??;
+        log::info!(
+            "volume recovered at epoch {epoch}: VDL {}, {} PGs, {} records to re-replicate",
+            recovered.vdl,
+            recovered.pg_tails.len(),
+            recovered.replicate.len()
+        );
+        let vdl0 = recovered.vdl;
+        let core = WriterCore::new(
+            geometry,
+            placement.clone(),
+            config.lal,
+            epoch,
+            recovered,
+            qcfg.clone(),
+        );
+        let (vdl_tx, _) = watch::channel((vdl0, false));
+        let (shutdown_tx, shutdown_rx) = watch::channel(());
+        let mut nodes = Vec::new();
+        let mut read_rxs = Vec::new();
+        for _ in 0..placement.node_count() {
+            let (tx, rx) = mpsc::channel(qcfg.read_queue_depth);
+            nodes.push(NodeConn {
+                wake: Notify::new(),
+                reads: tx,
+            });
+            read_rxs.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(core),
+            vdl: vdl_tx,
+            nodes,
+            cfg: qcfg.clone(),
+        });
+        for (i, rx) in read_rxs.into_iter().enumerate() {
+            tokio::spawn(node_task(
+                shared.clone(),
+                i,
+                placement.addrs[i],
+                rx,
+                shutdown_rx.clone(),
+            ));
+        }
+        // Serve only once the recovered tail is at write quorum under our epoch:
+        // otherwise a crash now could lose what we are about to build on.
+        let mut rx = shared.vdl.subscribe();
+        let wait = async {
+            loop {
+                if shared.lock().rereplication_done() {
+                    return Ok(());
+                }
+                if rx.borrow().1 {
+                    return Err(VolumeError::Fenced {
+                        ours: epoch,
+                        theirs: shared.lock().fenced().unwrap_or(epoch),
+                    });
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(5), rx.changed()).await;
+            }
+        };
+        tokio::time::timeout_at(deadline, wait)
+            .await
+            .map_err(|_| unavailable(PgId(0), "re-replication timed out"))??;
+        Ok(RemoteVolume {
+            shared,
+            _shutdown: shutdown_tx,
+        })
+    }
+
+    pub fn geometry(&self) -> borealis_common::Geometry {
+        self.shared.lock().geometry
+    }
+
+    pub async fn append(&self, mtr: Vec<(PageNo, Op)>) -> Result<Vec<Record>, VolumeError> {
+        let mut rx = self.shared.vdl.subscribe();
+        let mut mtr = Some(mtr);
+        loop {
+            {
+                let mut core = self.shared.lock();
+                if let Some(theirs) = core.fenced() {
+                    return Err(VolumeError::Fenced {
+                        ours: core.epoch(),
+                        theirs,
+                    });
+                }
+                let n = mtr.as_ref().map(Vec::len).unwrap_or(0);
+                if core.has_room(n) {
+                    let (records, wake) = core.append(mtr.take().unwrap_or_default())?;
+                    drop(core);
+                    for n in wake {
+                        if let Some(c) = self.shared.nodes.get(n) {
+                            c.wake.notify_one();
+                        }
+                    }
+                    return Ok(records);
+                }
+            }
+            // LAL backpressure: wait for VDL to move.
+            if rx.changed().await.is_err() {
+                return Err(VolumeError::Closed);
+            }
+        }
+    }
+
+    pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
+        {
+            let core = self.shared.lock();
+            if lsn > core.last_lsn() {
+                return Err(VolumeError::ReadPoint {
+                    read: lsn,
+                    why: format!("beyond last LSN {}", core.last_lsn()),
+                });
+            }
+        }
+        let mut rx = self.shared.vdl.subscribe();
+        let state = rx
+            .wait_for(|(vdl, fenced)| *vdl >= lsn || *fenced)
+            .await
+            .map_err(|_| VolumeError::Closed)?;
+        if state.0 >= lsn {
+            return Ok(());
+        }
+        drop(state);
+        let core = self.shared.lock();
+        Err(VolumeError::Fenced {
+            ours: core.epoch(),
+            theirs: core.fenced().unwrap_or(core.epoch()),
+        })
+    }
+
+    pub async fn get_page(&self, page: PageNo, read_lsn: Lsn) -> Result<Page, VolumeError> {
+        let (pg, candidates) = {
+            let core = self.shared.lock();
+            if page >= core.geometry.max_pages() {
+                return Err(VolumeError::PageOutOfRange(page));
+            }
+            let pg = core.geometry.pg_of(page);
+            if core.pg_tail(pg).is_none() {
+                // The PG has never been written: every page of it is zeroed.
+                return Ok(Page::zeroed());
+            }
+            (pg, core.read_candidates(pg, read_lsn))
+        };
+        read_page(&self.shared, pg, page, read_lsn, candidates).await
+    }
+
+    pub fn set_min_read_point(&self, lsn: Lsn) {
+        self.shared.lock().set_pgmrpl(lsn);
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let core = self.shared.lock();
+        VolumeStatus {
+            epoch: core.epoch(),
+            vcl: core.vcl(),
+            vdl: core.vdl(),
+            last_lsn: core.last_lsn(),
+            protection_groups: core.pg_count() as u32,
+        }
+    }
+}
+
+/// One GetPage, sent to the best candidate and hedged to the next one if slow;
+/// segments that cannot serve are skipped. Bounded by `max_read_attempts`.
+async fn read_page(
+    shared: &Arc<Shared>,
+    pg: PgId,
+    page: PageNo,
+    read_lsn: Lsn,
+    candidates: Vec<usize>,
+) -> Result<Page, VolumeError> {
+    let cfg = &shared.cfg;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = 0usize;
+    let mut attempts = 0usize;
+    let mut last_err = String::from("no segment answered");
+    let send = |tasks: &mut tokio::task::JoinSet<Result<Response, String>>, node: usize| {
+        let shared = shared.clone();
+        let timeout = cfg.request_timeout;
+        tasks.spawn(async move {
+            let (tx, rx) = oneshot::channel();
+            let conn = shared.nodes.get(node).ok_or("no such node")?;
+            conn.reads
+                .try_send((Request::GetPage { pg, page, read_lsn }, tx))
+                .map_err(|_| format!("read queue of node {node} full or closed"))?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(_)) => Err(format!("node {node} connection lost")),
+                Err(_) => Err(format!("node {node} timed out")),
+            }
+        });
+    };
+    while attempts < cfg.max_read_attempts {
+        if tasks.is_empty() {
+            if next > 0 && next % candidates.len().max(1) == 0 {
+                // Went round every segment: give them a moment to catch up.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let node = candidates[next % candidates.len().max(1)];
+            next += 1;
+            attempts += 1;
+            send(&mut tasks, node);
+        }
+        let joined = tokio::time::timeout(cfg.hedge_after, tasks.join_next()).await;
+        let result = match joined {
+            Err(_) => {
+                // Slow: hedge to the next segment, keep waiting for both.
+                if tasks.len() < 2 && candidates.len() > 1 {
+                    let node = candidates[next % candidates.len()];
+                    next += 1;
+                    attempts += 1;
+                    send(&mut tasks, node);
+                }
+                continue;
+            }
+            Ok(None) => continue,
+            Ok(Some(Err(e))) => Err(e.to_string()),
+            Ok(Some(Ok(r))) => r,
+        };
+        match result {
+            Ok(Response::Page { bytes }) => {
+                let p = Page::from_bytes(&bytes).ok_or_else(|| {
+                    VolumeError::Corrupt(format!("page {page}: {} bytes", bytes.len()))
+                })?;
+                if p.lsn() > read_lsn {
+                    return Err(VolumeError::Corrupt(format!(
+                        "page {page} at LSN {} for read point {read_lsn}",
+                        p.lsn()
+                    )));
+                }
+                return Ok(p);
+            }
+            Ok(Response::Error {
+                code: ErrorCode::BelowGcFloor,
+                detail,
+                ..
+            }) => {
+                return Err(VolumeError::ReadPoint {
+                    read: read_lsn,
+                    why: format!("below the GC floor {detail}"),
+                });
+            }
+            Ok(Response::Error { code, message, .. }) => last_err = format!("{code:?}: {message}"),
+            Ok(other) => last_err = format!("unexpected response {other:?}"),
+            Err(e) => last_err = e,
+        }
+    }
+    Err(unavailable(pg, last_err))
+}
+
+async fn recover(
+    placement: &Placement,
+    geometry: borealis_common::Geometry,
+    epoch: Epoch,
+    cfg: &QuorumConfig,
+) -> Result<Recovered, VolumeError> {
+    let n = placement.node_count();
+    let mut clients: Vec<Option<Client>> = Vec::new();
+    let mut hellos = Vec::new();
+    // 1. Hello to every node, in parallel, each bounded.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, addr) in placement.addrs.iter().enumerate() {
+        let (addr, ct, rt) = (*addr, cfg.connect_timeout, cfg.request_timeout);
+        set.spawn(async move {
+            let r = async {
+                let mut c = Client::connect(addr, ct).await.map_err(|e| e.to_string())?;
+                let _ = rt;
+                let resp = c.call(&Request::Hello).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((c, resp))
+            }
+            .await;
+            (i, r)
+        });
+    }
+    clients.resize_with(n, || None);
+    hellos.resize_with(n, || None);
+    while let Some(j) = set.join_next().await {
+        let Ok((i, r)) = j else { continue };
+        match r {
+            Ok((
+                c,
+                Response::Hello {
+                    epoch: e,
+                    history,
+                    segments,
+                    ..
+                },
+            )) => {
+                clients[i] = Some(c);
+                hellos[i] = Some((e, history, segments));
+            }
+            Ok((_, other)) => log::warn!(
+                "recovery: {} answered Hello with {other:?}",
+                placement.names[i]
+            ),
+            Err(e) => log::warn!("recovery: {} unreachable: {e}", placement.names[i]),
+        }
+    }
+    for group in placement.groups() {
+        let up = group.iter().filter(|i| hellos[**i].is_some()).count();
+        if up < READ_QUORUM {
+            return Err(unavailable(
+                PgId(0),
+                format!("only {up} of a PG's {SEGMENTS} segments reachable, need {READ_QUORUM}"),
+            ));
+        }
+    }
+    let mut history: Vec<Truncation> = Vec::new();
+    let mut start = Lsn::ZERO;
+    let mut pgs: BTreeSet<PgId> = BTreeSet::new();
+    for (e, h, segs) in hellos.iter().flatten() {
+        if *e > epoch {
+            return Err(VolumeError::Fenced {
+                ours: epoch,
+                theirs: *e,
+            });
+        }
+        history = merge_history(&history, h);
+        for s in segs {
+            start = start.max(s.vdl_hint);
+            pgs.insert(s.pg);
+        }
+    }
+    // 2. Tails of each PG from every reachable segment (at least a read quorum).
+    let mut answers = Vec::new();
+    for pg in &pgs {
+        let mut got = 0;
+        for node in placement.segments(*pg) {
+            let Some(c) = clients[node].as_mut() else {
+                continue;
+            };
+            let mut from = start;
+            let mut answer = TailAnswer {
+                pg: *pg,
+                last_at_or_below: Lsn::ZERO,
+                records: Vec::new(),
+            };
+            let mut ok = true;
+            for _ in 0..1_000_000 {
+                let req = Request::Tail {
+                    pg: *pg,
+                    from,
+                    history: history.clone(),
+                    max_bytes: cfg.tail_chunk_bytes,
+                };
+                match c.call(&req).await {
+                    Ok(Response::Tail {
+                        last_at_or_below,
+                        records,
+                        more,
+                        ..
+                    }) => {
+                        if from == start {
+                            answer.last_at_or_below = last_at_or_below;
+                        }
+                        if let Some(last) = records
+                            .last()
+                            .and_then(|r| borealis_redo::decode_header(&r.bytes).ok())
+                        {
+                            from = last.lsn;
+                        }
+                        let done = !more || records.is_empty();
+                        answer.records.extend(records);
+                        if done {
+                            break;
+                        }
+                    }
+                    other => {
+                        log::warn!(
+                            "recovery: tail of {pg} from {}: {other:?}",
+                            placement.names[node]
+                        );
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                got += 1;
+                answers.push(answer);
+            }
+        }
+        if got < READ_QUORUM {
+            return Err(unavailable(
+                *pg,
+                format!("only {got} tails, need {READ_QUORUM}"),
+            ));
+        }
+    }
+    let (vcl, recovered) = plan(geometry, epoch, start, &history, &answers);
+    log::info!("recovery: start {start}, VCL {vcl}, VDL {}", recovered.vdl);
+    // 3. Install the epoch (fencing older writers, truncating above VDL).
+    let mut installed = vec![false; n];
+    for (i, c) in clients.iter_mut().enumerate() {
+        let Some(c) = c else { continue };
+        match c
+            .call(&Request::InstallEpoch {
+                epoch,
+                history: recovered.history.clone(),
+            })
+            .await
+        {
+            Ok(Response::EpochInstalled { .. }) => installed[i] = true,
+            Ok(Response::Error {
+                code: ErrorCode::Fenced,
+                detail,
+                ..
+            }) => {
+                return Err(VolumeError::Fenced {
+                    ours: epoch,
+                    theirs: Epoch(detail),
+                });
+            }
+            other => log::warn!(
+                "recovery: installing epoch {epoch} on {}: {other:?}",
+                placement.names[i]
+            ),
+        }
+    }
+    for group in placement.groups() {
+        let ok = group.iter().filter(|i| installed[**i]).count();
+        if (ok as u32) < WRITE_QUORUM {
+            return Err(unavailable(
+                PgId(0),
+                format!("epoch {epoch} installed on {ok} of {SEGMENTS} segments"),
+            ));
+        }
+    }
+    Ok(recovered)
+}
+
+/// One storage node's connection: (re)connects, installs the epoch, then pipelines
+/// append batches and page reads and feeds responses to the core.
+async fn node_task(
+    shared: Arc<Shared>,
+    idx: usize,
+    addr: std::net::SocketAddr,
+    mut reads: mpsc::Receiver<PageReq>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let result = tokio::select! {
+            r = connection(&shared, idx, addr, &mut reads) => r,
+            _ = shutdown.changed() => return,
+        };
+        {
+            let mut core = shared.lock();
+            core.node_reset(idx);
+            if core.fenced().is_some() {
+                shared.publish(&core);
+                log::error!("volume fenced; node task {idx} stops");
+                return;
+            }
+        }
+        match result {
+            Ok(()) => backoff = Duration::from_millis(10),
+            Err(e) => log::debug!("storage node {addr}: {e}; reconnecting"),
+        }
+        // Fail queued reads fast instead of letting them time out.
+        while let Ok((_, tx)) = reads.try_recv() {
+            drop(tx);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {},
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(shared.cfg.reconnect_backoff_max);
+    }
+}
+
+/// Removes one complete frame from the front of `acc`, if there is one.
+fn take_frame(acc: &mut Vec<u8>) -> Result<Option<(u64, Response)>, String> {
+    let Some(prefix) = acc.get(0..4) else {
+        return Ok(None);
+    };
+    let len = frame_len(
+        [prefix[0], prefix[1], prefix[2], prefix[3]],
+        MAX_FRAME_BYTES,
+    )
+    .map_err(|e| e.to_string())?;
+    if acc.len() < 4 + len {
+        return Ok(None);
+    }
+    let r = decode_response(&acc[4..4 + len]).map_err(|e| e.to_string());
+    acc.drain(..4 + len);
+    r.map(Some)
+}
+
+async fn read_frame(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, Response), String> {
+    let mut prefix = [0u8; 4];
+    rd.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
+    let len = frame_len(prefix, MAX_FRAME_BYTES).map_err(|e| e.to_string())?;
+    buf.resize(len, 0);
+    rd.read_exact(buf).await.map_err(|e| e.to_string())?;
+    decode_response(buf).map_err(|e| e.to_string())
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+fn lock_pending(p: &Pending) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Response>>> {
+    p.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn connection(
+    shared: &Arc<Shared>,
+    idx: usize,
+    addr: std::net::SocketAddr,
+    reads: &mut mpsc::Receiver<PageReq>,
+) -> Result<(), String> {
+    let cfg = &shared.cfg;
+    let stream = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let mut wr = BufWriter::with_capacity(256 << 10, wr);
+    let mut buf = Vec::new();
+    // Handshake: install our epoch (idempotent); a newer one means we are fenced.
+    let (epoch, history) = {
+        let core = shared.lock();
+        (core.epoch(), core.history().to_vec())
+    };
+    wr.write_all(&encode_request(
+        0,
+        &Request::InstallEpoch { epoch, history },
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    wr.flush().await.map_err(|e| e.to_string())?;
+    let (_, resp) = tokio::time::timeout(cfg.request_timeout, read_frame(&mut rd, &mut buf))
+        .await
+        .map_err(|_| "epoch install timed out".to_string())??;
+    match resp {
+        Response::EpochInstalled { .. } => {}
+        other => {
+            let mut core = shared.lock();
+            core.on_response(idx, &other);
+            shared.publish(&core);
+            return Err(format!("epoch install refused: {other:?}"));
+        }
+    }
+    shared.lock().node_ready(idx);
+    log::debug!("connected to storage node {addr}");
+
+    let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+    let reader = {
+        let shared = shared.clone();
+        let pending = pending.clone();
+        async move {
+            let mut acc: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 64 << 10];
+            let mut idle_since = tokio::time::Instant::now();
+            loop {
+                // Parse a whole frame out of what has arrived; reads below are
+                // cancel-safe, so a timeout never loses half a frame.
+                let frame = match take_frame(&mut acc)? {
+                    Some(f) => f,
+                    None => {
+                        let tick = tokio::time::sleep(Duration::from_millis(50));
+                        tokio::select! {
+                            n = rd.read(&mut chunk) => {
+                                let n = n.map_err(|e| e.to_string())?;
+                                if n == 0 {
+                                    return Err("connection closed".to_string());
+                                }
+                                acc.extend_from_slice(&chunk[..n]);
+                                idle_since = tokio::time::Instant::now();
+                            }
+                            _ = tick => {
+                                let awaiting = shared.lock().awaiting_acks(idx) || !lock_pending(&pending).is_empty();
+                                if !awaiting {
+                                    idle_since = tokio::time::Instant::now();
+                                } else if idle_since.elapsed() > shared.cfg.request_timeout {
+                                    return Err("no response within the request timeout".to_string());
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let (id, resp) = frame;
+                if let Some(tx) = lock_pending(&pending).remove(&id) {
+                    let _ = tx.send(resp);
+                    continue;
+                }
+                let fx = {
+                    let mut core = shared.lock();
+                    let fx = core.on_response(idx, &resp);
+                    shared.publish(&core);
+                    fx
+                };
+                if fx.fenced || fx.reset_node {
+                    return Err::<(), String>(format!("node refused: {resp:?}"));
+                }
+                // Room in flight again: let the writer half send more.
+                if let Some(c) = shared.nodes.get(idx) {
+                    c.wake.notify_one();
+                }
+            }
+        }
+    };
+    let writer = async {
+        let mut next_id: u64 = 1;
+        loop {
+            // Append batches first (the latency path), then queued reads.
+            let mut wrote = false;
+            for _ in 0..cfg.max_inflight_batches {
+                let batch = shared.lock().next_batch(idx);
+                let Some(req) = batch else { break };
+                wr.write_all(&encode_request(next_id, &req))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                next_id += 1;
+                wrote = true;
+            }
+            while let Ok((req, tx)) = reads.try_recv() {
+                lock_pending(&pending).insert(next_id, tx);
+                wr.write_all(&encode_request(next_id, &req))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                next_id += 1;
+                wrote = true;
+            }
+            if wrote {
+                wr.flush().await.map_err(|e| e.to_string())?;
+                continue;
+            }
+            let Some(c) = shared.nodes.get(idx) else {
+                return Err("no such node".to_string());
+            };
+            tokio::select! {
+                _ = c.wake.notified() => {}
+                r = reads.recv() => {
+                    let Some((req, tx)) = r else { return Ok(()) };
+                    lock_pending(&pending).insert(next_id, tx);
+                    wr.write_all(&encode_request(next_id, &req)).await.map_err(|e| e.to_string())?;
+                    next_id += 1;
+                    wr.flush().await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    };
+    // Dropping the pending senders fails the reads waiting on this connection.
+    lock_pending(&pending).clear();
+    r
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<RemoteVolume>();
+    let _ = BTreeMap::<u8, u8>::new;
+}
