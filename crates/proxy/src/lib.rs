@@ -1,1 +1,382 @@
 //! Endpoints: a TCP proxy that follows the current writer (later pooling, TLS).
+//!
+//! One proxy process serves one endpoint: the writer endpoint (port P) or the reader
+//! endpoint (P+1). For each client connection it asks the control plane where the
+//! target instance is (`GET /v1/endpoints`, cached for [`ProxyConfig::route_ttl`]),
+//! connects, and splices bytes both ways. The proxy speaks no PostgreSQL: it does not
+//! need to, because a connection is routed once, at connect time, which is also when
+//! a client notices a failover (its old connection breaks; the new one goes to the
+//! new writer).
+//!
+//! * While the control plane reports no available target (a writer restarting or
+//!   failing over), a new connection waits up to [`ProxyConfig::connect_wait`],
+//!   refreshing the route, instead of failing at once: clients see a slow connect
+//!   rather than an error during a short outage.
+//! * The reader endpoint spreads connections round-robin over available readers and
+//!   falls back to the writer when there are none (what Aurora's reader endpoint
+//!   does for a cluster without replicas).
+//! * Connections are bounded ([`ProxyConfig::max_connections`]); beyond that new
+//!   clients wait in the accept queue (backpressure, invariant 9).
+
+use borealis_common::http::{self, Request, Response};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Writer,
+    Reader,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "writer" => Ok(Endpoint::Writer),
+            "reader" => Ok(Endpoint::Reader),
+            other => Err(format!("unknown endpoint role {other:?} (writer, reader)")),
+        }
+    }
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Writer => "writer",
+            Endpoint::Reader => "reader",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// `/health` and `/metrics`.
+    pub http: Option<SocketAddr>,
+    /// The control API.
+    pub control: SocketAddr,
+    pub endpoint: Endpoint,
+    pub max_connections: usize,
+    /// How long a looked-up route is trusted before asking the control plane again.
+    pub route_ttl: Duration,
+    /// How long a new client connection may wait for a target to become reachable.
+    pub connect_wait: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(listen: SocketAddr, control: SocketAddr, endpoint: Endpoint) -> ProxyConfig {
+        ProxyConfig {
+            listen,
+            http: None,
+            control,
+            endpoint,
+            max_connections: 1024,
+            route_ttl: Duration::from_secs(1),
+            connect_wait: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A route: where new connections go, and when we learned it.
+#[derive(Debug, Clone)]
+struct Route {
+    targets: Vec<(String, SocketAddr)>,
+    fetched: Instant,
+}
+
+struct Proxy {
+    config: ProxyConfig,
+    route: Mutex<Option<Route>>,
+    round_robin: AtomicUsize,
+    connections: Arc<Semaphore>,
+    active: AtomicUsize,
+    accepted_total: AtomicU64,
+    failed_total: AtomicU64,
+    bytes_total: AtomicU64,
+}
+
+impl Proxy {
+    /// Asks the control plane for the current targets of this endpoint.
+    async fn fetch_route(&self) -> Result<Route, String> {
+        let (status, body) =
+            http::get_json(self.config.control, "/v1/endpoints", Duration::from_secs(2))
+                .await
+                .map_err(|e| format!("control plane unreachable: {e}"))?;
+        if status != 200 {
+            return Err(format!("control plane answered {status}"));
+        }
+        let parse = |v: &Value| -> Option<(String, SocketAddr)> {
+            Some((
+                v.get("name")?.as_str()?.to_string(),
+                v.get("addr")?.as_str()?.parse().ok()?,
+            ))
+        };
+        let writer: Vec<(String, SocketAddr)> =
+            body.get("writer").and_then(parse).into_iter().collect();
+        let readers: Vec<(String, SocketAddr)> = body
+            .get("readers")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter_map(parse).collect())
+            .unwrap_or_default();
+        let targets = match self.config.endpoint {
+            Endpoint::Writer => writer,
+            Endpoint::Reader if readers.is_empty() => writer,
+            Endpoint::Reader => readers,
+        };
+        Ok(Route {
+            targets,
+            fetched: Instant::now(),
+        })
+    }
+
+    /// Picks a target: the cached route while fresh, else a new one.
+    async fn pick(&self, force_refresh: bool) -> Result<(String, SocketAddr), String> {
+        let cached = self.route.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let route = match cached {
+            Some(r)
+                if !force_refresh
+                    && r.fetched.elapsed() < self.config.route_ttl
+                    && !r.targets.is_empty() =>
+            {
+                r
+            }
+            _ => {
+                let r = self.fetch_route().await?;
+                *self.route.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
+                r
+            }
+        };
+        if route.targets.is_empty() {
+            return Err(format!(
+                "no available {} instance",
+                self.config.endpoint.as_str()
+            ));
+        }
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % route.targets.len();
+        Ok(route.targets[i].clone())
+    }
+
+    /// Connects to a target, retrying with fresh routes until `connect_wait`.
+    async fn connect_backend(&self) -> Result<(String, TcpStream), String> {
+        let deadline = Instant::now() + self.config.connect_wait;
+        let mut refresh = false;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let last_error = match self.pick(refresh).await {
+                Ok((name, addr)) => {
+                    match tokio::time::timeout(
+                        self.config.connect_timeout,
+                        TcpStream::connect(addr),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => return Ok((name, stream)),
+                        Ok(Err(e)) => format!("{name} at {addr}: {e}"),
+                        Err(_) => format!("{name} at {addr}: connect timed out"),
+                    }
+                }
+                Err(e) => e,
+            };
+            if Instant::now() + pause >= deadline {
+                return Err(last_error);
+            }
+            log::debug!("backend not reachable yet ({last_error}); retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+            refresh = true;
+        }
+    }
+
+    async fn serve_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let (name, mut backend) = match self.connect_backend().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed_total.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "client {peer}: no backend for the {} endpoint: {e}",
+                    self.config.endpoint.as_str()
+                );
+                // Closing the socket is all we can say without speaking the protocol.
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = backend.set_nodelay(true);
+        log::debug!("client {peer} -> {name}");
+        match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+            Ok((up, down)) => {
+                self.bytes_total.fetch_add(up + down, Ordering::Relaxed);
+            }
+            Err(e) => log::debug!("client {peer} -> {name}: {e}"),
+        }
+    }
+
+    fn health(&self) -> Value {
+        let route = self.route.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        json!({
+            "status": "ok",
+            "role": format!("proxy-{}", self.config.endpoint.as_str()),
+            "listen": self.config.listen.to_string(),
+            "targets": route.map(|r| r.targets.iter().map(|(n, a)| json!({"name": n, "addr": a.to_string()})).collect::<Vec<_>>()),
+            "connections": self.active.load(Ordering::Relaxed),
+            "max_connections": self.config.max_connections,
+        })
+    }
+
+    fn metrics(&self) -> String {
+        let e = self.config.endpoint.as_str();
+        format!(
+            "# TYPE borealis_proxy_connections gauge\nborealis_proxy_connections{{endpoint=\"{e}\"}} {}\n\
+             # TYPE borealis_proxy_connections_accepted_total counter\nborealis_proxy_connections_accepted_total{{endpoint=\"{e}\"}} {}\n\
+             # TYPE borealis_proxy_connections_failed_total counter\nborealis_proxy_connections_failed_total{{endpoint=\"{e}\"}} {}\n\
+             # TYPE borealis_proxy_bytes_total counter\nborealis_proxy_bytes_total{{endpoint=\"{e}\"}} {}\n",
+            self.active.load(Ordering::Relaxed),
+            self.accepted_total.load(Ordering::Relaxed),
+            self.failed_total.load(Ordering::Relaxed),
+            self.bytes_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Runs the proxy until the returned future is dropped (the binary drops it on
+/// SIGTERM/SIGINT).
+pub async fn run(config: ProxyConfig) -> Result<(), ProxyError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let http_listener = match config.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    let proxy = Arc::new(Proxy {
+        connections: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+        route: Mutex::new(None),
+        round_robin: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        accepted_total: AtomicU64::new(0),
+        failed_total: AtomicU64::new(0),
+        bytes_total: AtomicU64::new(0),
+    });
+    if let Some(l) = http_listener {
+        let p = proxy.clone();
+        tokio::spawn(http::serve(l, move |req: Request| {
+            let p = p.clone();
+            async move {
+                match req.path.as_str() {
+                    "/health" => Response::json(200, &p.health()),
+                    "/metrics" => Response::text(200, p.metrics()),
+                    _ => Response::error(404, "no such path"),
+                }
+            }
+        }));
+    }
+    log::info!(
+        "{} endpoint listening on {}",
+        proxy.config.endpoint.as_str(),
+        proxy.config.listen
+    );
+    loop {
+        // Take a connection slot before accepting: at the limit, clients queue in the
+        // kernel's backlog instead of in our memory.
+        let Ok(permit) = proxy.connections.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        proxy.accepted_total.fetch_add(1, Ordering::Relaxed);
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            p.active.fetch_add(1, Ordering::Relaxed);
+            p.clone().serve_client(stream, peer).await;
+            p.active.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A fake control plane that points the writer endpoint at `backend`, and an echo
+    /// server as the backend: bytes go through the proxy both ways.
+    #[tokio::test]
+    async fn splices_to_the_writer_reported_by_the_control_plane() {
+        let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let backend_addr = backend.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let control_addr = control.local_addr().expect("addr");
+        tokio::spawn(http::serve(control, move |_req: Request| async move {
+            Response::json(
+                200,
+                &json!({"writer": {"name": "instance-1", "addr": backend_addr.to_string()}, "readers": []}),
+            )
+        }));
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listen = probe.local_addr().expect("addr");
+        drop(probe);
+        // The reader endpoint falls back to the writer when there are no readers.
+        let proxy = tokio::spawn(run(ProxyConfig::new(
+            listen,
+            control_addr,
+            Endpoint::Reader,
+        )));
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut client = client.expect("proxy listening");
+        client.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"hello");
+        proxy.abort();
+    }
+}
