@@ -370,10 +370,16 @@ impl Segment {
             return Err(ReadError::NotComplete { scl: self.scl });
         }
         let mut image = self.base.get(&page).cloned().unwrap_or_else(Page::zeroed);
-        for (_, lsn) in self
-            .by_page
-            .range((page, Lsn(self.gc_floor.0.saturating_add(1)))..=(page, read_lsn))
-        {
+        let from = (page, Lsn(self.gc_floor.0.saturating_add(1)));
+        let to = (page, read_lsn);
+        // An empty range (read point at the floor) must not reach BTreeSet::range,
+        // which panics on start > end.
+        let range = if from <= to {
+            Some(self.by_page.range(from..=to))
+        } else {
+            None
+        };
+        for (_, lsn) in range.into_iter().flatten() {
             let stored = self
                 .records
                 .get(lsn)

@@ -1,1 +1,429 @@
+//! Unit tests of the segment log and the node state machine on the simulated disk,
+//! plus the server's handling of malformed frames over a real socket.
 
+use crate::disk::{Disk, MemDisk};
+use crate::node::{Handled, Node, NodeLimits};
+use crate::proto::{Append, ErrorCode, PgBatch, Request, Response, Truncation};
+use crate::segment::{record_entry, Segment};
+use borealis_common::{Epoch, Lsn, PgId};
+use borealis_redo::{apply, Op, Page, Record, CPL_FLAG};
+
+const PG: PgId = PgId(0);
+
+/// Records 1..=n of one PG over pages 0..3, each MTR one record (all CPLs).
+fn records(n: u64) -> Vec<Record> {
+    (1..=n)
+        .map(|i| {
+            let page = i % 3;
+            let op = if i <= 3 {
+                Op::Init { kind: 1 }
+            } else {
+                Op::WriteBody {
+                    offset: (i % 100) as u16 * 8,
+                    data: i.to_le_bytes().to_vec(),
+                }
+            };
+            Record {
+                lsn: Lsn(i),
+                prev_lsn: Lsn(i - 1),
+                page,
+                flags: CPL_FLAG,
+                op,
+            }
+        })
+        .collect()
+}
+
+fn model_page(recs: &[Record], page: u64, at: Lsn) -> Page {
+    let mut p = Page::zeroed();
+    for r in recs.iter().filter(|r| r.page == page && r.lsn <= at) {
+        apply(&mut p, page, r).unwrap();
+    }
+    p
+}
+
+fn append(epoch: u64, recs: &[Record], complete_to: Lsn) -> Request {
+    Request::Append(Append {
+        epoch: Epoch(epoch),
+        vdl_hint: Lsn::ZERO,
+        pgmrpl: Lsn::ZERO,
+        pgs: vec![PgBatch {
+            pg: PG,
+            complete_to,
+            pg_last: recs.last().map(|r| r.lsn).unwrap_or(Lsn::ZERO),
+            records: recs.iter().map(Record::encode).collect(),
+        }],
+    })
+}
+
+fn open(disk: &MemDisk) -> Node<MemDisk> {
+    Node::open("t", disk.clone(), NodeLimits::default()).unwrap()
+}
+
+fn install(node: &mut Node<MemDisk>, epoch: u64, history: &[Truncation]) -> Response {
+    match node.handle(Request::InstallEpoch {
+        epoch: Epoch(epoch),
+        history: history.to_vec(),
+    }) {
+        Handled::Reply(r) => r,
+        Handled::AfterSync(r) => r,
+    }
+}
+
+fn sync(node: &mut Node<MemDisk>) {
+    if let Some(job) = node.take_sync() {
+        let r = job();
+        node.sync_done(&r, std::time::Duration::ZERO);
+    }
+}
+
+fn acked(h: Handled) -> Vec<Lsn> {
+    match h {
+        Handled::AfterSync(Response::Appended { pgs, .. }) => {
+            pgs.into_iter().flat_map(|p| p.lsns).collect()
+        }
+        other => panic!("expected an ack after sync, got {other:?}"),
+    }
+}
+
+fn page(node: &mut Node<MemDisk>, page: u64, at: Lsn) -> Result<Page, Response> {
+    match node.handle(Request::GetPage {
+        pg: PG,
+        page,
+        read_lsn: at,
+    }) {
+        Handled::Reply(Response::Page { bytes }) => Ok(Page::from_bytes(&bytes).unwrap()),
+        Handled::Reply(r) => Err(r),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn appends_are_acked_after_sync_and_pages_materialize_at_any_lsn() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    assert!(matches!(
+        install(&mut node, 1, &[]),
+        Response::EpochInstalled { .. }
+    ));
+    let recs = records(20);
+    assert_eq!(
+        acked(node.handle(append(1, &recs, Lsn(20)))),
+        recs.iter().map(|r| r.lsn).collect::<Vec<_>>()
+    );
+    sync(&mut node);
+    for at in [3, 7, 20] {
+        for p in 0..3 {
+            assert_eq!(
+                page(&mut node, p, Lsn(at)).unwrap(),
+                model_page(&recs, p, Lsn(at))
+            );
+        }
+    }
+    // Beyond SCL: refused, not guessed.
+    let r = page(&mut node, 0, Lsn(21)).unwrap_err();
+    assert!(
+        matches!(
+            r,
+            Response::Error {
+                code: ErrorCode::NotComplete,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn torn_tail_is_cut_on_restart_and_synced_records_survive() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(10);
+    node.handle(append(1, &recs[..6], Lsn(6)));
+    sync(&mut node);
+    node.handle(append(1, &recs[6..], Lsn(10)));
+    // Crash before the sync: keep half the unsynced bytes and garble the last one.
+    disk.crash(|_, n| (n / 2, true));
+    let mut node = open(&disk);
+    assert_eq!(node.stats.torn_tails_cut, 1);
+    let seg = node.segment(PG).unwrap();
+    assert!(
+        seg.scl_record() >= Lsn(6) && seg.scl_record() < Lsn(10),
+        "scl {}",
+        seg.scl_record()
+    );
+    assert_eq!(
+        page(&mut node, 0, Lsn(6)).unwrap(),
+        model_page(&recs, 0, Lsn(6))
+    );
+    // The writer resends; the segment is whole again and the cut file appends cleanly.
+    node.handle(append(1, &recs, Lsn(10)));
+    sync(&mut node);
+    let node2 = open(&disk);
+    assert_eq!(node2.segment(PG).unwrap().scl(), Lsn(10));
+    assert_eq!(node2.stats.torn_tails_cut, 0);
+}
+
+#[test]
+fn crc_corruption_in_the_log_stops_replay_there() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(10);
+    node.handle(append(1, &recs, Lsn(10)));
+    sync(&mut node);
+    // Flip a byte inside the 5th entry.
+    let one = record_entry(Epoch(1), &recs[0].encode()).len();
+    disk.corrupt(PG, one * 4 + 20);
+    let node = open(&disk);
+    let seg = node.segment(PG).unwrap();
+    assert!(seg.scl_record() < Lsn(10));
+    assert_eq!(node.stats.torn_tails_cut, 1);
+    // And a corrupt record is refused at the door.
+    let mut bad = recs[0].encode();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let mut s = Segment::new(PG);
+    assert!(s.insert(Epoch(1), &bad).is_err());
+}
+
+#[test]
+fn holes_are_detected_by_backlinks_and_filled_from_a_peer() {
+    let recs = records(10);
+    let mut a = Segment::new(PG);
+    let mut b = Segment::new(PG);
+    for r in &recs {
+        a.insert(Epoch(1), &r.encode()).unwrap();
+        if r.lsn != Lsn(4) && r.lsn != Lsn(7) {
+            b.insert(Epoch(1), &r.encode()).unwrap();
+        }
+    }
+    assert_eq!(a.scl_record(), Lsn(10));
+    assert_eq!(b.scl_record(), Lsn(3), "hole at 4 stops the chain");
+    // Gossip: b asks a for everything after its chain end.
+    let (chunk, more) = a.read_log(b.scl_record(), 1 << 20);
+    assert!(!more);
+    for r in chunk {
+        b.insert(r.epoch, &r.bytes).unwrap();
+    }
+    assert_eq!(b.scl_record(), Lsn(10));
+    assert_eq!(
+        b.get_page(1, Lsn(10)).unwrap(),
+        model_page(&recs, 1, Lsn(10))
+    );
+}
+
+#[test]
+fn gc_folds_records_into_pages_and_refuses_reads_below_the_floor() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(30);
+    let mut req = append(1, &recs, Lsn(30));
+    if let Request::Append(a) = &mut req {
+        a.vdl_hint = Lsn(30);
+        a.pgmrpl = Lsn(20);
+    }
+    node.handle(req);
+    sync(&mut node);
+    node.tick();
+    let seg = node.segment(PG).unwrap();
+    assert_eq!(seg.gc_floor(), Lsn(20));
+    assert_eq!(seg.record_count(), 10);
+    for p in 0..3 {
+        assert_eq!(
+            page(&mut node, p, Lsn(25)).unwrap(),
+            model_page(&recs, p, Lsn(25))
+        );
+        assert_eq!(
+            page(&mut node, p, Lsn(20)).unwrap(),
+            model_page(&recs, p, Lsn(20))
+        );
+    }
+    let r = page(&mut node, 0, Lsn(19)).unwrap_err();
+    assert!(matches!(
+        r,
+        Response::Error {
+            code: ErrorCode::BelowGcFloor,
+            ..
+        }
+    ));
+    // Compaction keeps exactly the same state across a restart.
+    let mut seg_log = node.segment(PG).unwrap().compacted_log();
+    let replayed = Segment::replay(PG, &seg_log, &[]);
+    assert!(replayed.torn.is_none());
+    assert_eq!(
+        replayed.segment.get_page(2, Lsn(30)).unwrap(),
+        model_page(&recs, 2, Lsn(30))
+    );
+    seg_log.truncate(seg_log.len() - 3);
+    assert!(Segment::replay(PG, &seg_log, &[]).torn.is_some());
+}
+
+#[test]
+fn epoch_fencing_rejects_old_writers_and_truncates_above_the_recovery_point() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(10);
+    node.handle(append(1, &recs, Lsn(10)));
+    sync(&mut node);
+    // Recovery at epoch 2 kept only up to 6.
+    let h2 = [Truncation {
+        epoch: Epoch(2),
+        vdl: Lsn(6),
+    }];
+    assert!(matches!(
+        install(&mut node, 2, &h2),
+        Response::EpochInstalled { .. }
+    ));
+    assert_eq!(node.segment(PG).unwrap().scl(), Lsn(6));
+    // The old writer is fenced, for appends and for epoch installs.
+    match node.handle(append(1, &recs[6..], Lsn(10))) {
+        Handled::Reply(Response::Error {
+            code: ErrorCode::Fenced,
+            detail: 2,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        install(&mut node, 1, &[]),
+        Response::Error {
+            code: ErrorCode::Fenced,
+            ..
+        }
+    ));
+    // A writer ahead of the node must install its epoch first.
+    assert!(matches!(
+        node.handle(append(3, &recs[6..], Lsn(10))),
+        Handled::Reply(Response::Error {
+            code: ErrorCode::NeedEpoch,
+            ..
+        })
+    ));
+    // The new writer reuses LSN 7.. with different content.
+    let new7 = Record {
+        lsn: Lsn(7),
+        prev_lsn: Lsn(6),
+        page: 1,
+        flags: CPL_FLAG,
+        op: Op::WriteBody {
+            offset: 0,
+            data: vec![7; 8],
+        },
+    };
+    acked(node.handle(append(2, std::slice::from_ref(&new7), Lsn(7))));
+    sync(&mut node);
+    // Restart: epoch and truncation are durable, old 8..10 stay gone, new 7 stays.
+    let mut node = open(&disk);
+    assert_eq!(node.epoch(), Epoch(2));
+    let mut model: Vec<Record> = recs[..6].to_vec();
+    model.push(new7);
+    assert_eq!(node.segment(PG).unwrap().scl_record(), Lsn(7));
+    assert_eq!(
+        page(&mut node, 1, Lsn(7)).unwrap(),
+        model_page(&model, 1, Lsn(7))
+    );
+}
+
+#[test]
+fn a_node_that_slept_through_a_recovery_drops_what_it_truncated() {
+    // Epoch 1 wrote 1..=8 here; epoch 2 (this node down) kept 1..=5 and wrote a
+    // different 6..=7; epoch 3 kept 1..=7. This node must not keep epoch 1's 6..=8.
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    node.handle(append(1, &records(8), Lsn(8)));
+    sync(&mut node);
+    let h = [
+        Truncation {
+            epoch: Epoch(2),
+            vdl: Lsn(5),
+        },
+        Truncation {
+            epoch: Epoch(3),
+            vdl: Lsn(7),
+        },
+    ];
+    install(&mut node, 3, &h);
+    let seg = node.segment(PG).unwrap();
+    assert_eq!(seg.scl_record(), Lsn(5));
+    assert_eq!(seg.max_lsn(), Lsn(5));
+}
+
+#[test]
+fn disk_failure_stops_acks_and_reports_unhealthy() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    disk.set_failing(true);
+    match node.handle(append(1, &records(2), Lsn(2))) {
+        Handled::Reply(Response::Error {
+            code: ErrorCode::Unhealthy,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!node.is_healthy());
+    assert_eq!(node.health()["state"], "failed");
+    assert!(node
+        .metrics()
+        .contains("borealis_storage_healthy{node=\"t\"} 0"));
+}
+
+#[test]
+fn replay_of_arbitrary_bytes_never_panics() {
+    let mut x: u64 = 0x1234_5678_9abc_def0;
+    let good = record_entry(Epoch(1), &records(1)[0].encode());
+    for _ in 0..500 {
+        let mut buf = good.clone();
+        for _ in 0..(x % 8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x as usize) % buf.len();
+            buf[i] = x as u8;
+        }
+        buf.truncate((x as usize) % (buf.len() + 1));
+        let _ = Segment::replay(PG, &buf, &[]);
+    }
+    let mut d = MemDisk::new();
+    d.append_log(PG, &[0xff; 100]).unwrap();
+    let node = open(&d);
+    assert_eq!(node.stats.torn_tails_cut, 1);
+}
+
+#[tokio::test]
+async fn malformed_frames_close_the_connection_and_the_node_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::NodeConfig::new(
+        dir.path().to_path_buf(),
+        "n",
+        "az-a",
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    let h = crate::start(cfg).await.unwrap();
+    for junk in [
+        vec![0xff, 0xff, 0xff, 0x7f, 1, 2],
+        vec![12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 99, 0, 0, 0],
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(&junk).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(matches!(n, Ok(0) | Err(_)), "connection must be closed");
+    }
+    let mut c = crate::client::Client::connect(h.addr, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(
+        c.call(&Request::Hello).await.unwrap(),
+        Response::Hello { .. }
+    ));
+    h.kill().await;
+}
