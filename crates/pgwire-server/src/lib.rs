@@ -48,10 +48,12 @@ mod config;
 mod connection;
 pub mod error;
 pub mod frontend;
+mod tls;
 mod wire;
 
 pub use auth::ScramCredential;
 pub use config::{Auth, ServerConfig};
+pub use tls::tls_acceptor_from_pem;
 
 use borealis_sql::Database;
 use cancel::CancelRegistry;

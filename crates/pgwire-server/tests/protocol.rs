@@ -118,7 +118,8 @@ async fn extended_protocol_reference_errors_are_not_fatal() {
     b.extend_from_slice(&1i32.to_be_bytes());
     b.push(b'1');
     b.extend_from_slice(&0u16.to_be_bytes());
-    raw.send(&[parse("", "BEGIN"), message(b'B', &b), sync()].concat()).await;
+    raw.send(&[parse("", "BEGIN"), message(b'B', &b), sync()].concat())
+        .await;
     let msgs = raw.until_ready().await;
     assert_eq!(types(&msgs), "1EZ");
     assert_eq!(sqlstate(&msgs[1].1), "08P01");
@@ -126,12 +127,14 @@ async fn extended_protocol_reference_errors_are_not_fatal() {
     // Describe of a statement: ParameterDescription then NoData for BEGIN.
     let mut d = vec![b'S'];
     d.extend_from_slice(b"\0");
-    raw.send(&[parse("", "BEGIN"), message(b'D', &d), sync()].concat()).await;
+    raw.send(&[parse("", "BEGIN"), message(b'D', &d), sync()].concat())
+        .await;
     assert_eq!(types(&raw.until_ready().await), "1tnZ");
     // Close of something that does not exist is fine; stray CopyData is dropped.
     let mut c = vec![b'S'];
     c.extend_from_slice(b"ghost\0");
-    raw.send(&[message(b'd', b"junk"), message(b'C', &c), sync()].concat()).await;
+    raw.send(&[message(b'd', b"junk"), message(b'C', &c), sync()].concat())
+        .await;
     assert_eq!(types(&raw.until_ready().await), "3Z");
 }
 
@@ -140,7 +143,10 @@ async fn expect_protocol_fatal(addr: std::net::SocketAddr, bytes: &[u8]) {
     let mut raw = Raw::connect(addr).await;
     raw.send(bytes).await;
     let msgs = raw.until_closed().await;
-    let err = msgs.iter().find(|m| m.0 == b'E').unwrap_or_else(|| panic!("no error in {}", types(&msgs)));
+    let err = msgs
+        .iter()
+        .find(|m| m.0 == b'E')
+        .unwrap_or_else(|| panic!("no error in {}", types(&msgs)));
     assert_eq!(sqlstate(&err.1), "08P01");
     assert_eq!(field(&err.1, b'S'), "FATAL");
     assert_serves(addr).await;
@@ -148,7 +154,10 @@ async fn expect_protocol_fatal(addr: std::net::SocketAddr, bytes: &[u8]) {
 
 #[tokio::test]
 async fn malformed_messages_close_only_that_connection() {
-    let config = ServerConfig { max_message_bytes: 1024 * 1024, ..ServerConfig::default() };
+    let config = ServerConfig {
+        max_message_bytes: 1024 * 1024,
+        ..ServerConfig::default()
+    };
     let server = start(config).await;
     // A length below 4.
     expect_protocol_fatal(server.addr, &[b'Q', 0, 0, 0, 2]).await;
@@ -205,10 +214,13 @@ async fn ssl_request_is_refused_without_tls_and_startup_continues() {
     let mut raw = Raw::connect_only(server.addr).await;
     raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await;
     let mut answer = [0u8; 1];
-    tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut answer))
-        .await
-        .expect("timeout")
-        .expect("read");
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut answer),
+    )
+    .await
+    .expect("timeout")
+    .expect("read");
     assert_eq!(&answer, b"N");
     raw.send(&startup_packet("postgres")).await;
     assert_eq!(status(&raw.until_ready().await), b'I');
@@ -243,7 +255,11 @@ async fn vanished_client_mid_transaction_does_not_disturb_others() {
 
 #[tokio::test]
 async fn connection_limit_is_53300_and_frees_up() {
-    let server = start(ServerConfig { max_connections: 1, ..ServerConfig::default() }).await;
+    let server = start(ServerConfig {
+        max_connections: 1,
+        ..ServerConfig::default()
+    })
+    .await;
     let first = Raw::connect(server.addr).await;
     let mut second = Raw::connect_only(server.addr).await;
     second.send(&startup_packet("postgres")).await;
