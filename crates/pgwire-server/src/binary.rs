@@ -82,8 +82,9 @@ pub fn encode(ty: Type, value: &Datum, out: &mut BytesMut) -> Result<(), SqlErro
         (Type::Float8, Datum::Float8(f)) => out.put_f64(*f),
         (Type::Float8, Datum::Float4(f)) => out.put_f64(*f as f64),
         (Type::Numeric, Datum::Numeric(n)) => encode_numeric(*n, out),
-        (Type::Numeric, v) if v.as_i64().is_some() => {
-            encode_numeric(Numeric::from_i64(v.as_i64().unwrap_or(0)), out)
+        // An integer value in a numeric column (e.g. sum() over integers).
+        (Type::Numeric, v @ (Datum::Int2(_) | Datum::Int4(_) | Datum::Int8(_))) => {
+            encode_numeric(Numeric::from_i64(v.as_i64().ok_or_else(mismatch)?), out)
         }
         (Type::Bytea, Datum::Bytea(b)) => out.put_slice(b),
         (Type::Date, Datum::Date(d)) => out.put_i32(*d),

@@ -301,3 +301,125 @@ async fn cancel_request_is_accepted_and_closes_its_connection() {
     let msgs = raw.until_ready().await;
     assert_eq!(types(&msgs), "TDCZ");
 }
+
+fn parse_typed(sql: &str, oids: &[u32]) -> Vec<u8> {
+    let mut b = vec![0u8];
+    b.extend_from_slice(sql.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&(oids.len() as u16).to_be_bytes());
+    for oid in oids {
+        b.extend_from_slice(&oid.to_be_bytes());
+    }
+    message(b'P', &b)
+}
+
+fn bind_params(formats: &[i16], params: &[Option<&[u8]>], result_formats: &[i16]) -> Vec<u8> {
+    let mut b = vec![0u8, 0u8];
+    b.extend_from_slice(&(formats.len() as u16).to_be_bytes());
+    for f in formats {
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    b.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        match p {
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v);
+            }
+        }
+    }
+    b.extend_from_slice(&(result_formats.len() as u16).to_be_bytes());
+    for f in result_formats {
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    message(b'B', &b)
+}
+
+#[tokio::test]
+async fn bad_parameter_values_get_their_sqlstates() {
+    let server = start(ServerConfig::default()).await;
+    let mut raw = Raw::connect(server.addr).await;
+    // (Parse type OIDs, Bind parameter formats, parameters, result formats, SQLSTATE)
+    type Case<'a> = (
+        &'a [u32],
+        &'a [i16],
+        &'a [Option<&'a [u8]>],
+        &'a [i16],
+        &'a str,
+    );
+    let cases: [Case; 6] = [
+        // Binary int4 with two bytes.
+        (&[23], &[1], &[Some(&[0, 1])], &[], "22P03"),
+        // Text int4 that is not a number, and one out of range for int2.
+        (&[23], &[0], &[Some(b"abc")], &[], "22P02"),
+        (&[21], &[], &[Some(b"70000")], &[], "22003"),
+        // Text that is not UTF-8.
+        (&[25], &[0], &[Some(&[0xff, 0xfe])], &[], "22021"),
+        // A format code that does not exist, and a format count that does not match.
+        (&[23], &[2], &[Some(b"1")], &[], "08P01"),
+        (
+            &[23, 23],
+            &[0, 1, 0],
+            &[Some(b"1"), Some(b"2")],
+            &[],
+            "08P01",
+        ),
+    ];
+    for (oids, formats, params, result_formats, code) in cases {
+        raw.send(
+            &[
+                parse_typed("BEGIN", oids),
+                bind_params(formats, params, result_formats),
+                execute(""),
+                sync(),
+            ]
+            .concat(),
+        )
+        .await;
+        let msgs = raw.until_ready().await;
+        assert_eq!(types(&msgs), "1EZ", "{code}");
+        assert_eq!(sqlstate(&msgs[1].1), code);
+        assert_eq!(status(&msgs), b'I');
+    }
+    // A type OID we do not support is refused at Parse.
+    raw.send(&[parse_typed("BEGIN", &[600]), sync()].concat())
+        .await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(sqlstate(&msgs[0].1), "0A000");
+    // Good values in both formats, including NULL, bind and run.
+    raw.send(
+        &[
+            parse_typed("BEGIN", &[23, 1700, 2950, 1082]),
+            bind_params(
+                &[1, 0, 1, 0],
+                &[
+                    Some(&7i32.to_be_bytes()),
+                    Some(b"-12.50"),
+                    Some(&[7u8; 16]),
+                    None,
+                ],
+                &[],
+            ),
+            execute(""),
+            sync(),
+        ]
+        .concat(),
+    )
+    .await;
+    let msgs = raw.until_ready().await;
+    assert_eq!(types(&msgs), "12CZ");
+    assert_eq!(status(&msgs), b'T');
+}
+
+#[tokio::test]
+async fn flush_delivers_replies_before_sync() {
+    let server = start(ServerConfig::default()).await;
+    let mut raw = Raw::connect(server.addr).await;
+    raw.send(&[parse("s", "BEGIN"), message(b'H', &[])].concat())
+        .await;
+    assert_eq!(raw.recv().await.map(|m| m.0), Some(b'1'));
+    raw.send(&[bind("", "s"), execute(""), sync()].concat())
+        .await;
+    assert_eq!(types(&raw.until_ready().await), "2CZ");
+}
