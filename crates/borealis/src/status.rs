@@ -11,25 +11,6 @@ fn s(v: &Value, key: &str) -> String {
     }
 }
 
-/// A field of the node's last `/health` answer, if present (LSNs, lag, SCLs).
-fn h(v: &Value, keys: &[&str]) -> String {
-    keys.iter()
-        .find_map(|k| {
-            v.get("health")
-                .and_then(|h| h.get(*k))
-                .filter(|x| !x.is_null())
-        })
-        .map(|x| match x {
-            Value::String(s) => s.clone(),
-            Value::Number(n) => match n.as_f64() {
-                Some(f) if n.is_f64() => format!("{f:.1}"),
-                _ => n.to_string(),
-            },
-            other => other.to_string(),
-        })
-        .unwrap_or_else(|| "-".to_string())
-}
-
 pub fn table(status: &Value) -> String {
     let mut out = String::new();
     let empty = Vec::new();
@@ -94,13 +75,7 @@ pub fn table(status: &Value) -> String {
         );
     }
     for n in list("storage_nodes") {
-        row(
-            &n,
-            "storage".into(),
-            "-".into(),
-            h(&n, &["scl", "max_scl", "min_scl"]),
-            "-".into(),
-        );
+        row(&n, "storage".into(), "-".into(), s(&n, "scl"), "-".into());
     }
     for n in list("proxies") {
         row(

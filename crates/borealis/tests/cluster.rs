@@ -411,7 +411,7 @@ fn cluster_lifecycle_fault_drills_and_restart() {
     refused(cli(&dir, &["failover"]), "reader");
     refused(
         cli(&dir, &["failover", "--to", "instance-9"]),
-        "unknown instance",
+        "unknown node",
     );
 
     // SIGTERM stops everything cleanly and leaves no process behind.

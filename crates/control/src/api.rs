@@ -31,7 +31,7 @@ pub async fn handle(cluster: Arc<Cluster>, req: Request) -> Response {
         ("GET", ["v1", "endpoints"]) => Response::json(200, &endpoints(&cluster)),
         ("POST", ["v1", "nodes", name, action]) => node_action(&cluster, name, action).await,
         ("POST", ["v1", "azs", az, action]) => az_action(&cluster, az, action).await,
-        ("POST", ["v1", "failover"]) => failover(&cluster, &req.body),
+        ("POST", ["v1", "failover"]) => failover(&cluster, &req.body).await,
         _ => Response::error(404, format!("no such API: {} {}", req.method, req.path)),
     }
 }
@@ -40,7 +40,7 @@ fn action_error(e: ActionError) -> Response {
     let status = match e {
         ActionError::UnknownNode { .. } | ActionError::UnknownAz { .. } => 404,
         ActionError::StopTimeout(_) => 500,
-        ActionError::ShuttingDown => 409,
+        ActionError::ShuttingDown | ActionError::Conflict(_) => 409,
     };
     Response::error(status, e.to_string())
 }
@@ -117,7 +117,7 @@ async fn az_action(cluster: &Arc<Cluster>, az: &str, action: &str) -> Response {
     }
 }
 
-fn failover(cluster: &Arc<Cluster>, body: &[u8]) -> Response {
+async fn failover(cluster: &Arc<Cluster>, body: &[u8]) -> Response {
     let target: Option<String> = if body.is_empty() {
         None
     } else {
@@ -126,31 +126,10 @@ fn failover(cluster: &Arc<Cluster>, body: &[u8]) -> Response {
             Err(e) => return Response::error(400, format!("bad failover request: {e}")),
         }
     };
-    let inner = cluster.lock();
-    if let Some(to) = &target {
-        match inner.meta.node(to) {
-            None => return Response::error(404, format!("unknown instance {to:?}")),
-            Some(n) if n.kind != NodeKind::Instance => {
-                return Response::error(400, format!("{to} is not an instance"));
-            }
-            Some(_) if *to == inner.meta.writer => {
-                return Response::error(409, format!("{to} is already the writer"));
-            }
-            Some(_) => {}
-        }
+    match cluster.failover(target.as_deref()).await {
+        Ok(message) => Response::json(200, &json!({"action": "failover", "result": message})),
+        Err(e) => action_error(e),
     }
-    let readers = inner
-        .meta
-        .nodes
-        .iter()
-        .filter(|n| n.kind == NodeKind::Instance && n.role == Some(Role::Reader));
-    if readers.count() == 0 {
-        return Response::error(
-            409,
-            "failover needs a reader instance to promote, and this cluster has none (this build's instance has no reader role yet)",
-        );
-    }
-    Response::error(409, "planned failover to a reader is not implemented yet")
 }
 
 fn addr_of(port: u16) -> String {
@@ -206,7 +185,23 @@ pub fn status(cluster: &Cluster) -> Value {
                 entry["lag_ms"] = num(health, &["lag_ms"]).unwrap_or(json!(0.0));
                 instances.push(entry);
             }
-            NodeKind::Storage => storage_nodes.push(entry),
+            NodeKind::Storage => {
+                // Per-segment SCLs as the node reports them; `scl` is the lowest
+                // (with one PG per node, simply the segment's SCL).
+                let segments: Vec<Value> = health
+                    .and_then(|h| h.get("segments"))
+                    .and_then(|s| s.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| json!({"pg": s.get("pg"), "scl": s.get("scl")}))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let scl = segments.iter().filter_map(|s| s["scl"].as_u64()).min();
+                entry["scl"] = json!(scl.unwrap_or(0));
+                entry["segments"] = json!(segments);
+                storage_nodes.push(entry)
+            }
             NodeKind::Proxy => {
                 entry["role"] = json!(node.role.unwrap_or(Role::Writer).as_str());
                 proxies.push(entry);
@@ -321,6 +316,39 @@ fn metrics(cluster: &Cluster) -> String {
         "borealis_volume_epoch {}\n",
         inner.meta.volume_epoch
     ));
+    let writer_health = inner
+        .nodes
+        .get(&inner.meta.writer)
+        .and_then(|rt| rt.health.as_ref());
+    for key in ["vdl", "vcl"] {
+        if let Some(v) = writer_health
+            .and_then(|h| h.get(key))
+            .and_then(|v| v.as_u64())
+        {
+            out.push_str(&format!(
+                "# TYPE borealis_volume_{key} gauge\nborealis_volume_{key} {v}\n"
+            ));
+        }
+    }
+    out.push_str("# HELP borealis_segment_scl Segment complete LSN, per storage node and PG.\n");
+    out.push_str("# TYPE borealis_segment_scl gauge\n");
+    for (name, rt) in &inner.nodes {
+        let segments = rt
+            .health
+            .as_ref()
+            .and_then(|h| h.get("segments"))
+            .and_then(|s| s.as_array());
+        for seg in segments.into_iter().flatten() {
+            if let (Some(pg), Some(scl)) = (
+                seg.get("pg").and_then(|v| v.as_u64()),
+                seg.get("scl").and_then(|v| v.as_u64()),
+            ) {
+                out.push_str(&format!(
+                    "borealis_segment_scl{{node=\"{name}\",pg=\"{pg}\"}} {scl}\n"
+                ));
+            }
+        }
+    }
     out.push_str(
         "# HELP borealis_node_up 1 when the node is available.\n# TYPE borealis_node_up gauge\n",
     );

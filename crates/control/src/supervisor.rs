@@ -143,6 +143,7 @@ pub struct Cluster {
     store: Box<dyn MetadataStore>,
     inner: Mutex<Inner>,
     shutdown: watch::Sender<bool>,
+    failover_running: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +156,9 @@ pub enum ActionError {
     StopTimeout(String),
     #[error("the cluster is shutting down")]
     ShuttingDown,
+    /// Not possible in the cluster's current state (one line saying why).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Cluster {
@@ -189,6 +193,7 @@ impl Cluster {
             store,
             inner: Mutex::new(Inner { meta, nodes }),
             shutdown,
+            failover_running: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -341,6 +346,120 @@ impl Cluster {
         Ok(names)
     }
 
+    /// Planned failover: promote a reader (`to`, or the available reader with the
+    /// highest applied LSN) to writer.
+    ///
+    /// Promotion is by restart: stop the old writer and the target, swap their roles
+    /// in the metadata durably, start the target as writer (which bumps the volume
+    /// epoch, fencing anything the old writer might still send), then the old writer
+    /// as a reader. The proxies follow on their next route lookup.
+    pub async fn failover(&self, to: Option<&str>) -> Result<String, ActionError> {
+        use std::sync::atomic::Ordering;
+        if self.failover_running.swap(true, Ordering::SeqCst) {
+            return Err(ActionError::Conflict(
+                "a failover is already in progress".into(),
+            ));
+        }
+        let result = self.failover_inner(to).await;
+        self.failover_running.store(false, Ordering::SeqCst);
+        result
+    }
+
+    async fn failover_inner(&self, to: Option<&str>) -> Result<String, ActionError> {
+        let (old, target) = {
+            let inner = self.lock();
+            let meta = &inner.meta;
+            let readers: Vec<&crate::metadata::NodeMeta> = meta
+                .nodes
+                .iter()
+                .filter(|n| n.kind == NodeKind::Instance && n.role == Some(Role::Reader))
+                .collect();
+            if let Some(to) = to {
+                match meta.node(to) {
+                    None => {
+                        return Err(ActionError::UnknownNode {
+                            name: to.into(),
+                            known: Self::known_nodes(&inner),
+                        })
+                    }
+                    Some(n) if n.kind != NodeKind::Instance => {
+                        return Err(ActionError::Conflict(format!("{to} is not an instance")));
+                    }
+                    Some(_) if to == meta.writer => {
+                        return Err(ActionError::Conflict(format!("{to} is already the writer")));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if readers.is_empty() {
+                return Err(ActionError::Conflict(
+                    "failover needs a reader instance to promote, and this cluster has none (this build's instance has no reader role yet)".into(),
+                ));
+            }
+            let available = |name: &str| {
+                inner
+                    .nodes
+                    .get(name)
+                    .is_some_and(|rt| rt.state == NodeState::Available)
+            };
+            let applied = |name: &str| {
+                inner
+                    .nodes
+                    .get(name)
+                    .and_then(|rt| rt.health.as_ref())
+                    .and_then(|h| h.get("applied_lsn"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+            };
+            let target = match to {
+                Some(to) if available(to) => to.to_string(),
+                Some(to) => {
+                    return Err(ActionError::Conflict(format!(
+                        "{to} is not available; cannot promote it"
+                    )))
+                }
+                None => readers
+                    .iter()
+                    .filter(|n| available(&n.name))
+                    .max_by_key(|n| applied(&n.name))
+                    .map(|n| n.name.clone())
+                    .ok_or_else(|| {
+                        ActionError::Conflict("no available reader to promote".into())
+                    })?,
+            };
+            (meta.writer.clone(), target)
+        };
+        log::warn!("failover: {old} -> {target}");
+        let both = vec![old.clone(), target.clone()];
+        self.set_desired(&both, Desired::Stopped)?;
+        self.wait_stopped(&both).await?;
+        {
+            let mut inner = self.lock();
+            let before = inner.meta.clone();
+            if let Some(n) = inner.meta.node_mut(&old) {
+                n.role = Some(Role::Reader);
+            }
+            if let Some(n) = inner.meta.node_mut(&target) {
+                n.role = Some(Role::Writer);
+            }
+            inner.meta.writer = target.clone();
+            if let Err(e) = self.store.store(&inner.meta) {
+                inner.meta = before;
+                drop(inner);
+                let _ = self.set_desired(&both, Desired::Running);
+                return Err(ActionError::Conflict(format!(
+                    "cannot store the new roles ({e}); restarted the old writer"
+                )));
+            }
+        }
+        self.set_desired(std::slice::from_ref(&target), Desired::Running)?;
+        self.set_desired(std::slice::from_ref(&old), Desired::Running)?;
+        let epoch = self.lock().meta.volume_epoch;
+        Ok(format!(
+            "{target} is now the writer; {old} restarts as a reader (volume epoch {epoch})"
+        ))
+    }
+
     /// Stops every node, proxies first and storage last (so that no instance loses
     /// its storage while it still serves), then ends the supervision tasks.
     pub async fn shutdown(&self) {
@@ -469,7 +588,9 @@ impl Cluster {
                 _ = tokio::time::sleep(interval) => {
                     let Some(http) = http else { continue };
                     match borealis_common::http::get_json(http, "/health", self.config.health_timeout).await {
-                        Ok((200, body)) => {
+                        // A process may answer but report itself failed (a storage
+                        // node whose disk failed): that is not healthy.
+                        Ok((200, body)) if body.get("state").and_then(|s| s.as_str()) != Some("failed") => {
                             last_ok = Some(Instant::now());
                             available_at.get_or_insert_with(Instant::now);
                             if let Some(rt) = self.lock().nodes.get_mut(name) {

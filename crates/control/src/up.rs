@@ -54,7 +54,7 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn new_meta(ports: Ports, replicas: u32, readers_supported: bool) -> anyhow::Result<ClusterMeta> {
+fn new_meta(ports: Ports, replicas: u32) -> anyhow::Result<ClusterMeta> {
     let mut nodes = Vec::new();
     for (name, az) in STORAGE_NODES {
         nodes.push(NodeMeta {
@@ -74,18 +74,6 @@ fn new_meta(ports: Ports, replicas: u32, readers_supported: bool) -> anyhow::Res
         listen_port: 0,
         http_port: 0,
     });
-    if readers_supported {
-        for i in 0..replicas {
-            nodes.push(NodeMeta {
-                name: format!("instance-{}", i + 2),
-                kind: NodeKind::Instance,
-                az: borealis_common::AZS[(i as usize + 1) % 3].into(),
-                role: Some(Role::Reader),
-                listen_port: 0,
-                http_port: 0,
-            });
-        }
-    }
     for (name, role, port) in [
         (WRITER_PROXY, Role::Writer, ports.writer),
         (READER_PROXY, Role::Reader, ports.reader),
@@ -131,6 +119,68 @@ fn new_meta(ports: Ports, replicas: u32, readers_supported: bool) -> anyhow::Res
         replicas_requested: replicas,
         nodes,
     })
+}
+
+/// Adds or removes reader instances so that there are exactly `replicas`. New ones
+/// are named `instance-N` with the lowest unused N and spread over the AZs; the
+/// highest-numbered readers go first. The writer is never touched (after a failover
+/// it may be any `instance-N`).
+pub fn reconcile_readers(meta: &mut ClusterMeta, replicas: u32) -> anyhow::Result<()> {
+    let is_reader = |n: &NodeMeta| n.kind == NodeKind::Instance && n.role == Some(Role::Reader);
+    let index = |n: &NodeMeta| {
+        n.name
+            .strip_prefix("instance-")
+            .and_then(|i| i.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let mut readers: Vec<(u32, String)> = meta
+        .nodes
+        .iter()
+        .filter(|n| is_reader(n))
+        .map(|n| (index(n), n.name.clone()))
+        .collect();
+    readers.sort();
+    while readers.len() > replicas as usize {
+        if let Some((_, name)) = readers.pop() {
+            meta.nodes.retain(|n| n.name != name);
+        }
+    }
+    let missing = (replicas as usize).saturating_sub(readers.len());
+    if missing == 0 {
+        return Ok(());
+    }
+    let mut free = allocate_ports(missing * 2)
+        .context("cannot allocate loopback ports")?
+        .into_iter();
+    let mut next = 2;
+    for k in 0..missing {
+        while meta.node(&format!("instance-{next}")).is_some() {
+            next += 1;
+        }
+        let listen_port = free
+            .next()
+            .ok_or_else(|| anyhow!("port allocation came up short"))?;
+        let http_port = free
+            .next()
+            .ok_or_else(|| anyhow!("port allocation came up short"))?;
+        let node = NodeMeta {
+            name: format!("instance-{next}"),
+            kind: NodeKind::Instance,
+            az: borealis_common::AZS[(readers.len() + k + 1) % 3].into(),
+            role: Some(Role::Reader),
+            listen_port,
+            http_port,
+        };
+        // Keep instances together, before the proxies.
+        let at = meta
+            .nodes
+            .iter()
+            .rposition(|n| n.kind == NodeKind::Instance)
+            .map(|i| i + 1)
+            .unwrap_or(meta.nodes.len());
+        meta.nodes.insert(at, node);
+    }
+    Ok(())
 }
 
 /// Checks that the three fixed ports are free; returns the bound control listener.
@@ -196,7 +246,7 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
             match store.load()? {
                 // Another `up` created it between our look and our lock.
                 Some(meta) => meta,
-                None => new_meta(ports, opts.replicas, opts.readers_supported)?,
+                None => new_meta(ports, opts.replicas)?,
             }
         }
     };
@@ -212,6 +262,9 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
         }
     }
     meta.replicas_requested = opts.replicas;
+    if opts.readers_supported {
+        reconcile_readers(&mut meta, opts.replicas)?;
+    }
     store.store(&meta)?;
 
     let log_path = dir.join(datadir::LOGS_DIR).join("control.log");
@@ -432,5 +485,67 @@ async fn wait_available(
         }
         pending = still;
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(meta: &ClusterMeta) -> Vec<String> {
+        meta.nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Instance)
+            .map(|n| format!("{}:{:?}", n.name, n.role))
+            .collect()
+    }
+
+    #[test]
+    fn readers_are_added_and_removed_around_the_writer() {
+        let mut meta = new_meta(Ports::from_base(5432).expect("ports"), 2).expect("meta");
+        assert_eq!(names(&meta), ["instance-1:Some(Writer)"]);
+        reconcile_readers(&mut meta, 2).expect("add");
+        assert_eq!(
+            names(&meta),
+            [
+                "instance-1:Some(Writer)",
+                "instance-2:Some(Reader)",
+                "instance-3:Some(Reader)"
+            ]
+        );
+        assert_eq!(meta.nodes.last().map(|n| n.kind), Some(NodeKind::Proxy));
+        // After a failover instance-2 is the writer; shrinking keeps it.
+        meta.writer = "instance-2".into();
+        for n in &mut meta.nodes {
+            match n.name.as_str() {
+                "instance-1" => n.role = Some(Role::Reader),
+                "instance-2" => n.role = Some(Role::Writer),
+                _ => {}
+            }
+        }
+        reconcile_readers(&mut meta, 1).expect("shrink");
+        assert_eq!(
+            names(&meta),
+            ["instance-1:Some(Reader)", "instance-2:Some(Writer)"]
+        );
+        reconcile_readers(&mut meta, 2).expect("grow");
+        assert_eq!(
+            names(&meta),
+            [
+                "instance-1:Some(Reader)",
+                "instance-2:Some(Writer)",
+                "instance-3:Some(Reader)"
+            ]
+        );
+        let mut ports: Vec<u16> = meta
+            .nodes
+            .iter()
+            .flat_map(|n| [n.listen_port, n.http_port])
+            .filter(|p| *p != 0)
+            .collect();
+        let before = ports.len();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), before, "ports must be distinct");
     }
 }
