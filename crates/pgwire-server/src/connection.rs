@@ -553,9 +553,7 @@ impl Connection {
             Ok(()) => Ok(()),
             Err(Step::End(end)) => Err(end),
             Err(Step::Sql(e)) => {
-                self.wire
-                    .send(Msg::ErrorResponse(error_response(&e)))
-                    .await?;
+                self.send_error(e).await?;
                 if extended && !matches!(self.state, State::CopyIn { .. }) {
                     self.state = State::SkipUntilSync;
                 }
@@ -611,9 +609,7 @@ impl Connection {
                 Ok(()) => {}
                 Err(Step::End(end)) => return Err(end),
                 Err(Step::Sql(e)) => {
-                    self.wire
-                        .send(Msg::ErrorResponse(error_response(&e)))
-                        .await?;
+                    self.send_error(e).await?;
                     break;
                 }
             }
@@ -728,10 +724,20 @@ impl Connection {
         self.copy_failed(failure, extended).await
     }
 
-    async fn copy_failed(&mut self, e: SqlError, extended: bool) -> Result<(), End> {
+    /// Sends an ERROR to the client; a FATAL one (57P01 shutdown, ...) ends the
+    /// connection instead, as in PostgreSQL.
+    async fn send_error(&mut self, e: SqlError) -> Result<(), End> {
+        if e.severity() == "FATAL" {
+            return Err(End::Fatal(e));
+        }
         self.wire
             .send(Msg::ErrorResponse(error_response(&e)))
             .await?;
+        Ok(())
+    }
+
+    async fn copy_failed(&mut self, e: SqlError, extended: bool) -> Result<(), End> {
+        self.send_error(e).await?;
         if extended {
             self.state = State::SkipUntilSync;
         } else {
