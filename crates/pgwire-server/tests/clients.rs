@@ -313,3 +313,20 @@ async fn tokio_postgres_query_gets_binary_results() {
     let row = client.query_one(&stmt, &[]).await.expect("query");
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+#[tokio::test]
+async fn unknown_user_fails_like_a_wrong_password() {
+    let server = start(password_config()).await;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(server.addr.port())
+        .user("mallory")
+        .password("s3cret")
+        .connect_timeout(WAIT);
+    let e = tokio::time::timeout(WAIT, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .expect("timeout")
+        .err()
+        .expect("refused");
+    assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e:?}");
+}
