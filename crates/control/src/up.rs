@@ -29,6 +29,8 @@ pub const STORAGE_NODES: [(&str, &str); 6] = [
     ("storage-c2", "az-c"),
 ];
 pub const WRITER_NAME: &str = "instance-1";
+/// `up` gives up on a node that failed this many times before first being available.
+const STARTUP_ATTEMPTS: u64 = 4;
 pub const WRITER_PROXY: &str = "proxy-writer";
 pub const READER_PROXY: &str = "proxy-reader";
 
@@ -356,7 +358,9 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
     );
     println!("Ctrl-C stops the cluster.");
 
+    let events = tokio::spawn(print_state_changes(cluster.clone()));
     let which = signals.next().await;
+    events.abort();
     println!("{which}: stopping the cluster...");
     log::info!("up: {which}, shutting down");
     cluster.shutdown().await;
@@ -464,6 +468,24 @@ async fn wait_available(
         if still.is_empty() {
             return Ok(());
         }
+        // A node that keeps failing will not come up by waiting longer: say why now.
+        let crash_looping = {
+            let inner = cluster.lock();
+            still.iter().find_map(|n| {
+                let rt = inner.nodes.get(n)?;
+                (rt.restarts >= STARTUP_ATTEMPTS && rt.state == NodeState::Failed).then(|| {
+                    format!(
+                        "{n} failed {} times while starting (last: {}; see {})",
+                        rt.restarts,
+                        rt.last_exit.clone().unwrap_or_default(),
+                        display(&cluster.log_path(n))
+                    )
+                })
+            })
+        };
+        if let Some(why) = crash_looping {
+            bail!(why);
+        }
         if Instant::now() >= deadline {
             let inner = cluster.lock();
             let details: Vec<String> = still
@@ -547,5 +569,43 @@ mod tests {
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), before, "ports must be distinct");
+    }
+}
+
+/// After start-up, `up` keeps the operator informed in its terminal: one line per
+/// node state change (the details are in DATA/logs/).
+async fn print_state_changes(cluster: Arc<Cluster>) {
+    let snapshot = |cluster: &Cluster| -> Vec<(String, NodeState, Option<String>)> {
+        let inner = cluster.lock();
+        inner
+            .nodes
+            .iter()
+            .map(|(n, rt)| (n.clone(), rt.state, rt.last_exit.clone()))
+            .collect()
+    };
+    let mut last = snapshot(&cluster);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = snapshot(&cluster);
+        for ((name, state, exit), (_, old, _)) in now.iter().zip(last.iter()) {
+            if state != old {
+                let why = match (state, exit) {
+                    (NodeState::Failed, Some(e)) => format!(" ({e})"),
+                    _ => String::new(),
+                };
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                println!(
+                    "[{:02}:{:02}:{:02}] {name}: {}{why}",
+                    (t / 3600) % 24,
+                    (t / 60) % 60,
+                    t % 60,
+                    state.as_str()
+                );
+            }
+        }
+        last = now;
     }
 }
