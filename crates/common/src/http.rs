@@ -36,10 +36,18 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, value: &serde_json::Value) -> Response {
-        Response { status, content_type: "application/json", body: value.to_string().into_bytes() }
+        Response {
+            status,
+            content_type: "application/json",
+            body: value.to_string().into_bytes(),
+        }
     }
     pub fn text(status: u16, body: impl Into<String>) -> Response {
-        Response { status, content_type: "text/plain; version=0.0.4", body: body.into().into_bytes() }
+        Response {
+            status,
+            content_type: "text/plain; version=0.0.4",
+            body: body.into().into_bytes(),
+        }
     }
     pub fn error(status: u16, message: impl Into<String>) -> Response {
         Response::json(status, &serde_json::json!({ "error": message.into() }))
@@ -49,7 +57,10 @@ impl Response {
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     #[error("i/o error talking to {addr}: {source}")]
-    Io { addr: String, source: std::io::Error },
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("timed out talking to {0}")]
     Timeout(String),
     #[error("malformed HTTP message: {0}")]
@@ -93,7 +104,9 @@ where
     let _ = write_response(&mut write, &response).await;
 }
 
-async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Result<String, HttpError> {
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<String, HttpError> {
     let mut line = Vec::new();
     let mut limited = reader.take(MAX_LINE_BYTES as u64);
     limited
@@ -109,13 +122,17 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Result
 }
 
 /// Reads headers until the blank line; returns Content-Length.
-async fn read_headers<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Result<usize, HttpError> {
+async fn read_headers<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<usize, HttpError> {
     let mut content_length = 0usize;
     for _ in 0..MAX_HEADER_LINES {
         let line = read_line(reader).await?;
         if line.is_empty() {
             if content_length > MAX_BODY_BYTES {
-                return Err(HttpError::Malformed(format!("body of {content_length} bytes is too large")));
+                return Err(HttpError::Malformed(format!(
+                    "body of {content_length} bytes is too large"
+                )));
             }
             return Ok(content_length);
         }
@@ -131,20 +148,35 @@ async fn read_headers<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Res
     Err(HttpError::Malformed("too many header lines".into()))
 }
 
-async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> Result<Request, HttpError> {
+async fn read_request<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+) -> Result<Request, HttpError> {
     let request_line = read_line(reader).await?;
     let mut parts = request_line.split_whitespace();
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
-        return Err(HttpError::Malformed(format!("bad request line {request_line:?}")));
+        return Err(HttpError::Malformed(format!(
+            "bad request line {request_line:?}"
+        )));
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let content_length = read_headers(reader).await?;
     let mut body = vec![0u8; content_length];
-    reader.read_exact(&mut body).await.map_err(|e| HttpError::Malformed(e.to_string()))?;
-    Ok(Request { method: method.to_string(), path: path.to_string(), query: query.to_string(), body })
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| HttpError::Malformed(e.to_string()))?;
+    Ok(Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        body,
+    })
 }
 
-async fn write_response<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, r: &Response) -> std::io::Result<()> {
+async fn write_response<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    r: &Response,
+) -> std::io::Result<()> {
     let reason = match r.status {
         200 => "OK",
         400 => "Bad Request",
@@ -176,7 +208,10 @@ pub async fn request(
 ) -> Result<(u16, Vec<u8>), HttpError> {
     let who = addr.to_string();
     let fut = async {
-        let io = |source| HttpError::Io { addr: who.clone(), source };
+        let io = |source| HttpError::Io {
+            addr: who.clone(),
+            source,
+        };
         let mut stream = TcpStream::connect(addr).await.map_err(io)?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let head = format!(
@@ -197,11 +232,17 @@ pub async fn request(
         reader.read_exact(&mut body).await.map_err(io)?;
         Ok((status, body))
     };
-    tokio::time::timeout(timeout, fut).await.map_err(|_| HttpError::Timeout(addr.to_string()))?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| HttpError::Timeout(addr.to_string()))?
 }
 
 /// GET returning parsed JSON (any status; the caller checks `status`).
-pub async fn get_json(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, serde_json::Value), HttpError> {
+pub async fn get_json(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, serde_json::Value), HttpError> {
     let (status, body) = request(addr, "GET", path, None, timeout).await?;
     let value = serde_json::from_slice(&body).map_err(|e| HttpError::Malformed(e.to_string()))?;
     Ok((status, value))
@@ -229,25 +270,41 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, |req: Request| async move {
             match req.path.as_str() {
-                "/echo" => Response::json(200, &serde_json::json!({ "len": req.body.len(), "q": req.query })),
+                "/echo" => Response::json(
+                    200,
+                    &serde_json::json!({ "len": req.body.len(), "q": req.query }),
+                ),
                 _ => Response::error(404, "no such path"),
             }
         }));
-        let (status, v) = post_json(addr, "/echo?x=1", &serde_json::json!({"a": 1}), Duration::from_secs(5))
-            .await
-            .unwrap();
+        let (status, v) = post_json(
+            addr,
+            "/echo?x=1",
+            &serde_json::json!({"a": 1}),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert_eq!(status, 200);
         assert_eq!(v["q"], "x=1");
         assert_eq!(v["len"], 7);
-        let (status, _) = get_json(addr, "/nope", Duration::from_secs(5)).await.unwrap();
+        let (status, _) = get_json(addr, "/nope", Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(status, 404);
         // Garbage instead of HTTP gets a 400, and the server keeps serving.
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"\x00\x01garbage\r\n\r\n").await.unwrap();
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.unwrap();
-        assert!(out.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&out));
-        let (status, _) = get_json(addr, "/echo", Duration::from_secs(5)).await.unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 400"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        let (status, _) = get_json(addr, "/echo", Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(status, 200);
         server.abort();
     }

@@ -15,7 +15,9 @@ pub const PAGE_SIZE: usize = 8192;
 /// Log sequence number. Allocated densely by the writer: every LSN in `1..=last`
 /// names exactly one redo record, which is what lets recovery tell a lost record
 /// from an unused number. LSN 0 means "nothing".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Lsn(pub u64);
 
@@ -37,7 +39,9 @@ impl fmt::Display for Lsn {
 pub type PageNo = u64;
 
 /// Protection group id: PG `n` covers pages `n * pages_per_pg .. (n + 1) * pages_per_pg`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct PgId(pub u32);
 
@@ -49,7 +53,9 @@ impl fmt::Display for PgId {
 
 /// Volume epoch: bumped by every recovery or failover (only the control plane hands
 /// out new ones). Storage rejects writes and truncations carrying an older epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
@@ -73,7 +79,10 @@ impl Default for Geometry {
     fn default() -> Self {
         let pages_per_pg = 4096;
         let max_bytes: u64 = 128 << 40;
-        Geometry { pages_per_pg, max_pgs: (max_bytes / (pages_per_pg * PAGE_SIZE as u64)) as u32 }
+        Geometry {
+            pages_per_pg,
+            max_pgs: (max_bytes / (pages_per_pg * PAGE_SIZE as u64)) as u32,
+        }
     }
 }
 
@@ -95,11 +104,17 @@ mod tests {
 
     #[test]
     fn geometry_maps_pages_to_pgs() {
-        let g = Geometry { pages_per_pg: 10, max_pgs: 4 };
+        let g = Geometry {
+            pages_per_pg: 10,
+            max_pgs: 4,
+        };
         assert_eq!(g.pg_of(0), PgId(0));
         assert_eq!(g.pg_of(9), PgId(0));
         assert_eq!(g.pg_of(10), PgId(1));
         assert_eq!(g.max_pages(), 40);
-        assert_eq!(Geometry::default().max_pages() * PAGE_SIZE as u64, 128 << 40);
+        assert_eq!(
+            Geometry::default().max_pages() * PAGE_SIZE as u64,
+            128 << 40
+        );
     }
 }

@@ -22,8 +22,15 @@ impl log::Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let ts = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        let msg = record.args().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let msg = record
+            .args()
+            .to_string()
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"");
         let line = format!(
             "ts={ts:.6} level={} process={} target={} msg=\"{msg}\"\n",
             record.level().as_str().to_lowercase(),
@@ -62,7 +69,11 @@ pub fn init(process: &str, file: Option<&Path>) -> std::io::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(log::LevelFilter::Info);
-    let logger = Logger { process: process.to_string(), out: Mutex::new(out), level };
+    let logger = Logger {
+        process: process.to_string(),
+        out: Mutex::new(out),
+        level,
+    };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }

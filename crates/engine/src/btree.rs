@@ -53,7 +53,9 @@ pub fn make_item(key: &[u8], payload: &[u8]) -> Vec<u8> {
 
 fn child_of(item: &[u8]) -> Result<PageNo, EngineError> {
     let p = item_payload(item)?;
-    let arr: [u8; 8] = p.try_into().map_err(|_| EngineError::Corrupt("bad internal item".into()))?;
+    let arr: [u8; 8] = p
+        .try_into()
+        .map_err(|_| EngineError::Corrupt("bad internal item".into()))?;
     Ok(u64::from_le_bytes(arr))
 }
 
@@ -62,7 +64,9 @@ pub fn search(page: &Page, key: &[u8]) -> Result<Result<u16, u16>, EngineError> 
     let (mut lo, mut hi) = (0u16, page.nslots());
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let item = page.item(mid).ok_or_else(|| EngineError::Corrupt("slot out of page".into()))?;
+        let item = page
+            .item(mid)
+            .ok_or_else(|| EngineError::Corrupt("slot out of page".into()))?;
         match item_key(item)?.cmp(key) {
             Ordering::Less => lo = mid + 1,
             Ordering::Greater => hi = mid,
@@ -81,13 +85,20 @@ fn descend(page: &Page, key: &[u8]) -> Result<(PageNo, i32), EngineError> {
     let child = if pos < 0 {
         page.aux()
     } else {
-        child_of(page.item(pos as u16).ok_or_else(|| EngineError::Corrupt("slot".into()))?)?
+        child_of(
+            page.item(pos as u16)
+                .ok_or_else(|| EngineError::Corrupt("slot".into()))?,
+        )?
     };
     Ok((child, pos))
 }
 
 /// Path from the root to the leaf covering `key`: (page, position taken) per level.
-pub fn find_leaf(store: &Store, root: PageNo, key: &[u8]) -> Result<(PageNo, Vec<(PageNo, i32)>), EngineError> {
+pub fn find_leaf(
+    store: &Store,
+    root: PageNo,
+    key: &[u8],
+) -> Result<(PageNo, Vec<(PageNo, i32)>), EngineError> {
     let mut path = Vec::new();
     let mut page_no = root;
     for _ in 0..MAX_DEPTH {
@@ -99,10 +110,16 @@ pub fn find_leaf(store: &Store, root: PageNo, key: &[u8]) -> Result<(PageNo, Vec
                 path.push((page_no, pos));
                 page_no = child;
             }
-            _ => return Err(EngineError::Corrupt(format!("page {page_no} is not a B+tree page"))),
+            _ => {
+                return Err(EngineError::Corrupt(format!(
+                    "page {page_no} is not a B+tree page"
+                )))
+            }
         }
     }
-    Err(EngineError::Corrupt("B+tree deeper than the depth limit".into()))
+    Err(EngineError::Corrupt(
+        "B+tree deeper than the depth limit".into(),
+    ))
 }
 
 /// Looks up `key`; returns the leaf item's payload.
@@ -111,7 +128,9 @@ pub fn get(store: &Store, root: PageNo, key: &[u8]) -> Result<Option<Vec<u8>>, E
     let page = store.page(leaf)?;
     match search(page, key)? {
         Ok(slot) => {
-            let item = page.item(slot).ok_or_else(|| EngineError::Corrupt("slot".into()))?;
+            let item = page
+                .item(slot)
+                .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
             Ok(Some(item_payload(item)?.to_vec()))
         }
         Err(_) => Ok(None),
@@ -148,7 +167,13 @@ pub fn put(
         }
         Err(pos) => {
             if leaf.fits_insert(item.len()) {
-                return Ok(vec![(leaf_no, Op::InsertItem { slot: pos, data: item })]);
+                return Ok(vec![(
+                    leaf_no,
+                    Op::InsertItem {
+                        slot: pos,
+                        data: item,
+                    },
+                )]);
             }
             let mut items: Vec<Vec<u8>> = leaf.items().map(|i| i.to_vec()).collect();
             items.insert(pos as usize, item);
@@ -180,7 +205,9 @@ fn split(
 ) -> Result<Vec<(PageNo, Op)>, EngineError> {
     let mut ops = Vec::new();
     let page = store.page(page_no)?;
-    let kind = page.kind().ok_or_else(|| EngineError::Corrupt("page kind".into()))?;
+    let kind = page
+        .kind()
+        .ok_or_else(|| EngineError::Corrupt("page kind".into()))?;
     let leaf = kind == PageKind::BtreeLeaf;
     // Split by bytes so both halves fit whatever the item sizes.
     let total: usize = items.iter().map(|i| i.len() + 4).sum();
@@ -199,32 +226,81 @@ fn split(
     let (left, right, right_aux) = if leaf {
         (items[..mid].to_vec(), items[mid..].to_vec(), 0)
     } else {
-        (items[..mid].to_vec(), items[mid + 1..].to_vec(), child_of(&items[mid])?)
+        (
+            items[..mid].to_vec(),
+            items[mid + 1..].to_vec(),
+            child_of(&items[mid])?,
+        )
     };
     let kind_u16 = kind as u16;
     if page_no == root {
         let (a, b) = (alloc.allocate(), alloc.allocate());
         let (a_next, a_aux) = if leaf { (b, 0) } else { (0, page.aux()) };
-        ops.push((a, Op::InitWithItems { kind: kind_u16, next: a_next, aux: a_aux, items: left }));
-        ops.push((b, Op::InitWithItems { kind: kind_u16, next: 0, aux: right_aux, items: right }));
+        ops.push((
+            a,
+            Op::InitWithItems {
+                kind: kind_u16,
+                next: a_next,
+                aux: a_aux,
+                items: left,
+            },
+        ));
+        ops.push((
+            b,
+            Op::InitWithItems {
+                kind: kind_u16,
+                next: 0,
+                aux: right_aux,
+                items: right,
+            },
+        ));
         let sep = make_item(&sep_key, &b.to_le_bytes());
         ops.push((
             root,
-            Op::InitWithItems { kind: PageKind::BtreeInternal as u16, next: 0, aux: a, items: vec![sep] },
+            Op::InitWithItems {
+                kind: PageKind::BtreeInternal as u16,
+                next: 0,
+                aux: a,
+                items: vec![sep],
+            },
         ));
         return Ok(ops);
     }
     let r = alloc.allocate();
     let (l_next, r_next) = if leaf { (r, page.next()) } else { (0, 0) };
-    ops.push((r, Op::InitWithItems { kind: kind_u16, next: r_next, aux: right_aux, items: right }));
-    ops.push((page_no, Op::InitWithItems { kind: kind_u16, next: l_next, aux: page.aux(), items: left }));
+    ops.push((
+        r,
+        Op::InitWithItems {
+            kind: kind_u16,
+            next: r_next,
+            aux: right_aux,
+            items: right,
+        },
+    ));
+    ops.push((
+        page_no,
+        Op::InitWithItems {
+            kind: kind_u16,
+            next: l_next,
+            aux: page.aux(),
+            items: left,
+        },
+    ));
     // Insert the separator into the parent.
-    let (parent_no, pos) = path.pop().ok_or_else(|| EngineError::Corrupt("split without parent".into()))?;
+    let (parent_no, pos) = path
+        .pop()
+        .ok_or_else(|| EngineError::Corrupt("split without parent".into()))?;
     let parent = store.page(parent_no)?;
     let sep = make_item(&sep_key, &r.to_le_bytes());
     let at = (pos + 1) as u16;
     if parent.fits_insert(sep.len()) {
-        ops.push((parent_no, Op::InsertItem { slot: at, data: sep }));
+        ops.push((
+            parent_no,
+            Op::InsertItem {
+                slot: at,
+                data: sep,
+            },
+        ));
     } else {
         let mut pitems: Vec<Vec<u8>> = parent.items().map(|i| i.to_vec()).collect();
         pitems.insert(at as usize, sep);
@@ -240,15 +316,25 @@ pub struct LeafBatch {
     pub next_leaf: PageNo,
 }
 
-pub fn scan_leaf_from(store: &Store, root: PageNo, from: Option<&[u8]>) -> Result<LeafBatch, EngineError> {
+pub fn scan_leaf_from(
+    store: &Store,
+    root: PageNo,
+    from: Option<&[u8]>,
+) -> Result<LeafBatch, EngineError> {
     let (leaf_no, _) = find_leaf(store, root, from.unwrap_or(&[]))?;
     read_leaf(store, leaf_no, from)
 }
 
-pub fn read_leaf(store: &Store, leaf_no: PageNo, from: Option<&[u8]>) -> Result<LeafBatch, EngineError> {
+pub fn read_leaf(
+    store: &Store,
+    leaf_no: PageNo,
+    from: Option<&[u8]>,
+) -> Result<LeafBatch, EngineError> {
     let page = store.page(leaf_no)?;
     if page.kind() != Some(PageKind::BtreeLeaf) {
-        return Err(EngineError::Corrupt(format!("page {leaf_no} in a leaf chain is not a leaf")));
+        return Err(EngineError::Corrupt(format!(
+            "page {leaf_no} in a leaf chain is not a leaf"
+        )));
     }
     let start = match from {
         Some(k) => match search(page, k)? {
@@ -258,10 +344,15 @@ pub fn read_leaf(store: &Store, leaf_no: PageNo, from: Option<&[u8]>) -> Result<
     };
     let mut items = Vec::with_capacity((page.nslots() - start.min(page.nslots())) as usize);
     for slot in start..page.nslots() {
-        let item = page.item(slot).ok_or_else(|| EngineError::Corrupt("slot".into()))?;
+        let item = page
+            .item(slot)
+            .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
         items.push((item_key(item)?.to_vec(), item_payload(item)?.to_vec()));
     }
-    Ok(LeafBatch { items, next_leaf: page.next() })
+    Ok(LeafBatch {
+        items,
+        next_leaf: page.next(),
+    })
 }
 
 #[cfg(test)]
@@ -295,17 +386,39 @@ mod tests {
         let volume = Volume::in_memory(VolumeConfig::default());
         let mut store = Store::new(volume.clone(), 256);
         let root = 1;
-        store.write(vec![(root, Op::Init { kind: PageKind::BtreeLeaf as u16 })]).await.unwrap();
+        store
+            .write(vec![(
+                root,
+                Op::Init {
+                    kind: PageKind::BtreeLeaf as u16,
+                },
+            )])
+            .await
+            .unwrap();
         let mut alloc = Counter(1);
         let n = 20_000u64;
         // A scrambled insertion order exercises splits everywhere in the tree.
         for i in 0..n {
             let k = (i * 7919) % n;
-            run_put(&mut store, root, &k.to_be_bytes(), &vec![b'v'; (k % 50) as usize], &mut alloc).await;
+            run_put(
+                &mut store,
+                root,
+                &k.to_be_bytes(),
+                &vec![b'v'; (k % 50) as usize],
+                &mut alloc,
+            )
+            .await;
         }
         // Replace with larger values to force splits on update.
         for k in (0..n).step_by(3) {
-            run_put(&mut store, root, &k.to_be_bytes(), &vec![b'w'; 120], &mut alloc).await;
+            run_put(
+                &mut store,
+                root,
+                &k.to_be_bytes(),
+                &vec![b'w'; 120],
+                &mut alloc,
+            )
+            .await;
         }
         // Read everything back through a cold cache: pages come from the volume.
         let mut cold = Store::new(volume, 256);

@@ -97,7 +97,11 @@ pub struct Txn {
 
 impl Txn {
     pub fn snap(&self) -> Snapshot {
-        Snapshot { txid: self.txid, cid: self.cid, lsn: self.snapshot }
+        Snapshot {
+            txid: self.txid,
+            cid: self.cid,
+            lsn: self.snapshot,
+        }
     }
     pub fn has_writes(&self) -> bool {
         self.txid != 0
@@ -129,6 +133,9 @@ struct Inner {
     state: Mutex<State>,
     txn_ended: Notify,
     volume: Volume,
+    /// The catalog as last read by any statement, for describing prepared statements
+    /// without a transaction (the statement re-binds against its own snapshot).
+    latest_catalog: std::sync::Mutex<Vec<Arc<TableDef>>>,
 }
 
 struct State {
@@ -172,7 +179,10 @@ impl btree::PageAllocator for Alloc {
 
 fn u64_at(body: &[u8], off: u16) -> u64 {
     let o = off as usize;
-    body.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).unwrap_or(0)
+    body.get(o..o + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
 }
 
 impl State {
@@ -188,7 +198,11 @@ impl State {
             return Ok(*s);
         }
         let page = self.store.page(self.clog_page(txid))?;
-        let v = if page.kind() == Some(PageKind::Raw) { u64_at(page.body(), ((txid % CLOG_PER_PAGE) * 8) as u16) } else { 0 };
+        let v = if page.kind() == Some(PageKind::Raw) {
+            u64_at(page.body(), ((txid % CLOG_PER_PAGE) * 8) as u16)
+        } else {
+            0
+        };
         Ok(match v {
             0 if txid < self.startup_txid => TxnState::Aborted,
             0 => TxnState::InProgress,
@@ -224,7 +238,13 @@ impl State {
     }
 
     fn superblock_op(&self, offset: u16, value: u64) -> (PageNo, Op) {
-        (SUPERBLOCK_PAGE, Op::WriteBody { offset, data: value.to_le_bytes().to_vec() })
+        (
+            SUPERBLOCK_PAGE,
+            Op::WriteBody {
+                offset,
+                data: value.to_le_bytes().to_vec(),
+            },
+        )
     }
 
     async fn assign_txid(&mut self, txn: &mut Txn) -> Result<(), EngineError> {
@@ -233,7 +253,9 @@ impl State {
         }
         if self.next_txid >= self.txid_hwm {
             let hwm = self.next_txid + TXID_BLOCK;
-            self.store.write(vec![self.superblock_op(SB_TXID_HWM, hwm)]).await?;
+            self.store
+                .write(vec![self.superblock_op(SB_TXID_HWM, hwm)])
+                .await?;
             self.txid_hwm = hwm;
         }
         txn.txid = self.next_txid;
@@ -243,7 +265,12 @@ impl State {
         Ok(())
     }
 
-    async fn write_mtr(&mut self, txn: &mut Txn, mut ops: Vec<(PageNo, Op)>, alloc: Option<Alloc>) -> Result<Lsn, EngineError> {
+    async fn write_mtr(
+        &mut self,
+        txn: &mut Txn,
+        mut ops: Vec<(PageNo, Op)>,
+        alloc: Option<Alloc>,
+    ) -> Result<Lsn, EngineError> {
         if let Some(a) = alloc {
             if a.next != self.next_page {
                 ops.push(self.superblock_op(SB_NEXT_PAGE, a.next));
@@ -260,7 +287,12 @@ impl State {
         let page = walk!(self, self.store.page(page_no).map(|p| p.kind()))?;
         let mut ops = Vec::with_capacity(2);
         if page != Some(PageKind::Raw) {
-            ops.push((page_no, Op::Init { kind: PageKind::Raw as u16 }));
+            ops.push((
+                page_no,
+                Op::Init {
+                    kind: PageKind::Raw as u16,
+                },
+            ));
         }
         let offset = ((txid % CLOG_PER_PAGE) * 8) as u16;
         ops.push((
@@ -268,7 +300,10 @@ impl State {
             if commit {
                 Op::StampLsnBody { offset }
             } else {
-                Op::WriteBody { offset, data: CLOG_ABORTED.to_le_bytes().to_vec() }
+                Op::WriteBody {
+                    offset,
+                    data: CLOG_ABORTED.to_le_bytes().to_vec(),
+                }
             },
         ));
         self.store.write(ops).await
@@ -293,7 +328,12 @@ impl Engine {
         let sb = store.page(SUPERBLOCK_PAGE)?.clone();
         let (next_page, txid_hwm, next_oid) = match sb.kind() {
             Some(PageKind::Uninit) => {
-                let mut ops = vec![(SUPERBLOCK_PAGE, Op::Init { kind: PageKind::Raw as u16 })];
+                let mut ops = vec![(
+                    SUPERBLOCK_PAGE,
+                    Op::Init {
+                        kind: PageKind::Raw as u16,
+                    },
+                )];
                 for (off, v) in [
                     (SB_MAGIC, MAGIC),
                     (SB_VERSION, FORMAT_VERSION),
@@ -301,10 +341,26 @@ impl Engine {
                     (SB_TXID_HWM, TXID_BLOCK),
                     (SB_NEXT_OID, FIRST_USER_OID as u64),
                 ] {
-                    ops.push((SUPERBLOCK_PAGE, Op::WriteBody { offset: off, data: v.to_le_bytes().to_vec() }));
+                    ops.push((
+                        SUPERBLOCK_PAGE,
+                        Op::WriteBody {
+                            offset: off,
+                            data: v.to_le_bytes().to_vec(),
+                        },
+                    ));
                 }
-                ops.push((CATALOG_ROOT, Op::Init { kind: PageKind::BtreeLeaf as u16 }));
-                ops.push((SEQUENCES_ROOT, Op::Init { kind: PageKind::BtreeLeaf as u16 }));
+                ops.push((
+                    CATALOG_ROOT,
+                    Op::Init {
+                        kind: PageKind::BtreeLeaf as u16,
+                    },
+                ));
+                ops.push((
+                    SEQUENCES_ROOT,
+                    Op::Init {
+                        kind: PageKind::BtreeLeaf as u16,
+                    },
+                ));
                 let lsn = store.write(ops).await?;
                 volume.wait_durable(lsn).await?;
                 (FIRST_FREE_PAGE, TXID_BLOCK, FIRST_USER_OID)
@@ -314,7 +370,11 @@ impl Engine {
                 if u64_at(body, SB_MAGIC) != MAGIC || u64_at(body, SB_VERSION) != FORMAT_VERSION {
                     return Err(EngineError::IncompatibleVolume);
                 }
-                (u64_at(body, SB_NEXT_PAGE), u64_at(body, SB_TXID_HWM), u64_at(body, SB_NEXT_OID) as u32)
+                (
+                    u64_at(body, SB_NEXT_PAGE),
+                    u64_at(body, SB_TXID_HWM),
+                    u64_at(body, SB_NEXT_OID) as u32,
+                )
             }
             _ => return Err(EngineError::IncompatibleVolume),
         };
@@ -331,7 +391,14 @@ impl Engine {
             active: BTreeMap::new(),
             waits_for: HashMap::new(),
         };
-        Ok(Engine { inner: Arc::new(Inner { state: Mutex::new(state), txn_ended: Notify::new(), volume }) })
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                txn_ended: Notify::new(),
+                volume,
+                latest_catalog: std::sync::Mutex::new(Vec::new()),
+            }),
+        })
     }
 
     pub fn volume(&self) -> &Volume {
@@ -344,7 +411,15 @@ impl Engine {
 
     /// Starts a transaction. Its snapshot is taken by the first statement.
     pub fn begin(&self, isolation: Isolation, read_only: bool) -> Txn {
-        Txn { txid: 0, cid: 0, snapshot: Lsn::ZERO, isolation, read_only, snapshot_taken: false, last_write: Lsn::ZERO }
+        Txn {
+            txid: 0,
+            cid: 0,
+            snapshot: Lsn::ZERO,
+            isolation,
+            read_only,
+            snapshot_taken: false,
+            last_write: Lsn::ZERO,
+        }
     }
 
     /// Marks the start of a statement: a new command id, and under READ COMMITTED a
@@ -395,7 +470,12 @@ impl Engine {
     }
 
     /// Waits for `holder` to finish, with deadlock detection on the waits-for graph.
-    async fn wait_for_txn(&self, mut st: MutexGuard<'_, State>, waiter: TxnId, holder: TxnId) -> Result<(), EngineError> {
+    async fn wait_for_txn(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        waiter: TxnId,
+        holder: TxnId,
+    ) -> Result<(), EngineError> {
         // Follow the chain of waits from the holder; reaching the waiter is a cycle.
         let mut cur = holder;
         for _ in 0..1024 {
@@ -423,13 +503,19 @@ impl Engine {
     fn check_write(st: &State, txn: &Txn, versions: &[Version]) -> Result<WriteCheck, EngineError> {
         let vdl = st.store.volume.vdl();
         for (i, v) in versions.iter().enumerate() {
-            let created = if v.xmin == txn.txid { TxnState::InProgress } else { st.txn_state(v.xmin)? };
+            let created = if v.xmin == txn.txid {
+                TxnState::InProgress
+            } else {
+                st.txn_state(v.xmin)?
+            };
             if v.xmin != txn.txid {
                 match created {
                     TxnState::Aborted => continue,
                     TxnState::InProgress => return Ok(WriteCheck::Wait(v.xmin)),
                     TxnState::Committed(l) if l > vdl => return Ok(WriteCheck::WaitDurable(l)),
-                    TxnState::Committed(l) if l > txn.snapshot && txn.isolation == Isolation::RepeatableRead => {
+                    TxnState::Committed(l)
+                        if l > txn.snapshot && txn.isolation == Isolation::RepeatableRead =>
+                    {
                         return Err(EngineError::SerializationFailure)
                     }
                     TxnState::Committed(_) => {}
@@ -476,7 +562,9 @@ impl Engine {
         st.assign_txid(txn).await?;
         loop {
             let payload = walk!(st, btree::get(&st.store, table.root, key))?;
-            let Some(payload) = payload else { return Ok(RowOutcome::NotFound) };
+            let Some(payload) = payload else {
+                return Ok(RowOutcome::NotFound);
+            };
             let versions = decode_versions(&payload)?;
             let check = walk!(st, Self::check_write(&st, txn, &versions))?;
             let idx = match check {
@@ -527,7 +615,14 @@ impl Engine {
                     row::encode_row(&new_row, &mut buf);
                     versions.insert(
                         0,
-                        Version { xmin: txn.txid, xmin_cid: txn.cid, xmax: 0, xmax_cid: 0, flags: 0, row: buf },
+                        Version {
+                            xmin: txn.txid,
+                            xmin_cid: txn.cid,
+                            xmax: 0,
+                            xmax_cid: 0,
+                            flags: 0,
+                            row: buf,
+                        },
                     );
                     new_row
                 }
@@ -535,7 +630,10 @@ impl Engine {
             let versions = walk!(st, st.prune(versions.clone()))?;
             let payload = encode_versions(&versions);
             let mut alloc = Alloc { next: st.next_page };
-            let ops = walk!(st, btree::put(&st.store, table.root, key, &payload, &mut alloc))?;
+            let ops = walk!(
+                st,
+                btree::put(&st.store, table.root, key, &payload, &mut alloc)
+            )?;
             st.write_mtr(txn, ops, Some(alloc)).await?;
             return Ok(RowOutcome::Done(result));
         }
@@ -565,7 +663,11 @@ impl Engine {
                 // Is any version live (or possibly live) for uniqueness purposes?
                 let mut conflict = None;
                 for v in &versions {
-                    let created = if v.xmin == txn.txid { TxnState::Committed(Lsn::ZERO) } else { walk!(st, st.txn_state(v.xmin))? };
+                    let created = if v.xmin == txn.txid {
+                        TxnState::Committed(Lsn::ZERO)
+                    } else {
+                        walk!(st, st.txn_state(v.xmin))?
+                    };
                     match created {
                         TxnState::Aborted => continue,
                         TxnState::InProgress => {
@@ -582,7 +684,9 @@ impl Engine {
                         walk!(st, st.txn_state(v.xmax))?
                     };
                     match deleted {
-                        TxnState::Committed(l) if l > st.store.volume.vdl() => conflict = Some(WriteCheck::WaitDurable(l)),
+                        TxnState::Committed(l) if l > st.store.volume.vdl() => {
+                            conflict = Some(WriteCheck::WaitDurable(l))
+                        }
                         TxnState::Committed(_) => {}
                         TxnState::InProgress => conflict = Some(WriteCheck::Wait(v.xmax)),
                         TxnState::Aborted => {
@@ -609,11 +713,24 @@ impl Engine {
                     _ => {}
                 }
             }
-            versions.insert(0, Version { xmin: txn.txid, xmin_cid: txn.cid, xmax: 0, xmax_cid: 0, flags: 0, row: buf });
+            versions.insert(
+                0,
+                Version {
+                    xmin: txn.txid,
+                    xmin_cid: txn.cid,
+                    xmax: 0,
+                    xmax_cid: 0,
+                    flags: 0,
+                    row: buf,
+                },
+            );
             let versions = walk!(st, st.prune(versions.clone()))?;
             let payload = encode_versions(&versions);
             let mut alloc = Alloc { next: st.next_page };
-            let ops = walk!(st, btree::put(&st.store, table.root, key, &payload, &mut alloc))?;
+            let ops = walk!(
+                st,
+                btree::put(&st.store, table.root, key, &payload, &mut alloc)
+            )?;
             st.write_mtr(txn, ops, Some(alloc)).await?;
             return Ok(());
         }
@@ -641,7 +758,10 @@ impl Engine {
             {
                 let mut st = self.lock().await;
                 let batch = match leaf {
-                    None => walk!(st, btree::scan_leaf_from(&st.store, root, resume.as_deref()))?,
+                    None => walk!(
+                        st,
+                        btree::scan_leaf_from(&st.store, root, resume.as_deref())
+                    )?,
                     Some(p) => walk!(st, btree::read_leaf(&st.store, p, resume.as_deref()))?,
                 };
                 next_leaf = batch.next_leaf;
@@ -680,10 +800,17 @@ impl Engine {
     }
 
     /// Point lookup of the version of `key` visible to `txn`.
-    pub async fn get_row(&self, txn: &Txn, root: PageNo, key: &[u8]) -> Result<Option<Vec<Datum>>, EngineError> {
+    pub async fn get_row(
+        &self,
+        txn: &Txn,
+        root: PageNo,
+        key: &[u8],
+    ) -> Result<Option<Vec<Datum>>, EngineError> {
         let snap = txn.snap();
         let mut st = self.lock().await;
-        let Some(payload) = walk!(st, btree::get(&st.store, root, key))? else { return Ok(None) };
+        let Some(payload) = walk!(st, btree::get(&st.store, root, key))? else {
+            return Ok(None);
+        };
         let versions = decode_versions(&payload)?;
         match walk!(st, Self::visible(&st, &snap, &versions))? {
             Some(i) => Ok(Some(row::decode_row(&versions[i].row)?)),
@@ -691,14 +818,26 @@ impl Engine {
         }
     }
 
-    fn visible(st: &State, snap: &Snapshot, versions: &[Version]) -> Result<Option<usize>, EngineError> {
+    fn visible(
+        st: &State,
+        snap: &Snapshot,
+        versions: &[Version],
+    ) -> Result<Option<usize>, EngineError> {
         for (i, v) in versions.iter().enumerate() {
-            let created = if v.xmin == snap.txid { TxnState::InProgress } else { st.txn_state(v.xmin)? };
+            let created = if v.xmin == snap.txid {
+                TxnState::InProgress
+            } else {
+                st.txn_state(v.xmin)?
+            };
             if !snap.sees(v.xmin, v.xmin_cid, created) {
                 continue;
             }
             if v.xmax != 0 && v.flags & FLAG_LOCK_ONLY == 0 {
-                let deleted = if v.xmax == snap.txid { TxnState::InProgress } else { st.txn_state(v.xmax)? };
+                let deleted = if v.xmax == snap.txid {
+                    TxnState::InProgress
+                } else {
+                    st.txn_state(v.xmax)?
+                };
                 if snap.sees(v.xmax, v.xmax_cid, deleted) {
                     return Ok(None);
                 }
@@ -730,25 +869,59 @@ impl Engine {
     pub async fn relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
         let mut out = Vec::new();
         let mut err = None;
-        self.scan(txn, CATALOG_ROOT, Bound::Unbounded, Bound::Unbounded, &mut |_, row| {
-            match row.first() {
-                Some(Datum::Text(json)) => match serde_json::from_str::<TableDef>(json) {
-                    Ok(def) => out.push(Arc::new(def)),
-                    Err(e) => err = Some(EngineError::Corrupt(format!("catalog entry: {e}"))),
-                },
-                _ => err = Some(EngineError::Corrupt("catalog entry without definition".into())),
-            }
-            Ok(true)
-        })
+        self.scan(
+            txn,
+            CATALOG_ROOT,
+            Bound::Unbounded,
+            Bound::Unbounded,
+            &mut |_, row| {
+                match row.first() {
+                    Some(Datum::Text(json)) => match serde_json::from_str::<TableDef>(json) {
+                        Ok(def) => out.push(Arc::new(def)),
+                        Err(e) => err = Some(EngineError::Corrupt(format!("catalog entry: {e}"))),
+                    },
+                    _ => {
+                        err = Some(EngineError::Corrupt(
+                            "catalog entry without definition".into(),
+                        ))
+                    }
+                }
+                Ok(true)
+            },
+        )
         .await?;
         match err {
             Some(e) => Err(e),
-            None => Ok(out),
+            None => {
+                *self
+                    .inner
+                    .latest_catalog
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = out.clone();
+                Ok(out)
+            }
         }
     }
 
-    pub async fn relation(&self, txn: &Txn, name: &str) -> Result<Option<Arc<TableDef>>, EngineError> {
-        Ok(self.relations(txn).await?.into_iter().find(|t| t.name == name))
+    /// The catalog as last read (see `Inner::latest_catalog`).
+    pub fn latest_relations(&self) -> Vec<Arc<TableDef>> {
+        self.inner
+            .latest_catalog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub async fn relation(
+        &self,
+        txn: &Txn,
+        name: &str,
+    ) -> Result<Option<Arc<TableDef>>, EngineError> {
+        Ok(self
+            .relations(txn)
+            .await?
+            .into_iter()
+            .find(|t| t.name == name))
     }
 
     /// Allocates an OID and (unless `root` is given) a fresh B+tree root page.
@@ -759,36 +932,56 @@ impl Engine {
         let root = st.next_page;
         st.next_oid += 1;
         let ops = vec![
-            (root, Op::Init { kind: PageKind::BtreeLeaf as u16 }),
+            (
+                root,
+                Op::Init {
+                    kind: PageKind::BtreeLeaf as u16,
+                },
+            ),
             st.superblock_op(SB_NEXT_OID, st.next_oid as u64),
         ];
-        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 })).await?;
+        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 }))
+            .await?;
         Ok((oid, root))
     }
 
     /// Stores (inserts or replaces) a relation definition in the catalog.
-    pub async fn put_relation(&self, txn: &mut Txn, def: &TableDef, create: bool) -> Result<(), EngineError> {
+    pub async fn put_relation(
+        &self,
+        txn: &mut Txn,
+        def: &TableDef,
+        create: bool,
+    ) -> Result<(), EngineError> {
         let key = row::encode_key(&[Datum::Int8(def.oid as i64)])?;
         let json = serde_json::to_string(def).map_err(|e| EngineError::Internal(e.to_string()))?;
         let row = vec![Datum::Text(json)];
         let cat = Self::catalog_table();
         if create {
-            self.insert_row(txn, &cat, &key, &row, "borealis_catalog_pkey").await
+            self.insert_row(txn, &cat, &key, &row, "borealis_catalog_pkey")
+                .await
         } else {
             let mut action = Some(RowAction::Update(row));
             match self
-                .modify_row(txn, &cat, &key, &mut |_| Ok(action.take().unwrap_or(RowAction::Skip)))
+                .modify_row(txn, &cat, &key, &mut |_| {
+                    Ok(action.take().unwrap_or(RowAction::Skip))
+                })
                 .await?
             {
                 RowOutcome::Done(_) => Ok(()),
-                _ => Err(EngineError::Internal(format!("catalog entry {} vanished", def.oid))),
+                _ => Err(EngineError::Internal(format!(
+                    "catalog entry {} vanished",
+                    def.oid
+                ))),
             }
         }
     }
 
     pub async fn drop_relation(&self, txn: &mut Txn, oid: u32) -> Result<(), EngineError> {
         let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
-        self.modify_row(txn, &Self::catalog_table(), &key, &mut |_| Ok(RowAction::Delete)).await?;
+        self.modify_row(txn, &Self::catalog_table(), &key, &mut |_| {
+            Ok(RowAction::Delete)
+        })
+        .await?;
         Ok(())
     }
 
@@ -796,30 +989,56 @@ impl Engine {
 
     /// Creates or resets a sequence's state: the next `nextval` returns `value` if
     /// `is_called` is false, else value + increment.
-    pub async fn set_sequence(&self, txn: &mut Txn, oid: u32, value: i64, is_called: bool) -> Result<(), EngineError> {
+    pub async fn set_sequence(
+        &self,
+        txn: &mut Txn,
+        oid: u32,
+        value: i64,
+        is_called: bool,
+    ) -> Result<(), EngineError> {
         let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
         let mut payload = value.to_le_bytes().to_vec();
         payload.push(is_called as u8);
         let mut st = self.lock().await;
         let mut alloc = Alloc { next: st.next_page };
-        let ops = walk!(st, btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc))?;
+        let ops = walk!(
+            st,
+            btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
+        )?;
         st.write_mtr(txn, ops, Some(alloc)).await?;
         Ok(())
     }
 
     pub async fn nextval(&self, txn: &mut Txn, seq: &TableDef) -> Result<i64, EngineError> {
-        let def = seq.sequence.as_ref().ok_or_else(|| EngineError::Internal("not a sequence".into()))?;
+        let def = seq
+            .sequence
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("not a sequence".into()))?;
         let key = row::encode_key(&[Datum::Int8(seq.oid as i64)])?;
         let mut st = self.lock().await;
         let cur = walk!(st, btree::get(&st.store, SEQUENCES_ROOT, &key))?;
         let (value, called) = match cur.as_deref() {
-            Some([v @ .., c]) if v.len() == 8 => (i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0),
+            Some([v @ .., c]) if v.len() == 8 => {
+                (i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0)
+            }
             _ => (def.start, false),
         };
-        let mut next = if called { value.checked_add(def.increment) } else { Some(value) };
+        let mut next = if called {
+            value.checked_add(def.increment)
+        } else {
+            Some(value)
+        };
         if let Some(n) = next {
             if n > def.max_value || n < def.min_value {
-                next = if def.cycle { Some(if def.increment > 0 { def.min_value } else { def.max_value }) } else { None };
+                next = if def.cycle {
+                    Some(if def.increment > 0 {
+                        def.min_value
+                    } else {
+                        def.max_value
+                    })
+                } else {
+                    None
+                };
             }
         }
         let Some(next) = next else {
@@ -831,7 +1050,10 @@ impl Engine {
         let mut payload = next.to_le_bytes().to_vec();
         payload.push(1);
         let mut alloc = Alloc { next: st.next_page };
-        let ops = walk!(st, btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc))?;
+        let ops = walk!(
+            st,
+            btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
+        )?;
         st.write_mtr(txn, ops, Some(alloc)).await?;
         Ok(next)
     }
@@ -842,7 +1064,9 @@ impl Engine {
         let mut st = self.lock().await;
         let cur = walk!(st, btree::get(&st.store, SEQUENCES_ROOT, &key))?;
         Ok(match cur.as_deref() {
-            Some([v @ .., c]) if v.len() == 8 => Some((i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0)),
+            Some([v @ .., c]) if v.len() == 8 => {
+                Some((i64::from_le_bytes(v.try_into().unwrap_or([0; 8])), *c != 0))
+            }
             _ => None,
         })
     }
@@ -853,8 +1077,14 @@ impl Engine {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
         let root = st.next_page;
-        let ops = vec![(root, Op::Init { kind: PageKind::BtreeLeaf as u16 })];
-        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 })).await?;
+        let ops = vec![(
+            root,
+            Op::Init {
+                kind: PageKind::BtreeLeaf as u16,
+            },
+        )];
+        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 }))
+            .await?;
         Ok(root)
     }
 

@@ -75,7 +75,14 @@ pub fn decode_versions(buf: &[u8]) -> Result<Vec<Version>, EngineError> {
         let xmax_cid = c.u32()?;
         let flags = c.u8()?;
         let len = c.u32()? as usize;
-        out.push(Version { xmin, xmin_cid, xmax, xmax_cid, flags, row: c.take(len)?.to_vec() });
+        out.push(Version {
+            xmin,
+            xmin_cid,
+            xmax,
+            xmax_cid,
+            flags,
+            row: c.take(len)?.to_vec(),
+        });
     }
     if c.at != buf.len() {
         return Err(corrupt("trailing bytes after version chain"));
@@ -122,8 +129,22 @@ mod tests {
     #[test]
     fn versions_round_trip_and_reject_garbage() {
         let vs = vec![
-            Version { xmin: 5, xmin_cid: 1, xmax: 0, xmax_cid: 0, flags: 0, row: b"new".to_vec() },
-            Version { xmin: 3, xmin_cid: 0, xmax: 5, xmax_cid: 1, flags: 0, row: b"old".to_vec() },
+            Version {
+                xmin: 5,
+                xmin_cid: 1,
+                xmax: 0,
+                xmax_cid: 0,
+                flags: 0,
+                row: b"new".to_vec(),
+            },
+            Version {
+                xmin: 3,
+                xmin_cid: 0,
+                xmax: 5,
+                xmax_cid: 1,
+                flags: 0,
+                row: b"old".to_vec(),
+            },
         ];
         let buf = encode_versions(&vs);
         assert_eq!(decode_versions(&buf).unwrap(), vs);
@@ -133,11 +154,18 @@ mod tests {
 
     #[test]
     fn snapshot_visibility() {
-        let s = Snapshot { txid: 10, cid: 2, lsn: Lsn(100) };
+        let s = Snapshot {
+            txid: 10,
+            cid: 2,
+            lsn: Lsn(100),
+        };
         assert!(s.sees(10, 1, TxnState::InProgress), "own earlier command");
         assert!(!s.sees(10, 2, TxnState::InProgress), "own current command");
         assert!(s.sees(7, 0, TxnState::Committed(Lsn(100))));
-        assert!(!s.sees(7, 0, TxnState::Committed(Lsn(101))), "committed after the read point");
+        assert!(
+            !s.sees(7, 0, TxnState::Committed(Lsn(101))),
+            "committed after the read point"
+        );
         assert!(!s.sees(8, 0, TxnState::InProgress), "dirty read");
         assert!(!s.sees(9, 0, TxnState::Aborted));
     }

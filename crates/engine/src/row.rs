@@ -33,14 +33,20 @@ pub fn encode_key_datum(d: &Datum, out: &mut Vec<u8>) -> Result<(), EngineError>
                 _ => 0.0,
             };
             let bits = if v.is_nan() { u64::MAX } else { v.to_bits() };
-            let ordered = if bits >> 63 == 1 { !bits } else { bits | (1 << 63) };
+            let ordered = if bits >> 63 == 1 {
+                !bits
+            } else {
+                bits | (1 << 63)
+            };
             out.extend_from_slice(&ordered.to_be_bytes());
         }
         Datum::Numeric(n) => {
             out.push(0x40);
             let m = n
                 .rescale(crate::types::NUMERIC_MAX_SCALE)
-                .ok_or_else(|| EngineError::Unsupported("numeric key value too large to index".into()))?
+                .ok_or_else(|| {
+                    EngineError::Unsupported("numeric key value too large to index".into())
+                })?
                 .mantissa;
             out.extend_from_slice(&((m as u128) ^ (1 << 127)).to_be_bytes());
         }
@@ -182,7 +188,11 @@ impl<'a> Cursor<'a> {
         Cursor { buf, at: 0 }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], EngineError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| corrupt("short row"))?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| corrupt("short row"))?;
         let s = &self.buf[self.at..end];
         self.at = end;
         Ok(s)
@@ -221,11 +231,15 @@ pub fn decode_row(buf: &[u8]) -> Result<Vec<Datum>, EngineError> {
             T_F8 => Datum::Float8(f64::from_le_bytes(c.arr()?)),
             T_NUM => {
                 let mantissa = i128::from_le_bytes(c.arr()?);
-                Datum::Numeric(Numeric { mantissa, scale: c.u16()? })
+                Datum::Numeric(Numeric {
+                    mantissa,
+                    scale: c.u16()?,
+                })
             }
             T_TEXT => {
                 let n = c.u32()? as usize;
-                let s = std::str::from_utf8(c.take(n)?).map_err(|_| corrupt("text is not UTF-8"))?;
+                let s =
+                    std::str::from_utf8(c.take(n)?).map_err(|_| corrupt("text is not UTF-8"))?;
                 Datum::Text(s.to_string())
             }
             T_BYTEA => {
@@ -251,7 +265,10 @@ mod tests {
     fn key_order_matches_value_order() {
         let ints = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
         for w in ints.windows(2) {
-            assert!(encode_key(&[Datum::Int8(w[0])]).unwrap() < encode_key(&[Datum::Int8(w[1])]).unwrap());
+            assert!(
+                encode_key(&[Datum::Int8(w[0])]).unwrap()
+                    < encode_key(&[Datum::Int8(w[1])]).unwrap()
+            );
         }
         let texts = ["", "a", "a\0", "ab", "b"];
         for w in texts.windows(2) {
@@ -261,7 +278,10 @@ mod tests {
         }
         let floats = [f64::NEG_INFINITY, -2.5, -0.5, 0.0, 0.5, 3.0, f64::INFINITY];
         for w in floats.windows(2) {
-            assert!(encode_key(&[Datum::Float8(w[0])]).unwrap() < encode_key(&[Datum::Float8(w[1])]).unwrap());
+            assert!(
+                encode_key(&[Datum::Float8(w[0])]).unwrap()
+                    < encode_key(&[Datum::Float8(w[1])]).unwrap()
+            );
         }
         // Composite: (1, "z") < (2, "a").
         let a = encode_key(&[Datum::Int4(1), Datum::Text("z".into())]).unwrap();

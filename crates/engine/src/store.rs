@@ -73,7 +73,13 @@ impl Store {
         let read_lsn = self.volume.vdl();
         let page = self.volume.get_page(page_no, read_lsn).await?;
         self.evict_if_full();
-        self.frames.insert(page_no, Frame { page, last_used: Cell::new(self.tick.get()) });
+        self.frames.insert(
+            page_no,
+            Frame {
+                page,
+                last_used: Cell::new(self.tick.get()),
+            },
+        );
         Ok(())
     }
 
@@ -111,17 +117,20 @@ impl Store {
         for (p, op) in &ops {
             let formats = matches!(op, Op::Init { .. } | Op::InitWithItems { .. });
             if !formats && !self.frames.contains_key(p) {
-                return Err(EngineError::Internal(format!("page {p} changed while not cached")));
+                return Err(EngineError::Internal(format!(
+                    "page {p} changed while not cached"
+                )));
             }
         }
         let records = self.volume.append(ops).await?;
         let mut last = Lsn::ZERO;
         for record in &records {
-            let frame = self
-                .frames
-                .entry(record.page)
-                .or_insert_with(|| Frame { page: Page::zeroed(), last_used: Cell::new(0) });
-            apply(&mut frame.page, record.page, record).map_err(|e| EngineError::Internal(e.to_string()))?;
+            let frame = self.frames.entry(record.page).or_insert_with(|| Frame {
+                page: Page::zeroed(),
+                last_used: Cell::new(0),
+            });
+            apply(&mut frame.page, record.page, record)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
             last = record.lsn;
         }
         self.evict_if_full();

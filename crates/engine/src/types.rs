@@ -123,7 +123,10 @@ impl Type {
         self.is_integer() || matches!(self, Type::Float4 | Type::Float8 | Type::Numeric)
     }
     pub fn is_text(self) -> bool {
-        matches!(self, Type::Text | Type::Varchar | Type::Bpchar | Type::Name | Type::Unknown)
+        matches!(
+            self,
+            Type::Text | Type::Varchar | Type::Bpchar | Type::Name | Type::Unknown
+        )
     }
     pub fn to_u8(self) -> u8 {
         self as u8
@@ -165,7 +168,10 @@ pub const NUMERIC_MAX_SCALE: u16 = 30;
 
 impl Numeric {
     pub fn from_i64(v: i64) -> Numeric {
-        Numeric { mantissa: v as i128, scale: 0 }
+        Numeric {
+            mantissa: v as i128,
+            scale: 0,
+        }
     }
 
     pub fn parse(s: &str) -> Option<Numeric> {
@@ -183,7 +189,11 @@ impl Numeric {
         if int_part.is_empty() && frac_part.is_empty() {
             return None;
         }
-        if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+        if !int_part
+            .bytes()
+            .chain(frac_part.bytes())
+            .all(|b| b.is_ascii_digit())
+        {
             return None;
         }
         let mut mantissa: i128 = 0;
@@ -195,7 +205,10 @@ impl Numeric {
             mantissa = mantissa.checked_mul(10)?;
             scale += 1;
         }
-        let mut n = Numeric { mantissa: if neg { -mantissa } else { mantissa }, scale: scale as u16 };
+        let mut n = Numeric {
+            mantissa: if neg { -mantissa } else { mantissa },
+            scale: scale as u16,
+        };
         if n.scale > NUMERIC_MAX_SCALE {
             n = n.rescale(NUMERIC_MAX_SCALE)?;
         }
@@ -209,13 +222,20 @@ impl Numeric {
             Equal => Some(self),
             Greater => {
                 let f = 10i128.checked_pow((scale - self.scale) as u32)?;
-                Some(Numeric { mantissa: self.mantissa.checked_mul(f)?, scale })
+                Some(Numeric {
+                    mantissa: self.mantissa.checked_mul(f)?,
+                    scale,
+                })
             }
             Less => {
                 let f = 10i128.checked_pow((self.scale - scale) as u32)?;
                 let q = self.mantissa / f;
                 let r = self.mantissa % f;
-                let q = if r.abs() * 2 >= f { q + self.mantissa.signum() } else { q };
+                let q = if r.abs() * 2 >= f {
+                    q + self.mantissa.signum()
+                } else {
+                    q
+                };
                 Some(Numeric { mantissa: q, scale })
             }
         }
@@ -227,14 +247,23 @@ impl Numeric {
     }
     pub fn add(self, o: Numeric) -> Option<Numeric> {
         let (a, b, s) = Numeric::align(self, o)?;
-        Some(Numeric { mantissa: a.checked_add(b)?, scale: s })
+        Some(Numeric {
+            mantissa: a.checked_add(b)?,
+            scale: s,
+        })
     }
     pub fn sub(self, o: Numeric) -> Option<Numeric> {
         let (a, b, s) = Numeric::align(self, o)?;
-        Some(Numeric { mantissa: a.checked_sub(b)?, scale: s })
+        Some(Numeric {
+            mantissa: a.checked_sub(b)?,
+            scale: s,
+        })
     }
     pub fn mul(self, o: Numeric) -> Option<Numeric> {
-        let n = Numeric { mantissa: self.mantissa.checked_mul(o.mantissa)?, scale: self.scale + o.scale };
+        let n = Numeric {
+            mantissa: self.mantissa.checked_mul(o.mantissa)?,
+            scale: self.scale + o.scale,
+        };
         if n.scale > NUMERIC_MAX_SCALE {
             n.rescale(NUMERIC_MAX_SCALE)
         } else {
@@ -250,12 +279,17 @@ impl Numeric {
         // self / o at `scale`: (a * 10^(scale + o.scale - self.scale + 1)) / b, then round.
         let shift = scale as i32 + o.scale as i32 - self.scale as i32 + 1;
         let a = if shift >= 0 {
-            self.mantissa.checked_mul(10i128.checked_pow(shift as u32)?)?
+            self.mantissa
+                .checked_mul(10i128.checked_pow(shift as u32)?)?
         } else {
             self.mantissa / 10i128.checked_pow((-shift) as u32)?
         };
         let q = a / o.mantissa;
-        Numeric { mantissa: q, scale: scale + 1 }.rescale(scale)
+        Numeric {
+            mantissa: q,
+            scale: scale + 1,
+        }
+        .rescale(scale)
     }
     pub fn to_f64(self) -> f64 {
         self.mantissa as f64 / 10f64.powi(self.scale as i32)
@@ -291,7 +325,11 @@ impl std::fmt::Display for Numeric {
         if scale == 0 {
             return write!(f, "{sign}{digits}");
         }
-        let padded = if digits.len() <= scale { format!("{}{}", "0".repeat(scale + 1 - digits.len()), digits) } else { digits };
+        let padded = if digits.len() <= scale {
+            format!("{}{}", "0".repeat(scale + 1 - digits.len()), digits)
+        } else {
+            digits
+        };
         let (int, frac) = padded.split_at(padded.len() - scale);
         write!(f, "{sign}{int}.{frac}")
     }
@@ -384,7 +422,13 @@ impl Datum {
 
     /// Parses PostgreSQL's text input for `ty`.
     pub fn parse_text(ty: Type, s: &str) -> Result<Datum, ParseError> {
-        let bad = || ParseError(format!("invalid input syntax for type {}: \"{}\"", ty.name(), s));
+        let bad = || {
+            ParseError(format!(
+                "invalid input syntax for type {}: \"{}\"",
+                ty.name(),
+                s
+            ))
+        };
         let t = s.trim();
         Ok(match ty {
             Type::Bool => match t.to_ascii_lowercase().as_str() {
@@ -392,13 +436,23 @@ impl Datum {
                 "f" | "false" | "no" | "n" | "off" | "0" => Datum::Bool(false),
                 _ => return Err(bad()),
             },
-            Type::Int2 => Datum::Int2(parse_int(t, ty, s)?.try_into().map_err(|_| out_of_range(ty))?),
-            Type::Int4 | Type::Oid => Datum::Int4(parse_int(t, ty, s)?.try_into().map_err(|_| out_of_range(ty))?),
+            Type::Int2 => Datum::Int2(
+                parse_int(t, ty, s)?
+                    .try_into()
+                    .map_err(|_| out_of_range(ty))?,
+            ),
+            Type::Int4 | Type::Oid => Datum::Int4(
+                parse_int(t, ty, s)?
+                    .try_into()
+                    .map_err(|_| out_of_range(ty))?,
+            ),
             Type::Int8 => Datum::Int8(parse_int(t, ty, s)?),
             Type::Float4 => Datum::Float4(parse_float(t).ok_or_else(bad)? as f32),
             Type::Float8 => Datum::Float8(parse_float(t).ok_or_else(bad)?),
             Type::Numeric => Datum::Numeric(Numeric::parse(t).ok_or_else(bad)?),
-            Type::Text | Type::Varchar | Type::Bpchar | Type::Name | Type::Unknown => Datum::Text(s.to_string()),
+            Type::Text | Type::Varchar | Type::Bpchar | Type::Name | Type::Unknown => {
+                Datum::Text(s.to_string())
+            }
             Type::Bytea => Datum::Bytea(parse_bytea(s).ok_or_else(bad)?),
             Type::Date => Datum::Date(parse_date(t).ok_or_else(bad)?),
             Type::Timestamp => Datum::Timestamp(parse_timestamp(t, false).ok_or_else(bad)?),
@@ -414,8 +468,14 @@ fn out_of_range(ty: Type) -> ParseError {
 
 fn parse_int(t: &str, ty: Type, orig: &str) -> Result<i64, ParseError> {
     t.parse::<i64>().map_err(|e| match e.kind() {
-        std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => out_of_range(ty),
-        _ => ParseError(format!("invalid input syntax for type {}: \"{}\"", ty.name(), orig)),
+        std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+            out_of_range(ty)
+        }
+        _ => ParseError(format!(
+            "invalid input syntax for type {}: \"{}\"",
+            ty.name(),
+            orig
+        )),
     })
 }
 
@@ -434,15 +494,27 @@ fn format_float(v: f64, single: bool) -> String {
         return "NaN".into();
     }
     if v.is_infinite() {
-        return if v > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if v > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
-    let s = if single { format!("{}", v as f32) } else { format!("{v}") };
+    let s = if single {
+        format!("{}", v as f32)
+    } else {
+        format!("{v}")
+    };
     // Rust prints 1e21 as "1000000000000000000000"; PostgreSQL switches to exponent
     // form at 1e15 (float8) / 1e6 (float4) digits. Match the common cases.
     let abs = v.abs();
     let limit = if single { 1e6 } else { 1e15 };
     if abs != 0.0 && (abs >= limit || abs < 1e-4) {
-        let e = if single { format!("{:e}", v as f32) } else { format!("{v:e}") };
+        let e = if single {
+            format!("{:e}", v as f32)
+        } else {
+            format!("{v:e}")
+        };
         // Rust: "1e21" / "1.5e-7"; PostgreSQL: "1e+21" / "1.5e-07".
         if let Some((m, exp)) = e.split_once('e') {
             let (sign, digits) = match exp.strip_prefix('-') {
@@ -548,7 +620,12 @@ const USECS_PER_DAY: i64 = 86_400_000_000;
 fn format_timestamp(us: i64) -> String {
     let days = us.div_euclid(USECS_PER_DAY);
     let rem = us.rem_euclid(USECS_PER_DAY);
-    let (h, mi, s, frac) = (rem / 3_600_000_000, rem / 60_000_000 % 60, rem / 1_000_000 % 60, rem % 1_000_000);
+    let (h, mi, s, frac) = (
+        rem / 3_600_000_000,
+        rem / 60_000_000 % 60,
+        rem / 1_000_000 % 60,
+        rem % 1_000_000,
+    );
     let mut out = format!("{} {h:02}:{mi:02}:{s:02}", format_date(days as i32));
     if frac != 0 {
         let f = format!("{frac:06}");
@@ -570,16 +647,20 @@ fn parse_timestamp(t: &str, with_tz: bool) -> Option<i64> {
         return Some(days * USECS_PER_DAY);
     }
     // Split off a zone: 'Z', or the last '+'/'-'.
-    let (time_part, zone_secs) = if let Some(tp) = rest.strip_suffix('Z').or_else(|| rest.strip_suffix("UTC")) {
-        (tp.trim(), 0i64)
-    } else if let Some(i) = rest.rfind(['+', '-']) {
-        let z = &rest[i + 1..];
-        let (zh, zm) = z.split_once(':').unwrap_or((z, "0"));
-        let secs = zh.parse::<i64>().ok()? * 3600 + zm.parse::<i64>().ok()? * 60;
-        (rest[..i].trim(), if &rest[i..i + 1] == "-" { -secs } else { secs })
-    } else {
-        (rest, 0)
-    };
+    let (time_part, zone_secs) =
+        if let Some(tp) = rest.strip_suffix('Z').or_else(|| rest.strip_suffix("UTC")) {
+            (tp.trim(), 0i64)
+        } else if let Some(i) = rest.rfind(['+', '-']) {
+            let z = &rest[i + 1..];
+            let (zh, zm) = z.split_once(':').unwrap_or((z, "0"));
+            let secs = zh.parse::<i64>().ok()? * 3600 + zm.parse::<i64>().ok()? * 60;
+            (
+                rest[..i].trim(),
+                if &rest[i..i + 1] == "-" { -secs } else { secs },
+            )
+        } else {
+            (rest, 0)
+        };
     let mut parts = time_part.split(':');
     let h: i64 = parts.next()?.parse().ok()?;
     let mi: i64 = parts.next()?.parse().ok()?;
@@ -601,7 +682,11 @@ fn parse_timestamp(t: &str, with_tz: bool) -> Option<i64> {
         return None;
     }
     let local = days * USECS_PER_DAY + ((h * 60 + mi) * 60 + s) * 1_000_000 + frac;
-    Some(if with_tz { local - zone_secs * 1_000_000 } else { local })
+    Some(if with_tz {
+        local - zone_secs * 1_000_000
+    } else {
+        local
+    })
 }
 
 fn format_uuid(u: &[u8; 16]) -> String {
@@ -616,7 +701,11 @@ fn format_uuid(u: &[u8; 16]) -> String {
 }
 
 fn parse_uuid(t: &str) -> Option<[u8; 16]> {
-    let hex: Vec<u8> = t.trim_matches(|c| c == '{' || c == '}').bytes().filter(|&b| b != b'-').collect();
+    let hex: Vec<u8> = t
+        .trim_matches(|c| c == '{' || c == '}')
+        .bytes()
+        .filter(|&b| b != b'-')
+        .collect();
     if hex.len() != 32 {
         return None;
     }
@@ -662,7 +751,13 @@ mod tests {
             let d = Datum::parse_text(ty, text).unwrap();
             assert_eq!(d.to_text().unwrap(), text, "{ty:?}");
         }
-        assert_eq!(Datum::parse_text(Type::TimestampTz, "2026-01-01 10:00:00+02").unwrap().to_text().unwrap(), "2026-01-01 08:00:00+00");
+        assert_eq!(
+            Datum::parse_text(Type::TimestampTz, "2026-01-01 10:00:00+02")
+                .unwrap()
+                .to_text()
+                .unwrap(),
+            "2026-01-01 08:00:00+00"
+        );
         assert!(Datum::parse_text(Type::Int2, "40000").is_err());
         assert!(Datum::parse_text(Type::Int4, "abc").is_err());
         assert!(Datum::parse_text(Type::Date, "2026-02-30").is_err());
@@ -673,7 +768,10 @@ mod tests {
         let n = |s| Numeric::parse(s).unwrap();
         assert_eq!(n("1.5").add(n("2.25")).unwrap().to_string(), "3.75");
         assert_eq!(n("1.5").mul(n("-2")).unwrap().to_string(), "-3.0");
-        assert_eq!(n("1").div(n("3")).unwrap().to_string(), "0.3333333333333333");
+        assert_eq!(
+            n("1").div(n("3")).unwrap().to_string(),
+            "0.3333333333333333"
+        );
         assert_eq!(n("2.345").rescale(2).unwrap().to_string(), "2.35");
         assert_eq!(n("-2.345").rescale(2).unwrap().to_string(), "-2.35");
         assert_eq!(n("123.45").integer_digits(), 3);

@@ -23,7 +23,11 @@ use borealis_common::Lsn;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
     #[error("record {lsn} is for page {record_page}, not page {page}")]
-    WrongPage { lsn: Lsn, record_page: u64, page: u64 },
+    WrongPage {
+        lsn: Lsn,
+        record_page: u64,
+        page: u64,
+    },
     #[error("record {lsn} does not follow page LSN {page_lsn}")]
     Stale { lsn: Lsn, page_lsn: Lsn },
     #[error("record {lsn}: {what}")]
@@ -37,18 +41,29 @@ pub enum ApplyError {
 /// error (callers that replay idempotently check `page.lsn()` first).
 pub fn apply(page: &mut Page, page_no: u64, record: &Record) -> Result<(), ApplyError> {
     if record.page != page_no {
-        return Err(ApplyError::WrongPage { lsn: record.lsn, record_page: record.page, page: page_no });
+        return Err(ApplyError::WrongPage {
+            lsn: record.lsn,
+            record_page: record.page,
+            page: page_no,
+        });
     }
     if record.lsn <= page.lsn() {
-        return Err(ApplyError::Stale { lsn: record.lsn, page_lsn: page.lsn() });
+        return Err(ApplyError::Stale {
+            lsn: record.lsn,
+            page_lsn: page.lsn(),
+        });
     }
-    let invalid = |what: String| ApplyError::Invalid { lsn: record.lsn, what };
+    let invalid = |what: String| ApplyError::Invalid {
+        lsn: record.lsn,
+        what,
+    };
     // Every page mutator validates before it writes, so an error leaves `page` as it
     // was without copying it first.
     let next = page;
     match &record.op {
         Op::Init { kind } => {
-            let kind = PageKind::from_u16(*kind).ok_or_else(|| invalid(format!("unknown page kind {kind}")))?;
+            let kind = PageKind::from_u16(*kind)
+                .ok_or_else(|| invalid(format!("unknown page kind {kind}")))?;
             *next = Page::new(kind);
         }
         Op::InsertItem { slot, data } => next.insert_item(*slot, data).map_err(invalid)?,
@@ -56,8 +71,14 @@ pub fn apply(page: &mut Page, page_no: u64, record: &Record) -> Result<(), Apply
         Op::ReplaceItem { slot, data } => next.replace_item(*slot, data).map_err(invalid)?,
         Op::TruncateItems { keep } => next.truncate_items(*keep).map_err(invalid)?,
         Op::SetLinks { next: link, aux } => next.set_links(*link, *aux),
-        Op::InitWithItems { kind, next: link, aux, items } => {
-            let kind = PageKind::from_u16(*kind).ok_or_else(|| invalid(format!("unknown page kind {kind}")))?;
+        Op::InitWithItems {
+            kind,
+            next: link,
+            aux,
+            items,
+        } => {
+            let kind = PageKind::from_u16(*kind)
+                .ok_or_else(|| invalid(format!("unknown page kind {kind}")))?;
             let mut fresh = Page::new(kind);
             fresh.set_links(*link, *aux);
             for (i, item) in items.iter().enumerate() {
@@ -66,9 +87,13 @@ pub fn apply(page: &mut Page, page_no: u64, record: &Record) -> Result<(), Apply
             *next = fresh;
         }
         Op::WriteSpecial { offset, data } => next.write_special(*offset, data).map_err(invalid)?,
-        Op::StampLsn { offset } => next.write_special(*offset, &record.lsn.0.to_le_bytes()).map_err(invalid)?,
+        Op::StampLsn { offset } => next
+            .write_special(*offset, &record.lsn.0.to_le_bytes())
+            .map_err(invalid)?,
         Op::WriteBody { offset, data } => next.write_body(*offset, data).map_err(invalid)?,
-        Op::StampLsnBody { offset } => next.write_body(*offset, &record.lsn.0.to_le_bytes()).map_err(invalid)?,
+        Op::StampLsnBody { offset } => next
+            .write_body(*offset, &record.lsn.0.to_le_bytes())
+            .map_err(invalid)?,
         Op::Noop => {}
     }
     next.set_lsn(record.lsn);

@@ -91,7 +91,9 @@ fn put_u64(b: &mut [u8], at: usize, v: u64) {
 impl Page {
     /// A page that was never written (kind `Uninit`, LSN 0).
     pub fn zeroed() -> Page {
-        Page { bytes: Box::new([0u8; PAGE_SIZE]) }
+        Page {
+            bytes: Box::new([0u8; PAGE_SIZE]),
+        }
     }
 
     pub fn new(kind: PageKind) -> Page {
@@ -152,7 +154,10 @@ impl Page {
 
     fn slot(&self, i: u16) -> (usize, usize) {
         let at = HEADER_BYTES + i as usize * SLOT_BYTES;
-        (get_u16(&self.bytes[..], at) as usize, get_u16(&self.bytes[..], at + 2) as usize)
+        (
+            get_u16(&self.bytes[..], at) as usize,
+            get_u16(&self.bytes[..], at + 2) as usize,
+        )
     }
 
     /// Item `i`, or `None` if out of range or if the slot points outside the page.
@@ -185,20 +190,29 @@ impl Page {
 
     /// Whether item `slot` can be replaced by one of `len` bytes.
     pub fn fits_replace(&self, slot: u16, len: usize) -> bool {
-        let old = if slot < self.nslots() { self.slot(slot).1 } else { return false };
+        let old = if slot < self.nslots() {
+            self.slot(slot).1
+        } else {
+            return false;
+        };
         len <= MAX_ITEM_BYTES && self.free_bytes() + old >= len
     }
 
     /// Structural check of a slotted page (used by scrubbing and tests).
     pub fn check(&self) -> Result<(), String> {
-        let Some(kind) = self.kind() else { return Err(format!("unknown page kind {}", self.kind_raw())) };
+        let Some(kind) = self.kind() else {
+            return Err(format!("unknown page kind {}", self.kind_raw()));
+        };
         if !kind.is_slotted() {
             return Ok(());
         }
         let n = self.nslots() as usize;
         let slots_end = HEADER_BYTES + n * SLOT_BYTES;
         if slots_end > self.free_hi() || self.free_hi() > PAGE_SIZE {
-            return Err(format!("slot array end {slots_end} beyond data start {}", self.free_hi()));
+            return Err(format!(
+                "slot array end {slots_end} beyond data start {}",
+                self.free_hi()
+            ));
         }
         for i in 0..n as u16 {
             let (off, len) = self.slot(i);
@@ -220,7 +234,9 @@ impl Page {
     /// Deterministic, so every replica that applies the same records compacts alike.
     fn compact(&mut self) {
         let n = self.nslots();
-        let items: Vec<Vec<u8>> = (0..n).filter_map(|i| self.item(i).map(|b| b.to_vec())).collect();
+        let items: Vec<Vec<u8>> = (0..n)
+            .filter_map(|i| self.item(i).map(|b| b.to_vec()))
+            .collect();
         let mut hi = PAGE_SIZE;
         for (i, item) in items.iter().enumerate() {
             hi -= item.len();
@@ -252,7 +268,11 @@ impl Page {
             return Err(format!("insert at slot {slot} past {n} items"));
         }
         if !self.fits_insert(data.len()) {
-            return Err(format!("item of {} bytes does not fit ({} free)", data.len(), self.free_bytes()));
+            return Err(format!(
+                "item of {} bytes does not fit ({} free)",
+                data.len(),
+                self.free_bytes()
+            ));
         }
         let off = self.place(data, 1);
         let at = HEADER_BYTES + slot as usize * SLOT_BYTES;
@@ -324,7 +344,10 @@ impl Page {
     pub(crate) fn write_special(&mut self, offset: u8, data: &[u8]) -> Result<(), String> {
         let start = offset as usize;
         if start + data.len() > SPECIAL_BYTES {
-            return Err(format!("special write {start}+{} past {SPECIAL_BYTES}", data.len()));
+            return Err(format!(
+                "special write {start}+{} past {SPECIAL_BYTES}",
+                data.len()
+            ));
         }
         if self.kind() == Some(PageKind::Uninit) {
             return Err("special write to an uninitialized page".into());
@@ -340,7 +363,10 @@ impl Page {
         }
         let start = offset as usize;
         if start + data.len() > BODY_BYTES {
-            return Err(format!("body write {start}+{} past {BODY_BYTES}", data.len()));
+            return Err(format!(
+                "body write {start}+{} past {BODY_BYTES}",
+                data.len()
+            ));
         }
         let at = HEADER_BYTES + start;
         self.bytes[at..at + data.len()].copy_from_slice(data);

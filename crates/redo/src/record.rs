@@ -22,25 +22,55 @@ pub const CPL_FLAG: u8 = 1;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Formats the page as an empty page of `kind`.
-    Init { kind: u16 },
+    Init {
+        kind: u16,
+    },
     /// Inserts an item at slot index `slot`, shifting later slots right.
-    InsertItem { slot: u16, data: Vec<u8> },
-    DeleteItem { slot: u16 },
-    ReplaceItem { slot: u16, data: Vec<u8> },
+    InsertItem {
+        slot: u16,
+        data: Vec<u8>,
+    },
+    DeleteItem {
+        slot: u16,
+    },
+    ReplaceItem {
+        slot: u16,
+        data: Vec<u8>,
+    },
     /// Keeps the first `keep` items (the left half of a split).
-    TruncateItems { keep: u16 },
-    SetLinks { next: u64, aux: u64 },
+    TruncateItems {
+        keep: u16,
+    },
+    SetLinks {
+        next: u64,
+        aux: u64,
+    },
     /// Formats the page and fills it with `items` in order (the right half of a split).
-    InitWithItems { kind: u16, next: u64, aux: u64, items: Vec<Vec<u8>> },
+    InitWithItems {
+        kind: u16,
+        next: u64,
+        aux: u64,
+        items: Vec<Vec<u8>>,
+    },
     /// Writes bytes into the 32-byte special area of the header.
-    WriteSpecial { offset: u8, data: Vec<u8> },
+    WriteSpecial {
+        offset: u8,
+        data: Vec<u8>,
+    },
     /// Writes the record's own LSN (8 bytes, LE) into the special area: a commit
     /// record does not know its LSN until the volume assigns it.
-    StampLsn { offset: u8 },
+    StampLsn {
+        offset: u8,
+    },
     /// Writes bytes into a raw page's body.
-    WriteBody { offset: u16, data: Vec<u8> },
+    WriteBody {
+        offset: u16,
+        data: Vec<u8>,
+    },
     /// Writes the record's own LSN into a raw page's body.
-    StampLsnBody { offset: u16 },
+    StampLsnBody {
+        offset: u16,
+    },
     /// Changes nothing but the page LSN.
     Noop,
 }
@@ -131,13 +161,25 @@ impl Record {
     pub fn decode(buf: &[u8]) -> Result<(Record, usize), DecodeError> {
         let header = decode_header(buf)?;
         let len = header.len as usize;
-        let mut r = Reader { buf: &buf[HEADER_BYTES..len], at: 0 };
+        let mut r = Reader {
+            buf: &buf[HEADER_BYTES..len],
+            at: 0,
+        };
         let op = decode_op(&mut r)?;
         if r.at != r.buf.len() {
-            return Err(DecodeError::BadOp(format!("{} trailing bytes", r.buf.len() - r.at)));
+            return Err(DecodeError::BadOp(format!(
+                "{} trailing bytes",
+                r.buf.len() - r.at
+            )));
         }
         Ok((
-            Record { lsn: header.lsn, prev_lsn: header.prev_lsn, page: header.page, flags: header.flags, op },
+            Record {
+                lsn: header.lsn,
+                prev_lsn: header.prev_lsn,
+                page: header.page,
+                flags: header.flags,
+                op,
+            },
             len,
         ))
     }
@@ -153,14 +195,20 @@ impl Record {
 /// covers the whole record, so a valid header means a valid record body too).
 pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, DecodeError> {
     if buf.len() < HEADER_BYTES {
-        return Err(DecodeError::Truncated { need: HEADER_BYTES, have: buf.len() });
+        return Err(DecodeError::Truncated {
+            need: HEADER_BYTES,
+            have: buf.len(),
+        });
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if (len as usize) <= HEADER_BYTES || len as usize > MAX_RECORD_BYTES {
         return Err(DecodeError::BadLength(len));
     }
     if buf.len() < len as usize {
-        return Err(DecodeError::Truncated { need: len as usize, have: buf.len() });
+        return Err(DecodeError::Truncated {
+            need: len as usize,
+            have: buf.len(),
+        });
     }
     let stored = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     let computed = crc32c::crc32c(&buf[8..len as usize]);
@@ -172,7 +220,13 @@ pub fn decode_header(buf: &[u8]) -> Result<RecordHeader, DecodeError> {
         a.copy_from_slice(&buf[at..at + 8]);
         u64::from_le_bytes(a)
     };
-    Ok(RecordHeader { len, lsn: Lsn(u64_at(8)), prev_lsn: Lsn(u64_at(16)), page: u64_at(24), flags: buf[32] })
+    Ok(RecordHeader {
+        len,
+        lsn: Lsn(u64_at(8)),
+        prev_lsn: Lsn(u64_at(16)),
+        page: u64_at(24),
+        flags: buf[32],
+    })
 }
 
 fn put_bytes(out: &mut Vec<u8>, data: &[u8]) {
@@ -209,7 +263,12 @@ fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.extend_from_slice(&next.to_le_bytes());
             out.extend_from_slice(&aux.to_le_bytes());
         }
-        Op::InitWithItems { kind, next, aux, items } => {
+        Op::InitWithItems {
+            kind,
+            next,
+            aux,
+            items,
+        } => {
             out.push(tag::INIT_WITH_ITEMS);
             out.extend_from_slice(&kind.to_le_bytes());
             out.extend_from_slice(&next.to_le_bytes());
@@ -249,7 +308,8 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.buf.len());
-        let end = end.ok_or_else(|| DecodeError::BadOp(format!("needs {n} bytes at {}", self.at)))?;
+        let end =
+            end.ok_or_else(|| DecodeError::BadOp(format!("needs {n} bytes at {}", self.at)))?;
         let s = &self.buf[self.at..end];
         self.at = end;
         Ok(s)
@@ -276,11 +336,20 @@ impl<'a> Reader<'a> {
 fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
     Ok(match r.u8()? {
         tag::INIT => Op::Init { kind: r.u16()? },
-        tag::INSERT_ITEM => Op::InsertItem { slot: r.u16()?, data: r.bytes()? },
+        tag::INSERT_ITEM => Op::InsertItem {
+            slot: r.u16()?,
+            data: r.bytes()?,
+        },
         tag::DELETE_ITEM => Op::DeleteItem { slot: r.u16()? },
-        tag::REPLACE_ITEM => Op::ReplaceItem { slot: r.u16()?, data: r.bytes()? },
+        tag::REPLACE_ITEM => Op::ReplaceItem {
+            slot: r.u16()?,
+            data: r.bytes()?,
+        },
         tag::TRUNCATE_ITEMS => Op::TruncateItems { keep: r.u16()? },
-        tag::SET_LINKS => Op::SetLinks { next: r.u64()?, aux: r.u64()? },
+        tag::SET_LINKS => Op::SetLinks {
+            next: r.u64()?,
+            aux: r.u64()?,
+        },
         tag::INIT_WITH_ITEMS => {
             let (kind, next, aux) = (r.u16()?, r.u64()?, r.u64()?);
             let n = r.u16()? as usize;
@@ -288,11 +357,22 @@ fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
             for _ in 0..n {
                 items.push(r.bytes()?);
             }
-            Op::InitWithItems { kind, next, aux, items }
+            Op::InitWithItems {
+                kind,
+                next,
+                aux,
+                items,
+            }
         }
-        tag::WRITE_SPECIAL => Op::WriteSpecial { offset: r.u8()?, data: r.bytes()? },
+        tag::WRITE_SPECIAL => Op::WriteSpecial {
+            offset: r.u8()?,
+            data: r.bytes()?,
+        },
         tag::STAMP_LSN => Op::StampLsn { offset: r.u8()? },
-        tag::WRITE_BODY => Op::WriteBody { offset: r.u16()?, data: r.bytes()? },
+        tag::WRITE_BODY => Op::WriteBody {
+            offset: r.u16()?,
+            data: r.bytes()?,
+        },
         tag::STAMP_LSN_BODY => Op::StampLsnBody { offset: r.u16()? },
         tag::NOOP => Op::Noop,
         other => return Err(DecodeError::BadOp(format!("unknown op tag {other}"))),

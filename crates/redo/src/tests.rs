@@ -12,7 +12,11 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
     }
     fn bytes(&mut self, max: usize) -> Vec<u8> {
         let n = self.below(max as u64 + 1) as usize;
@@ -21,21 +25,49 @@ impl Rng {
 }
 
 fn rec(lsn: u64, page: u64, op: Op) -> Record {
-    Record { lsn: Lsn(lsn), prev_lsn: Lsn(lsn.saturating_sub(1)), page, flags: CPL_FLAG, op }
+    Record {
+        lsn: Lsn(lsn),
+        prev_lsn: Lsn(lsn.saturating_sub(1)),
+        page,
+        flags: CPL_FLAG,
+        op,
+    }
 }
 
 fn all_ops() -> Vec<Op> {
     vec![
-        Op::Init { kind: PageKind::BtreeLeaf as u16 },
-        Op::InsertItem { slot: 0, data: b"hello".to_vec() },
+        Op::Init {
+            kind: PageKind::BtreeLeaf as u16,
+        },
+        Op::InsertItem {
+            slot: 0,
+            data: b"hello".to_vec(),
+        },
         Op::DeleteItem { slot: 3 },
-        Op::ReplaceItem { slot: 1, data: vec![7; 300] },
+        Op::ReplaceItem {
+            slot: 1,
+            data: vec![7; 300],
+        },
         Op::TruncateItems { keep: 2 },
-        Op::SetLinks { next: 42, aux: u64::MAX },
-        Op::InitWithItems { kind: 3, next: 1, aux: 2, items: vec![b"a".to_vec(), vec![], b"ccc".to_vec()] },
-        Op::WriteSpecial { offset: 8, data: vec![1, 2, 3] },
+        Op::SetLinks {
+            next: 42,
+            aux: u64::MAX,
+        },
+        Op::InitWithItems {
+            kind: 3,
+            next: 1,
+            aux: 2,
+            items: vec![b"a".to_vec(), vec![], b"ccc".to_vec()],
+        },
+        Op::WriteSpecial {
+            offset: 8,
+            data: vec![1, 2, 3],
+        },
         Op::StampLsn { offset: 0 },
-        Op::WriteBody { offset: 100, data: vec![9; 16] },
+        Op::WriteBody {
+            offset: 100,
+            data: vec![9; 16],
+        },
         Op::StampLsnBody { offset: 8 },
         Op::Noop,
     ]
@@ -44,7 +76,13 @@ fn all_ops() -> Vec<Op> {
 #[test]
 fn every_op_round_trips() {
     for (i, op) in all_ops().into_iter().enumerate() {
-        let r = Record { lsn: Lsn(1000 + i as u64), prev_lsn: Lsn(7), page: 99, flags: (i % 2) as u8, op };
+        let r = Record {
+            lsn: Lsn(1000 + i as u64),
+            prev_lsn: Lsn(7),
+            page: 99,
+            flags: (i % 2) as u8,
+            op,
+        };
         let mut buf = r.encode();
         buf.extend_from_slice(b"next record");
         let (back, len) = Record::decode(&buf).unwrap();
@@ -56,7 +94,14 @@ fn every_op_round_trips() {
 
 #[test]
 fn corruption_and_truncation_are_detected() {
-    let r = rec(5, 1, Op::InsertItem { slot: 0, data: vec![1; 50] });
+    let r = rec(
+        5,
+        1,
+        Op::InsertItem {
+            slot: 0,
+            data: vec![1; 50],
+        },
+    );
     let buf = r.encode();
     for cut in 0..buf.len() {
         assert!(Record::decode(&buf[..cut]).is_err(), "truncated at {cut}");
@@ -64,11 +109,17 @@ fn corruption_and_truncation_are_detected() {
     for at in 4..buf.len() {
         let mut bad = buf.clone();
         bad[at] ^= 0x10;
-        assert!(matches!(Record::decode(&bad), Err(DecodeError::Crc { .. })), "flip at {at}");
+        assert!(
+            matches!(Record::decode(&bad), Err(DecodeError::Crc { .. })),
+            "flip at {at}"
+        );
     }
     let mut huge = buf.clone();
     huge[0..4].copy_from_slice(&(u32::MAX).to_le_bytes());
-    assert!(matches!(Record::decode(&huge), Err(DecodeError::BadLength(_))));
+    assert!(matches!(
+        Record::decode(&huge),
+        Err(DecodeError::BadLength(_))
+    ));
 }
 
 #[test]
@@ -90,33 +141,132 @@ fn decode_never_panics_on_garbage() {
 #[test]
 fn apply_rejects_wrong_page_stale_and_bad_ops_without_change() {
     let mut p = Page::zeroed();
-    apply(&mut p, 1, &rec(1, 1, Op::Init { kind: PageKind::BtreeLeaf as u16 })).unwrap();
-    apply(&mut p, 1, &rec(2, 1, Op::InsertItem { slot: 0, data: b"x".to_vec() })).unwrap();
+    apply(
+        &mut p,
+        1,
+        &rec(
+            1,
+            1,
+            Op::Init {
+                kind: PageKind::BtreeLeaf as u16,
+            },
+        ),
+    )
+    .unwrap();
+    apply(
+        &mut p,
+        1,
+        &rec(
+            2,
+            1,
+            Op::InsertItem {
+                slot: 0,
+                data: b"x".to_vec(),
+            },
+        ),
+    )
+    .unwrap();
     let before = p.clone();
     let cases = vec![
         (rec(3, 2, Op::Noop), "wrong page"),
         (rec(2, 1, Op::Noop), "stale"),
-        (rec(3, 1, Op::InsertItem { slot: 5, data: b"y".to_vec() }), "slot past end"),
+        (
+            rec(
+                3,
+                1,
+                Op::InsertItem {
+                    slot: 5,
+                    data: b"y".to_vec(),
+                },
+            ),
+            "slot past end",
+        ),
         (rec(3, 1, Op::DeleteItem { slot: 1 }), "delete past end"),
-        (rec(3, 1, Op::ReplaceItem { slot: 9, data: vec![] }), "replace past end"),
-        (rec(3, 1, Op::InsertItem { slot: 0, data: vec![0; PAGE_SIZE] }), "too big"),
-        (rec(3, 1, Op::WriteBody { offset: 0, data: vec![1] }), "body on slotted"),
-        (rec(3, 1, Op::WriteSpecial { offset: 30, data: vec![1; 4] }), "special overflow"),
+        (
+            rec(
+                3,
+                1,
+                Op::ReplaceItem {
+                    slot: 9,
+                    data: vec![],
+                },
+            ),
+            "replace past end",
+        ),
+        (
+            rec(
+                3,
+                1,
+                Op::InsertItem {
+                    slot: 0,
+                    data: vec![0; PAGE_SIZE],
+                },
+            ),
+            "too big",
+        ),
+        (
+            rec(
+                3,
+                1,
+                Op::WriteBody {
+                    offset: 0,
+                    data: vec![1],
+                },
+            ),
+            "body on slotted",
+        ),
+        (
+            rec(
+                3,
+                1,
+                Op::WriteSpecial {
+                    offset: 30,
+                    data: vec![1; 4],
+                },
+            ),
+            "special overflow",
+        ),
         (rec(3, 1, Op::Init { kind: 77 }), "bad kind"),
-        (rec(3, 1, Op::TruncateItems { keep: 4 }), "truncate past end"),
+        (
+            rec(3, 1, Op::TruncateItems { keep: 4 }),
+            "truncate past end",
+        ),
     ];
     for (r, what) in cases {
         assert!(apply(&mut p, 1, &r).is_err(), "{what} should fail");
         assert_eq!(p, before, "{what} changed the page");
     }
     let mut raw = Page::zeroed();
-    assert!(apply(&mut raw, 1, &rec(1, 1, Op::InsertItem { slot: 0, data: vec![] })).is_err());
+    assert!(apply(
+        &mut raw,
+        1,
+        &rec(
+            1,
+            1,
+            Op::InsertItem {
+                slot: 0,
+                data: vec![]
+            }
+        )
+    )
+    .is_err());
 }
 
 #[test]
 fn stamp_lsn_writes_the_records_own_lsn() {
     let mut p = Page::zeroed();
-    apply(&mut p, 3, &rec(10, 3, Op::Init { kind: PageKind::Raw as u16 })).unwrap();
+    apply(
+        &mut p,
+        3,
+        &rec(
+            10,
+            3,
+            Op::Init {
+                kind: PageKind::Raw as u16,
+            },
+        ),
+    )
+    .unwrap();
     apply(&mut p, 3, &rec(11, 3, Op::StampLsnBody { offset: 16 })).unwrap();
     apply(&mut p, 3, &rec(12, 3, Op::StampLsn { offset: 8 })).unwrap();
     assert_eq!(&p.body()[16..24], &11u64.to_le_bytes());
@@ -128,21 +278,45 @@ fn stamp_lsn_writes_the_records_own_lsn() {
 /// with the model after every step and survive a byte round trip.
 #[test]
 fn slotted_page_matches_model() {
-    let seeds: u64 = std::env::var("REDO_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let seeds: u64 = std::env::var("REDO_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
     for seed in 0..seeds {
         let mut rng = Rng(seed);
         let mut page = Page::zeroed();
         let mut model: Vec<Vec<u8>> = Vec::new();
         let mut lsn = 1;
-        apply(&mut page, 0, &rec(lsn, 0, Op::Init { kind: PageKind::BtreeLeaf as u16 })).unwrap();
+        apply(
+            &mut page,
+            0,
+            &rec(
+                lsn,
+                0,
+                Op::Init {
+                    kind: PageKind::BtreeLeaf as u16,
+                },
+            ),
+        )
+        .unwrap();
         for step in 0..2000 {
             lsn += 1;
             let n = model.len() as u64;
             let op = match rng.below(10) {
-                0..=4 => Op::InsertItem { slot: rng.below(n + 1) as u16, data: rng.bytes(300) },
-                5 | 6 if n > 0 => Op::DeleteItem { slot: rng.below(n) as u16 },
-                7 | 8 if n > 0 => Op::ReplaceItem { slot: rng.below(n) as u16, data: rng.bytes(400) },
-                9 if n > 0 => Op::TruncateItems { keep: rng.below(n + 1) as u16 },
+                0..=4 => Op::InsertItem {
+                    slot: rng.below(n + 1) as u16,
+                    data: rng.bytes(300),
+                },
+                5 | 6 if n > 0 => Op::DeleteItem {
+                    slot: rng.below(n) as u16,
+                },
+                7 | 8 if n > 0 => Op::ReplaceItem {
+                    slot: rng.below(n) as u16,
+                    data: rng.bytes(400),
+                },
+                9 if n > 0 => Op::TruncateItems {
+                    keep: rng.below(n + 1) as u16,
+                },
                 _ => Op::Noop,
             };
             let fits = match &op {
@@ -151,7 +325,11 @@ fn slotted_page_matches_model() {
                 _ => true,
             };
             let result = apply(&mut page, 0, &rec(lsn, 0, op.clone()));
-            assert_eq!(result.is_ok(), fits, "seed {seed} step {step}: {op:?} -> {result:?}");
+            assert_eq!(
+                result.is_ok(),
+                fits,
+                "seed {seed} step {step}: {op:?} -> {result:?}"
+            );
             if result.is_ok() {
                 match op {
                     Op::InsertItem { slot, data } => model.insert(slot as usize, data),
@@ -163,7 +341,8 @@ fn slotted_page_matches_model() {
                     _ => {}
                 }
             }
-            page.check().unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+            page.check()
+                .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
             let items: Vec<Vec<u8>> = page.items().map(|i| i.to_vec()).collect();
             assert_eq!(items, model, "seed {seed} step {step}");
         }

@@ -13,7 +13,12 @@ pub struct SqlError {
 
 impl SqlError {
     pub fn new(code: &'static str, message: impl Into<String>) -> SqlError {
-        SqlError { code, message: message.into(), detail: None, hint: None }
+        SqlError {
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
     pub fn with_detail(mut self, detail: impl Into<String>) -> SqlError {
         self.detail = Some(detail.into());

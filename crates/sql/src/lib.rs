@@ -3,7 +3,7 @@
 //! The protocol front end talks to a [`Session`] only:
 //!
 //! * [`Session::query`]: the simple query protocol (one string, maybe several
-//!   statements, run as one implicit transaction unless they contain BEGIN/COMMIT).
+//!   statements; each runs in its own implicit transaction unless inside BEGIN).
 //! * [`Session::prepare`] then [`Session::execute`]: the extended protocol. Prepared
 //!   statements know their parameter types (inferred where the client left them
 //!   unspecified) and their result columns, so Describe can answer before Execute.
@@ -12,11 +12,14 @@
 //!   [`Session::copy_fail`].
 //! * [`Session::transaction_status`] is what ReadyForQuery must carry.
 //!
-//! Errors are [`SqlError`] with a PostgreSQL SQLSTATE; the front end maps them to
-//! ErrorResponse in one place.
+//! Errors are [`SqlError`] with a PostgreSQL SQLSTATE; engine errors are mapped in
+//! one place ([`session::engine_error`]).
 
 mod error;
-mod session;
+mod exec;
+mod expr;
+mod plan;
+pub mod session;
 
 pub use borealis_engine::types::{Datum, Numeric, Type};
 pub use error::SqlError;

@@ -1,11 +1,18 @@
-//! Sessions: the unit the protocol front end drives.
+//! Sessions: the unit the protocol front end drives. A session owns the current
+//! transaction and its status (what ReadyForQuery reports), runs statements through
+//! the executor, and maps engine errors to SQLSTATEs.
 
+use crate::exec;
 use crate::SqlError;
 use borealis_engine::types::{Datum, Type};
+use borealis_engine::{Engine, EngineError, Isolation, Txn};
 use borealis_volume::Volume;
-use sqlparser::ast::Statement;
+use sqlparser::ast::{
+    Statement, TransactionAccessMode, TransactionIsolationLevel, TransactionMode,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What ReadyForQuery reports.
@@ -30,7 +37,12 @@ pub struct Column {
 
 impl Column {
     pub fn new(name: impl Into<String>, ty: Type) -> Column {
-        Column { name: name.into(), ty, table_oid: 0, column_id: 0 }
+        Column {
+            name: name.into(),
+            ty,
+            table_oid: 0,
+            column_id: 0,
+        }
     }
 }
 
@@ -43,13 +55,22 @@ pub enum CopyFormat {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExecResult {
     /// Rows and the command tag ("SELECT 2", "INSERT 0 1" for RETURNING, ...).
-    Rows { columns: Arc<Vec<Column>>, rows: Vec<Vec<Datum>>, tag: String },
+    Rows {
+        columns: Arc<Vec<Column>>,
+        rows: Vec<Vec<Datum>>,
+        tag: String,
+    },
     /// A command without rows: "CREATE TABLE", "INSERT 0 5", "BEGIN", ...
     Command { tag: String },
     /// COPY ... FROM STDIN: the client must now send CopyData messages.
     CopyIn { format: CopyFormat, columns: usize },
     /// COPY ... TO STDOUT: the lines to send as CopyData, then the tag.
-    CopyOut { format: CopyFormat, columns: usize, data: Vec<Vec<u8>>, tag: String },
+    CopyOut {
+        format: CopyFormat,
+        columns: usize,
+        data: Vec<Vec<u8>>,
+        tag: String,
+    },
     /// An empty query string.
     Empty,
 }
@@ -67,18 +88,27 @@ pub struct Prepared {
 /// A database: the engine of one instance, shared by its sessions.
 #[derive(Clone)]
 pub struct Database {
-    inner: Arc<DatabaseInner>,
+    pub(crate) engine: Engine,
 }
 
-struct DatabaseInner {
-    #[allow(dead_code)]
-    volume: Volume,
-}
+/// Buffer cache size used when the caller does not choose one (pages of 8 KiB).
+pub const DEFAULT_CACHE_PAGES: usize = 65_536;
 
 impl Database {
-    /// Opens the database stored on `volume` (creating the catalog on a new volume).
+    /// Opens the database stored on `volume` (formatting a new volume).
     pub async fn open(volume: Volume) -> Result<Database, SqlError> {
-        Ok(Database { inner: Arc::new(DatabaseInner { volume }) })
+        Database::open_with_cache(volume, DEFAULT_CACHE_PAGES).await
+    }
+
+    pub async fn open_with_cache(volume: Volume, cache_pages: usize) -> Result<Database, SqlError> {
+        let engine = Engine::open(volume, cache_pages)
+            .await
+            .map_err(engine_error)?;
+        Ok(Database { engine })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     pub fn session(&self, user: &str, database: &str) -> Session {
@@ -86,7 +116,11 @@ impl Database {
             db: self.clone(),
             user: user.to_string(),
             database: database.to_string(),
+            txn: None,
             status: TransactionStatus::Idle,
+            default_isolation: Isolation::ReadCommitted,
+            settings: HashMap::new(),
+            copy: None,
         }
     }
 
@@ -108,15 +142,86 @@ impl Database {
 }
 
 pub struct Session {
-    #[allow(dead_code)]
-    db: Database,
+    pub(crate) db: Database,
     pub user: String,
     pub database: String,
+    pub(crate) txn: Option<Txn>,
     status: TransactionStatus,
+    default_isolation: Isolation,
+    pub(crate) settings: HashMap<String, String>,
+    pub(crate) copy: Option<exec::CopyState>,
 }
 
-fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| SqlError::syntax(e.to_string()))
+/// Maps engine errors to SQLSTATEs: the one place where that happens.
+pub fn engine_error(e: EngineError) -> SqlError {
+    match e {
+        EngineError::UniqueViolation { constraint, detail } => {
+            let err = SqlError::new(
+                "23505",
+                format!("duplicate key value violates unique constraint \"{constraint}\""),
+            );
+            if detail.is_empty() {
+                err
+            } else {
+                err.with_detail(detail)
+            }
+        }
+        EngineError::SerializationFailure => SqlError::new(
+            "40001",
+            "could not serialize access due to concurrent update",
+        ),
+        EngineError::Deadlock { detail } => {
+            SqlError::new("40P01", "deadlock detected").with_detail(detail)
+        }
+        EngineError::RowTooBig(n) => SqlError::new(
+            "54000",
+            format!("row is too big: size {n}, maximum size 4000"),
+        ),
+        EngineError::Unsupported(what) => SqlError::new("0A000", what),
+        EngineError::DuplicateTable(name) => {
+            SqlError::new("42P07", format!("relation \"{name}\" already exists"))
+        }
+        EngineError::SequenceLimit(m) => SqlError::new("2200H", m),
+        EngineError::Volume(v) => SqlError::new("58030", format!("storage error: {v}")),
+        EngineError::Corrupt(m) => SqlError::new("XX001", format!("data corrupted: {m}")),
+        EngineError::IncompatibleVolume => SqlError::new("XX000", e.to_string()),
+        EngineError::PageMiss(_) | EngineError::Internal(_) => SqlError::internal(e.to_string()),
+    }
+}
+
+pub(crate) fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
+    Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg
+            .strip_prefix("sql parser error: ")
+            .unwrap_or(&msg)
+            .to_string();
+        SqlError::syntax(format!("syntax error: {msg}"))
+    })
+}
+
+fn isolation_of(
+    modes: &[TransactionMode],
+    default: Isolation,
+) -> Result<(Isolation, bool), SqlError> {
+    let mut iso = default;
+    let mut read_only = false;
+    for m in modes {
+        match m {
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadCommitted)
+            | TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadUncommitted) => iso = Isolation::ReadCommitted,
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::RepeatableRead) => iso = Isolation::RepeatableRead,
+            TransactionMode::IsolationLevel(other) => {
+                return Err(SqlError::new(
+                    "0A000",
+                    format!("isolation level {other} is not supported; use READ COMMITTED or REPEATABLE READ"),
+                ))
+            }
+            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly) => read_only = true,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite) => read_only = false,
+        }
+    }
+    Ok((iso, read_only))
 }
 
 impl Session {
@@ -124,12 +229,16 @@ impl Session {
         self.status
     }
 
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.db.engine
+    }
+
     /// Simple query protocol: runs each statement, stopping at the first error.
     pub async fn query(&mut self, sql: &str) -> Vec<Result<ExecResult, SqlError>> {
         let statements = match parse(sql) {
             Ok(s) => s,
             Err(e) => {
-                self.on_error();
+                self.fail_block().await;
                 return vec![Err(e)];
             }
         };
@@ -138,7 +247,7 @@ impl Session {
         }
         let mut out = Vec::with_capacity(statements.len());
         for stmt in &statements {
-            let r = self.execute_statement(stmt, &[]).await;
+            let r = self.run(stmt, &[]).await;
             let failed = r.is_err();
             out.push(r);
             if failed {
@@ -151,72 +260,200 @@ impl Session {
     pub fn prepare(&mut self, sql: &str, param_types: &[Type]) -> Result<Prepared, SqlError> {
         let mut statements = parse(sql)?;
         if statements.len() > 1 {
-            return Err(SqlError::syntax("cannot insert multiple commands into a prepared statement"));
+            return Err(SqlError::syntax(
+                "cannot insert multiple commands into a prepared statement",
+            ));
         }
-        let statement = statements.pop().map(Arc::new);
-        Ok(Prepared { sql: sql.to_string(), param_types: param_types.to_vec(), columns: Arc::new(vec![]), statement })
+        let Some(statement) = statements.pop() else {
+            return Ok(Prepared {
+                sql: sql.to_string(),
+                param_types: vec![],
+                columns: Arc::new(vec![]),
+                statement: None,
+            });
+        };
+        let (param_types, columns) = exec::describe(self, &statement, param_types)?;
+        Ok(Prepared {
+            sql: sql.to_string(),
+            param_types,
+            columns: Arc::new(columns),
+            statement: Some(Arc::new(statement)),
+        })
     }
 
-    pub async fn execute(&mut self, prepared: &Prepared, params: Vec<Datum>) -> Result<ExecResult, SqlError> {
+    pub async fn execute(
+        &mut self,
+        prepared: &Prepared,
+        params: Vec<Datum>,
+    ) -> Result<ExecResult, SqlError> {
         match &prepared.statement {
             None => Ok(ExecResult::Empty),
-            Some(stmt) => self.execute_statement(stmt, &params).await,
+            Some(stmt) => self.run(stmt, &params).await,
         }
     }
 
-    pub async fn copy_data(&mut self, _data: &[u8]) -> Result<(), SqlError> {
-        Err(SqlError::unsupported("COPY FROM STDIN"))
+    pub async fn copy_data(&mut self, data: &[u8]) -> Result<(), SqlError> {
+        let r = exec::copy_data(self, data).await;
+        if r.is_err() {
+            self.copy = None;
+            let _ = self.after_statement(Err(())).await;
+        }
+        r
     }
 
     pub async fn copy_done(&mut self) -> Result<ExecResult, SqlError> {
-        Err(SqlError::unsupported("COPY FROM STDIN"))
+        let r = exec::copy_done(self).await;
+        self.copy = None;
+        let r = match r {
+            Ok(res) => match self.after_statement(Ok(())).await {
+                Ok(()) => Ok(res),
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                let _ = self.after_statement(Err(())).await;
+                Err(e)
+            }
+        };
+        r
     }
 
     pub async fn copy_fail(&mut self, message: &str) -> SqlError {
-        self.on_error();
+        self.copy = None;
+        let _ = self.after_statement(Err(())).await;
         SqlError::new("57014", format!("COPY from stdin failed: {message}"))
     }
 
     /// The client went away: roll back whatever is open.
     pub async fn terminate(&mut self) {
+        self.copy = None;
+        if let Some(txn) = self.txn.take() {
+            let _ = self.db.engine.rollback(txn).await;
+        }
         self.status = TransactionStatus::Idle;
     }
 
-    fn on_error(&mut self) {
-        if self.status == TransactionStatus::InBlock {
-            self.status = TransactionStatus::Failed;
+    async fn fail_block(&mut self) {
+        match self.status {
+            TransactionStatus::InBlock => self.status = TransactionStatus::Failed,
+            TransactionStatus::Idle => {
+                if let Some(txn) = self.txn.take() {
+                    let _ = self.db.engine.rollback(txn).await;
+                }
+            }
+            TransactionStatus::Failed => {}
         }
     }
 
-    async fn execute_statement(&mut self, stmt: &Statement, _params: &[Datum]) -> Result<ExecResult, SqlError> {
-        let r = match stmt {
-            Statement::StartTransaction { .. } => {
+    /// Ends the implicit transaction of a statement run outside a block, or marks a
+    /// block failed after an error.
+    async fn after_statement(&mut self, outcome: Result<(), ()>) -> Result<(), SqlError> {
+        if self.copy.is_some() {
+            return Ok(()); // COPY FROM STDIN still running: the statement is not over.
+        }
+        match (outcome, self.status) {
+            (Ok(()), TransactionStatus::Idle) => {
+                if let Some(txn) = self.txn.take() {
+                    self.db.engine.commit(txn).await.map_err(engine_error)?;
+                }
+                Ok(())
+            }
+            (Err(()), _) => {
+                self.fail_block().await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The transaction for the next statement, starting one if needed.
+    pub(crate) fn txn_for_statement(&mut self) -> &mut Txn {
+        let engine = self.db.engine.clone();
+        let iso = self.default_isolation;
+        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, false));
+        engine.start_statement(txn);
+        txn
+    }
+
+    async fn run(&mut self, stmt: &Statement, params: &[Datum]) -> Result<ExecResult, SqlError> {
+        match stmt {
+            Statement::StartTransaction { modes, .. } => {
+                if self.status != TransactionStatus::Idle {
+                    // PostgreSQL: WARNING 25001, and the block continues.
+                    return Ok(ExecResult::Command {
+                        tag: "BEGIN".into(),
+                    });
+                }
+                let (iso, read_only) = match isolation_of(modes, self.default_isolation) {
+                    Ok(v) => v,
+                    Err(e) => return Err(e),
+                };
+                self.txn = Some(self.db.engine.begin(iso, read_only));
                 self.status = TransactionStatus::InBlock;
-                Ok(ExecResult::Command { tag: "BEGIN".into() })
+                return Ok(ExecResult::Command {
+                    tag: "BEGIN".into(),
+                });
             }
             Statement::Commit { .. } => {
-                let tag = if self.status == TransactionStatus::Failed { "ROLLBACK" } else { "COMMIT" };
+                let failed = self.status == TransactionStatus::Failed;
                 self.status = TransactionStatus::Idle;
-                Ok(ExecResult::Command { tag: tag.into() })
+                let tag = if failed { "ROLLBACK" } else { "COMMIT" };
+                if let Some(txn) = self.txn.take() {
+                    if failed {
+                        self.db.engine.rollback(txn).await.map_err(engine_error)?;
+                    } else {
+                        self.db.engine.commit(txn).await.map_err(engine_error)?;
+                    }
+                }
+                return Ok(ExecResult::Command { tag: tag.into() });
             }
-            Statement::Rollback { .. } => {
+            Statement::Rollback {
+                savepoint: None, ..
+            } => {
                 self.status = TransactionStatus::Idle;
-                Ok(ExecResult::Command { tag: "ROLLBACK".into() })
+                if let Some(txn) = self.txn.take() {
+                    self.db.engine.rollback(txn).await.map_err(engine_error)?;
+                }
+                return Ok(ExecResult::Command {
+                    tag: "ROLLBACK".into(),
+                });
             }
-            _ if self.status == TransactionStatus::Failed => Err(SqlError::new(
+            _ if self.status == TransactionStatus::Failed => return Err(SqlError::new(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
             )),
-            Statement::Query(q) if q.to_string().eq_ignore_ascii_case("SELECT 1") => Ok(ExecResult::Rows {
-                columns: Arc::new(vec![Column::new("?column?", Type::Int4)]),
-                rows: vec![vec![Datum::Int4(1)]],
-                tag: "SELECT 1".into(),
-            }),
-            other => Err(SqlError::unsupported(format!("statement {:?}", other.to_string()))),
-        };
-        if r.is_err() {
-            self.on_error();
+            Statement::Set(sqlparser::ast::Set::SetTransaction {
+                modes,
+                session: true,
+                ..
+            }) => {
+                let (iso, _) = isolation_of(modes, self.default_isolation)?;
+                self.default_isolation = iso;
+                return Ok(ExecResult::Command { tag: "SET".into() });
+            }
+            Statement::Set(sqlparser::ast::Set::SetTransaction {
+                modes,
+                session: false,
+                ..
+            }) => {
+                let (iso, read_only) = isolation_of(modes, self.default_isolation)?;
+                if let Some(txn) = self.txn.as_mut() {
+                    txn.isolation = iso;
+                    txn.read_only = read_only;
+                }
+                return Ok(ExecResult::Command { tag: "SET".into() });
+            }
+            _ => {}
         }
-        r
+        let r = exec::execute(self, stmt, params).await;
+        match r {
+            Ok(res) => {
+                self.after_statement(Ok(())).await?;
+                Ok(res)
+            }
+            Err(e) => {
+                let _ = self.after_statement(Err(())).await;
+                Err(e)
+            }
+        }
     }
 }

@@ -1,0 +1,3362 @@
+//! Statement execution: binding statements against the catalog, then running them
+//! against the engine.
+//!
+//! Reads materialize their input rows (bounded by the statement), then filter,
+//! aggregate, project, sort and limit. Writes find their target rows with the same
+//! scan and change each through `Engine::modify_row`, which re-checks the row under
+//! the engine's lock (PostgreSQL's READ COMMITTED re-check) and waits for
+//! concurrent writers.
+
+use crate::expr::{self, AggBinding, AggCall, AggFunc, BindCtx, EvalCtx, Expr, Scope, ScopeColumn};
+use crate::plan::{self, KeyPlan, Resolved};
+use crate::session::{engine_error, Column, CopyFormat, ExecResult, Session};
+use crate::SqlError;
+use borealis_engine::catalog::{CheckDef, ColumnDef, IndexDef, RelKind, SequenceDef, TableDef};
+use borealis_engine::row::encode_key;
+use borealis_engine::types::{now_timestamp, Datum, Type};
+use borealis_engine::{Engine, RowAction, RowOutcome, Txn};
+use sqlparser::ast::{self, SelectItem, SetExpr, Statement, TableFactor};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::{HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::Arc;
+
+/// Upper bound on rows a single statement materializes (invariant 9).
+const MAX_STATEMENT_ROWS: usize = 50_000_000;
+
+fn ident(name: &ast::ObjectName) -> String {
+    name.0
+        .last()
+        .map(|p| match p {
+            ast::ObjectNamePart::Identifier(i) => i.value.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default()
+}
+
+fn schema_ok(name: &ast::ObjectName) -> Result<(), SqlError> {
+    if name.0.len() > 1 {
+        let schema = name.0[name.0.len() - 2].to_string();
+        if schema != "public" {
+            return Err(SqlError::new(
+                "3F000",
+                format!("schema \"{schema}\" does not exist"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn find_table(
+    catalog: &[Arc<TableDef>],
+    name: &ast::ObjectName,
+) -> Result<Arc<TableDef>, SqlError> {
+    schema_ok(name)?;
+    let n = ident(name);
+    catalog
+        .iter()
+        .find(|t| t.name == n && t.kind == RelKind::Table)
+        .cloned()
+        .ok_or_else(|| SqlError::new("42P01", format!("relation \"{n}\" does not exist")))
+}
+
+fn table_scope(t: &TableDef, alias: Option<&str>) -> Scope {
+    Scope {
+        columns: t
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ScopeColumn {
+                table: Some(alias.unwrap_or(&t.name).to_string()),
+                name: c.name.clone(),
+                ty: c.ty(),
+                table_oid: t.oid,
+                column_id: i as i16 + 1,
+            })
+            .collect(),
+    }
+}
+
+fn parse_expr_text(sql: &str) -> Result<ast::Expr, SqlError> {
+    Parser::new(&PostgreSqlDialect {})
+        .try_with_sql(sql)
+        .and_then(|mut p| p.parse_expr())
+        .map_err(|e| SqlError::internal(format!("stored expression {sql:?}: {e}")))
+}
+
+// ---------------------------------------------------------------------------
+// Bound statements
+
+#[derive(Debug, Clone)]
+enum FromItem {
+    Table {
+        def: Arc<TableDef>,
+        key: KeyPlan,
+    },
+    Series {
+        args: Vec<Expr>,
+        ty: Type,
+    },
+    /// One row, no columns (SELECT without FROM).
+    Unit,
+}
+
+#[derive(Debug, Clone)]
+struct JoinStep {
+    item: FromItem,
+    on: Option<Expr>,
+    left_outer: bool,
+}
+
+#[derive(Debug, Clone)]
+struct AggPlan {
+    group: Vec<Expr>,
+    calls: Vec<AggCall>,
+    having: Option<Expr>,
+}
+
+#[derive(Debug, Clone)]
+struct SelectPlan {
+    from: Vec<JoinStep>,
+    filter: Option<Expr>,
+    agg: Option<AggPlan>,
+    project: Vec<Expr>,
+    columns: Vec<Column>,
+    /// Trailing projected columns used only for sorting.
+    hidden: usize,
+    order: Vec<(usize, bool, bool)>,
+    distinct: bool,
+    limit: Option<Expr>,
+    offset: Option<Expr>,
+    lock: bool,
+    nextvals: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+enum InsertSource {
+    Values(Vec<Vec<Option<Expr>>>),
+    Query(Box<SelectPlan>),
+}
+
+#[derive(Debug, Clone)]
+enum OnConflict {
+    Nothing,
+    Update {
+        sets: Vec<(usize, Expr)>,
+        filter: Option<Expr>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Returning {
+    exprs: Vec<Expr>,
+    columns: Vec<Column>,
+}
+
+#[derive(Debug, Clone)]
+struct InsertPlan {
+    table: Arc<TableDef>,
+    targets: Vec<usize>,
+    source: InsertSource,
+    defaults: Vec<Option<Expr>>,
+    checks: Vec<(String, Expr)>,
+    on_conflict: Option<OnConflict>,
+    returning: Option<Returning>,
+    nextvals: Vec<String>,
+    /// How many of `nextvals` belong to the VALUES rows (the rest to defaults).
+    values_nextvals: usize,
+}
+
+#[derive(Debug, Clone)]
+struct ModifyPlan {
+    table: Arc<TableDef>,
+    key: KeyPlan,
+    filter: Option<Expr>,
+    /// None = DELETE.
+    sets: Option<Vec<(usize, Expr)>>,
+    checks: Vec<(String, Expr)>,
+    returning: Option<Returning>,
+}
+
+enum Bound_ {
+    Select(SelectPlan),
+    Insert(InsertPlan),
+    Modify(ModifyPlan),
+}
+
+struct Binder<'a> {
+    catalog: &'a [Arc<TableDef>],
+    params: Vec<Type>,
+    nextvals: Vec<String>,
+}
+
+impl<'a> Binder<'a> {
+    fn ctx(&mut self) -> BindCtx<'_> {
+        BindCtx {
+            params: &mut self.params,
+            nextvals: &mut self.nextvals,
+            agg: None,
+        }
+    }
+
+    fn bind(
+        &mut self,
+        scope: &Scope,
+        e: &ast::Expr,
+        expected: Option<Type>,
+    ) -> Result<Expr, SqlError> {
+        self.ctx().bind(scope, e, expected)
+    }
+
+    fn checks(&mut self, t: &TableDef) -> Result<Vec<(String, Expr)>, SqlError> {
+        let scope = table_scope(t, None);
+        t.checks
+            .iter()
+            .map(|c| {
+                Ok((
+                    c.name.clone(),
+                    self.bind(&scope, &parse_expr_text(&c.expr)?, Some(Type::Bool))?,
+                ))
+            })
+            .collect()
+    }
+
+    fn returning(
+        &mut self,
+        scope: &Scope,
+        items: &Option<Vec<SelectItem>>,
+    ) -> Result<Option<Returning>, SqlError> {
+        let Some(items) = items else { return Ok(None) };
+        let (exprs, columns) = self.select_list(scope, items)?;
+        Ok(Some(Returning { exprs, columns }))
+    }
+
+    fn select_list(
+        &mut self,
+        scope: &Scope,
+        items: &[SelectItem],
+    ) -> Result<(Vec<Expr>, Vec<Column>), SqlError> {
+        let mut exprs = Vec::new();
+        let mut columns = Vec::new();
+        for item in items {
+            match item {
+                SelectItem::Wildcard(_) => {
+                    for (i, c) in scope.columns.iter().enumerate() {
+                        exprs.push(Expr::Column(i, c.ty));
+                        columns.push(Column {
+                            name: c.name.clone(),
+                            ty: c.ty,
+                            table_oid: c.table_oid,
+                            column_id: c.column_id,
+                        });
+                    }
+                }
+                SelectItem::QualifiedWildcard(kind, _) => {
+                    let t = kind.to_string();
+                    for (i, c) in scope
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.table.as_deref() == Some(&t))
+                    {
+                        exprs.push(Expr::Column(i, c.ty));
+                        columns.push(Column {
+                            name: c.name.clone(),
+                            ty: c.ty,
+                            table_oid: c.table_oid,
+                            column_id: c.column_id,
+                        });
+                    }
+                }
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                    let name = match item {
+                        SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
+                        _ => expr::column_name(e),
+                    };
+                    let b = self.bind(scope, e, None)?;
+                    let mut col = Column::new(name, out_type(b.ty(&self.params)));
+                    if let Expr::Column(i, _) = &b {
+                        col.table_oid = scope.columns[*i].table_oid;
+                        col.column_id = scope.columns[*i].column_id;
+                    }
+                    exprs.push(b);
+                    columns.push(col);
+                }
+                other => return Err(SqlError::unsupported(format!("select item {other}"))),
+            }
+        }
+        Ok((exprs, columns))
+    }
+
+    fn from_item(&mut self, f: &TableFactor) -> Result<(FromItem, Scope), SqlError> {
+        match f {
+            TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } => {
+                let def = find_table(self.catalog, name)?;
+                let alias_name = alias.as_ref().map(|a| a.name.value.clone());
+                let scope = table_scope(&def, alias_name.as_deref());
+                Ok((
+                    FromItem::Table {
+                        def,
+                        key: KeyPlan::default(),
+                    },
+                    scope,
+                ))
+            }
+            TableFactor::Table {
+                name,
+                alias,
+                args: Some(args),
+                ..
+            } => {
+                let fname = ident(name).to_lowercase();
+                if fname != "generate_series" {
+                    return Err(SqlError::new(
+                        "42883",
+                        format!("function {fname} does not exist"),
+                    ));
+                }
+                let mut bound = Vec::new();
+                for a in &args.args {
+                    match a {
+                        ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => {
+                            bound.push(self.bind(&Scope::default(), e, Some(Type::Int8))?)
+                        }
+                        other => return Err(SqlError::unsupported(format!("argument {other}"))),
+                    }
+                }
+                if !(2..=3).contains(&bound.len()) {
+                    return Err(SqlError::new(
+                        "42883",
+                        "generate_series takes 2 or 3 arguments",
+                    ));
+                }
+                let ty = if bound
+                    .iter()
+                    .all(|b| matches!(b.ty(&self.params), Type::Int4 | Type::Int2 | Type::Unknown))
+                {
+                    Type::Int4
+                } else {
+                    Type::Int8
+                };
+                let col_name = alias
+                    .as_ref()
+                    .map(|a| {
+                        a.columns
+                            .first()
+                            .map(|c| c.name.value.clone())
+                            .unwrap_or_else(|| a.name.value.clone())
+                    })
+                    .unwrap_or_else(|| "generate_series".into());
+                let table_name = alias
+                    .as_ref()
+                    .map(|a| a.name.value.clone())
+                    .unwrap_or_else(|| "generate_series".into());
+                let scope = Scope {
+                    columns: vec![ScopeColumn {
+                        table: Some(table_name),
+                        name: col_name,
+                        ty,
+                        table_oid: 0,
+                        column_id: 0,
+                    }],
+                };
+                Ok((FromItem::Series { args: bound, ty }, scope))
+            }
+            other => Err(SqlError::unsupported(format!("FROM item {other}"))),
+        }
+    }
+
+    fn select(&mut self, q: &ast::Query) -> Result<SelectPlan, SqlError> {
+        if q.with.is_some() {
+            return Err(SqlError::unsupported("WITH queries"));
+        }
+        let select = match &*q.body {
+            SetExpr::Select(s) => s,
+            SetExpr::Values(v) => return self.values_query(v, q),
+            SetExpr::Query(inner) => return self.select(inner),
+            SetExpr::SetOperation { .. } => {
+                return Err(SqlError::unsupported("UNION/INTERSECT/EXCEPT"))
+            }
+            other => return Err(SqlError::unsupported(format!("query {other}"))),
+        };
+        if select.top.is_some() {
+            return Err(SqlError::syntax("syntax error at or near \"TOP\""));
+        }
+        if select.into.is_some() {
+            return Err(SqlError::unsupported("SELECT INTO"));
+        }
+        // FROM and joins.
+        let mut from = Vec::new();
+        let mut scope = Scope::default();
+        if select.from.is_empty() {
+            from.push(JoinStep {
+                item: FromItem::Unit,
+                on: None,
+                left_outer: false,
+            });
+        }
+        for twj in &select.from {
+            let (item, s) = self.from_item(&twj.relation)?;
+            scope.columns.extend(s.columns);
+            from.push(JoinStep {
+                item,
+                on: None,
+                left_outer: false,
+            });
+            for j in &twj.joins {
+                let (item, s) = self.from_item(&j.relation)?;
+                scope.columns.extend(s.columns);
+                let (constraint, left_outer) = match &j.join_operator {
+                    ast::JoinOperator::Join(c) | ast::JoinOperator::Inner(c) => (Some(c), false),
+                    ast::JoinOperator::Left(c) | ast::JoinOperator::LeftOuter(c) => (Some(c), true),
+                    ast::JoinOperator::CrossJoin(_) => (None, false),
+                    other => return Err(SqlError::unsupported(format!("join {other:?}"))),
+                };
+                let on = match constraint {
+                    Some(ast::JoinConstraint::On(e)) => {
+                        Some(self.bind(&scope, e, Some(Type::Bool))?)
+                    }
+                    Some(ast::JoinConstraint::None) | None => None,
+                    Some(other) => {
+                        return Err(SqlError::unsupported(format!("join constraint {other:?}")))
+                    }
+                };
+                from.push(JoinStep {
+                    item,
+                    on,
+                    left_outer,
+                });
+            }
+        }
+        let filter = match &select.selection {
+            Some(w) => Some(self.bind(&scope, w, Some(Type::Bool))?),
+            None => None,
+        };
+        // Key ranges apply when there is exactly one table.
+        if from.len() == 1 {
+            if let FromItem::Table { def, key } = &mut from[0].item {
+                *key = plan::key_plan(def, filter.as_ref());
+            }
+        }
+        let group_exprs: Vec<ast::Expr> = match &select.group_by {
+            ast::GroupByExpr::Expressions(es, _) => es.clone(),
+            ast::GroupByExpr::All(_) => return Err(SqlError::unsupported("GROUP BY ALL")),
+        };
+        let has_agg = !group_exprs.is_empty() || select.having.is_some() || {
+            let text = select
+                .projection
+                .iter()
+                .map(|p| p.to_string().to_lowercase())
+                .collect::<Vec<_>>()
+                .join(",");
+            ["count(", "sum(", "avg(", "min(", "max("]
+                .iter()
+                .any(|f| text.contains(f))
+        };
+        let mut agg_plan = None;
+        let (mut project, mut columns);
+        let out_scope;
+        if has_agg {
+            let mut group = Vec::new();
+            let mut binding = AggBinding {
+                input: scope.clone(),
+                ..Default::default()
+            };
+            for g in &group_exprs {
+                // GROUP BY 1 refers to the first select-list item.
+                let g = match g {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::Number(n, _) => {
+                            let i: usize = n
+                                .parse()
+                                .map_err(|_| SqlError::syntax("bad GROUP BY position"))?;
+                            match select.projection.get(i.wrapping_sub(1)) {
+                                Some(SelectItem::UnnamedExpr(e))
+                                | Some(SelectItem::ExprWithAlias { expr: e, .. }) => e.clone(),
+                                _ => {
+                                    return Err(SqlError::new(
+                                        "42P10",
+                                        format!("GROUP BY position {i} is not in select list"),
+                                    ))
+                                }
+                            }
+                        }
+                        _ => g.clone(),
+                    },
+                    _ => g.clone(),
+                };
+                let b = self.bind(&scope, &g, None)?;
+                binding.group_texts.push(g.to_string());
+                binding.group_types.push(b.ty(&self.params));
+                group.push(b);
+            }
+            let mut ctx = BindCtx {
+                params: &mut self.params,
+                nextvals: &mut self.nextvals,
+                agg: Some(binding),
+            };
+            project = Vec::new();
+            columns = Vec::new();
+            for item in &select.projection {
+                let (e, name) = match item {
+                    SelectItem::UnnamedExpr(e) => (e, expr::column_name(e)),
+                    SelectItem::ExprWithAlias { expr: e, alias } => (e, alias.value.clone()),
+                    other => {
+                        return Err(SqlError::new(
+                            "42803",
+                            format!("{other} must appear in the GROUP BY clause"),
+                        ))
+                    }
+                };
+                let b = ctx.bind(&Scope::default(), e, None)?;
+                columns.push(Column::new(name, out_type(b.ty(ctx.params))));
+                project.push(b);
+            }
+            let having = match &select.having {
+                Some(h) => Some(ctx.bind(&Scope::default(), h, Some(Type::Bool))?),
+                None => None,
+            };
+            // ORDER BY may name aggregates too: bind it in the same context.
+            let binding_for_order = ctx.agg.take();
+            let binding = binding_for_order.unwrap_or_default();
+            let ngroups = group.len();
+            let remap = |e: Expr| shift_aggs(e, ngroups);
+            project = project.into_iter().map(remap).collect();
+            let having = having.map(remap);
+            agg_plan = Some((
+                AggPlan {
+                    group,
+                    calls: binding.calls.clone(),
+                    having,
+                },
+                binding,
+            ));
+            out_scope = None;
+        } else {
+            let (p, c) = self.select_list(&scope, &select.projection)?;
+            project = p;
+            columns = c;
+            out_scope = Some(scope.clone());
+        }
+        // ORDER BY: output positions, output names, or expressions (hidden columns).
+        let mut order = Vec::new();
+        let mut hidden = 0;
+        if let Some(ob) = &q.order_by {
+            let exprs = match &ob.kind {
+                ast::OrderByKind::Expressions(es) => es.clone(),
+                ast::OrderByKind::All(_) => return Err(SqlError::unsupported("ORDER BY ALL")),
+            };
+            for oe in &exprs {
+                let desc = oe
+                    .options
+                    .sort
+                    .as_ref()
+                    .map(|s| matches!(s, ast::OrderBySort::Desc))
+                    .unwrap_or(false);
+                let nulls_first = oe.options.nulls_first.unwrap_or(desc);
+                let pos = match &oe.expr {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::Number(n, _) => {
+                            let i: usize = n
+                                .parse()
+                                .map_err(|_| SqlError::syntax("bad ORDER BY position"))?;
+                            if i == 0 || i > columns.len() {
+                                return Err(SqlError::new(
+                                    "42P10",
+                                    format!("ORDER BY position {i} is not in select list"),
+                                ));
+                            }
+                            Some(i - 1)
+                        }
+                        _ => None,
+                    },
+                    ast::Expr::Identifier(id) => {
+                        columns.iter().position(|c| c.name == id.value).filter(|_| {
+                            // An output name wins over an input column of the same name.
+                            true
+                        })
+                    }
+                    _ => None,
+                };
+                let pos = match pos {
+                    Some(p) => p,
+                    None => {
+                        let b = match (&out_scope, &mut agg_plan) {
+                            (Some(s), _) => self.bind(s, &oe.expr, None)?,
+                            (None, Some((plan, binding))) => {
+                                let mut ctx = BindCtx {
+                                    params: &mut self.params,
+                                    nextvals: &mut self.nextvals,
+                                    agg: Some(std::mem::take(binding)),
+                                };
+                                let r = ctx.bind(&Scope::default(), &oe.expr, None);
+                                *binding = ctx.agg.take().unwrap_or_default();
+                                plan.calls = binding.calls.clone();
+                                shift_aggs(r?, plan.group.len())
+                            }
+                            _ => return Err(SqlError::internal("order by binding")),
+                        };
+                        project.push(b);
+                        hidden += 1;
+                        project.len() - 1
+                    }
+                };
+                order.push((pos, desc, nulls_first));
+            }
+        }
+        let distinct = match &select.distinct {
+            None | Some(ast::Distinct::All) => false,
+            Some(ast::Distinct::Distinct) => true,
+            Some(ast::Distinct::On(_)) => return Err(SqlError::unsupported("DISTINCT ON")),
+        };
+        let (limit, offset) = self.limit_offset(q)?;
+        let lock = !q.locks.is_empty();
+        if lock && (from.len() != 1 || agg_plan.is_some()) {
+            return Err(SqlError::new(
+                "0A000",
+                "FOR UPDATE/FOR SHARE is only supported on a single table without aggregates",
+            ));
+        }
+        Ok(SelectPlan {
+            from,
+            filter,
+            agg: agg_plan.map(|(p, _)| p),
+            project,
+            columns,
+            hidden,
+            order,
+            distinct,
+            limit,
+            offset,
+            lock,
+            nextvals: std::mem::take(&mut self.nextvals),
+        })
+    }
+
+    fn limit_offset(&mut self, q: &ast::Query) -> Result<(Option<Expr>, Option<Expr>), SqlError> {
+        let empty = Scope::default();
+        Ok(match &q.limit_clause {
+            None => (None, None),
+            Some(ast::LimitClause::LimitOffset { limit, offset, .. }) => {
+                let l = match limit {
+                    Some(e) => Some(self.bind(&empty, e, Some(Type::Int8))?),
+                    None => None,
+                };
+                let o = match offset {
+                    Some(o) => Some(self.bind(&empty, &o.value, Some(Type::Int8))?),
+                    None => None,
+                };
+                (l, o)
+            }
+            Some(ast::LimitClause::OffsetCommaLimit { .. }) => {
+                return Err(SqlError::syntax("LIMIT #,# syntax is not supported"))
+            }
+        })
+    }
+
+    fn values_query(&mut self, v: &ast::Values, q: &ast::Query) -> Result<SelectPlan, SqlError> {
+        // VALUES (...), (...) as a query: rows of constants, via a Unit source per row.
+        let _ = (v, q);
+        Err(SqlError::unsupported("VALUES as a query"))
+    }
+
+    fn insert(&mut self, ins: &ast::Insert) -> Result<InsertPlan, SqlError> {
+        let name = match &ins.table {
+            ast::TableObject::TableName(n) => n,
+            other => return Err(SqlError::unsupported(format!("INSERT into {other}"))),
+        };
+        if ins.or.is_some() || ins.ignore || ins.replace_into {
+            return Err(SqlError::syntax("syntax error at or near \"OR\""));
+        }
+        let table = find_table(self.catalog, name)?;
+        let targets: Vec<usize> = if ins.columns.is_empty() {
+            (0..table.columns.len()).collect()
+        } else {
+            let mut v = Vec::new();
+            for c in &ins.columns {
+                let n = ident(c);
+                let i = table.column_index(&n).ok_or_else(|| {
+                    SqlError::new(
+                        "42703",
+                        format!(
+                            "column \"{n}\" of relation \"{}\" does not exist",
+                            table.name
+                        ),
+                    )
+                })?;
+                if v.contains(&i) {
+                    return Err(SqlError::new(
+                        "42701",
+                        format!("column \"{n}\" specified more than once"),
+                    ));
+                }
+                v.push(i);
+            }
+            v
+        };
+        let empty = Scope::default();
+        let source = match ins.source.as_deref() {
+            None => InsertSource::Values(vec![vec![None; targets.len()]]),
+            Some(q) => match &*q.body {
+                SetExpr::Values(values) if q.order_by.is_none() && q.limit_clause.is_none() => {
+                    let mut rows = Vec::with_capacity(values.rows.len());
+                    for r in &values.rows {
+                        if r.len() > targets.len() {
+                            return Err(SqlError::syntax(
+                                "INSERT has more expressions than target columns",
+                            ));
+                        }
+                        if r.len() < targets.len() && !ins.columns.is_empty() {
+                            return Err(SqlError::syntax(
+                                "INSERT has more target columns than expressions",
+                            ));
+                        }
+                        let mut row = Vec::with_capacity(targets.len());
+                        for (j, e) in r.iter().enumerate() {
+                            let col = &table.columns[targets[j]];
+                            let is_default = matches!(e, ast::Expr::Identifier(id) if id.value.eq_ignore_ascii_case("default") && id.quote_style.is_none());
+                            row.push(if is_default {
+                                None
+                            } else {
+                                Some(self.bind(&empty, e, Some(col.ty()))?)
+                            });
+                        }
+                        row.resize(targets.len(), None);
+                        rows.push(row);
+                    }
+                    InsertSource::Values(rows)
+                }
+                _ => {
+                    let plan = self.select(q)?;
+                    if plan.columns.len() - plan.hidden > targets.len() {
+                        return Err(SqlError::syntax(
+                            "INSERT has more expressions than target columns",
+                        ));
+                    }
+                    InsertSource::Query(Box::new(plan))
+                }
+            },
+        };
+        let values_nextvals = self.nextvals.len();
+        let defaults = self.defaults(&table)?;
+        let checks = self.checks(&table)?;
+        let scope = table_scope(&table, None);
+        let on_conflict = match &ins.on {
+            None => None,
+            Some(ast::OnInsert::OnConflict(oc)) => {
+                if let Some(ast::ConflictTarget::Columns(cols)) = &oc.conflict_target {
+                    let named: Vec<usize> = cols
+                        .iter()
+                        .filter_map(|c| table.column_index(&c.value))
+                        .collect();
+                    if named != table.pk {
+                        return Err(SqlError::new(
+                            "42P10",
+                            "there is no unique or exclusion constraint matching the ON CONFLICT specification",
+                        ));
+                    }
+                }
+                Some(match &oc.action {
+                    ast::OnConflictAction::DoNothing => OnConflict::Nothing,
+                    ast::OnConflictAction::DoUpdate(du) => {
+                        // Scope: the existing row, then EXCLUDED.
+                        let mut s = scope.clone();
+                        let mut excluded = table_scope(&table, Some("excluded"));
+                        for c in &mut excluded.columns {
+                            c.table_oid = 0;
+                        }
+                        s.columns.extend(excluded.columns);
+                        let sets = self.assignments(&table, &s, &du.assignments)?;
+                        let filter = match &du.selection {
+                            Some(w) => Some(self.bind(&s, w, Some(Type::Bool))?),
+                            None => None,
+                        };
+                        OnConflict::Update { sets, filter }
+                    }
+                })
+            }
+            Some(other) => return Err(SqlError::syntax(format!("syntax error near {other}"))),
+        };
+        let returning = self.returning(&scope, &ins.returning)?;
+        Ok(InsertPlan {
+            table,
+            targets,
+            source,
+            defaults,
+            checks,
+            on_conflict,
+            returning,
+            nextvals: std::mem::take(&mut self.nextvals),
+            values_nextvals,
+        })
+    }
+
+    fn defaults(&mut self, t: &TableDef) -> Result<Vec<Option<Expr>>, SqlError> {
+        let empty = Scope::default();
+        t.columns
+            .iter()
+            .map(|c| match &c.default {
+                Some(text) => Ok(Some(self.bind(
+                    &empty,
+                    &parse_expr_text(text)?,
+                    Some(c.ty()),
+                )?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    fn assignments(
+        &mut self,
+        t: &TableDef,
+        scope: &Scope,
+        a: &[ast::Assignment],
+    ) -> Result<Vec<(usize, Expr)>, SqlError> {
+        let mut sets = Vec::new();
+        for asg in a {
+            let name = match &asg.target {
+                ast::AssignmentTarget::ColumnName(n) => ident(n),
+                ast::AssignmentTarget::Tuple(_) => {
+                    return Err(SqlError::unsupported("multi-column assignment"))
+                }
+            };
+            let i = t.column_index(&name).ok_or_else(|| {
+                SqlError::new(
+                    "42703",
+                    format!(
+                        "column \"{name}\" of relation \"{}\" does not exist",
+                        t.name
+                    ),
+                )
+            })?;
+            let col = &t.columns[i];
+            let is_default = matches!(&asg.value, ast::Expr::Identifier(id) if id.value.eq_ignore_ascii_case("default") && id.quote_style.is_none());
+            let e = if is_default {
+                match &col.default {
+                    Some(text) => {
+                        self.bind(&Scope::default(), &parse_expr_text(text)?, Some(col.ty()))?
+                    }
+                    None => Expr::Const(Datum::Null, col.ty()),
+                }
+            } else {
+                self.bind(scope, &asg.value, Some(col.ty()))?
+            };
+            sets.push((i, e));
+        }
+        Ok(sets)
+    }
+
+    fn update(&mut self, u: &ast::Update) -> Result<ModifyPlan, SqlError> {
+        if u.from.is_some() || !u.table.joins.is_empty() {
+            return Err(SqlError::unsupported("UPDATE ... FROM"));
+        }
+        let (name, alias) = match &u.table.relation {
+            TableFactor::Table { name, alias, .. } => {
+                (name, alias.as_ref().map(|a| a.name.value.clone()))
+            }
+            other => return Err(SqlError::unsupported(format!("UPDATE of {other}"))),
+        };
+        let table = find_table(self.catalog, name)?;
+        let scope = table_scope(&table, alias.as_deref());
+        let sets = self.assignments(&table, &scope, &u.assignments)?;
+        let filter = match &u.selection {
+            Some(w) => Some(self.bind(&scope, w, Some(Type::Bool))?),
+            None => None,
+        };
+        let key = plan::key_plan(&table, filter.as_ref());
+        let checks = self.checks(&table)?;
+        let returning = self.returning(&scope, &u.returning)?;
+        if !self.nextvals.is_empty() {
+            return Err(SqlError::unsupported("nextval() in UPDATE"));
+        }
+        Ok(ModifyPlan {
+            table,
+            key,
+            filter,
+            sets: Some(sets),
+            checks,
+            returning,
+        })
+    }
+
+    fn delete(&mut self, d: &ast::Delete) -> Result<ModifyPlan, SqlError> {
+        let tables = match &d.from {
+            ast::FromTable::WithFromKeyword(t) | ast::FromTable::WithoutKeyword(t) => t,
+        };
+        if tables.len() != 1 || d.using.is_some() || !tables[0].joins.is_empty() {
+            return Err(SqlError::unsupported(
+                "DELETE from several tables or with USING",
+            ));
+        }
+        let (name, alias) = match &tables[0].relation {
+            TableFactor::Table { name, alias, .. } => {
+                (name, alias.as_ref().map(|a| a.name.value.clone()))
+            }
+            other => return Err(SqlError::unsupported(format!("DELETE from {other}"))),
+        };
+        let table = find_table(self.catalog, name)?;
+        let scope = table_scope(&table, alias.as_deref());
+        let filter = match &d.selection {
+            Some(w) => Some(self.bind(&scope, w, Some(Type::Bool))?),
+            None => None,
+        };
+        let key = plan::key_plan(&table, filter.as_ref());
+        let returning = self.returning(&scope, &d.returning)?;
+        Ok(ModifyPlan {
+            table,
+            key,
+            filter,
+            sets: None,
+            checks: vec![],
+            returning,
+        })
+    }
+}
+
+/// In aggregated rows, group keys come first, then aggregates.
+fn shift_aggs(e: Expr, ngroups: usize) -> Expr {
+    map_expr(e, &|e| match e {
+        Expr::AggRef(i, t) => Expr::AggRef(i + ngroups, t),
+        other => other,
+    })
+}
+
+fn map_expr(e: Expr, f: &dyn Fn(Expr) -> Expr) -> Expr {
+    let m = |b: Box<Expr>| Box::new(map_expr(*b, f));
+    let e = match e {
+        Expr::Binary(op, l, r, t) => Expr::Binary(op, m(l), m(r), t),
+        Expr::Not(x) => Expr::Not(m(x)),
+        Expr::Neg(x, t) => Expr::Neg(m(x), t),
+        Expr::IsNull(x, n) => Expr::IsNull(m(x), n),
+        Expr::IsBool(x, a, b) => Expr::IsBool(m(x), a, b),
+        Expr::InList(x, items, n) => {
+            Expr::InList(m(x), items.into_iter().map(|i| map_expr(i, f)).collect(), n)
+        }
+        Expr::Between(x, a, b, n) => Expr::Between(m(x), m(a), m(b), n),
+        Expr::Like(x, p, n, ci) => Expr::Like(m(x), m(p), n, ci),
+        Expr::Case(o, w, el, t) => Expr::Case(
+            o.map(m),
+            w.into_iter()
+                .map(|(c, r)| (map_expr(c, f), map_expr(r, f)))
+                .collect(),
+            el.map(m),
+            t,
+        ),
+        Expr::Cast(x, t, tm) => Expr::Cast(m(x), t, tm),
+        Expr::Func(func, args, t) => {
+            Expr::Func(func, args.into_iter().map(|a| map_expr(a, f)).collect(), t)
+        }
+        other => other,
+    };
+    f(e)
+}
+
+/// Unknown-typed outputs (a bare string literal) are reported as text.
+fn out_type(t: Type) -> Type {
+    if t == Type::Unknown {
+        Type::Text
+    } else {
+        t
+    }
+}
+
+fn bind_statement(
+    catalog: &[Arc<TableDef>],
+    stmt: &Statement,
+    param_types: &[Type],
+) -> Result<(Option<Bound_>, Vec<Type>), SqlError> {
+    let mut b = Binder {
+        catalog,
+        params: param_types.to_vec(),
+        nextvals: vec![],
+    };
+    let bound = match stmt {
+        Statement::Query(q) => Some(Bound_::Select(b.select(q)?)),
+        Statement::Insert(ins) => Some(Bound_::Insert(b.insert(ins)?)),
+        Statement::Update(u) => Some(Bound_::Modify(b.update(u)?)),
+        Statement::Delete(d) => Some(Bound_::Modify(b.delete(d)?)),
+        _ => None,
+    };
+    let params = b
+        .params
+        .into_iter()
+        .map(|t| if t == Type::Unknown { Type::Text } else { t })
+        .collect();
+    Ok((bound, params))
+}
+
+/// Parameter types and result columns of a statement, for Describe.
+pub(crate) fn describe(
+    s: &Session,
+    stmt: &Statement,
+    param_types: &[Type],
+) -> Result<(Vec<Type>, Vec<Column>), SqlError> {
+    let catalog = s.engine().latest_relations();
+    let (bound, params) = bind_statement(&catalog, stmt, param_types)?;
+    let columns = match bound {
+        Some(Bound_::Select(p)) => p.columns[..p.columns.len() - p.hidden].to_vec(),
+        Some(Bound_::Insert(InsertPlan {
+            returning: Some(r), ..
+        }))
+        | Some(Bound_::Modify(ModifyPlan {
+            returning: Some(r), ..
+        })) => r.columns,
+        _ => match stmt {
+            Statement::ShowVariable { variable } => vec![Column::new(
+                variable
+                    .iter()
+                    .map(|i| i.value.clone())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                Type::Text,
+            )],
+            Statement::Explain { .. } => vec![Column::new("QUERY PLAN", Type::Text)],
+            _ => vec![],
+        },
+    };
+    Ok((params, columns))
+}
+
+// ---------------------------------------------------------------------------
+// Execution
+
+struct Exec<'a> {
+    engine: Engine,
+    txn: &'a mut Txn,
+    params: &'a [Datum],
+    database: String,
+    user: String,
+    now: i64,
+    catalog: Vec<Arc<TableDef>>,
+}
+
+impl<'a> Exec<'a> {
+    fn ctx<'b>(&'b self, pre: &'b [Datum]) -> EvalCtx<'b> {
+        EvalCtx {
+            params: self.params,
+            precomputed: pre,
+            database: &self.database,
+            user: &self.user,
+            now: self.now,
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), SqlError> {
+        if self.txn.read_only {
+            return Err(SqlError::new(
+                "25006",
+                "cannot execute this statement in a read-only transaction",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn nextvals(&mut self, names: &[String]) -> Result<Vec<Datum>, SqlError> {
+        let mut out = Vec::with_capacity(names.len());
+        for n in names {
+            if n.is_empty() {
+                out.push(Datum::Null);
+                continue;
+            }
+            let n = n.trim_start_matches("public.");
+            let seq = self
+                .catalog
+                .iter()
+                .find(|t| t.name == n && t.kind == RelKind::Sequence)
+                .cloned()
+                .ok_or_else(|| {
+                    SqlError::new("42P01", format!("relation \"{n}\" does not exist"))
+                })?;
+            out.push(Datum::Int8(
+                self.engine
+                    .nextval(self.txn, &seq)
+                    .await
+                    .map_err(engine_error)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn scan_item(
+        &mut self,
+        item: &FromItem,
+    ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
+        match item {
+            FromItem::Unit => Ok((vec![vec![]], vec![])),
+            FromItem::Series { args, ty } => {
+                let ctx = self.ctx(&[]);
+                let vals: Vec<Datum> = args
+                    .iter()
+                    .map(|a| expr::eval(a, &[], &ctx))
+                    .collect::<Result<_, _>>()?;
+                if vals.iter().any(|v| v.is_null()) {
+                    return Ok((vec![], vec![]));
+                }
+                let get = |d: &Datum| {
+                    d.as_i64()
+                        .or_else(|| expr::cast(d.clone(), Type::Int8, -1).ok()?.as_i64())
+                        .unwrap_or(0)
+                };
+                let (start, stop) = (get(&vals[0]), get(&vals[1]));
+                let step = vals.get(2).map(get).unwrap_or(1);
+                if step == 0 {
+                    return Err(SqlError::new("22023", "step size cannot equal zero"));
+                }
+                let mut rows = Vec::new();
+                let mut v = start;
+                while (step > 0 && v <= stop) || (step < 0 && v >= stop) {
+                    if rows.len() >= MAX_STATEMENT_ROWS {
+                        return Err(SqlError::new(
+                            "54000",
+                            "generate_series produces too many rows",
+                        ));
+                    }
+                    rows.push(vec![if *ty == Type::Int4 {
+                        Datum::Int4(v as i32)
+                    } else {
+                        Datum::Int8(v)
+                    }]);
+                    v = match v.checked_add(step) {
+                        Some(n) => n,
+                        None => break,
+                    };
+                }
+                Ok((rows, vec![]))
+            }
+            FromItem::Table { def, key } => self.scan_table(def, key, None, None).await,
+        }
+    }
+
+    /// Rows (and their keys) of `def` in the key plan's range that pass `filter`,
+    /// stopping after `limit` matches.
+    async fn scan_table(
+        &mut self,
+        def: &TableDef,
+        key: &KeyPlan,
+        filter: Option<&Expr>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
+        let (lo, hi) = {
+            let ctx = self.ctx(&[]);
+            match plan::resolve(key, def, &ctx)? {
+                Resolved::Empty => return Ok((vec![], vec![])),
+                Resolved::Full => (Bound::Unbounded, Bound::Unbounded),
+                Resolved::Range(lo, hi) => (lo, hi),
+            }
+        };
+        let mut rows = Vec::new();
+        let mut keys = Vec::new();
+        let mut err = None;
+        let ctx = EvalCtx {
+            params: self.params,
+            precomputed: &[],
+            database: &self.database,
+            user: &self.user,
+            now: self.now,
+        };
+        self.engine
+            .scan(self.txn, def.root, lo, hi, &mut |k, row| {
+                let pass = match filter {
+                    Some(f) => match expr::eval_pred(f, &row, &ctx) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            err = Some(e);
+                            return Ok(false);
+                        }
+                    },
+                    None => true,
+                };
+                if pass {
+                    rows.push(row);
+                    keys.push(k.to_vec());
+                    if rows.len() >= MAX_STATEMENT_ROWS {
+                        err = Some(SqlError::new("54000", "statement reads too many rows"));
+                        return Ok(false);
+                    }
+                }
+                Ok(limit.is_none_or(|l| rows.len() < l))
+            })
+            .await
+            .map_err(engine_error)?;
+        match err {
+            Some(e) => Err(e),
+            None => Ok((rows, keys)),
+        }
+    }
+
+    fn limit_value(&self, e: &Option<Expr>) -> Result<Option<usize>, SqlError> {
+        match e {
+            None => Ok(None),
+            Some(e) => {
+                let ctx = self.ctx(&[]);
+                match expr::eval(e, &[], &ctx)? {
+                    Datum::Null => Ok(None),
+                    d => {
+                        let v = d
+                            .as_i64()
+                            .or_else(|| expr::cast(d, Type::Int8, -1).ok()?.as_i64())
+                            .unwrap_or(0);
+                        if v < 0 {
+                            return Err(SqlError::new("2201W", "LIMIT must not be negative"));
+                        }
+                        Ok(Some(v as usize))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn select(&mut self, p: &SelectPlan) -> Result<Vec<Vec<Datum>>, SqlError> {
+        let pre = self.nextvals(&p.nextvals).await?;
+        let limit = self.limit_value(&p.limit)?;
+        let offset = self.limit_value(&p.offset)?.unwrap_or(0);
+        // Fast path: one table, no aggregation/sort/distinct: push filter and limit down.
+        let simple = p.from.len() == 1 && p.agg.is_none() && p.order.is_empty() && !p.distinct;
+        let (mut input, keys) = if let (true, FromItem::Table { def, key }) =
+            (simple, &p.from[0].item)
+        {
+            let pushed = limit.map(|l| l + offset);
+            self.scan_table(def, key, p.filter.as_ref(), pushed).await?
+        } else {
+            let mut acc: Vec<Vec<Datum>> = vec![vec![]];
+            let mut width = 0;
+            let mut keys = vec![];
+            for (n, step) in p.from.iter().enumerate() {
+                let (rows, k) = self.scan_item(&step.item).await?;
+                if n == 0 {
+                    keys = k;
+                }
+                let right_width = match &step.item {
+                    FromItem::Table { def, .. } => def.columns.len(),
+                    FromItem::Series { .. } => 1,
+                    FromItem::Unit => 0,
+                };
+                let mut next = Vec::new();
+                for l in &acc {
+                    let mut matched = false;
+                    for r in &rows {
+                        let mut joined = l.clone();
+                        joined.extend(r.iter().cloned());
+                        let ok = match &step.on {
+                            Some(on) => expr::eval_pred(on, &joined, &self.ctx(&pre))?,
+                            None => true,
+                        };
+                        if ok {
+                            matched = true;
+                            next.push(joined);
+                            if next.len() > MAX_STATEMENT_ROWS {
+                                return Err(SqlError::new("54000", "join produces too many rows"));
+                            }
+                        }
+                    }
+                    if !matched && step.left_outer {
+                        let mut joined = l.clone();
+                        joined.extend(std::iter::repeat_n(Datum::Null, right_width));
+                        next.push(joined);
+                    }
+                }
+                width += right_width;
+                acc = next;
+            }
+            let _ = width;
+            if let Some(f) = &p.filter {
+                let ctx = self.ctx(&pre);
+                let mut kept = Vec::with_capacity(acc.len());
+                let mut kept_keys = Vec::new();
+                for (i, row) in acc.into_iter().enumerate() {
+                    if expr::eval_pred(f, &row, &ctx)? {
+                        kept.push(row);
+                        if let Some(k) = keys.get(i) {
+                            kept_keys.push(k.clone());
+                        }
+                    }
+                }
+                (kept, kept_keys)
+            } else {
+                (acc, keys)
+            }
+        };
+        if p.lock {
+            if let FromItem::Table { def, .. } = &p.from[0].item {
+                let mut locked = Vec::with_capacity(input.len());
+                for (row, key) in input.iter().zip(keys.iter()) {
+                    let filter = p.filter.clone();
+                    let ctx_params = self.params.to_vec();
+                    let mut decide = move |cur: &[Datum]| {
+                        let ctx = EvalCtx::simple(&ctx_params);
+                        match &filter {
+                            Some(f) if !expr::eval_pred(f, cur, &ctx).unwrap_or(false) => {
+                                Ok(RowAction::Skip)
+                            }
+                            _ => Ok(RowAction::Lock),
+                        }
+                    };
+                    match self
+                        .engine
+                        .modify_row(self.txn, def, key, &mut decide)
+                        .await
+                        .map_err(engine_error)?
+                    {
+                        RowOutcome::Done(cur) => locked.push(cur),
+                        _ => {
+                            let _ = row;
+                        }
+                    }
+                }
+                input = locked;
+            }
+        }
+        // Aggregation.
+        let rows_in = if let Some(agg) = &p.agg {
+            aggregate(agg, input, &self.ctx(&pre))?
+        } else {
+            input
+        };
+        let ctx = self.ctx(&pre);
+        let mut out = Vec::with_capacity(rows_in.len());
+        for row in &rows_in {
+            if let Some(AggPlan {
+                having: Some(h), ..
+            }) = &p.agg
+            {
+                if !expr::eval_pred(h, row, &ctx)? {
+                    continue;
+                }
+            }
+            let mut o = Vec::with_capacity(p.project.len());
+            for e in &p.project {
+                o.push(expr::eval(e, row, &ctx)?);
+            }
+            out.push(o);
+        }
+        if p.distinct {
+            let visible = p.columns.len() - p.hidden;
+            let mut seen = HashSet::new();
+            out.retain(|r| seen.insert(row_fingerprint(&r[..visible])));
+        }
+        if !p.order.is_empty() {
+            sort_rows(&mut out, &p.order);
+        }
+        let mut out: Vec<Vec<Datum>> = out.into_iter().skip(offset).collect();
+        if let Some(l) = limit {
+            out.truncate(l);
+        }
+        if p.hidden > 0 {
+            let visible = p.columns.len() - p.hidden;
+            for r in &mut out {
+                r.truncate(visible);
+            }
+        }
+        Ok(out)
+    }
+
+    fn check_row(
+        &self,
+        t: &TableDef,
+        row: &[Datum],
+        checks: &[(String, Expr)],
+    ) -> Result<(), SqlError> {
+        for (i, c) in t.columns.iter().enumerate() {
+            if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
+                return Err(SqlError::new(
+                    "23502",
+                    format!("null value in column \"{}\" of relation \"{}\" violates not-null constraint", c.name, t.name),
+                ));
+            }
+        }
+        let ctx = self.ctx(&[]);
+        for (name, e) in checks {
+            if expr::eval(e, row, &ctx)? == Datum::Bool(false) {
+                return Err(SqlError::new(
+                    "23514",
+                    format!(
+                        "new row for relation \"{}\" violates check constraint \"{name}\"",
+                        t.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn row_key(&self, t: &TableDef, row: &[Datum]) -> Result<Vec<u8>, SqlError> {
+        let vals: Vec<Datum> = t.pk.iter().map(|&i| row[i].clone()).collect();
+        encode_key(&vals).map_err(engine_error)
+    }
+
+    async fn hidden_key(&mut self, t: &TableDef) -> Result<Vec<u8>, SqlError> {
+        let seq_oid = t
+            .rowid_seq
+            .ok_or_else(|| SqlError::internal("table without key or row id sequence"))?;
+        let seq = self
+            .catalog
+            .iter()
+            .find(|s| s.oid == seq_oid)
+            .cloned()
+            .ok_or_else(|| SqlError::internal("row id sequence missing"))?;
+        let id = self
+            .engine
+            .nextval(self.txn, &seq)
+            .await
+            .map_err(engine_error)?;
+        encode_key(&[Datum::Int8(id)]).map_err(engine_error)
+    }
+
+    /// Inserts one complete row (defaults applied); returns false if skipped by ON
+    /// CONFLICT DO NOTHING, or the row as finally stored.
+    async fn insert_row(
+        &mut self,
+        p: &InsertPlan,
+        row: Vec<Datum>,
+    ) -> Result<Option<Vec<Datum>>, SqlError> {
+        let t = &p.table;
+        self.check_row(t, &row, &p.checks)?;
+        let key = if t.pk.is_empty() {
+            self.hidden_key(t).await?
+        } else {
+            self.row_key(t, &row)?
+        };
+        let constraint = t
+            .pk_name
+            .clone()
+            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        match self
+            .engine
+            .insert_row(self.txn, t, &key, &row, &constraint)
+            .await
+        {
+            Ok(()) => Ok(Some(row)),
+            Err(borealis_engine::EngineError::UniqueViolation { .. })
+                if p.on_conflict.is_some() =>
+            {
+                match p.on_conflict.as_ref() {
+                    Some(OnConflict::Update { sets, filter }) => {
+                        let params = self.params.to_vec();
+                        let (sets, filter, checks) =
+                            (sets.clone(), filter.clone(), p.checks.clone());
+                        let (database, user, now) =
+                            (self.database.clone(), self.user.clone(), self.now);
+                        let excluded = row.clone();
+                        let tdef = t.clone();
+                        let mut err = None;
+                        let mut decide = |cur: &[Datum]| {
+                            let ctx = EvalCtx {
+                                params: &params,
+                                precomputed: &[],
+                                database: &database,
+                                user: &user,
+                                now,
+                            };
+                            let mut scope_row = cur.to_vec();
+                            scope_row.extend(excluded.iter().cloned());
+                            if let Some(f) = &filter {
+                                match expr::eval_pred(f, &scope_row, &ctx) {
+                                    Ok(true) => {}
+                                    Ok(false) => return Ok(RowAction::Skip),
+                                    Err(e) => {
+                                        err = Some(e);
+                                        return Ok(RowAction::Skip);
+                                    }
+                                }
+                            }
+                            match apply_sets(&tdef, cur, &scope_row, &sets, &checks, &ctx) {
+                                Ok(new_row) => Ok(RowAction::Update(new_row)),
+                                Err(e) => {
+                                    err = Some(e);
+                                    Ok(RowAction::Skip)
+                                }
+                            }
+                        };
+                        let out = self
+                            .engine
+                            .modify_row(self.txn, t, &key, &mut decide)
+                            .await
+                            .map_err(engine_error)?;
+                        if let Some(e) = err {
+                            return Err(e);
+                        }
+                        Ok(match out {
+                            RowOutcome::Done(r) => Some(r),
+                            _ => None,
+                        })
+                    }
+                    _ => Ok(None),
+                }
+            }
+            Err(e) => Err(engine_error(e)),
+        }
+    }
+
+    async fn insert(&mut self, p: &InsertPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
+        self.check_writable()?;
+        let t = p.table.clone();
+        let sources: Vec<Vec<Option<Datum>>> = match &p.source {
+            InsertSource::Values(rows) => {
+                let mut out = Vec::with_capacity(rows.len());
+                let own: Vec<String> = p.nextvals[..p.values_nextvals].to_vec();
+                for r in rows {
+                    let pre = self.nextvals(&own).await?;
+                    let ctx = self.ctx(&pre);
+                    let mut vals = Vec::with_capacity(r.len());
+                    for e in r {
+                        vals.push(match e {
+                            Some(e) => Some(expr::eval(e, &[], &ctx)?),
+                            None => None,
+                        });
+                    }
+                    out.push(vals);
+                }
+                out
+            }
+            InsertSource::Query(q) => self
+                .select(q)
+                .await?
+                .into_iter()
+                .map(|r| r.into_iter().map(Some).collect())
+                .collect(),
+        };
+        let default_seqs: Vec<Vec<String>> = Vec::new();
+        let _ = default_seqs;
+        let mut count = 0u64;
+        let mut returned = Vec::new();
+        for vals in sources {
+            let mut row = vec![None; t.columns.len()];
+            for (j, v) in vals.into_iter().enumerate() {
+                if let Some(&col) = p.targets.get(j) {
+                    row[col] = v;
+                }
+            }
+            // Defaults for columns not given (or given as DEFAULT).
+            let mut full = Vec::with_capacity(t.columns.len());
+            for (i, v) in row.into_iter().enumerate() {
+                let c = &t.columns[i];
+                let d = match v {
+                    Some(d) => d,
+                    None => match &p.defaults[i] {
+                        Some(e) => {
+                            let names = nextval_names(e, &p.nextvals);
+                            let pre = self.default_nextvals(e, &names).await?;
+                            expr::eval(e, &[], &self.ctx(&pre))?
+                        }
+                        None => Datum::Null,
+                    },
+                };
+                full.push(expr::assign(d, c.ty(), c.typmod)?);
+            }
+            if let Some(stored) = self.insert_row(p, full).await? {
+                count += 1;
+                if let Some(r) = &p.returning {
+                    let ctx = self.ctx(&[]);
+                    returned.push(
+                        r.exprs
+                            .iter()
+                            .map(|e| expr::eval(e, &stored, &ctx))
+                            .collect::<Result<Vec<_>, _>>()?,
+                    );
+                }
+            }
+        }
+        Ok((count, returned))
+    }
+
+    /// Defaults are bound separately per column: their nextval slots index into the
+    /// plan's list, so compute just the ones this default uses.
+    async fn default_nextvals(
+        &mut self,
+        _e: &Expr,
+        names: &[String],
+    ) -> Result<Vec<Datum>, SqlError> {
+        self.nextvals(names).await
+    }
+
+    async fn modify(&mut self, p: &ModifyPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
+        self.check_writable()?;
+        let t = p.table.clone();
+        let (_rows, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+        let mut count = 0u64;
+        let mut returned = Vec::new();
+        let params = self.params.to_vec();
+        let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
+        for key in keys {
+            let mut err = None;
+            let mut new_key = None;
+            let outcome = {
+                let filter = p.filter.clone();
+                let sets = p.sets.clone();
+                let checks = p.checks.clone();
+                let tdef = t.clone();
+                let mut decide = |cur: &[Datum]| {
+                    let ctx = EvalCtx {
+                        params: &params,
+                        precomputed: &[],
+                        database: &database,
+                        user: &user,
+                        now,
+                    };
+                    // Re-check the predicate on the version we will change (it may be
+                    // newer than the one the scan saw).
+                    if let Some(f) = &filter {
+                        match expr::eval_pred(f, cur, &ctx) {
+                            Ok(true) => {}
+                            Ok(false) => return Ok(RowAction::Skip),
+                            Err(e) => {
+                                err = Some(e);
+                                return Ok(RowAction::Skip);
+                            }
+                        }
+                    }
+                    match &sets {
+                        None => Ok(RowAction::Delete),
+                        Some(sets) => match apply_sets(&tdef, cur, cur, sets, &checks, &ctx) {
+                            Ok(new_row) => {
+                                if !tdef.pk.is_empty() {
+                                    let changed = tdef.pk.iter().any(|&i| {
+                                        expr::compare(&cur[i], &new_row[i])
+                                            != Some(std::cmp::Ordering::Equal)
+                                    });
+                                    if changed {
+                                        new_key = Some(new_row.clone());
+                                        return Ok(RowAction::Delete);
+                                    }
+                                }
+                                Ok(RowAction::Update(new_row))
+                            }
+                            Err(e) => {
+                                err = Some(e);
+                                Ok(RowAction::Skip)
+                            }
+                        },
+                    }
+                };
+                self.engine
+                    .modify_row(self.txn, &t, &key, &mut decide)
+                    .await
+                    .map_err(engine_error)?
+            };
+            if let Some(e) = err {
+                return Err(e);
+            }
+            if let RowOutcome::Done(row) = outcome {
+                let final_row = match new_key {
+                    // The key changed: the old row was deleted, insert under the new key.
+                    Some(new_row) => {
+                        let k = self.row_key(&t, &new_row)?;
+                        let constraint = t
+                            .pk_name
+                            .clone()
+                            .unwrap_or_else(|| format!("{}_pkey", t.name));
+                        self.engine
+                            .insert_row(self.txn, &t, &k, &new_row, &constraint)
+                            .await
+                            .map_err(engine_error)?;
+                        new_row
+                    }
+                    None => row,
+                };
+                count += 1;
+                if let Some(r) = &p.returning {
+                    let ctx = self.ctx(&[]);
+                    returned.push(
+                        r.exprs
+                            .iter()
+                            .map(|e| expr::eval(e, &final_row, &ctx))
+                            .collect::<Result<Vec<_>, _>>()?,
+                    );
+                }
+            }
+        }
+        Ok((count, returned))
+    }
+}
+
+/// Names of the sequences a default expression draws from, in slot order.
+fn nextval_names(e: &Expr, all: &[String]) -> Vec<String> {
+    let mut slots = Vec::new();
+    collect_precomputed(e, &mut slots);
+    let max = slots.iter().copied().max().map(|m| m + 1).unwrap_or(0);
+    (0..max)
+        .map(|i| {
+            if slots.contains(&i) {
+                all.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .collect()
+}
+
+fn collect_precomputed(e: &Expr, out: &mut Vec<usize>) {
+    match e {
+        Expr::Precomputed(i, _) => out.push(*i),
+        Expr::Binary(_, l, r, _) => {
+            collect_precomputed(l, out);
+            collect_precomputed(r, out);
+        }
+        Expr::Cast(x, _, _) | Expr::Neg(x, _) | Expr::Not(x) => collect_precomputed(x, out),
+        Expr::Func(_, args, _) => args.iter().for_each(|a| collect_precomputed(a, out)),
+        _ => {}
+    }
+}
+
+fn apply_sets(
+    t: &TableDef,
+    cur: &[Datum],
+    scope_row: &[Datum],
+    sets: &[(usize, Expr)],
+    checks: &[(String, Expr)],
+    ctx: &EvalCtx<'_>,
+) -> Result<Vec<Datum>, SqlError> {
+    let mut new_row = cur.to_vec();
+    for (i, e) in sets {
+        let c = &t.columns[*i];
+        new_row[*i] = expr::assign(expr::eval(e, scope_row, ctx)?, c.ty(), c.typmod)?;
+    }
+    for (i, c) in t.columns.iter().enumerate() {
+        if (c.not_null || t.pk.contains(&i)) && new_row[i].is_null() {
+            return Err(SqlError::new(
+                "23502",
+                format!(
+                    "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
+                    c.name, t.name
+                ),
+            ));
+        }
+    }
+    for (name, e) in checks {
+        if expr::eval(e, &new_row, ctx)? == Datum::Bool(false) {
+            return Err(SqlError::new(
+                "23514",
+                format!(
+                    "new row for relation \"{}\" violates check constraint \"{name}\"",
+                    t.name
+                ),
+            ));
+        }
+    }
+    Ok(new_row)
+}
+
+fn row_fingerprint(r: &[Datum]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for d in r {
+        let _ = borealis_engine::row::encode_key_datum(d, &mut v);
+    }
+    v
+}
+
+fn sort_rows(rows: &mut [Vec<Datum>], order: &[(usize, bool, bool)]) {
+    rows.sort_by(|a, b| {
+        for &(i, desc, nulls_first) in order {
+            let (x, y) = (&a[i], &b[i]);
+            let o = match (x.is_null(), y.is_null()) {
+                (true, true) => std::cmp::Ordering::Equal,
+                (true, false) => {
+                    if nulls_first {
+                        std::cmp::Ordering::Less
+                    } else {
+                        std::cmp::Ordering::Greater
+                    }
+                }
+                (false, true) => {
+                    if nulls_first {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Less
+                    }
+                }
+                _ => {
+                    let o = expr::compare(x, y).unwrap_or(std::cmp::Ordering::Equal);
+                    if desc {
+                        o.reverse()
+                    } else {
+                        o
+                    }
+                }
+            };
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+}
+
+enum Acc {
+    Count(i64),
+    Sum(Option<Datum>),
+    Avg(Option<Datum>, i64),
+    MinMax(Option<Datum>, bool),
+}
+
+fn aggregate(
+    agg: &AggPlan,
+    input: Vec<Vec<Datum>>,
+    ctx: &EvalCtx<'_>,
+) -> Result<Vec<Vec<Datum>>, SqlError> {
+    let mut groups: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut states: Vec<(Vec<Datum>, Vec<Acc>, Vec<HashSet<Vec<u8>>>)> = Vec::new();
+    let new_accs = || -> Vec<Acc> {
+        agg.calls
+            .iter()
+            .map(|c| match c.func {
+                AggFunc::Count | AggFunc::CountStar => Acc::Count(0),
+                AggFunc::Sum => Acc::Sum(None),
+                AggFunc::Avg => Acc::Avg(None, 0),
+                AggFunc::Min => Acc::MinMax(None, false),
+                AggFunc::Max => Acc::MinMax(None, true),
+            })
+            .collect()
+    };
+    if agg.group.is_empty() {
+        states.push((vec![], new_accs(), vec![HashSet::new(); agg.calls.len()]));
+        groups.insert(vec![], 0);
+    }
+    for row in &input {
+        let key_vals: Vec<Datum> = agg
+            .group
+            .iter()
+            .map(|g| expr::eval(g, row, ctx))
+            .collect::<Result<_, _>>()?;
+        let fp = row_fingerprint(&key_vals);
+        let idx = match groups.get(&fp) {
+            Some(&i) => i,
+            None => {
+                states.push((key_vals, new_accs(), vec![HashSet::new(); agg.calls.len()]));
+                groups.insert(fp, states.len() - 1);
+                states.len() - 1
+            }
+        };
+        let (_, accs, seen) = &mut states[idx];
+        for (ci, call) in agg.calls.iter().enumerate() {
+            let v = match &call.arg {
+                Some(a) => expr::eval(a, row, ctx)?,
+                None => Datum::Bool(true),
+            };
+            if call.func != AggFunc::CountStar && v.is_null() {
+                continue;
+            }
+            if call.distinct && !seen[ci].insert(row_fingerprint(std::slice::from_ref(&v))) {
+                continue;
+            }
+            match &mut accs[ci] {
+                Acc::Count(n) => *n += 1,
+                Acc::Sum(s) => {
+                    let v = if call.ty == Type::Int8 {
+                        v
+                    } else {
+                        expr::cast(v, call.ty, -1)?
+                    };
+                    *s = Some(match s.take() {
+                        None => expr::cast(v, call.ty, -1)?,
+                        Some(cur) => add(cur, v, call.ty)?,
+                    })
+                }
+                Acc::Avg(s, n) => {
+                    let t = if call.ty == Type::Float8 {
+                        Type::Float8
+                    } else {
+                        Type::Numeric
+                    };
+                    let v = expr::cast(v, t, -1)?;
+                    *s = Some(match s.take() {
+                        None => v,
+                        Some(cur) => add(cur, v, t)?,
+                    });
+                    *n += 1;
+                }
+                Acc::MinMax(m, is_max) => {
+                    let replace = match m {
+                        None => true,
+                        Some(cur) => {
+                            let o = expr::compare(&v, cur).unwrap_or(std::cmp::Ordering::Equal);
+                            if *is_max {
+                                o == std::cmp::Ordering::Greater
+                            } else {
+                                o == std::cmp::Ordering::Less
+                            }
+                        }
+                    };
+                    if replace {
+                        *m = Some(v);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(states.len());
+    for (keys, accs, _) in states {
+        let mut row = keys;
+        for (acc, call) in accs.into_iter().zip(&agg.calls) {
+            row.push(match acc {
+                Acc::Count(n) => Datum::Int8(n),
+                Acc::Sum(s) => s.unwrap_or(Datum::Null),
+                Acc::Avg(None, _) => Datum::Null,
+                Acc::Avg(Some(s), n) => match s {
+                    Datum::Float8(f) => Datum::Float8(f / n as f64),
+                    other => {
+                        let num =
+                            expr::to_numeric(&other).ok_or_else(|| SqlError::internal("avg"))?;
+                        Datum::Numeric(
+                            num.div(borealis_engine::types::Numeric::from_i64(n))
+                                .ok_or_else(|| SqlError::new("22003", "numeric overflow"))?,
+                        )
+                    }
+                },
+                Acc::MinMax(m, _) => m.unwrap_or(Datum::Null),
+            });
+            let _ = call;
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn add(a: Datum, b: Datum, ty: Type) -> Result<Datum, SqlError> {
+    let e = Expr::Binary(
+        expr::BinOp::Add,
+        Box::new(Expr::Const(a, ty)),
+        Box::new(Expr::Const(b, ty)),
+        ty,
+    );
+    expr::eval(&e, &[], &EvalCtx::simple(&[]))
+}
+
+fn rows_result(columns: Vec<Column>, rows: Vec<Vec<Datum>>, tag: String) -> ExecResult {
+    ExecResult::Rows {
+        columns: Arc::new(columns),
+        rows,
+        tag,
+    }
+}
+
+pub(crate) async fn execute(
+    s: &mut Session,
+    stmt: &Statement,
+    params: &[Datum],
+) -> Result<ExecResult, SqlError> {
+    let engine = s.engine().clone();
+    let (database, user) = (s.database.clone(), s.user.clone());
+    match stmt {
+        Statement::ShowVariable { variable } => {
+            let name = variable
+                .iter()
+                .map(|i| i.value.to_lowercase())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let value = show_value(s, &name)?;
+            return Ok(rows_result(
+                vec![Column::new(name, Type::Text)],
+                vec![vec![Datum::Text(value)]],
+                "SHOW".into(),
+            ));
+        }
+        Statement::Set(set) => return set_variable(s, set),
+        Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. }
+        | Statement::Rollback {
+            savepoint: Some(_), ..
+        } => return Err(SqlError::unsupported("SAVEPOINT")),
+        Statement::Copy {
+            source,
+            to,
+            target,
+            options,
+            legacy_options,
+            values,
+        } => {
+            let catalog = ex_catalog(&engine, s).await?;
+            return copy_start(
+                s,
+                &catalog,
+                source,
+                *to,
+                target,
+                options,
+                legacy_options,
+                values,
+            )
+            .await;
+        }
+        _ => {}
+    }
+    let txn = s.txn_for_statement();
+    let catalog = engine.relations(txn).await.map_err(engine_error)?;
+    let mut ex = Exec {
+        engine: engine.clone(),
+        txn,
+        params,
+        database,
+        user,
+        now: now_timestamp(),
+        catalog,
+    };
+    match stmt {
+        Statement::Query(_)
+        | Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_) => {
+            let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
+            let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
+            match bound {
+                Some(Bound_::Select(p)) => {
+                    let rows = ex.select(&p).await?;
+                    let n = rows.len();
+                    let cols = p.columns[..p.columns.len() - p.hidden].to_vec();
+                    Ok(rows_result(cols, rows, format!("SELECT {n}")))
+                }
+                Some(Bound_::Insert(p)) => {
+                    let (n, ret) = ex.insert(&p).await?;
+                    let tag = format!("INSERT 0 {n}");
+                    Ok(match &p.returning {
+                        Some(r) => rows_result(r.columns.clone(), ret, tag),
+                        None => ExecResult::Command { tag },
+                    })
+                }
+                Some(Bound_::Modify(p)) => {
+                    let (n, ret) = ex.modify(&p).await?;
+                    let tag = if p.sets.is_some() {
+                        format!("UPDATE {n}")
+                    } else {
+                        format!("DELETE {n}")
+                    };
+                    Ok(match &p.returning {
+                        Some(r) => rows_result(r.columns.clone(), ret, tag),
+                        None => ExecResult::Command { tag },
+                    })
+                }
+                None => Err(SqlError::internal("unbound statement")),
+            }
+        }
+        Statement::CreateTable(ct) => create_table(&mut ex, ct).await,
+        Statement::Drop {
+            object_type,
+            if_exists,
+            names,
+            ..
+        } => drop_objects(&mut ex, object_type, *if_exists, names).await,
+        Statement::Truncate(t) => truncate(&mut ex, t).await,
+        Statement::AlterTable(at) => alter_table(&mut ex, at).await,
+        Statement::CreateIndex(ci) => create_index(&mut ex, ci).await,
+        Statement::CreateSequence {
+            name,
+            if_not_exists,
+            ..
+        } => {
+            ex.check_writable()?;
+            let n = ident(name);
+            if ex.catalog.iter().any(|t| t.name == n) {
+                if *if_not_exists {
+                    return Ok(ExecResult::Command {
+                        tag: "CREATE SEQUENCE".into(),
+                    });
+                }
+                return Err(SqlError::new(
+                    "42P07",
+                    format!("relation \"{n}\" already exists"),
+                ));
+            }
+            create_sequence(&mut ex, &n, None).await?;
+            Ok(ExecResult::Command {
+                tag: "CREATE SEQUENCE".into(),
+            })
+        }
+        Statement::Vacuum(_) => Ok(ExecResult::Command {
+            tag: "VACUUM".into(),
+        }),
+        Statement::Analyze(_) => Ok(ExecResult::Command {
+            tag: "ANALYZE".into(),
+        }),
+        Statement::Explain {
+            statement, analyze, ..
+        } => {
+            if *analyze {
+                return Err(SqlError::unsupported("EXPLAIN ANALYZE"));
+            }
+            let lines = explain(&ex.catalog, statement)?;
+            let rows = lines.into_iter().map(|l| vec![Datum::Text(l)]).collect();
+            Ok(rows_result(
+                vec![Column::new("QUERY PLAN", Type::Text)],
+                rows,
+                "EXPLAIN".into(),
+            ))
+        }
+        other => Err(SqlError::unsupported(format!(
+            "statement \"{}\"",
+            first_words(&other.to_string())
+        ))),
+    }
+}
+
+async fn ex_catalog(engine: &Engine, s: &mut Session) -> Result<Vec<Arc<TableDef>>, SqlError> {
+    let txn = s.txn_for_statement();
+    engine.relations(txn).await.map_err(engine_error)
+}
+
+fn first_words(sql: &str) -> String {
+    sql.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
+    if let Some(v) = s.settings.get(name) {
+        return Ok(v.clone());
+    }
+    Ok(match name {
+        "server_version" => "15.0".into(),
+        "server_version_num" => "150000".into(),
+        "transaction isolation level" | "transaction_isolation" => {
+            match s.txn.as_ref().map(|t| t.isolation) {
+                Some(borealis_engine::Isolation::RepeatableRead) => "repeatable read".into(),
+                _ => "read committed".into(),
+            }
+        }
+        "timezone" => "UTC".into(),
+        "datestyle" => "ISO, MDY".into(),
+        "client_encoding" | "server_encoding" => "UTF8".into(),
+        "standard_conforming_strings" => "on".into(),
+        "search_path" => "\"$user\", public".into(),
+        "max_connections" => "100".into(),
+        "default_transaction_isolation" => "read committed".into(),
+        "lc_collate" | "lc_ctype" => "C".into(),
+        "integer_datetimes" => "on".into(),
+        "statement_timeout" | "lock_timeout" | "idle_in_transaction_session_timeout" => "0".into(),
+        "application_name" => String::new(),
+        other => {
+            return Err(SqlError::new(
+                "42704",
+                format!("unrecognized configuration parameter \"{other}\""),
+            ))
+        }
+    })
+}
+
+fn set_variable(s: &mut Session, set: &ast::Set) -> Result<ExecResult, SqlError> {
+    match set {
+        ast::Set::SingleAssignment {
+            variable, values, ..
+        } => {
+            let name = variable.to_string().to_lowercase();
+            let value = values
+                .iter()
+                .map(|v| match v {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::SingleQuotedString(s) => s.clone(),
+                        other => other.to_string(),
+                    },
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            s.settings.insert(name, value);
+            Ok(ExecResult::Command { tag: "SET".into() })
+        }
+        ast::Set::SetTimeZone { value, .. } => {
+            let v = value.to_string().trim_matches('\'').to_string();
+            if !v.eq_ignore_ascii_case("utc") && v != "0" && !v.eq_ignore_ascii_case("gmt") {
+                return Err(SqlError::unsupported(format!("time zone {v} (only UTC)")));
+            }
+            s.settings.insert("timezone".into(), "UTC".into());
+            Ok(ExecResult::Command { tag: "SET".into() })
+        }
+        ast::Set::SetNames { .. } | ast::Set::SetNamesDefault {} => {
+            Ok(ExecResult::Command { tag: "SET".into() })
+        }
+        other => Err(SqlError::unsupported(format!("SET form {other}"))),
+    }
+}
+
+fn explain(catalog: &[Arc<TableDef>], stmt: &Statement) -> Result<Vec<String>, SqlError> {
+    let (bound, _) = bind_statement(catalog, stmt, &[])?;
+    let mut lines = Vec::new();
+    let scan_line = |def: &TableDef, key: &KeyPlan, filter: bool| -> Vec<String> {
+        let mut v = Vec::new();
+        if key.is_full_scan() {
+            v.push(format!("Seq Scan on {}", def.name));
+        } else {
+            let pk = def
+                .pk_name
+                .clone()
+                .unwrap_or_else(|| format!("{}_pkey", def.name));
+            v.push(format!("Index Scan using {pk} on {}", def.name));
+            v.push(format!("  Index Cond: ({})", key.describe(def)));
+        }
+        if filter {
+            v.push("  Filter: (re-checked WHERE clause)".into());
+        }
+        v
+    };
+    match bound {
+        Some(Bound_::Select(p)) => {
+            let mut indent = 0;
+            let mut push = |s: String, lines: &mut Vec<String>| {
+                let prefix = if indent == 0 {
+                    String::new()
+                } else {
+                    format!("{}->  ", " ".repeat(indent * 2 - 2))
+                };
+                lines.push(format!("{prefix}{s}"));
+                indent += 1;
+            };
+            if p.limit.is_some() || p.offset.is_some() {
+                push("Limit".into(), &mut lines);
+            }
+            if !p.order.is_empty() {
+                push("Sort".into(), &mut lines);
+            }
+            if p.distinct {
+                push("Unique".into(), &mut lines);
+            }
+            if let Some(a) = &p.agg {
+                push(
+                    if a.group.is_empty() {
+                        "Aggregate".into()
+                    } else {
+                        "HashAggregate".into()
+                    },
+                    &mut lines,
+                );
+            }
+            if p.from.len() > 1 {
+                push("Nested Loop".into(), &mut lines);
+            }
+            for step in &p.from {
+                let pad = if indent == 0 {
+                    String::new()
+                } else {
+                    format!("{}->  ", " ".repeat(indent * 2 - 2))
+                };
+                match &step.item {
+                    FromItem::Table { def, key } => {
+                        for (i, l) in scan_line(def, key, p.filter.is_some())
+                            .into_iter()
+                            .enumerate()
+                        {
+                            lines.push(if i == 0 {
+                                format!("{pad}{l}")
+                            } else {
+                                format!("{}{l}", " ".repeat(pad.len()))
+                            });
+                        }
+                    }
+                    FromItem::Series { .. } => {
+                        lines.push(format!("{pad}Function Scan on generate_series"))
+                    }
+                    FromItem::Unit => lines.push(format!("{pad}Result")),
+                }
+            }
+        }
+        Some(Bound_::Modify(p)) => {
+            lines.push(format!(
+                "{} on {}",
+                if p.sets.is_some() { "Update" } else { "Delete" },
+                p.table.name
+            ));
+            for l in scan_line(&p.table, &p.key, p.filter.is_some()) {
+                lines.push(format!("  ->  {l}"));
+            }
+        }
+        Some(Bound_::Insert(p)) => {
+            lines.push(format!("Insert on {}", p.table.name));
+            lines.push("  ->  Values Scan".into());
+        }
+        None => return Err(SqlError::unsupported("EXPLAIN of this statement")),
+    }
+    Ok(lines)
+}
+
+// ---------------------------------------------------------------------------
+// DDL
+
+async fn create_sequence(
+    ex: &mut Exec<'_>,
+    name: &str,
+    owned_by: Option<(u32, usize)>,
+) -> Result<u32, SqlError> {
+    let (oid, root) = ex
+        .engine
+        .allocate_relation(ex.txn)
+        .await
+        .map_err(engine_error)?;
+    let def = TableDef {
+        oid,
+        name: name.to_string(),
+        kind: RelKind::Sequence,
+        columns: vec![],
+        pk: vec![],
+        pk_name: None,
+        root,
+        indexes: vec![],
+        checks: vec![],
+        rowid_seq: None,
+        sequence: Some(SequenceDef {
+            increment: 1,
+            min_value: 1,
+            max_value: i64::MAX,
+            start: 1,
+            cycle: false,
+            owned_by,
+        }),
+    };
+    ex.engine
+        .put_relation(ex.txn, &def, true)
+        .await
+        .map_err(engine_error)?;
+    ex.engine
+        .set_sequence(ex.txn, oid, 1, false)
+        .await
+        .map_err(engine_error)?;
+    ex.catalog.push(Arc::new(def));
+    Ok(oid)
+}
+
+async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecResult, SqlError> {
+    ex.check_writable()?;
+    schema_ok(&ct.name)?;
+    let name = ident(&ct.name);
+    if ct.query.is_some() || ct.like.is_some() {
+        return Err(SqlError::unsupported("CREATE TABLE AS / LIKE"));
+    }
+    if ex.catalog.iter().any(|t| t.name == name) {
+        if ct.if_not_exists {
+            return Ok(ExecResult::Command {
+                tag: "CREATE TABLE".into(),
+            });
+        }
+        return Err(SqlError::new(
+            "42P07",
+            format!("relation \"{name}\" already exists"),
+        ));
+    }
+    let mut columns = Vec::new();
+    let mut pk: Vec<usize> = Vec::new();
+    let mut pk_name = None;
+    let mut checks = Vec::new();
+    let mut serials = Vec::new();
+    for (i, c) in ct.columns.iter().enumerate() {
+        let type_text = c.data_type.to_string();
+        let serial = expr::is_serial(&type_text);
+        let (ty, typmod) = match serial {
+            Some(t) => (t, -1),
+            None => expr::parse_type_name(&type_text)?,
+        };
+        if columns.iter().any(|x: &ColumnDef| x.name == c.name.value) {
+            return Err(SqlError::new(
+                "42701",
+                format!("column \"{}\" specified more than once", c.name.value),
+            ));
+        }
+        let mut col = ColumnDef {
+            name: c.name.value.clone(),
+            type_oid: ty.oid(),
+            typmod,
+            not_null: serial.is_some(),
+            default: None,
+        };
+        for opt in &c.options {
+            match &opt.option {
+                ast::ColumnOption::NotNull => col.not_null = true,
+                ast::ColumnOption::Null => {}
+                ast::ColumnOption::Default(e) => col.default = Some(e.to_string()),
+                ast::ColumnOption::PrimaryKey(_) => {
+                    if !pk.is_empty() {
+                        return Err(SqlError::new(
+                            "42P16",
+                            format!("multiple primary keys for table \"{name}\" are not allowed"),
+                        ));
+                    }
+                    pk = vec![i];
+                    pk_name = opt.name.as_ref().map(|n| n.value.clone());
+                    col.not_null = true;
+                }
+                ast::ColumnOption::Check(cc) => checks.push(CheckDef {
+                    name: opt
+                        .name
+                        .as_ref()
+                        .map(|n| n.value.clone())
+                        .unwrap_or_else(|| format!("{name}_{}_check", c.name.value)),
+                    expr: cc.expr.to_string(),
+                }),
+                ast::ColumnOption::Unique(_) => {
+                    return Err(SqlError::unsupported(
+                        "UNIQUE constraints on columns other than the primary key",
+                    ))
+                }
+                ast::ColumnOption::ForeignKey(_) => {
+                    return Err(SqlError::unsupported("foreign keys"))
+                }
+                other => return Err(SqlError::unsupported(format!("column option {other}"))),
+            }
+        }
+        if serial.is_some() {
+            serials.push(i);
+        }
+        columns.push(col);
+    }
+    for tc in &ct.constraints {
+        match tc {
+            ast::TableConstraint::PrimaryKey(p) => {
+                if !pk.is_empty() {
+                    return Err(SqlError::new(
+                        "42P16",
+                        format!("multiple primary keys for table \"{name}\" are not allowed"),
+                    ));
+                }
+                for ic in &p.columns {
+                    let cname = ic.column.expr.to_string();
+                    let i = columns
+                        .iter()
+                        .position(|c| c.name == cname)
+                        .ok_or_else(|| {
+                            SqlError::new(
+                                "42703",
+                                format!("column \"{cname}\" named in key does not exist"),
+                            )
+                        })?;
+                    columns[i].not_null = true;
+                    pk.push(i);
+                }
+                pk_name = p.name.as_ref().map(|n| n.value.clone());
+            }
+            ast::TableConstraint::Check(cc) => checks.push(CheckDef {
+                name: cc
+                    .name
+                    .as_ref()
+                    .map(|n| n.value.clone())
+                    .unwrap_or_else(|| format!("{name}_check")),
+                expr: cc.expr.to_string(),
+            }),
+            ast::TableConstraint::Unique(_) => {
+                return Err(SqlError::unsupported(
+                    "UNIQUE constraints on columns other than the primary key",
+                ))
+            }
+            ast::TableConstraint::ForeignKey(_) => {
+                return Err(SqlError::unsupported("foreign keys"))
+            }
+            other => return Err(SqlError::unsupported(format!("table constraint {other}"))),
+        }
+    }
+    // Check expressions must bind against the new table's columns.
+    let probe = TableDef {
+        oid: 0,
+        name: name.clone(),
+        kind: RelKind::Table,
+        columns: columns.clone(),
+        pk: pk.clone(),
+        pk_name: pk_name.clone(),
+        root: 0,
+        indexes: vec![],
+        checks: checks.clone(),
+        rowid_seq: None,
+        sequence: None,
+    };
+    Binder {
+        catalog: &ex.catalog,
+        params: vec![],
+        nextvals: vec![],
+    }
+    .checks(&probe)?;
+    let (oid, root) = ex
+        .engine
+        .allocate_relation(ex.txn)
+        .await
+        .map_err(engine_error)?;
+    for &i in &serials {
+        let seq_name = format!("{name}_{}_seq", columns[i].name);
+        create_sequence(ex, &seq_name, Some((oid, i))).await?;
+        columns[i].default = Some(format!("nextval('{seq_name}'::regclass)"));
+    }
+    let rowid_seq = if pk.is_empty() {
+        Some(create_sequence(ex, &format!("{name}_rowid_seq"), Some((oid, usize::MAX))).await?)
+    } else {
+        None
+    };
+    let def = TableDef {
+        oid,
+        name,
+        kind: RelKind::Table,
+        columns,
+        pk,
+        pk_name,
+        root,
+        indexes: vec![],
+        checks,
+        rowid_seq,
+        sequence: None,
+    };
+    ex.engine
+        .put_relation(ex.txn, &def, true)
+        .await
+        .map_err(engine_error)?;
+    Ok(ExecResult::Command {
+        tag: "CREATE TABLE".into(),
+    })
+}
+
+async fn drop_objects(
+    ex: &mut Exec<'_>,
+    object_type: &ast::ObjectType,
+    if_exists: bool,
+    names: &[ast::ObjectName],
+) -> Result<ExecResult, SqlError> {
+    ex.check_writable()?;
+    let (kind, tag) = match object_type {
+        ast::ObjectType::Table => (RelKind::Table, "DROP TABLE"),
+        ast::ObjectType::Sequence => (RelKind::Sequence, "DROP SEQUENCE"),
+        ast::ObjectType::Index => {
+            for n in names {
+                let iname = ident(n);
+                let owner = ex
+                    .catalog
+                    .iter()
+                    .find(|t| t.indexes.iter().any(|i| i.name == iname))
+                    .cloned();
+                match owner {
+                    Some(t) => {
+                        let mut def = (*t).clone();
+                        def.indexes.retain(|i| i.name != iname);
+                        ex.engine
+                            .put_relation(ex.txn, &def, false)
+                            .await
+                            .map_err(engine_error)?;
+                    }
+                    None if if_exists => {}
+                    None => {
+                        return Err(SqlError::new(
+                            "42704",
+                            format!("index \"{iname}\" does not exist"),
+                        ))
+                    }
+                }
+            }
+            return Ok(ExecResult::Command {
+                tag: "DROP INDEX".into(),
+            });
+        }
+        other => return Err(SqlError::unsupported(format!("DROP {other}"))),
+    };
+    for n in names {
+        schema_ok(n)?;
+        let name = ident(n);
+        let Some(t) = ex
+            .catalog
+            .iter()
+            .find(|t| t.name == name && t.kind == kind)
+            .cloned()
+        else {
+            if if_exists {
+                continue;
+            }
+            return Err(SqlError::new(
+                "42P01",
+                format!(
+                    "{} \"{name}\" does not exist",
+                    if kind == RelKind::Table {
+                        "table"
+                    } else {
+                        "sequence"
+                    }
+                ),
+            ));
+        };
+        ex.engine
+            .drop_relation(ex.txn, t.oid)
+            .await
+            .map_err(engine_error)?;
+        // Sequences owned by the table's columns go with it.
+        let owned: Vec<u32> = ex
+            .catalog
+            .iter()
+            .filter(|s| {
+                s.sequence
+                    .as_ref()
+                    .and_then(|d| d.owned_by)
+                    .is_some_and(|(o, _)| o == t.oid)
+            })
+            .map(|s| s.oid)
+            .collect();
+        for oid in owned {
+            ex.engine
+                .drop_relation(ex.txn, oid)
+                .await
+                .map_err(engine_error)?;
+        }
+        ex.catalog.retain(|x| x.oid != t.oid);
+    }
+    Ok(ExecResult::Command { tag: tag.into() })
+}
+
+async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, SqlError> {
+    ex.check_writable()?;
+    for target in &t.table_names {
+        let def = find_table(&ex.catalog, &target.name)?;
+        let mut new_def = (*def).clone();
+        // A fresh tree: snapshots older than this transaction keep reading the old
+        // root through their view of the catalog, so TRUNCATE is MVCC-safe.
+        new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
+        ex.engine
+            .put_relation(ex.txn, &new_def, false)
+            .await
+            .map_err(engine_error)?;
+    }
+    Ok(ExecResult::Command {
+        tag: "TRUNCATE TABLE".into(),
+    })
+}
+
+/// Rewrites a table into a new tree keyed by `new_pk` (ADD PRIMARY KEY), checking
+/// uniqueness and NOT NULL on the way.
+async fn rekey(
+    ex: &mut Exec<'_>,
+    def: &TableDef,
+    new_pk: Vec<usize>,
+    pk_name: Option<String>,
+) -> Result<TableDef, SqlError> {
+    let (rows, _) = ex.scan_table(def, &KeyPlan::default(), None, None).await?;
+    let mut new_def = def.clone();
+    new_def.pk = new_pk.clone();
+    new_def.pk_name = pk_name.clone();
+    for &i in &new_pk {
+        new_def.columns[i].not_null = true;
+    }
+    new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
+    let constraint = pk_name.unwrap_or_else(|| format!("{}_pkey", def.name));
+    for row in rows {
+        ex.check_row(&new_def, &row, &[])?;
+        let key = ex.row_key(&new_def, &row)?;
+        ex.engine
+            .insert_row(ex.txn, &new_def, &key, &row, &constraint)
+            .await
+            .map_err(|e| {
+                let mut err = engine_error(e);
+                if err.code == "23505" {
+                    err.message = format!("could not create unique index \"{constraint}\"");
+                }
+                err
+            })?;
+    }
+    if let Some(seq) = def.rowid_seq {
+        ex.engine
+            .drop_relation(ex.txn, seq)
+            .await
+            .map_err(engine_error)?;
+        new_def.rowid_seq = None;
+    }
+    Ok(new_def)
+}
+
+async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResult, SqlError> {
+    ex.check_writable()?;
+    let def = match find_table(&ex.catalog, &at.name) {
+        Ok(d) => d,
+        Err(_) if at.if_exists => {
+            return Ok(ExecResult::Command {
+                tag: "ALTER TABLE".into(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let mut def = (*def).clone();
+    for op in &at.operations {
+        match op {
+            ast::AlterTableOperation::AddConstraint {
+                constraint: ast::TableConstraint::PrimaryKey(p),
+                ..
+            } => {
+                if !def.pk.is_empty() {
+                    return Err(SqlError::new(
+                        "42P16",
+                        format!(
+                            "multiple primary keys for table \"{}\" are not allowed",
+                            def.name
+                        ),
+                    ));
+                }
+                let mut cols = Vec::new();
+                for ic in &p.columns {
+                    let cname = ic.column.expr.to_string();
+                    cols.push(def.column_index(&cname).ok_or_else(|| {
+                        SqlError::new(
+                            "42703",
+                            format!(
+                                "column \"{cname}\" of relation \"{}\" does not exist",
+                                def.name
+                            ),
+                        )
+                    })?);
+                }
+                def = rekey(ex, &def, cols, p.name.as_ref().map(|n| n.value.clone())).await?;
+            }
+            ast::AlterTableOperation::AddConstraint {
+                constraint: ast::TableConstraint::Check(cc),
+                ..
+            } => {
+                let check = CheckDef {
+                    name: cc
+                        .name
+                        .as_ref()
+                        .map(|n| n.value.clone())
+                        .unwrap_or_else(|| format!("{}_check", def.name)),
+                    expr: cc.expr.to_string(),
+                };
+                let mut probe = def.clone();
+                probe.checks = vec![check.clone()];
+                let bound = Binder {
+                    catalog: &ex.catalog,
+                    params: vec![],
+                    nextvals: vec![],
+                }
+                .checks(&probe)?;
+                let (rows, _) = ex.scan_table(&def, &KeyPlan::default(), None, None).await?;
+                for row in rows {
+                    ex.check_row(&probe, &row, &bound).map_err(|mut e| {
+                        if e.code == "23514" {
+                            e.message = format!("check constraint \"{}\" of relation \"{}\" is violated by some row", check.name, def.name);
+                        }
+                        e
+                    })?;
+                }
+                def.checks.push(check);
+            }
+            ast::AlterTableOperation::AddColumn {
+                column_def,
+                if_not_exists,
+                ..
+            } => {
+                if def.column_index(&column_def.name.value).is_some() {
+                    if *if_not_exists {
+                        continue;
+                    }
+                    return Err(SqlError::new(
+                        "42701",
+                        format!(
+                            "column \"{}\" of relation \"{}\" already exists",
+                            column_def.name.value, def.name
+                        ),
+                    ));
+                }
+                let (ty, typmod) = expr::parse_type_name(&column_def.data_type.to_string())?;
+                let mut col = ColumnDef {
+                    name: column_def.name.value.clone(),
+                    type_oid: ty.oid(),
+                    typmod,
+                    not_null: false,
+                    default: None,
+                };
+                for opt in &column_def.options {
+                    match &opt.option {
+                        ast::ColumnOption::NotNull => col.not_null = true,
+                        ast::ColumnOption::Null => {}
+                        ast::ColumnOption::Default(e) => col.default = Some(e.to_string()),
+                        other => {
+                            return Err(SqlError::unsupported(format!("ADD COLUMN option {other}")))
+                        }
+                    }
+                }
+                // Existing rows get the default (evaluated once) or NULL.
+                let fill = match &col.default {
+                    Some(text) => {
+                        let e = Binder {
+                            catalog: &ex.catalog,
+                            params: vec![],
+                            nextvals: vec![],
+                        }
+                        .bind(
+                            &Scope::default(),
+                            &parse_expr_text(text)?,
+                            Some(ty),
+                        )?;
+                        expr::assign(expr::eval(&e, &[], &ex.ctx(&[]))?, ty, typmod)?
+                    }
+                    None => Datum::Null,
+                };
+                if col.not_null && fill.is_null() {
+                    let (rows, _) = ex
+                        .scan_table(&def, &KeyPlan::default(), None, Some(1))
+                        .await?;
+                    if !rows.is_empty() {
+                        return Err(SqlError::new(
+                            "23502",
+                            format!(
+                                "column \"{}\" of relation \"{}\" contains null values",
+                                col.name, def.name
+                            ),
+                        ));
+                    }
+                }
+                rewrite_rows(ex, &def, &mut |row| row.push(fill.clone())).await?;
+                def.columns.push(col);
+            }
+            ast::AlterTableOperation::DropColumn {
+                column_names,
+                if_exists,
+                ..
+            } => {
+                for cn in column_names {
+                    let Some(i) = def.column_index(&cn.value) else {
+                        if *if_exists {
+                            continue;
+                        }
+                        return Err(SqlError::new(
+                            "42703",
+                            format!(
+                                "column \"{}\" of relation \"{}\" does not exist",
+                                cn.value, def.name
+                            ),
+                        ));
+                    };
+                    if def.pk.contains(&i) {
+                        return Err(SqlError::unsupported("dropping a primary-key column"));
+                    }
+                    rewrite_rows(ex, &def, &mut |row| {
+                        if i < row.len() {
+                            row.remove(i);
+                        }
+                    })
+                    .await?;
+                    def.columns.remove(i);
+                    def.pk = def
+                        .pk
+                        .iter()
+                        .map(|&p| if p > i { p - 1 } else { p })
+                        .collect();
+                }
+            }
+            other => return Err(SqlError::unsupported(format!("ALTER TABLE {other}"))),
+        }
+    }
+    ex.engine
+        .put_relation(ex.txn, &def, false)
+        .await
+        .map_err(engine_error)?;
+    Ok(ExecResult::Command {
+        tag: "ALTER TABLE".into(),
+    })
+}
+
+/// Applies `f` to every visible row (a new version each).
+async fn rewrite_rows(
+    ex: &mut Exec<'_>,
+    def: &TableDef,
+    f: &mut (dyn FnMut(&mut Vec<Datum>) + Send),
+) -> Result<(), SqlError> {
+    let (_, keys) = ex.scan_table(def, &KeyPlan::default(), None, None).await?;
+    for key in keys {
+        let mut decide = |cur: &[Datum]| {
+            let mut row = cur.to_vec();
+            f(&mut row);
+            Ok(RowAction::Update(row))
+        };
+        ex.engine
+            .modify_row(ex.txn, def, &key, &mut decide)
+            .await
+            .map_err(engine_error)?;
+    }
+    Ok(())
+}
+
+async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecResult, SqlError> {
+    ex.check_writable()?;
+    let def = find_table(&ex.catalog, &ci.table_name)?;
+    let mut cols = Vec::new();
+    for ic in &ci.columns {
+        let cname = ic.column.expr.to_string();
+        cols.push(
+            def.column_index(&cname).ok_or_else(|| {
+                SqlError::new("42703", format!("column \"{cname}\" does not exist"))
+            })?,
+        );
+    }
+    if ci.unique {
+        // Uniqueness must be enforced, and only the clustered key can do that today.
+        if cols != def.pk {
+            return Err(SqlError::unsupported(
+                "UNIQUE indexes on columns other than the primary key",
+            ));
+        }
+    }
+    let name = ci.name.as_ref().map(ident).unwrap_or_else(|| {
+        format!(
+            "{}_{}_idx",
+            def.name,
+            cols.iter()
+                .map(|&i| def.columns[i].name.clone())
+                .collect::<Vec<_>>()
+                .join("_")
+        )
+    });
+    if def.indexes.iter().any(|i| i.name == name) || ex.catalog.iter().any(|t| t.name == name) {
+        if ci.if_not_exists {
+            return Ok(ExecResult::Command {
+                tag: "CREATE INDEX".into(),
+            });
+        }
+        return Err(SqlError::new(
+            "42P07",
+            format!("relation \"{name}\" already exists"),
+        ));
+    }
+    // Secondary index structures are not built yet: the definition is recorded (so
+    // schemas load and \d shows it) and queries use the clustered key or a scan,
+    // with identical results. EXPLAIN shows which access path is really used.
+    let mut new_def = (*def).clone();
+    new_def.indexes.push(IndexDef {
+        oid: 0,
+        name,
+        columns: cols,
+        unique: ci.unique,
+        primary: false,
+        root: 0,
+    });
+    ex.engine
+        .put_relation(ex.txn, &new_def, false)
+        .await
+        .map_err(engine_error)?;
+    Ok(ExecResult::Command {
+        tag: "CREATE INDEX".into(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// COPY
+
+pub(crate) struct CopyState {
+    plan: InsertPlan,
+    format: CopyFormat,
+    delimiter: u8,
+    null: String,
+    header: bool,
+    buf: Vec<u8>,
+    rows: u64,
+}
+
+/// Bound on a COPY line waiting for its end (invariant 9).
+const MAX_COPY_LINE_BYTES: usize = 64 << 20;
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_start(
+    s: &mut Session,
+    catalog: &[Arc<TableDef>],
+    source: &ast::CopySource,
+    to: bool,
+    target: &ast::CopyTarget,
+    options: &[ast::CopyOption],
+    legacy: &[ast::CopyLegacyOption],
+    _values: &[Option<String>],
+) -> Result<ExecResult, SqlError> {
+    let mut format = CopyFormat::Text;
+    let mut delimiter = None;
+    let mut null = None;
+    let mut header = false;
+    for o in options {
+        match o {
+            ast::CopyOption::Format(f) => {
+                format = match f.value.to_lowercase().as_str() {
+                    "text" => CopyFormat::Text,
+                    "csv" => CopyFormat::Csv,
+                    other => return Err(SqlError::unsupported(format!("COPY format {other}"))),
+                }
+            }
+            ast::CopyOption::Delimiter(c) => delimiter = Some(*c as u8),
+            ast::CopyOption::Null(n) => null = Some(n.clone()),
+            ast::CopyOption::Header(h) => header = *h,
+            ast::CopyOption::Freeze(_) | ast::CopyOption::Encoding(_) => {}
+            other => return Err(SqlError::unsupported(format!("COPY option {other}"))),
+        }
+    }
+    for o in legacy {
+        match o {
+            ast::CopyLegacyOption::Csv(_) => format = CopyFormat::Csv,
+            ast::CopyLegacyOption::Delimiter(c) => delimiter = Some(*c as u8),
+            ast::CopyLegacyOption::Null(n) => null = Some(n.clone()),
+            ast::CopyLegacyOption::Header => header = true,
+            other => return Err(SqlError::unsupported(format!("COPY option {other}"))),
+        }
+    }
+    let delimiter = delimiter.unwrap_or(if format == CopyFormat::Csv {
+        b','
+    } else {
+        b'\t'
+    });
+    let null = null.unwrap_or_else(|| {
+        if format == CopyFormat::Csv {
+            String::new()
+        } else {
+            "\\N".into()
+        }
+    });
+    let (table_name, cols) = match source {
+        ast::CopySource::Table {
+            table_name,
+            columns,
+        } => (table_name, columns),
+        ast::CopySource::Query(_) => return Err(SqlError::unsupported("COPY (query)")),
+    };
+    let def = find_table(catalog, table_name)?;
+    let targets: Vec<usize> = if cols.is_empty() {
+        (0..def.columns.len()).collect()
+    } else {
+        cols.iter()
+            .map(|c| {
+                def.column_index(&c.value).ok_or_else(|| {
+                    SqlError::new("42703", format!("column \"{}\" does not exist", c.value))
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if to {
+        if !matches!(target, ast::CopyTarget::Stdout) {
+            return Err(SqlError::new(
+                "42501",
+                "COPY to a file is not allowed; use COPY TO STDOUT",
+            ));
+        }
+        let engine = s.engine().clone();
+        let txn = s.txn_for_statement();
+        let mut data = Vec::new();
+        if header {
+            let names: Vec<String> = targets
+                .iter()
+                .map(|&i| def.columns[i].name.clone())
+                .collect();
+            data.push(format!("{}\n", names.join(&(delimiter as char).to_string())).into_bytes());
+        }
+        let mut err = None;
+        engine
+            .scan(
+                txn,
+                def.root,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                &mut |_, row| {
+                    let mut line = Vec::new();
+                    for (j, &i) in targets.iter().enumerate() {
+                        if j > 0 {
+                            line.push(delimiter);
+                        }
+                        match row.get(i).and_then(|d| d.to_text()) {
+                            None => line.extend_from_slice(null.as_bytes()),
+                            Some(t) => copy_escape(&t, format, delimiter, &mut line),
+                        }
+                    }
+                    line.push(b'\n');
+                    data.push(line);
+                    if data.len() > MAX_STATEMENT_ROWS {
+                        err = Some(SqlError::new("54000", "COPY TO produces too many rows"));
+                        return Ok(false);
+                    }
+                    Ok(true)
+                },
+            )
+            .await
+            .map_err(engine_error)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let n = data.len() - header as usize;
+        return Ok(ExecResult::CopyOut {
+            format,
+            columns: targets.len(),
+            data,
+            tag: format!("COPY {n}"),
+        });
+    }
+    if !matches!(target, ast::CopyTarget::Stdin) {
+        return Err(SqlError::new(
+            "42501",
+            "COPY from a file is not allowed; use COPY FROM STDIN",
+        ));
+    }
+    let mut b = Binder {
+        catalog,
+        params: vec![],
+        nextvals: vec![],
+    };
+    let plan = InsertPlan {
+        table: def.clone(),
+        targets: targets.clone(),
+        source: InsertSource::Values(vec![]),
+        defaults: b.defaults(&def)?,
+        checks: b.checks(&def)?,
+        on_conflict: None,
+        returning: None,
+        nextvals: b.nextvals,
+        values_nextvals: 0,
+    };
+    if s.txn.as_ref().is_some_and(|t| t.read_only) {
+        return Err(SqlError::new(
+            "25006",
+            "cannot execute COPY FROM in a read-only transaction",
+        ));
+    }
+    s.copy = Some(CopyState {
+        plan,
+        format,
+        delimiter,
+        null,
+        header,
+        buf: Vec::new(),
+        rows: 0,
+    });
+    Ok(ExecResult::CopyIn {
+        format,
+        columns: targets.len(),
+    })
+}
+
+fn copy_escape(t: &str, format: CopyFormat, delimiter: u8, out: &mut Vec<u8>) {
+    match format {
+        CopyFormat::Text => {
+            for b in t.bytes() {
+                match b {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    b'\t' if delimiter == b'\t' => out.extend_from_slice(b"\\t"),
+                    d if d == delimiter => {
+                        out.push(b'\\');
+                        out.push(d);
+                    }
+                    other => out.push(other),
+                }
+            }
+        }
+        CopyFormat::Csv => {
+            let needs = t.is_empty()
+                || t.bytes()
+                    .any(|b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r');
+            if needs {
+                out.push(b'"');
+                for b in t.bytes() {
+                    if b == b'"' {
+                        out.push(b'"');
+                    }
+                    out.push(b);
+                }
+                out.push(b'"');
+            } else {
+                out.extend_from_slice(t.as_bytes());
+            }
+        }
+    }
+}
+
+fn split_text_line(
+    line: &[u8],
+    delimiter: u8,
+    null: &str,
+) -> Result<Vec<Option<String>>, SqlError> {
+    let mut fields = Vec::new();
+    let mut cur = Vec::new();
+    let mut raw = Vec::new();
+    let mut i = 0;
+    let finish = |cur: &mut Vec<u8>,
+                  raw: &mut Vec<u8>,
+                  fields: &mut Vec<Option<String>>|
+     -> Result<(), SqlError> {
+        let s = String::from_utf8(std::mem::take(cur))
+            .map_err(|_| SqlError::new("22021", "invalid byte sequence for encoding \"UTF8\""))?;
+        let r = std::mem::take(raw);
+        fields.push(if r == null.as_bytes() { None } else { Some(s) });
+        Ok(())
+    };
+    while i < line.len() {
+        let b = line[i];
+        if b == delimiter {
+            finish(&mut cur, &mut raw, &mut fields)?;
+        } else if b == b'\\' && i + 1 < line.len() {
+            let n = line[i + 1];
+            raw.extend_from_slice(&[b, n]);
+            cur.push(match n {
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'b' => 8,
+                b'f' => 12,
+                b'v' => 11,
+                other => other,
+            });
+            i += 1;
+        } else {
+            raw.push(b);
+            cur.push(b);
+        }
+        i += 1;
+    }
+    finish(&mut cur, &mut raw, &mut fields)?;
+    Ok(fields)
+}
+
+fn split_csv_line(line: &[u8], delimiter: u8, null: &str) -> Result<Vec<Option<String>>, SqlError> {
+    let mut fields = Vec::new();
+    let mut cur = Vec::new();
+    let mut quoted = false;
+    let mut was_quoted = false;
+    let mut i = 0;
+    while i < line.len() {
+        let b = line[i];
+        if quoted {
+            if b == b'"' {
+                if line.get(i + 1) == Some(&b'"') {
+                    cur.push(b'"');
+                    i += 1;
+                } else {
+                    quoted = false;
+                }
+            } else {
+                cur.push(b);
+            }
+        } else if b == b'"' {
+            quoted = true;
+            was_quoted = true;
+        } else if b == delimiter {
+            let s = String::from_utf8(std::mem::take(&mut cur))
+                .map_err(|_| SqlError::new("22021", "invalid UTF-8"))?;
+            fields.push(if !was_quoted && s == null {
+                None
+            } else {
+                Some(s)
+            });
+            was_quoted = false;
+        } else {
+            cur.push(b);
+        }
+        i += 1;
+    }
+    if quoted {
+        return Err(SqlError::new("22P04", "unterminated CSV quoted field"));
+    }
+    let s = String::from_utf8(cur).map_err(|_| SqlError::new("22021", "invalid UTF-8"))?;
+    fields.push(if !was_quoted && s == null {
+        None
+    } else {
+        Some(s)
+    });
+    Ok(fields)
+}
+
+pub(crate) async fn copy_data(s: &mut Session, data: &[u8]) -> Result<(), SqlError> {
+    let Some(mut st) = s.copy.take() else {
+        return Err(SqlError::new("08P01", "unexpected COPY data"));
+    };
+    st.buf.extend_from_slice(data);
+    let r = copy_lines(s, &mut st, false).await;
+    s.copy = Some(st);
+    r
+}
+
+pub(crate) async fn copy_done(s: &mut Session) -> Result<ExecResult, SqlError> {
+    let Some(mut st) = s.copy.take() else {
+        return Err(SqlError::new("08P01", "unexpected CopyDone"));
+    };
+    copy_lines(s, &mut st, true).await?;
+    Ok(ExecResult::Command {
+        tag: format!("COPY {}", st.rows),
+    })
+}
+
+async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<(), SqlError> {
+    let engine = s.engine().clone();
+    let (database, user) = (s.database.clone(), s.user.clone());
+    let txn = s
+        .txn
+        .get_or_insert_with(|| engine.begin(borealis_engine::Isolation::ReadCommitted, false));
+    let catalog = engine.latest_relations();
+    let mut ex = Exec {
+        engine: engine.clone(),
+        txn,
+        params: &[],
+        database,
+        user,
+        now: now_timestamp(),
+        catalog,
+    };
+    let mut start = 0;
+    loop {
+        let Some(nl) = st.buf[start..].iter().position(|&b| b == b'\n') else {
+            break;
+        };
+        let mut line = &st.buf[start..start + nl];
+        start += nl + 1;
+        if line.last() == Some(&b'\r') {
+            line = &line[..line.len() - 1];
+        }
+        if line == b"\\." {
+            continue;
+        }
+        if st.header {
+            st.header = false;
+            continue;
+        }
+        let fields = match st.format {
+            CopyFormat::Text => split_text_line(line, st.delimiter, &st.null)?,
+            CopyFormat::Csv => split_csv_line(line, st.delimiter, &st.null)?,
+        };
+        copy_row(&mut ex, st, fields).await?;
+    }
+    st.buf.drain(..start);
+    if st.buf.len() > MAX_COPY_LINE_BYTES {
+        return Err(SqlError::new("54000", "COPY line is too long"));
+    }
+    if eof && !st.buf.is_empty() && st.buf != b"\\." {
+        let line = std::mem::take(&mut st.buf);
+        let fields = match st.format {
+            CopyFormat::Text => split_text_line(&line, st.delimiter, &st.null)?,
+            CopyFormat::Csv => split_csv_line(&line, st.delimiter, &st.null)?,
+        };
+        copy_row(&mut ex, st, fields).await?;
+    }
+    Ok(())
+}
+
+async fn copy_row(
+    ex: &mut Exec<'_>,
+    st: &mut CopyState,
+    fields: Vec<Option<String>>,
+) -> Result<(), SqlError> {
+    let t = st.plan.table.clone();
+    if fields.len() != st.plan.targets.len() {
+        return Err(SqlError::new(
+            "22P04",
+            if fields.len() < st.plan.targets.len() {
+                "missing data for column".to_string()
+            } else {
+                "extra data after last expected column".to_string()
+            },
+        ));
+    }
+    let mut row: Vec<Option<Datum>> = vec![None; t.columns.len()];
+    for (f, &col) in fields.into_iter().zip(&st.plan.targets) {
+        let c = &t.columns[col];
+        row[col] = Some(match f {
+            None => Datum::Null,
+            Some(text) => {
+                Datum::parse_text(c.ty(), &text).map_err(|e| SqlError::new("22P02", e.0))?
+            }
+        });
+    }
+    let mut full = Vec::with_capacity(t.columns.len());
+    for (i, v) in row.into_iter().enumerate() {
+        let c = &t.columns[i];
+        let d = match v {
+            Some(d) => d,
+            None => match &st.plan.defaults[i] {
+                Some(e) => {
+                    let names = nextval_names(e, &st.plan.nextvals);
+                    let pre = ex.nextvals(&names).await?;
+                    expr::eval(e, &[], &ex.ctx(&pre))?
+                }
+                None => Datum::Null,
+            },
+        };
+        full.push(expr::assign(d, c.ty(), c.typmod)?);
+    }
+    ex.insert_row(&st.plan, full).await?;
+    st.rows += 1;
+    Ok(())
+}

@@ -1,0 +1,259 @@
+//! Access-path choice for single-table reads: which part of a WHERE clause bounds
+//! the clustered primary-key B+tree, and how the chosen plan reads in EXPLAIN.
+
+use crate::expr::{cast, compare, eval, BinOp, EvalCtx, Expr};
+use crate::SqlError;
+use borealis_engine::catalog::TableDef;
+use borealis_engine::row::{encode_key, prefix_successor};
+use borealis_engine::types::Datum;
+use std::cmp::Ordering;
+use std::ops::Bound;
+
+/// A key range over the clustered tree, still symbolic (parameters unresolved).
+#[derive(Debug, Clone, Default)]
+pub struct KeyPlan {
+    /// Equalities on a prefix of the primary key, in key order.
+    pub eq: Vec<Expr>,
+    /// Range bounds on the key column after the equality prefix.
+    pub lower: Option<(Expr, bool)>,
+    pub upper: Option<(Expr, bool)>,
+}
+
+impl KeyPlan {
+    pub fn is_full_scan(&self) -> bool {
+        self.eq.is_empty() && self.lower.is_none() && self.upper.is_none()
+    }
+
+    pub fn describe(&self, table: &TableDef) -> String {
+        let col = |i: usize| {
+            table
+                .pk
+                .get(i)
+                .and_then(|&c| table.columns.get(c))
+                .map(|c| c.name.clone())
+                .unwrap_or_default()
+        };
+        let mut parts: Vec<String> = (0..self.eq.len())
+            .map(|i| format!("{} = $", col(i)))
+            .collect();
+        if let Some((_, inc)) = &self.lower {
+            parts.push(format!(
+                "{} {} $",
+                col(self.eq.len()),
+                if *inc { ">=" } else { ">" }
+            ));
+        }
+        if let Some((_, inc)) = &self.upper {
+            parts.push(format!(
+                "{} {} $",
+                col(self.eq.len()),
+                if *inc { "<=" } else { "<" }
+            ));
+        }
+        parts.join(" AND ")
+    }
+}
+
+fn is_constant(e: &Expr) -> bool {
+    match e {
+        Expr::Const(..) | Expr::Param(_) => true,
+        Expr::Cast(x, _, _) => is_constant(x),
+        Expr::Neg(x, _) => is_constant(x),
+        Expr::Binary(op, l, r, _) => {
+            !matches!(op, BinOp::And | BinOp::Or) && is_constant(l) && is_constant(r)
+        }
+        _ => false,
+    }
+}
+
+fn conjuncts<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::Binary(BinOp::And, l, r, _) => {
+            conjuncts(l, out);
+            conjuncts(r, out);
+        }
+        other => out.push(other),
+    }
+}
+
+/// Finds bounds on the primary key in `filter` (columns are positions in the table).
+pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
+    let mut plan = KeyPlan::default();
+    let Some(filter) = filter else { return plan };
+    if table.pk.is_empty() {
+        return plan;
+    }
+    let mut cs = Vec::new();
+    conjuncts(filter, &mut cs);
+    let column_cmp = |c: &Expr, col: usize| -> Option<(BinOp, Expr)> {
+        match c {
+            Expr::Binary(op, l, r, _) => match (&**l, &**r) {
+                (Expr::Column(i, _), other) if *i == col && is_constant(other) => {
+                    Some((*op, other.clone()))
+                }
+                (other, Expr::Column(i, _)) if *i == col && is_constant(other) => {
+                    let flipped = match op {
+                        BinOp::Lt => BinOp::Gt,
+                        BinOp::LtEq => BinOp::GtEq,
+                        BinOp::Gt => BinOp::Lt,
+                        BinOp::GtEq => BinOp::LtEq,
+                        o => *o,
+                    };
+                    Some((flipped, other.clone()))
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    for &col in &table.pk {
+        let eq = cs.iter().find_map(|c| match column_cmp(c, col) {
+            Some((BinOp::Eq, e)) => Some(e),
+            _ => None,
+        });
+        match eq {
+            Some(e) => plan.eq.push(e),
+            None => {
+                for c in &cs {
+                    if let Expr::Between(x, lo, hi, false) = c {
+                        if matches!(&**x, Expr::Column(i, _) if *i == col)
+                            && is_constant(lo)
+                            && is_constant(hi)
+                        {
+                            plan.lower = Some(((**lo).clone(), true));
+                            plan.upper = Some(((**hi).clone(), true));
+                        }
+                    }
+                    match column_cmp(c, col) {
+                        Some((BinOp::Gt, e)) => plan.lower = Some((e, false)),
+                        Some((BinOp::GtEq, e)) => plan.lower = Some((e, true)),
+                        Some((BinOp::Lt, e)) => plan.upper = Some((e, false)),
+                        Some((BinOp::LtEq, e)) => plan.upper = Some((e, true)),
+                        _ => {}
+                    }
+                }
+                break;
+            }
+        }
+    }
+    plan
+}
+
+/// Evaluates a bound value and converts it to the key column's type, refusing
+/// conversions that change the value (so the key range never excludes a match).
+fn key_value(
+    e: &Expr,
+    table: &TableDef,
+    pk_pos: usize,
+    ctx: &EvalCtx<'_>,
+) -> Result<Option<Datum>, SqlError> {
+    let v = eval(e, &[], ctx)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    let col = &table.columns[table.pk[pk_pos]];
+    let Ok(converted) = cast(v.clone(), col.ty(), -1) else {
+        return Ok(None);
+    };
+    let same = match (&v, &converted) {
+        (Datum::Text(a), Datum::Text(b)) => a == b,
+        (Datum::Text(_), _) => true,
+        (a, b) => compare(a, b) == Some(Ordering::Equal),
+    };
+    Ok(if same { Some(converted) } else { None })
+}
+
+/// Resolved key bounds, or None when the range is provably empty / not usable.
+pub enum Resolved {
+    Range(Bound<Vec<u8>>, Bound<Vec<u8>>),
+    Empty,
+    /// A bound could not be converted exactly: scan everything, filter decides.
+    Full,
+}
+
+pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Resolved, SqlError> {
+    let mut prefix_vals = Vec::with_capacity(plan.eq.len());
+    for (i, e) in plan.eq.iter().enumerate() {
+        let v = eval(e, &[], ctx)?;
+        if v.is_null() {
+            return Ok(Resolved::Empty);
+        }
+        match key_value(e, table, i, ctx)? {
+            Some(v) => prefix_vals.push(v),
+            None => return Ok(Resolved::Full),
+        }
+    }
+    let prefix = encode_key(&prefix_vals).map_err(crate::session::engine_error)?;
+    if plan.lower.is_none() && plan.upper.is_none() {
+        if prefix_vals.len() == table.pk.len() {
+            return Ok(Resolved::Range(
+                Bound::Included(prefix.clone()),
+                Bound::Included(prefix),
+            ));
+        }
+        let lo = if prefix.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Included(prefix.clone())
+        };
+        let hi = if prefix.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(prefix_successor(&prefix))
+        };
+        return Ok(Resolved::Range(lo, hi));
+    }
+    let pos = prefix_vals.len();
+    let bound_key = |e: &Expr| -> Result<Option<Vec<u8>>, SqlError> {
+        let v = eval(e, &[], ctx)?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        match key_value(e, table, pos, ctx)? {
+            Some(v) => {
+                let mut k = prefix.clone();
+                borealis_engine::row::encode_key_datum(&v, &mut k)
+                    .map_err(crate::session::engine_error)?;
+                Ok(Some(k))
+            }
+            None => Err(SqlError::internal("inexact")),
+        }
+    };
+    let lo = match &plan.lower {
+        None if prefix.is_empty() => Bound::Unbounded,
+        None => Bound::Included(prefix.clone()),
+        Some((e, inc)) => match bound_key(e) {
+            Ok(Some(k)) if *inc => Bound::Included(k),
+            Ok(Some(k)) => Bound::Excluded(k),
+            Ok(None) => return Ok(Resolved::Empty),
+            Err(_) => return Ok(Resolved::Full),
+        },
+    };
+    let hi = match &plan.upper {
+        None if prefix.is_empty() => Bound::Unbounded,
+        None => Bound::Excluded(prefix_successor(&prefix)),
+        Some((e, inc)) => match bound_key(e) {
+            Ok(Some(k)) if *inc => Bound::Included(k),
+            Ok(Some(k)) => Bound::Excluded(k),
+            Ok(None) => return Ok(Resolved::Empty),
+            Err(_) => return Ok(Resolved::Full),
+        },
+    };
+    // A composite key's encoded column is followed by more columns: make an
+    // inclusive upper bound cover every key that starts with it, and an exclusive
+    // lower bound skip all of them.
+    let (lo, hi) = if table.pk.len() > pos + 1 {
+        let lo = match lo {
+            Bound::Excluded(k) => Bound::Included(prefix_successor(&k)),
+            other => other,
+        };
+        let hi = match hi {
+            Bound::Included(k) => Bound::Excluded(prefix_successor(&k)),
+            other => other,
+        };
+        (lo, hi)
+    } else {
+        (lo, hi)
+    };
+    Ok(Resolved::Range(lo, hi))
+}

@@ -1,0 +1,165 @@
+//! Session-level checks of the SQL layer over an in-memory volume.
+
+use borealis_sql::{Database, Datum, ExecResult, Session, TransactionStatus};
+use borealis_volume::{Volume, VolumeConfig};
+
+async fn db() -> Database {
+    Database::open(Volume::in_memory(VolumeConfig::default()))
+        .await
+        .unwrap()
+}
+
+/// Runs `sql` and renders each result as text lines (or "ERROR <code>").
+async fn run(s: &mut Session, sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for r in s.query(sql).await {
+        match r {
+            Ok(ExecResult::Rows { rows, .. }) => {
+                for row in rows {
+                    out.push(
+                        row.iter()
+                            .map(|d| d.to_text().unwrap_or_else(|| "NULL".into()))
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                    );
+                }
+            }
+            Ok(ExecResult::Command { tag }) => out.push(tag),
+            Ok(other) => out.push(format!("{other:?}")),
+            Err(e) => out.push(format!("ERROR {}", e.code)),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn tables_rows_and_errors() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    assert_eq!(run(&mut s, "SELECT 1").await, ["1"]);
+    assert_eq!(
+        run(&mut s, "SELECT 1 + 2 * 3, 'a' || 'b', 7 / 2, 7.0 / 2").await,
+        ["7|ab|3|3.5000000000000000"]
+    );
+    assert_eq!(
+        run(
+            &mut s,
+            "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, n numeric(6,2) DEFAULT 1.5)"
+        )
+        .await,
+        ["CREATE TABLE"]
+    );
+    assert_eq!(
+        run(
+            &mut s,
+            "INSERT INTO t (id, v) VALUES (2, 'b'), (1, 'a'), (3, 'c')"
+        )
+        .await,
+        ["INSERT 0 3"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT * FROM t").await,
+        ["1|a|1.50", "2|b|1.50", "3|c|1.50"]
+    );
+    assert_eq!(
+        run(&mut s, "INSERT INTO t VALUES (1, 'dup')").await,
+        ["ERROR 23505"]
+    );
+    assert_eq!(
+        run(&mut s, "INSERT INTO t (id) VALUES (9)").await,
+        ["ERROR 23502"]
+    );
+    assert_eq!(run(&mut s, "SELECT * FROM nope").await, ["ERROR 42P01"]);
+    assert_eq!(run(&mut s, "SELECT nope FROM t").await, ["ERROR 42703"]);
+    assert_eq!(run(&mut s, "SELEC 1").await, ["ERROR 42601"]);
+    assert_eq!(run(&mut s, "SELECT 1/0").await, ["ERROR 22012"]);
+    assert_eq!(
+        run(
+            &mut s,
+            "UPDATE t SET n = n + 1 WHERE id = 2 RETURNING id, n"
+        )
+        .await,
+        ["2|2.50"]
+    );
+    assert_eq!(
+        run(&mut s, "DELETE FROM t WHERE id >= 3").await,
+        ["DELETE 1"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT count(*), sum(n), max(v) FROM t").await,
+        ["2|4.00|b"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT v FROM t ORDER BY v DESC LIMIT 1").await,
+        ["b"]
+    );
+    assert_eq!(
+        run(
+            &mut s,
+            "INSERT INTO t VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET v = excluded.v || t.v"
+        )
+        .await,
+        ["INSERT 0 1"]
+    );
+    assert_eq!(run(&mut s, "SELECT v FROM t WHERE id = 1").await, ["xa"]);
+    assert_eq!(
+        run(
+            &mut s,
+            "INSERT INTO t VALUES (1, 'y') ON CONFLICT DO NOTHING"
+        )
+        .await,
+        ["INSERT 0 0"]
+    );
+}
+
+#[tokio::test]
+async fn transactions_and_status() {
+    let db = db().await;
+    let mut a = db.session("postgres", "postgres");
+    let mut b = db.session("postgres", "postgres");
+    run(&mut a, "CREATE TABLE acct (id int PRIMARY KEY, bal int)").await;
+    run(&mut a, "INSERT INTO acct VALUES (1, 100)").await;
+    assert_eq!(run(&mut a, "BEGIN").await, ["BEGIN"]);
+    assert_eq!(a.transaction_status(), TransactionStatus::InBlock);
+    run(&mut a, "UPDATE acct SET bal = bal - 10 WHERE id = 1").await;
+    // No dirty reads.
+    assert_eq!(run(&mut b, "SELECT bal FROM acct").await, ["100"]);
+    assert_eq!(run(&mut a, "SELECT bal FROM acct").await, ["90"]);
+    assert_eq!(run(&mut a, "SELECT 1/0").await, ["ERROR 22012"]);
+    assert_eq!(a.transaction_status(), TransactionStatus::Failed);
+    assert_eq!(run(&mut a, "SELECT 1").await, ["ERROR 25P02"]);
+    assert_eq!(run(&mut a, "COMMIT").await, ["ROLLBACK"]);
+    assert_eq!(a.transaction_status(), TransactionStatus::Idle);
+    assert_eq!(run(&mut b, "SELECT bal FROM acct").await, ["100"]);
+    // Committed changes are visible to new statements.
+    run(
+        &mut a,
+        "BEGIN; UPDATE acct SET bal = 50 WHERE id = 1; COMMIT",
+    )
+    .await;
+    assert_eq!(run(&mut b, "SELECT bal FROM acct").await, ["50"]);
+}
+
+#[tokio::test]
+async fn survives_reopen_of_the_same_volume() {
+    let volume = Volume::in_memory(VolumeConfig::default());
+    {
+        let db = Database::open(volume.clone()).await.unwrap();
+        let mut s = db.session("postgres", "postgres");
+        run(&mut s, "CREATE TABLE k (id bigserial PRIMARY KEY, v text)").await;
+        for i in 0..500 {
+            run(&mut s, &format!("INSERT INTO k (v) VALUES ('row {i}')")).await;
+        }
+    }
+    let db = Database::open(volume).await.unwrap();
+    let mut s = db.session("postgres", "postgres");
+    assert_eq!(
+        run(&mut s, "SELECT count(*), min(id), max(id) FROM k").await,
+        ["500|1|500"]
+    );
+    assert_eq!(
+        run(&mut s, "INSERT INTO k (v) VALUES ('after') RETURNING id").await,
+        ["501"]
+    );
+    let _ = Datum::Null;
+}
