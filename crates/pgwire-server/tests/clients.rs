@@ -145,10 +145,10 @@ async fn tokio_postgres_extended_protocol_commands() {
     assert_eq!(client.execute(&begin, &[]).await.expect("execute"), 0);
     client.execute("COMMIT", &[]).await.expect("commit");
     // An error inside the block fails it; ROLLBACK recovers. (An execute-time error:
-    // the placeholder session does not yet fail the block on a Parse error.)
+    // the session does not yet fail the block on a Parse-time error.)
     client.execute("BEGIN", &[]).await.expect("begin");
-    let e = client.execute("SELECT 2", &[]).await.unwrap_err();
-    assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e:?}");
+    let e = client.execute("SELECT 1/0", &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{e:?}");
     let e = client.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("25P02"), "{e:?}");
     client.execute("ROLLBACK", &[]).await.expect("rollback");
@@ -251,7 +251,7 @@ async fn tokio_postgres_binary_parameters_are_decoded() {
     use tokio_postgres::types::Type as PgType;
     let server = start(ServerConfig::default()).await;
     let client = tokio_pg(server.addr, None).await.expect("connect");
-    // The placeholder session ignores parameters, but every one goes through the
+    // BEGIN ignores its parameters, but every one goes through the
     // binary decoder (tokio-postgres always binds in binary) with the Parse types.
     let types = [
         PgType::BOOL,
@@ -304,12 +304,11 @@ async fn tokio_postgres_query_gets_binary_results() {
     let server = start(ServerConfig::default()).await;
     let client = tokio_pg(server.addr, None).await.expect("connect");
     let stmt = client.prepare("SELECT 1").await.expect("prepare");
-    if stmt.columns().is_empty() {
-        // The placeholder session does not describe result columns at Prepare; this
-        // check starts running once the SQL engine reports Prepared.columns.
-        eprintln!("Prepared.columns empty (placeholder session): binary result check not run");
-        return;
-    }
+    assert_eq!(
+        stmt.columns().len(),
+        1,
+        "Describe reports the result column before Execute"
+    );
     let row = client.query_one(&stmt, &[]).await.expect("query");
     assert_eq!(row.get::<_, i32>(0), 1);
 }
