@@ -138,7 +138,7 @@ async fn common_types_roundtrip_in_binary_through_the_engine() {
         .query_one("SELECT * FROM t WHERE id = $1", &[&1i32])
         .await
         .expect("select");
-    assert_eq!(row.get::<_, bool>(1), true);
+    assert!(row.get::<_, bool>(1));
     assert_eq!(row.get::<_, i16>(2), -2);
     assert_eq!(row.get::<_, i32>(3), 3);
     assert_eq!(row.get::<_, i64>(4), 1 << 40);
