@@ -220,10 +220,24 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+/// Runs a node's future on a multi-thread runtime until it ends or SIGTERM/SIGINT
+/// arrives, then gives stuck blocking work (an fsync) a bounded time to finish:
+/// dropping a runtime would otherwise wait for it without limit.
+fn run_node<F>(node: F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?)
+        .build()?;
+    let result = rt.block_on(async {
+        tokio::select! {
+            r = node => r,
+            s = termination() => { log::info!("{s}: exiting"); Ok(()) }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -329,11 +343,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             init_child_logging(&name, log_file.as_deref())?;
             let mut config = borealis_storage::NodeConfig::new(data_dir, &name, &az, listen);
             config.http = Some(http);
-            multi_thread()?.block_on(async {
-                tokio::select! {
-                    r = borealis_storage::run(config) => r.map_err(anyhow::Error::from),
-                    s = termination() => { log::info!("{s}: exiting"); Ok(()) }
-                }
+            run_node(async {
+                borealis_storage::run(config)
+                    .await
+                    .map_err(anyhow::Error::from)
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -362,12 +375,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 epoch,
                 password_file,
             };
-            multi_thread()?.block_on(async {
-                tokio::select! {
-                    r = placeholder::run_instance(config) => r,
-                    s = termination() => { log::info!("{s}: exiting"); Ok(()) }
-                }
-            })?;
+            run_node(async { placeholder::run_instance(config).await })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Proxy {
@@ -380,11 +388,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             init_child_logging(&format!("proxy-{}", role.as_str()), log_file.as_deref())?;
             let mut config = borealis_proxy::ProxyConfig::new(listen, control, role);
             config.http = http;
-            multi_thread()?.block_on(async {
-                tokio::select! {
-                    r = borealis_proxy::run(config) => r.map_err(anyhow::Error::from),
-                    s = termination() => { log::info!("{s}: exiting"); Ok(()) }
-                }
+            run_node(async {
+                borealis_proxy::run(config)
+                    .await
+                    .map_err(anyhow::Error::from)
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -15,14 +15,23 @@ const PASSWORD: &str = "e2e-secret";
 const WAIT: Duration = Duration::from_secs(120);
 
 /// Three consecutive free loopback ports P, P+1, P+2 (checked by binding them all).
+///
+/// Chosen below Linux's ephemeral range (32768+ by default), where the control
+/// planes of tests running in parallel pick their children's ports: a child port can
+/// then never land on another test's endpoint between our check and its `up`.
 fn free_base_port() -> u16 {
-    for _ in 0..200 {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind probe");
-        let base = probe.local_addr().expect("addr").port();
-        drop(probe);
-        if base > 65000 {
-            continue;
-        }
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    for attempt in 0..500u64 {
+        let base = 20000
+            + ((seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(attempt * 7919))
+                % 4000) as u16
+                * 3;
         let held: Vec<_> = (0..3)
             .filter_map(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
             .collect();
@@ -30,7 +39,7 @@ fn free_base_port() -> u16 {
             return base;
         }
     }
-    panic!("no three consecutive free ports");
+    panic!("no three consecutive free ports in 20000..32000");
 }
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
