@@ -172,6 +172,9 @@ pub enum Resolved {
 }
 
 pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Resolved, SqlError> {
+    if plan.is_full_scan() {
+        return Ok(Resolved::Range(Bound::Unbounded, Bound::Unbounded));
+    }
     let mut prefix_vals = Vec::with_capacity(plan.eq.len());
     for (i, e) in plan.eq.iter().enumerate() {
         let v = eval(e, &[], ctx)?;

@@ -163,3 +163,15 @@ async fn survives_reopen_of_the_same_volume() {
     );
     let _ = Datum::Null;
 }
+
+#[tokio::test]
+async fn tables_without_primary_key_use_hidden_row_ids() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    run(&mut s, "CREATE TABLE x (a int not null, b int)").await;
+    assert_eq!(run(&mut s, "INSERT INTO x VALUES (1,1),(2,2)").await, ["INSERT 0 2"]);
+    assert_eq!(run(&mut s, "SELECT count(*) FROM x").await, ["2"]);
+    assert_eq!(run(&mut s, "ALTER TABLE x ADD PRIMARY KEY (a)").await, ["ALTER TABLE"]);
+    assert_eq!(run(&mut s, "SELECT a, b FROM x WHERE a = 2").await, ["2|2"]);
+    assert_eq!(run(&mut s, "INSERT INTO x VALUES (2, 3)").await, ["ERROR 23505"]);
+}

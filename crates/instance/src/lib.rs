@@ -1,0 +1,177 @@
+//! A database instance (`borealis instance`): the composition of the volume client,
+//! the engine and SQL layer, and the PostgreSQL front end.
+//!
+//! Start-up order matters for availability: the HTTP endpoint comes up first and
+//! reports `starting`, then the instance fetches the volume topology from the control
+//! plane, opens the volume as writer under the epoch the control plane handed out
+//! (this runs recovery: quorum-read of each PG's tail, truncation above VDL, new
+//! epoch; no redo replay, invariant 8), opens the database, and only then listens for
+//! PostgreSQL clients and reports `available`.
+
+use borealis_common::http::{self, Request, Response};
+use borealis_common::Epoch;
+use borealis_pgwire_server::{Auth, ServerConfig};
+use borealis_sql::Database;
+use borealis_volume::{Topology, Volume, VolumeConfig};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    pub data_dir: PathBuf,
+    pub name: String,
+    pub role: String,
+    pub listen: SocketAddr,
+    pub http: SocketAddr,
+    pub control: SocketAddr,
+    pub epoch: u64,
+    pub password_file: PathBuf,
+    /// Buffer cache size in 8 KiB pages.
+    pub cache_pages: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("cannot reach the control plane at {addr}: {why}")]
+    Control { addr: SocketAddr, why: String },
+    #[error("cannot read the password file {path}: {source}")]
+    Password { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the volume: {0}")]
+    Volume(#[from] borealis_volume::VolumeError),
+    #[error("cannot open the database: {0}")]
+    Database(borealis_sql::SqlError),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("unsupported role {0:?} (this build supports: writer)")]
+    Role(String),
+}
+
+/// Bounded wait for the control plane at start-up.
+const CONTROL_WAIT: Duration = Duration::from_secs(30);
+
+async fn fetch_topology(control: SocketAddr) -> Result<Topology, InstanceError> {
+    let deadline = Instant::now() + CONTROL_WAIT;
+    loop {
+        let err = match http::get_json(control, "/v1/volume/topology", Duration::from_secs(5)).await {
+            Ok((200, v)) => match serde_json::from_value::<Topology>(v) {
+                Ok(t) => return Ok(t),
+                Err(e) => format!("bad topology: {e}"),
+            },
+            Ok((status, v)) => format!("status {status}: {v}"),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(InstanceError::Control { addr: control, why: err });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    state: &'static str,
+    volume: Option<Volume>,
+    db: Option<Database>,
+    started: Option<Instant>,
+    recovery_ms: f64,
+}
+
+async fn health_json(name: &str, role: &str, epoch: u64, h: &Arc<Mutex<Health>>) -> serde_json::Value {
+    let (state, volume, db, recovery_ms, uptime) = {
+        let h = h.lock().unwrap_or_else(|p| p.into_inner());
+        (h.state, h.volume.clone(), h.db.clone(), h.recovery_ms, h.started.map(|s| s.elapsed().as_secs_f64()))
+    };
+    let mut v = json!({ "state": state, "name": name, "role": role, "epoch": epoch, "recovery_ms": recovery_ms, "uptime_s": uptime });
+    if let Some(vol) = volume {
+        let st = vol.status();
+        v["vdl"] = json!(st.vdl.0);
+        v["vcl"] = json!(st.vcl.0);
+        v["applied_lsn"] = json!(st.vdl.0);
+        v["last_lsn"] = json!(st.last_lsn.0);
+        v["protection_groups"] = json!(st.protection_groups);
+    }
+    if let Some(db) = db {
+        let s = db.engine().stats().await;
+        v["cache_pages"] = json!(s.cache_pages);
+        v["cache_hits"] = json!(s.cache_hits);
+        v["cache_misses"] = json!(s.cache_misses);
+        v["active_transactions"] = json!(s.active_transactions);
+    }
+    v
+}
+
+fn metrics_text(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for (key, metric, help) in [
+        ("vdl", "borealis_volume_vdl", "Volume durable LSN"),
+        ("vcl", "borealis_volume_vcl", "Volume complete LSN"),
+        ("last_lsn", "borealis_volume_last_lsn", "Highest LSN allocated"),
+        ("protection_groups", "borealis_volume_protection_groups", "Protection groups written"),
+        ("cache_pages", "borealis_buffer_cache_pages", "Pages in the buffer cache"),
+        ("cache_hits", "borealis_buffer_cache_hits_total", "Buffer cache hits"),
+        ("cache_misses", "borealis_buffer_cache_misses_total", "Buffer cache misses"),
+        ("active_transactions", "borealis_active_transactions", "Transactions with writes in progress"),
+    ] {
+        if let Some(x) = v.get(key).and_then(|x| x.as_f64()) {
+            out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {x}\n"));
+        }
+    }
+    out
+}
+
+/// Runs the instance until the process is stopped.
+pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
+    if config.role != "writer" {
+        return Err(InstanceError::Role(config.role));
+    }
+    std::fs::create_dir_all(&config.data_dir)?;
+    let health = Arc::new(Mutex::new(Health { state: "starting", ..Default::default() }));
+    let http_listener = tokio::net::TcpListener::bind(config.http).await?;
+    {
+        let (health, name, role, epoch) = (health.clone(), config.name.clone(), config.role.clone(), config.epoch);
+        tokio::spawn(http::serve(http_listener, move |req: Request| {
+            let (health, name, role) = (health.clone(), name.clone(), role.clone());
+            async move {
+                let v = health_json(&name, &role, epoch, &health).await;
+                match req.path.as_str() {
+                    "/health" => Response::json(200, &v),
+                    "/metrics" => Response::text(200, metrics_text(&v)),
+                    _ => Response::error(404, "no such path"),
+                }
+            }
+        }));
+    }
+    let password = match std::fs::read_to_string(&config.password_file) {
+        Ok(p) => Some(p.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(InstanceError::Password { path: config.password_file.clone(), source }),
+    };
+    let started = Instant::now();
+    let topology = fetch_topology(config.control).await?;
+    let volume_config = VolumeConfig { geometry: topology.geometry, ..VolumeConfig::default() };
+    let volume = Volume::open_writer(topology, Epoch(config.epoch), volume_config).await?;
+    let db = Database::open_with_cache(volume.clone(), config.cache_pages).await.map_err(InstanceError::Database)?;
+    let recovery_ms = started.elapsed().as_secs_f64() * 1000.0;
+    log::info!(
+        "{}: volume recovered under epoch {} at VDL {} in {recovery_ms:.1} ms; serving on {}",
+        config.name,
+        config.epoch,
+        volume.vdl(),
+        config.listen
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    {
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        h.state = "available";
+        h.volume = Some(volume);
+        h.db = Some(db.clone());
+        h.started = Some(Instant::now());
+        h.recovery_ms = recovery_ms;
+    }
+    let server_config = ServerConfig { auth: Auth::from_password(password.as_deref()), ..ServerConfig::default() };
+    borealis_pgwire_server::serve(listener, db, server_config).await?;
+    Ok(())
+}
