@@ -587,10 +587,9 @@ impl Cluster {
                 }
                 _ = tokio::time::sleep(interval) => {
                     let Some(http) = http else { continue };
-                    match borealis_common::http::get_json(http, "/health", self.config.health_timeout).await {
-                        // A process may answer but report itself failed (a storage
-                        // node whose disk failed): that is not healthy.
-                        Ok((200, body)) if body.get("state").and_then(|s| s.as_str()) != Some("failed") => {
+                    let answer = borealis_common::http::get_json(http, "/health", self.config.health_timeout).await;
+                    match health_verdict(answer) {
+                        Verdict::Healthy(body) => {
                             last_ok = Some(Instant::now());
                             available_at.get_or_insert_with(Instant::now);
                             if let Some(rt) = self.lock().nodes.get_mut(name) {
@@ -598,30 +597,54 @@ impl Cluster {
                             }
                             self.set_state(name, NodeState::Available);
                         }
-                        other => {
-                            let why = match other {
-                                Ok((status, body)) => format!("/health answered {status}: {body}"),
-                                Err(e) => e.to_string(),
-                            };
-                            match last_ok {
-                                None if spawned_at.elapsed() > self.config.start_timeout => {
-                                    log::error!("node {name}: not healthy {} s after start ({why}); killing it", self.config.start_timeout.as_secs());
-                                    let _ = child.start_kill();
-                                }
-                                Some(t) if t.elapsed() > self.config.unhealthy_kill => {
-                                    log::error!("node {name}: unhealthy for {} s ({why}); killing it", t.elapsed().as_secs());
-                                    let _ = child.start_kill();
-                                }
-                                Some(t) if t.elapsed() > self.config.unhealthy_grace => {
-                                    log::warn!("node {name}: unhealthy ({why})");
-                                    self.set_state(name, NodeState::Failed);
-                                }
-                                _ => {}
+                        // Up, but not serving yet (an instance in recovery).
+                        Verdict::Starting(body) if last_ok.is_none() => {
+                            if let Some(rt) = self.lock().nodes.get_mut(name) {
+                                rt.health = Some(body);
+                            }
+                            if spawned_at.elapsed() > self.config.start_timeout {
+                                log::error!("node {name}: still starting {} s after spawn; killing it", self.config.start_timeout.as_secs());
+                                let _ = child.start_kill();
                             }
                         }
+                        Verdict::Starting(_) => self.unhealthy(name, &mut child, last_ok, spawned_at, "reports state starting again".into()),
+                        Verdict::Unhealthy(why) => self.unhealthy(name, &mut child, last_ok, spawned_at, why),
                     }
                 }
             }
+        }
+    }
+
+    /// A failed health check: report `failed` after a grace period, kill (so the
+    /// node is restarted) after a longer one, or when it never became healthy.
+    fn unhealthy(
+        &self,
+        name: &str,
+        child: &mut Child,
+        last_ok: Option<Instant>,
+        spawned_at: Instant,
+        why: String,
+    ) {
+        match last_ok {
+            None if spawned_at.elapsed() > self.config.start_timeout => {
+                log::error!(
+                    "node {name}: not healthy {} s after start ({why}); killing it",
+                    self.config.start_timeout.as_secs()
+                );
+                let _ = child.start_kill();
+            }
+            Some(t) if t.elapsed() > self.config.unhealthy_kill => {
+                log::error!(
+                    "node {name}: unhealthy for {} s ({why}); killing it",
+                    t.elapsed().as_secs()
+                );
+                let _ = child.start_kill();
+            }
+            Some(t) if t.elapsed() > self.config.unhealthy_grace => {
+                log::warn!("node {name}: unhealthy ({why})");
+                self.set_state(name, NodeState::Failed);
+            }
+            _ => {}
         }
     }
 
@@ -797,6 +820,28 @@ impl Cluster {
     }
 }
 
+enum Verdict {
+    Healthy(Value),
+    Starting(Value),
+    Unhealthy(String),
+}
+
+/// Reads a `/health` answer. A node is available when it answers 200 and its
+/// `state` (if it reports one) is `available`; `starting` means up but not serving
+/// yet (an instance in recovery); anything else (a storage node reporting `failed`
+/// after a disk error) is unhealthy.
+fn health_verdict(answer: Result<(u16, Value), borealis_common::http::HttpError>) -> Verdict {
+    match answer {
+        Ok((200, body)) => match body.get("state").and_then(|s| s.as_str()) {
+            None | Some("available") => Verdict::Healthy(body),
+            Some("starting") => Verdict::Starting(body),
+            Some(other) => Verdict::Unhealthy(format!("reports state {other}: {body}")),
+        },
+        Ok((status, body)) => Verdict::Unhealthy(format!("/health answered {status}: {body}")),
+        Err(e) => Verdict::Unhealthy(e.to_string()),
+    }
+}
+
 enum Outcome {
     Stopped,
     Shutdown,
@@ -849,4 +894,55 @@ pub fn allocate_ports(n: usize) -> std::io::Result<Vec<u16>> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.port()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn health_verdicts() {
+        let v = |status: u16, body: Value| health_verdict(Ok((status, body)));
+        assert!(matches!(
+            v(200, json!({"status": "ok"})),
+            Verdict::Healthy(_)
+        ));
+        assert!(matches!(
+            v(200, json!({"state": "available"})),
+            Verdict::Healthy(_)
+        ));
+        assert!(matches!(
+            v(200, json!({"state": "starting"})),
+            Verdict::Starting(_)
+        ));
+        assert!(matches!(
+            v(200, json!({"state": "failed", "error": "disk"})),
+            Verdict::Unhealthy(_)
+        ));
+        assert!(matches!(v(503, json!({})), Verdict::Unhealthy(_)));
+        let err = borealis_common::http::HttpError::Timeout("x".into());
+        assert!(matches!(health_verdict(Err(err)), Verdict::Unhealthy(_)));
+    }
+
+    #[test]
+    fn allocated_ports_are_distinct_and_free() {
+        let ports = allocate_ports(16).expect("ports");
+        let mut sorted = ports.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 16);
+        assert!(ports.iter().all(|p| port_is_free(*p)));
+        let mut changed = false;
+        let held = std::net::TcpListener::bind(loopback(0)).expect("bind");
+        let busy = held.local_addr().expect("addr").port();
+        let moved = sticky_port(busy, &mut changed).expect("sticky");
+        assert!(changed && moved != busy);
+        let mut changed = false;
+        assert_eq!(
+            sticky_port(ports[0], &mut changed).expect("sticky"),
+            ports[0]
+        );
+        assert!(!changed);
+    }
 }
