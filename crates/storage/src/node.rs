@@ -285,22 +285,109 @@ impl<D: Disk> Node<D> {
                 Handled::Reply(match self.segments.get(&pg) {
                     Some(s) => {
                         let (records, more) = s.read_log(after, max);
+                        let scl = s.scl();
+                        let scl_last = s.last_record_at_or_below(scl);
                         Response::LogChunk {
                             pg,
-                            scl: s.scl(),
+                            epoch: self.epoch,
+                            scl,
+                            scl_last,
                             records,
                             more,
                         }
                     }
                     None => Response::LogChunk {
                         pg,
+                        epoch: self.epoch,
                         scl: Lsn::ZERO,
+                        scl_last: Lsn::ZERO,
                         records: Vec::new(),
                         more: false,
                     },
                 })
             }
         }
+    }
+
+    /// Whether gossip with a peer whose SCL for `pg` is `peer_scl` can help, and if
+    /// so after which LSN to ask: when the peer is further along, or when this
+    /// segment holds records beyond the end of its backlink chain (a hole, which
+    /// any peer may be able to fill, whatever its own SCL).
+    pub fn gossip_from(&self, pg: PgId, peer_scl: Lsn) -> Option<Lsn> {
+        match self.segments.get(&pg) {
+            None => (peer_scl > Lsn::ZERO).then_some(Lsn::ZERO),
+            Some(s) => {
+                (peer_scl > s.scl() || s.max_lsn() > s.scl_record()).then_some(s.scl_record())
+            }
+        }
+    }
+
+    /// Where gossip should resume for `pg`: (SCL, last record of the chain).
+    pub fn progress(&self, pg: PgId) -> (Lsn, Lsn) {
+        self.segments
+            .get(&pg)
+            .map(|s| (s.scl(), s.scl_record()))
+            .unwrap_or_default()
+    }
+
+    /// Gossip: takes records of `pg` from a peer's [`Response::LogChunk`]. Records
+    /// that do not survive this node's truncation history are refused; completeness
+    /// is taken over only from a peer at the same epoch (an older peer may still
+    /// hold records a newer recovery truncated). Durable with the next sync; nothing
+    /// is acknowledged for gossip. Returns how many records were new.
+    pub fn absorb(&mut self, chunk: &Response) -> usize {
+        let Response::LogChunk {
+            pg,
+            epoch,
+            scl,
+            scl_last,
+            records,
+            ..
+        } = chunk
+        else {
+            return 0;
+        };
+        if self.failed.is_some() {
+            return 0;
+        }
+        let history = &self.history;
+        let seg = self
+            .segments
+            .entry(*pg)
+            .or_insert_with(|| Segment::new(*pg));
+        let mut out = Vec::new();
+        let mut new = 0;
+        for r in records {
+            let Ok(h) = borealis_redo::decode_header(&r.bytes) else {
+                log::warn!("{}: {pg}: corrupt record from a peer ignored", self.name);
+                continue;
+            };
+            if !crate::proto::record_survives(history, r.epoch, h.lsn) {
+                continue;
+            }
+            if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
+                out.extend_from_slice(&record_entry(r.epoch, &r.bytes));
+                new += 1;
+            }
+        }
+        if *epoch == self.epoch {
+            seg.note_complete(*scl_last, *scl);
+        }
+        if !out.is_empty() {
+            seg.log_bytes += out.len() as u64;
+            self.stats.bytes_appended += out.len() as u64;
+            if let Err(e) = self.disk.append_log(*pg, &out) {
+                self.fail("log append (gossip)", &e);
+                return 0;
+            }
+            self.dirty.insert(*pg);
+        }
+        new
+    }
+
+    /// PGs hosted here.
+    pub fn pgs(&self) -> Vec<PgId> {
+        self.segments.keys().copied().collect()
     }
 
     fn check_epoch(&mut self, epoch: Epoch) -> Option<Response> {
@@ -444,6 +531,24 @@ impl<D: Disk> Node<D> {
                 self.fail("preparing fdatasync", &e);
                 Some(Box::new(move || Err(io::Error::other(e.to_string()))))
             }
+        }
+    }
+
+    /// Turns a reply that waited for a sync into what may be sent now. An ack for
+    /// an append of an older epoch is never released after a newer epoch was
+    /// installed: the new epoch's recovery may have truncated those very records, and
+    /// a late ack would let the fenced writer count them toward its write quorum.
+    pub fn release(&self, resp: Response) -> Response {
+        match resp {
+            Response::Appended { epoch, .. } if epoch < self.epoch => Response::error(
+                ErrorCode::Fenced,
+                self.epoch.0,
+                format!(
+                    "epoch {epoch} was fenced by epoch {} before its append became durable",
+                    self.epoch
+                ),
+            ),
+            other => other,
         }
     }
 

@@ -179,9 +179,14 @@ pub enum Response {
     Page {
         bytes: Vec<u8>,
     },
+    /// `scl_last` is the highest record at or below `scl` on the sender, and `epoch`
+    /// the sender's: a peer at the same epoch whose chain reaches `scl_last` is
+    /// complete to `scl` too.
     LogChunk {
         pg: PgId,
+        epoch: Epoch,
         scl: Lsn,
+        scl_last: Lsn,
         records: Vec<EpochRecord>,
         more: bool,
     },
@@ -472,13 +477,17 @@ pub fn encode_response(id: u64, resp: &Response) -> Vec<u8> {
         }
         Response::LogChunk {
             pg,
+            epoch,
             scl,
+            scl_last,
             records,
             more,
         } => {
             w = start_frame(id, kind::R_LOG_CHUNK);
             w.u32(pg.0);
+            w.u64(epoch.0);
             w.u64(scl.0);
+            w.u64(scl_last.0);
             w.epoch_records(records);
             w.u8(*more as u8);
         }
@@ -626,7 +635,9 @@ pub fn decode_response(body: &[u8]) -> Result<(u64, Response), ProtoError> {
         kind::R_PAGE => Response::Page { bytes: r.bytes()? },
         kind::R_LOG_CHUNK => Response::LogChunk {
             pg: PgId(r.u32()?),
+            epoch: Epoch(r.u64()?),
             scl: Lsn(r.u64()?),
+            scl_last: Lsn(r.u64()?),
             records: r.epoch_records()?,
             more: r.u8()? != 0,
         },
@@ -744,7 +755,9 @@ mod tests {
             Response::Page { bytes: vec![0; 16] },
             Response::LogChunk {
                 pg: PgId(1),
+                epoch: Epoch(2),
                 scl: Lsn(4),
+                scl_last: Lsn(3),
                 records: vec![],
                 more: false,
             },

@@ -89,6 +89,9 @@ pub struct Segment {
     chain_anchor: Lsn,
     scl_record: Lsn,
     scl: Lsn,
+    /// A completeness claim (pg_last, complete_to) waiting for the chain to reach
+    /// pg_last.
+    claim: Option<(Lsn, Lsn)>,
     base: HashMap<PageNo, Page>,
     gc_floor: Lsn,
     vdl_hint: Lsn,
@@ -147,6 +150,7 @@ impl Segment {
             chain_anchor: Lsn::ZERO,
             scl_record: Lsn::ZERO,
             scl: Lsn::ZERO,
+            claim: None,
             base: HashMap::new(),
             gc_floor: Lsn::ZERO,
             vdl_hint: Lsn::ZERO,
@@ -280,6 +284,14 @@ impl Segment {
             self.scl_record = next;
         }
         self.scl = self.scl.max(self.scl_record);
+        if let Some((last, to)) = self.claim {
+            if last <= self.scl_record
+                && (last == self.chain_anchor || self.records.contains_key(&last))
+            {
+                self.scl = self.scl.max(to);
+                self.claim = None;
+            }
+        }
     }
 
     /// The writer's statement that the PG's records at or below `complete_to` end
@@ -289,10 +301,16 @@ impl Segment {
             && (pg_last == self.chain_anchor
                 || pg_last <= self.gc_floor
                 || self.records.contains_key(&pg_last));
-        if chain_has_last && complete_to >= pg_last {
-            // Records after pg_last in our chain (if any) are > complete_to only if
-            // the writer is consistent; never claim less than scl_record either way.
+        if complete_to < pg_last {
+            return;
+        }
+        if chain_has_last {
             self.scl = self.scl.max(complete_to);
+        } else if self.claim.is_none_or(|(_, to)| to < complete_to) {
+            // The claim arrived before the records it covers (reordering, or a hole
+            // gossip will fill): keep the strongest one and apply it when the chain
+            // gets there.
+            self.claim = Some((pg_last, complete_to));
         }
     }
 
@@ -318,6 +336,8 @@ impl Segment {
         }
         let newest = history.iter().max_by_key(|t| t.epoch);
         let scl_too_high = newest.is_some_and(|t| self.scl > t.vdl);
+        // Claims were made by an older writer about LSNs a recovery may reuse.
+        self.claim = None;
         if !doomed.is_empty() || scl_too_high {
             // Recompute completeness from the anchor: LSNs above the truncation point
             // will be reused by the new writer.
@@ -330,6 +350,31 @@ impl Segment {
             }
         }
         doomed.len()
+    }
+
+    /// The highest record at or below `lsn` this segment holds (or has folded).
+    pub fn last_record_at_or_below(&self, lsn: Lsn) -> Lsn {
+        match self.records.range(..=lsn).next_back() {
+            Some((l, _)) => *l,
+            None if self.chain_anchor <= lsn => self.chain_anchor,
+            None => Lsn::ZERO,
+        }
+    }
+
+    /// (LSN, epoch, encoded record) of one page's records held, for diagnostics.
+    pub fn page_records(&self, page: PageNo) -> Vec<(Lsn, Epoch, Vec<u8>)> {
+        self.by_page
+            .range((page, Lsn::ZERO)..=(page, Lsn::MAX))
+            .filter_map(|(_, l)| self.records.get(l).map(|s| (*l, s.epoch, s.bytes.clone())))
+            .collect()
+    }
+
+    /// (LSN, backlink, epoch) of the records held in `from..=to`, for diagnostics.
+    pub fn chain_debug(&self, from: Lsn, to: Lsn) -> Vec<(Lsn, Lsn, Epoch)> {
+        self.records
+            .range(from..=to)
+            .map(|(l, s)| (*l, s.prev, s.epoch))
+            .collect()
     }
 
     pub fn scl(&self) -> Lsn {

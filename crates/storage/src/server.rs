@@ -387,7 +387,7 @@ async fn node_loop(
                     node.sync_done(&res, started.elapsed());
                     for (conn, id, resp) in replies {
                         match &res {
-                            Ok(()) => conn.send(id, &resp),
+                            Ok(()) => conn.send(id, &node.release(resp)),
                             Err(e) => conn.send(id, &Response::error(crate::proto::ErrorCode::Unhealthy, 0, e.to_string())),
                         }
                     }
@@ -403,7 +403,7 @@ async fn node_loop(
             } else if !waiting.is_empty() {
                 // Nothing dirty (e.g. the batch failed before writing): answer now.
                 for (conn, id, resp) in waiting.drain(..) {
-                    conn.send(id, &resp);
+                    conn.send(id, &node.release(resp));
                 }
             }
         }

@@ -209,6 +209,10 @@ pub struct WriterCore {
     rereplicating: BTreeSet<Lsn>,
     vcl: Lsn,
     vdl: Lsn,
+    /// The last VDL known to be at write quorum: the recovery start point until the
+    /// recovered tail is re-replicated, VDL after. Only this is sent as the VDL hint,
+    /// since the next recovery trusts hints as durable.
+    durable_vdl: Lsn,
     pgmrpl: Lsn,
     nodes: Vec<NodeSend>,
     fenced: Option<Epoch>,
@@ -218,6 +222,8 @@ pub struct WriterCore {
 /// Where recovery left the volume: the writer starts from here.
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
+    /// The VDL hint recovery started from: known complete at write quorum.
+    pub start: Lsn,
     pub vdl: Lsn,
     pub pg_tails: BTreeMap<PgId, Lsn>,
     /// Records in (start, VDL] to re-replicate to every segment: (pg, lsn, bytes).
@@ -248,6 +254,7 @@ impl WriterCore {
             rereplicating: BTreeSet::new(),
             vcl: rec.vdl,
             vdl: rec.vdl,
+            durable_vdl: rec.start.min(rec.vdl),
             pgmrpl: Lsn::ZERO,
             nodes: (0..n).map(|_| NodeSend::default()).collect(),
             fenced: None,
@@ -455,7 +462,7 @@ impl WriterCore {
         ns.inflight_batches += 1;
         Some(Request::Append(Append {
             epoch: self.epoch,
-            vdl_hint: self.vdl,
+            vdl_hint: self.durable_vdl,
             pgmrpl: self.pgmrpl,
             pgs,
         }))
@@ -540,6 +547,7 @@ impl WriterCore {
                     self.vdl = self.vcl;
                 }
             }
+            self.durable_vdl = self.vdl;
         }
         // Retire: fully acked records at or below VDL, then the oldest over the cap.
         let vdl = self.vdl;
@@ -586,6 +594,12 @@ impl WriterCore {
         let rest: Vec<usize> = segs.iter().copied().filter(|n| !good.contains(n)).collect();
         good.extend(rest);
         good
+    }
+
+    /// How many segments acked `lsn` (if the record is still tracked): the
+    /// simulation uses it to check that a fenced writer never reaches write quorum.
+    pub fn acks_of(&self, lsn: Lsn) -> Option<u32> {
+        self.outstanding.get(&lsn).map(|p| p.acked.count_ones())
     }
 
     /// Segment SCLs as the writer knows them, for status.

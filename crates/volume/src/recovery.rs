@@ -94,6 +94,7 @@ pub fn plan(
     (
         vcl,
         Recovered {
+            start,
             vdl,
             pg_tails,
             replicate,

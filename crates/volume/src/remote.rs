@@ -419,7 +419,20 @@ async fn recover(
             pgs.insert(s.pg);
         }
     }
-    // 2. Tails of each PG from every reachable segment (at least a read quorum).
+    // 2. Fence first: install the epoch (without a new truncation yet) on every
+    // reachable node and require a write quorum of every PG. From then on the old
+    // writer can add acks only from the <= 2 nodes that missed it, so any record it
+    // could still bring to write quorum is on enough fenced nodes that a read quorum
+    // of them sees it (|I| - 2 holders among the fenced set I; 3 readers miss at
+    // most |I| - 3). Reading tails before fencing would let a zombie writer complete
+    // a record recovery then truncates.
+    let fenced = install_everywhere(&mut clients, placement, epoch, &history).await?;
+    for (i, c) in clients.iter_mut().enumerate() {
+        if !fenced[i] {
+            *c = None;
+        }
+    }
+    // 3. Tails of each PG from every reachable segment (at least a read quorum).
     let mut answers = Vec::new();
     for pg in &pgs {
         let mut got = 0;
@@ -487,14 +500,26 @@ async fn recover(
     }
     let (vcl, recovered) = plan(geometry, epoch, start, &history, &answers);
     log::info!("recovery: start {start}, VCL {vcl}, VDL {}", recovered.vdl);
-    // 3. Install the epoch (fencing older writers, truncating above VDL).
-    let mut installed = vec![false; n];
+    // 4. Install the truncation point (records above VDL from older epochs go).
+    install_everywhere(&mut clients, placement, epoch, &recovered.history).await?;
+    Ok(recovered)
+}
+
+/// Installs `epoch` with `history` on every node we hold a client for; fails unless
+/// a write quorum of every PG took it. Returns which nodes did.
+async fn install_everywhere(
+    clients: &mut [Option<Client>],
+    placement: &Placement,
+    epoch: Epoch,
+    history: &[Truncation],
+) -> Result<Vec<bool>, VolumeError> {
+    let mut installed = vec![false; clients.len()];
     for (i, c) in clients.iter_mut().enumerate() {
         let Some(c) = c else { continue };
         match c
             .call(&Request::InstallEpoch {
                 epoch,
-                history: recovered.history.clone(),
+                history: history.to_vec(),
             })
             .await
         {
@@ -524,7 +549,7 @@ async fn recover(
             ));
         }
     }
-    Ok(recovered)
+    Ok(installed)
 }
 
 /// One storage node's connection: (re)connects, installs the epoch, then pipelines
