@@ -5,7 +5,6 @@
 //! are how the control plane starts each node as its own OS process; they are
 //! documented in `--help` but meant for the supervisor.
 
-mod placeholder;
 mod status;
 
 use borealis_control::{client, up};
@@ -115,6 +114,9 @@ enum Command {
         epoch: u64,
         #[arg(long)]
         password_file: PathBuf,
+        /// Buffer cache size in 8 KiB pages (default 16384 = 128 MiB).
+        #[arg(long, default_value_t = 16384)]
+        cache_pages: usize,
         #[arg(long)]
         log_file: Option<PathBuf>,
     },
@@ -359,13 +361,14 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             control,
             epoch,
             password_file,
+            cache_pages,
             log_file,
         } => {
             init_child_logging(&name, log_file.as_deref())?;
             if role != "writer" && !(READERS_SUPPORTED && role == "reader") {
                 anyhow::bail!("unsupported instance role {role:?} (this build supports: writer)");
             }
-            let config = placeholder::InstanceArgs {
+            let config = borealis_instance::InstanceConfig {
                 data_dir,
                 name,
                 role,
@@ -374,8 +377,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 control,
                 epoch,
                 password_file,
+                cache_pages,
             };
-            run_node(async { placeholder::run_instance(config).await })?;
+            run_node(async {
+                borealis_instance::run(config)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Proxy {
