@@ -38,7 +38,10 @@ pub enum InstanceError {
     #[error("cannot reach the control plane at {addr}: {why}")]
     Control { addr: SocketAddr, why: String },
     #[error("cannot read the password file {path}: {source}")]
-    Password { path: PathBuf, source: std::io::Error },
+    Password {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the volume: {0}")]
     Volume(#[from] borealis_volume::VolumeError),
     #[error("cannot open the database: {0}")]
@@ -55,7 +58,8 @@ const CONTROL_WAIT: Duration = Duration::from_secs(30);
 async fn fetch_topology(control: SocketAddr) -> Result<Topology, InstanceError> {
     let deadline = Instant::now() + CONTROL_WAIT;
     loop {
-        let err = match http::get_json(control, "/v1/volume/topology", Duration::from_secs(5)).await {
+        let err = match http::get_json(control, "/v1/volume/topology", Duration::from_secs(5)).await
+        {
             Ok((200, v)) => match serde_json::from_value::<Topology>(v) {
                 Ok(t) => return Ok(t),
                 Err(e) => format!("bad topology: {e}"),
@@ -64,7 +68,10 @@ async fn fetch_topology(control: SocketAddr) -> Result<Topology, InstanceError> 
             Err(e) => e.to_string(),
         };
         if Instant::now() > deadline {
-            return Err(InstanceError::Control { addr: control, why: err });
+            return Err(InstanceError::Control {
+                addr: control,
+                why: err,
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -79,10 +86,21 @@ struct Health {
     recovery_ms: f64,
 }
 
-async fn health_json(name: &str, role: &str, epoch: u64, h: &Arc<Mutex<Health>>) -> serde_json::Value {
+async fn health_json(
+    name: &str,
+    role: &str,
+    epoch: u64,
+    h: &Arc<Mutex<Health>>,
+) -> serde_json::Value {
     let (state, volume, db, recovery_ms, uptime) = {
         let h = h.lock().unwrap_or_else(|p| p.into_inner());
-        (h.state, h.volume.clone(), h.db.clone(), h.recovery_ms, h.started.map(|s| s.elapsed().as_secs_f64()))
+        (
+            h.state,
+            h.volume.clone(),
+            h.db.clone(),
+            h.recovery_ms,
+            h.started.map(|s| s.elapsed().as_secs_f64()),
+        )
     };
     let mut v = json!({ "state": state, "name": name, "role": role, "epoch": epoch, "recovery_ms": recovery_ms, "uptime_s": uptime });
     if let Some(vol) = volume {
@@ -108,15 +126,41 @@ fn metrics_text(v: &serde_json::Value) -> String {
     for (key, metric, help) in [
         ("vdl", "borealis_volume_vdl", "Volume durable LSN"),
         ("vcl", "borealis_volume_vcl", "Volume complete LSN"),
-        ("last_lsn", "borealis_volume_last_lsn", "Highest LSN allocated"),
-        ("protection_groups", "borealis_volume_protection_groups", "Protection groups written"),
-        ("cache_pages", "borealis_buffer_cache_pages", "Pages in the buffer cache"),
-        ("cache_hits", "borealis_buffer_cache_hits_total", "Buffer cache hits"),
-        ("cache_misses", "borealis_buffer_cache_misses_total", "Buffer cache misses"),
-        ("active_transactions", "borealis_active_transactions", "Transactions with writes in progress"),
+        (
+            "last_lsn",
+            "borealis_volume_last_lsn",
+            "Highest LSN allocated",
+        ),
+        (
+            "protection_groups",
+            "borealis_volume_protection_groups",
+            "Protection groups written",
+        ),
+        (
+            "cache_pages",
+            "borealis_buffer_cache_pages",
+            "Pages in the buffer cache",
+        ),
+        (
+            "cache_hits",
+            "borealis_buffer_cache_hits_total",
+            "Buffer cache hits",
+        ),
+        (
+            "cache_misses",
+            "borealis_buffer_cache_misses_total",
+            "Buffer cache misses",
+        ),
+        (
+            "active_transactions",
+            "borealis_active_transactions",
+            "Transactions with writes in progress",
+        ),
     ] {
         if let Some(x) = v.get(key).and_then(|x| x.as_f64()) {
-            out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {x}\n"));
+            out.push_str(&format!(
+                "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {x}\n"
+            ));
         }
     }
     out
@@ -128,10 +172,18 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         return Err(InstanceError::Role(config.role));
     }
     std::fs::create_dir_all(&config.data_dir)?;
-    let health = Arc::new(Mutex::new(Health { state: "starting", ..Default::default() }));
+    let health = Arc::new(Mutex::new(Health {
+        state: "starting",
+        ..Default::default()
+    }));
     let http_listener = tokio::net::TcpListener::bind(config.http).await?;
     {
-        let (health, name, role, epoch) = (health.clone(), config.name.clone(), config.role.clone(), config.epoch);
+        let (health, name, role, epoch) = (
+            health.clone(),
+            config.name.clone(),
+            config.role.clone(),
+            config.epoch,
+        );
         tokio::spawn(http::serve(http_listener, move |req: Request| {
             let (health, name, role) = (health.clone(), name.clone(), role.clone());
             async move {
@@ -147,13 +199,23 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
     let password = match std::fs::read_to_string(&config.password_file) {
         Ok(p) => Some(p.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(source) => return Err(InstanceError::Password { path: config.password_file.clone(), source }),
+        Err(source) => {
+            return Err(InstanceError::Password {
+                path: config.password_file.clone(),
+                source,
+            })
+        }
     };
     let started = Instant::now();
     let topology = fetch_topology(config.control).await?;
-    let volume_config = VolumeConfig { geometry: topology.geometry, ..VolumeConfig::default() };
+    let volume_config = VolumeConfig {
+        geometry: topology.geometry,
+        ..VolumeConfig::default()
+    };
     let volume = Volume::open_writer(topology, Epoch(config.epoch), volume_config).await?;
-    let db = Database::open_with_cache(volume.clone(), config.cache_pages).await.map_err(InstanceError::Database)?;
+    let db = Database::open_with_cache(volume.clone(), config.cache_pages)
+        .await
+        .map_err(InstanceError::Database)?;
     let recovery_ms = started.elapsed().as_secs_f64() * 1000.0;
     log::info!(
         "{}: volume recovered under epoch {} at VDL {} in {recovery_ms:.1} ms; serving on {}",
@@ -171,7 +233,10 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         h.started = Some(Instant::now());
         h.recovery_ms = recovery_ms;
     }
-    let server_config = ServerConfig { auth: Auth::from_password(password.as_deref()), ..ServerConfig::default() };
+    let server_config = ServerConfig {
+        auth: Auth::from_password(password.as_deref()),
+        ..ServerConfig::default()
+    };
     borealis_pgwire_server::serve(listener, db, server_config).await?;
     Ok(())
 }

@@ -791,7 +791,7 @@ impl Connection {
             };
             types.push(ty);
         }
-        let prepared = self.session.prepare(sql, &types)?;
+        let prepared = self.session.prepare(sql, &types).await?;
         self.statements.insert(name, Arc::new(prepared));
         self.wire
             .send(Msg::ParseComplete(ParseComplete::new()))

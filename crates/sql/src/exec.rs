@@ -993,12 +993,11 @@ fn bind_statement(
 
 /// Parameter types and result columns of a statement, for Describe.
 pub(crate) fn describe(
-    s: &Session,
+    catalog: &[Arc<TableDef>],
     stmt: &Statement,
     param_types: &[Type],
 ) -> Result<(Vec<Type>, Vec<Column>), SqlError> {
-    let catalog = s.engine().latest_relations();
-    let (bound, params) = bind_statement(&catalog, stmt, param_types)?;
+    let (bound, params) = bind_statement(catalog, stmt, param_types)?;
     let columns = match bound {
         Some(Bound_::Select(p)) => p.columns[..p.columns.len() - p.hidden].to_vec(),
         Some(Bound_::Insert(InsertPlan {
@@ -2927,6 +2926,8 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
 
 pub(crate) struct CopyState {
     plan: InsertPlan,
+    /// The catalog the COPY started with (for sequences behind defaults/row ids).
+    catalog: Vec<Arc<TableDef>>,
     format: CopyFormat,
     delimiter: u8,
     null: String,
@@ -3096,6 +3097,7 @@ async fn copy_start(
     }
     s.copy = Some(CopyState {
         plan,
+        catalog: catalog.to_vec(),
         format,
         delimiter,
         null,
@@ -3266,7 +3268,7 @@ async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<()
     let txn = s
         .txn
         .get_or_insert_with(|| engine.begin(borealis_engine::Isolation::ReadCommitted, false));
-    let catalog = engine.latest_relations();
+    let catalog = st.catalog.clone();
     let mut ex = Exec {
         engine: engine.clone(),
         txn,

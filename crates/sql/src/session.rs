@@ -190,7 +190,11 @@ pub fn engine_error(e: EngineError) -> SqlError {
 }
 
 pub(crate) fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| {
+    if let Some(stmt) = parse_vacuum(sql)? {
+        return Ok(vec![stmt]);
+    }
+    let rewritten = strip_copy_freeze(sql);
+    Parser::parse_sql(&PostgreSqlDialect {}, rewritten.as_deref().unwrap_or(sql)).map_err(|e| {
         let msg = e.to_string();
         let msg = msg
             .strip_prefix("sql parser error: ")
@@ -198,6 +202,96 @@ pub(crate) fn parse(sql: &str) -> Result<Vec<Statement>, SqlError> {
             .to_string();
         SqlError::syntax(format!("syntax error: {msg}"))
     })
+}
+
+/// sqlparser parses Redshift's VACUUM, not PostgreSQL's (`VACUUM [FULL] [FREEZE]
+/// [VERBOSE] [ANALYZE] [table, ...]`, `VACUUM (options) [table]`), so PostgreSQL's
+/// form is recognised here. Several tables become one statement per table.
+fn parse_vacuum(sql: &str) -> Result<Option<Statement>, SqlError> {
+    let text = sql.trim().trim_end_matches(';').trim();
+    let lower = text.to_ascii_lowercase();
+    if !(lower == "vacuum" || lower.starts_with("vacuum ") || lower.starts_with("vacuum(")) {
+        return Ok(None);
+    }
+    if text.contains(';') {
+        return Ok(None); // several statements: leave it to the general parser
+    }
+    let mut rest = text[6..].trim();
+    if rest.starts_with('(') {
+        let close = rest
+            .find(')')
+            .ok_or_else(|| SqlError::syntax("syntax error in VACUUM options"))?;
+        rest = rest[close + 1..].trim();
+    }
+    let mut words: Vec<&str> = rest.split_whitespace().collect();
+    while let Some(w) = words.first() {
+        if ["full", "freeze", "verbose", "analyze", "analyse"]
+            .contains(&w.to_ascii_lowercase().as_str())
+        {
+            words.remove(0);
+        } else {
+            break;
+        }
+    }
+    let tables = words.join(" ");
+    let table_name = if tables.is_empty() {
+        None
+    } else {
+        let first = tables.split(',').next().unwrap_or("").trim();
+        let name = first.split('(').next().unwrap_or("").trim();
+        Some(sqlparser::ast::ObjectName::from(
+            name.split('.')
+                .map(|p| sqlparser::ast::Ident::new(p.trim_matches('"')))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    Ok(Some(Statement::Vacuum(sqlparser::ast::VacuumStatement {
+        full: false,
+        sort_only: false,
+        delete_only: false,
+        reindex: false,
+        recluster: false,
+        table_name,
+        threshold: None,
+        boost: false,
+    })))
+}
+
+/// `COPY ... WITH (FREEZE ON)` (pgbench -i) does not parse in sqlparser; FREEZE is a
+/// hint PostgreSQL may ignore too, so it is dropped before parsing.
+fn strip_copy_freeze(sql: &str) -> Option<String> {
+    let lower = sql.to_ascii_lowercase();
+    if !lower.trim_start().starts_with("copy") || !lower.contains("freeze") {
+        return None;
+    }
+    let mut out = sql.to_string();
+    for pat in [
+        "with (freeze on)",
+        "with (freeze true)",
+        "with (freeze)",
+        "(freeze on)",
+        "(freeze true)",
+        "(freeze)",
+    ] {
+        if let Some(i) = out.to_ascii_lowercase().find(pat) {
+            out.replace_range(i..i + pat.len(), "");
+            return Some(out);
+        }
+    }
+    for pat in [
+        ", freeze on",
+        ", freeze true",
+        ", freeze",
+        "freeze on, ",
+        "freeze true, ",
+        "freeze, ",
+    ] {
+        if let Some(i) = out.to_ascii_lowercase().find(pat) {
+            out.replace_range(i..i + pat.len(), "");
+            return Some(out);
+        }
+    }
+    None
 }
 
 fn isolation_of(
@@ -257,7 +351,22 @@ impl Session {
         out
     }
 
-    pub fn prepare(&mut self, sql: &str, param_types: &[Type]) -> Result<Prepared, SqlError> {
+    /// Parses and describes a statement against the catalog as this session sees
+    /// it now (its own uncommitted DDL included). A failure inside a transaction
+    /// block fails the block, as in PostgreSQL.
+    pub async fn prepare(&mut self, sql: &str, param_types: &[Type]) -> Result<Prepared, SqlError> {
+        let r = self.prepare_inner(sql, param_types).await;
+        if r.is_err() {
+            self.fail_block().await;
+        }
+        r
+    }
+
+    async fn prepare_inner(
+        &mut self,
+        sql: &str,
+        param_types: &[Type],
+    ) -> Result<Prepared, SqlError> {
         let mut statements = parse(sql)?;
         if statements.len() > 1 {
             return Err(SqlError::syntax(
@@ -272,7 +381,8 @@ impl Session {
                 statement: None,
             });
         };
-        let (param_types, columns) = exec::describe(self, &statement, param_types)?;
+        let catalog = self.describe_catalog().await?;
+        let (param_types, columns) = exec::describe(&catalog, &statement, param_types)?;
         Ok(Prepared {
             sql: sql.to_string(),
             param_types,
@@ -332,7 +442,23 @@ impl Session {
         self.status = TransactionStatus::Idle;
     }
 
-    async fn fail_block(&mut self) {
+    /// The catalog for describing a statement: this transaction's view including its
+    /// latest statement, or a fresh snapshot outside a transaction.
+    async fn describe_catalog(
+        &mut self,
+    ) -> Result<Vec<Arc<borealis_engine::catalog::TableDef>>, SqlError> {
+        let engine = self.db.engine.clone();
+        let mut view = match &self.txn {
+            Some(t) => t.clone(),
+            None => engine.begin(self.default_isolation, true),
+        };
+        engine.start_statement(&mut view);
+        engine.relations(&view).await.map_err(engine_error)
+    }
+
+    /// Marks the current transaction block failed (or ends an implicit transaction)
+    /// after an error the front end raised itself.
+    pub async fn fail_block(&mut self) {
         match self.status {
             TransactionStatus::InBlock => self.status = TransactionStatus::Failed,
             TransactionStatus::Idle => {

@@ -169,9 +169,46 @@ async fn tables_without_primary_key_use_hidden_row_ids() {
     let db = db().await;
     let mut s = db.session("postgres", "postgres");
     run(&mut s, "CREATE TABLE x (a int not null, b int)").await;
-    assert_eq!(run(&mut s, "INSERT INTO x VALUES (1,1),(2,2)").await, ["INSERT 0 2"]);
+    assert_eq!(
+        run(&mut s, "INSERT INTO x VALUES (1,1),(2,2)").await,
+        ["INSERT 0 2"]
+    );
     assert_eq!(run(&mut s, "SELECT count(*) FROM x").await, ["2"]);
-    assert_eq!(run(&mut s, "ALTER TABLE x ADD PRIMARY KEY (a)").await, ["ALTER TABLE"]);
+    assert_eq!(
+        run(&mut s, "ALTER TABLE x ADD PRIMARY KEY (a)").await,
+        ["ALTER TABLE"]
+    );
     assert_eq!(run(&mut s, "SELECT a, b FROM x WHERE a = 2").await, ["2|2"]);
-    assert_eq!(run(&mut s, "INSERT INTO x VALUES (2, 3)").await, ["ERROR 23505"]);
+    assert_eq!(
+        run(&mut s, "INSERT INTO x VALUES (2, 3)").await,
+        ["ERROR 23505"]
+    );
+}
+
+#[tokio::test]
+async fn pgbench_dialect_vacuum_and_copy_freeze() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    run(&mut s, "CREATE TABLE a (aid int not null, abalance int)").await;
+    assert_eq!(run(&mut s, "vacuum analyze a").await, ["VACUUM"]);
+    assert_eq!(run(&mut s, "VACUUM").await, ["VACUUM"]);
+    let r = s.query("copy a from stdin with (freeze on)").await;
+    assert!(
+        matches!(r.as_slice(), [Ok(ExecResult::CopyIn { .. })]),
+        "{r:?}"
+    );
+    s.copy_data(b"1\t10\n2\t20\n3\t").await.unwrap();
+    s.copy_data(b"30\n\\.\n").await.unwrap();
+    assert!(matches!(s.copy_done().await, Ok(ExecResult::Command { tag }) if tag == "COPY 3"));
+    assert_eq!(run(&mut s, "SELECT sum(abalance) FROM a").await, ["60"]);
+    run(&mut s, "ALTER TABLE a ADD PRIMARY KEY (aid)").await;
+    for _ in 0..5 {
+        run(&mut s, "UPDATE a SET abalance = abalance + 1 WHERE aid = 1").await;
+    }
+    run(&mut s, "DELETE FROM a WHERE aid = 3").await;
+    assert_eq!(run(&mut s, "VACUUM a").await, ["VACUUM"]);
+    assert_eq!(
+        run(&mut s, "SELECT aid, abalance FROM a").await,
+        ["1|15", "2|20"]
+    );
 }
