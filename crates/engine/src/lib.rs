@@ -133,9 +133,6 @@ struct Inner {
     state: Mutex<State>,
     txn_ended: Notify,
     volume: Volume,
-    /// The catalog as last read by any statement, for describing prepared statements
-    /// without a transaction (the statement re-binds against its own snapshot).
-    latest_catalog: std::sync::Mutex<Vec<Arc<TableDef>>>,
 }
 
 struct State {
@@ -396,7 +393,6 @@ impl Engine {
                 state: Mutex::new(state),
                 txn_ended: Notify::new(),
                 volume,
-                latest_catalog: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -892,24 +888,8 @@ impl Engine {
         .await?;
         match err {
             Some(e) => Err(e),
-            None => {
-                *self
-                    .inner
-                    .latest_catalog
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = out.clone();
-                Ok(out)
-            }
+            None => Ok(out),
         }
-    }
-
-    /// The catalog as last read (see `Inner::latest_catalog`).
-    pub fn latest_relations(&self) -> Vec<Arc<TableDef>> {
-        self.inner
-            .latest_catalog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     pub async fn relation(
