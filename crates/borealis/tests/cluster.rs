@@ -511,6 +511,18 @@ fn committed_rows_survive_faults_and_a_cluster_restart() {
     ok(cli(&dir, &["az", "start", "az-c"]));
     let s = up.wait_all_available();
     assert!(s["volume"]["vdl"].as_u64() > Some(0), "{s:#}");
+
+    // A stopped writer: the endpoint says so in the protocol (after waiting a bounded
+    // time for it to come back), and serves again once it is started.
+    ok(cli(&dir, &["node", "stop", "instance-1"]));
+    let o = psql(port, "SELECT 1");
+    assert!(
+        !o.status.success() && text(&o).contains("no writer instance is available"),
+        "{}",
+        text(&o)
+    );
+    ok(cli(&dir, &["node", "start", "instance-1"]));
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM e2e")).trim(), "4");
     assert!(up.terminate());
 
     let mut up = Up::start(&dir, port);

@@ -212,7 +212,15 @@ impl Proxy {
                     "client {peer}: no backend for the {} endpoint: {e}",
                     self.config.endpoint.as_str()
                 );
-                // Closing the socket is all we can say without speaking the protocol.
+                let message = format!(
+                    "no {} instance is available right now ({e})",
+                    self.config.endpoint.as_str()
+                );
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    refuse_startup(&mut client, &message),
+                )
+                .await;
                 return;
             }
         };
@@ -252,6 +260,51 @@ impl Proxy {
             self.bytes_total.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Tells a PostgreSQL client why it cannot be served, in its own protocol: reads
+/// its startup packet (declining SSL/GSS encryption requests first) and answers
+/// with a FATAL ErrorResponse, SQLSTATE 57P03 (cannot connect now), so psql and
+/// drivers print a real reason instead of "server closed the connection".
+async fn refuse_startup(client: &mut TcpStream, message: &str) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SSL_REQUEST: u32 = 80877103;
+    const GSSENC_REQUEST: u32 = 80877104;
+    const CANCEL_REQUEST: u32 = 80877102;
+    const MAX_STARTUP_BYTES: u32 = 10_000;
+    for _ in 0..3 {
+        let len = client.read_u32().await?;
+        if !(8..=MAX_STARTUP_BYTES).contains(&len) {
+            return Ok(());
+        }
+        let code = client.read_u32().await?;
+        let mut rest = vec![0u8; len as usize - 8];
+        client.read_exact(&mut rest).await?;
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => client.write_all(b"N").await?,
+            CANCEL_REQUEST => return Ok(()),
+            _ => {
+                let mut fields = Vec::new();
+                for (tag, value) in [
+                    (b'S', "FATAL"),
+                    (b'V', "FATAL"),
+                    (b'C', "57P03"),
+                    (b'M', message),
+                ] {
+                    fields.push(tag);
+                    fields.extend_from_slice(value.as_bytes());
+                    fields.push(0);
+                }
+                fields.push(0);
+                let mut msg = vec![b'E'];
+                msg.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+                msg.extend_from_slice(&fields);
+                client.write_all(&msg).await?;
+                return client.flush().await;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs the proxy until the returned future is dropped (the binary drops it on
@@ -377,6 +430,53 @@ mod tests {
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.expect("read");
         assert_eq!(&buf, b"hello");
+        proxy.abort();
+    }
+
+    /// With no writer to route to, the client gets a PostgreSQL FATAL error
+    /// (after its SSL request is declined), not a silently closed socket.
+    #[tokio::test]
+    async fn without_a_writer_clients_get_a_protocol_error() {
+        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let control_addr = control.local_addr().expect("addr");
+        tokio::spawn(http::serve(control, move |_req: Request| async move {
+            Response::json(200, &json!({"writer": null, "readers": []}))
+        }));
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listen = probe.local_addr().expect("addr");
+        drop(probe);
+        let mut config = ProxyConfig::new(listen, control_addr, Endpoint::Writer);
+        config.connect_wait = Duration::from_millis(200);
+        let proxy = tokio::spawn(run(config));
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut client = client.expect("proxy listening");
+        client
+            .write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+            .await
+            .expect("ssl request");
+        let mut n = [0u8; 1];
+        client.read_exact(&mut n).await.expect("ssl answer");
+        assert_eq!(&n, b"N");
+        let mut startup = vec![0, 3, 0, 0];
+        startup.extend_from_slice(b"user\0postgres\0\0");
+        let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&startup);
+        client.write_all(&packet).await.expect("startup");
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.expect("read");
+        assert_eq!(answer.first(), Some(&b'E'));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.contains("57P03") && text.contains("no writer instance is available"),
+            "{text}"
+        );
         proxy.abort();
     }
 }
