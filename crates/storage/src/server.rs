@@ -42,6 +42,14 @@ pub struct NodeConfig {
     pub max_batch_requests: usize,
     pub tick_interval: Duration,
     pub limits: NodeLimits,
+    /// Storage protocol addresses of the other storage nodes, for gossip (filling
+    /// holes, catching up after an outage, rebuilding a replaced segment). Empty:
+    /// no gossip.
+    pub peers: Vec<SocketAddr>,
+    /// Pause between gossip rounds that found nothing to fetch.
+    pub gossip_interval: Duration,
+    /// Bytes asked for per gossip ReadLog.
+    pub gossip_chunk_bytes: u32,
 }
 
 impl NodeConfig {
@@ -58,6 +66,9 @@ impl NodeConfig {
             max_connections: 1024,
             max_batch_requests: 1024,
             tick_interval: Duration::from_millis(200),
+            peers: Vec::new(),
+            gossip_interval: Duration::from_millis(200),
+            gossip_chunk_bytes: 4 << 20,
             limits: NodeLimits::default(),
         }
     }
@@ -120,6 +131,17 @@ enum Incoming {
     },
     Health(oneshot::Sender<serde_json::Value>),
     Metrics(oneshot::Sender<String>),
+    /// Gossip: should we fetch `pg` from a peer at `peer_scl`, and after which LSN.
+    GossipFrom {
+        pg: borealis_common::PgId,
+        peer_scl: borealis_common::Lsn,
+        reply: oneshot::Sender<Option<borealis_common::Lsn>>,
+    },
+    /// Gossip: a peer's LogChunk to take in; replies with the number of new records.
+    Absorb {
+        chunk: Response,
+        reply: oneshot::Sender<usize>,
+    },
 }
 
 struct Conn {
@@ -193,6 +215,9 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, StorageError> {
     );
     let accept_cfg = config.clone();
     let sd = shutdown_rx.clone();
+    if !config.peers.is_empty() {
+        tokio::spawn(gossip_loop(tx.clone(), shutdown_rx.clone(), config.clone()));
+    }
     tokio::spawn(accept_loop(listener, tx, sd, accept_cfg));
     let done = tokio::spawn(node_loop(node, rx, shutdown_rx, config));
     Ok(NodeHandle {
@@ -421,6 +446,116 @@ fn handle(node: &mut Node<FileDisk>, msg: Incoming, waiting: &mut Vec<(Arc<Conn>
         }
         Incoming::Metrics(tx) => {
             let _ = tx.send(node.metrics());
+        }
+        Incoming::GossipFrom {
+            pg,
+            peer_scl,
+            reply,
+        } => {
+            let _ = reply.send(node.gossip_from(pg, peer_scl));
+        }
+        Incoming::Absorb { chunk, reply } => {
+            let _ = reply.send(node.absorb(&chunk));
+        }
+    }
+}
+
+/// Gossip with peers: for every PG a peer hosts, if the peer is further along or we
+/// have a hole, pull its records after the end of our chain. Runs off the latency
+/// path (its records are synced by the next group commit, never acknowledged).
+async fn gossip_loop(
+    tx: mpsc::Sender<Incoming>,
+    mut shutdown: watch::Receiver<bool>,
+    config: NodeConfig,
+) {
+    use crate::client::Client;
+    use crate::proto::Request;
+    let timeout = Duration::from_secs(5);
+    let mut clients: Vec<Option<Client>> = config.peers.iter().map(|_| None).collect();
+    loop {
+        let mut fetched = 0usize;
+        for (i, addr) in config.peers.iter().enumerate() {
+            if clients[i].is_none() {
+                clients[i] = Client::connect(*addr, timeout).await.ok();
+            }
+            let Some(c) = clients[i].as_mut() else {
+                continue;
+            };
+            let segments = match c.call(&Request::Hello).await {
+                Ok(Response::Hello { segments, .. }) => segments,
+                _ => {
+                    clients[i] = None;
+                    continue;
+                }
+            };
+            let mut broken = false;
+            for seg in segments {
+                let (otx, orx) = oneshot::channel();
+                if tx
+                    .send(Incoming::GossipFrom {
+                        pg: seg.pg,
+                        peer_scl: seg.scl,
+                        reply: otx,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let Ok(Some(mut after)) = orx.await else {
+                    continue;
+                };
+                // Bounded per round; the next round resumes where this one stopped.
+                for _ in 0..64 {
+                    let req = Request::ReadLog {
+                        pg: seg.pg,
+                        after,
+                        max_bytes: config.gossip_chunk_bytes,
+                    };
+                    let chunk = match c.call(&req).await {
+                        Ok(chunk @ Response::LogChunk { .. }) => chunk,
+                        _ => {
+                            broken = true;
+                            break;
+                        }
+                    };
+                    let Response::LogChunk { records, more, .. } = &chunk else {
+                        break;
+                    };
+                    let more = *more;
+                    let last = records
+                        .last()
+                        .and_then(|r| borealis_redo::decode_header(&r.bytes).ok())
+                        .map(|h| h.lsn);
+                    let (otx, orx) = oneshot::channel();
+                    if tx
+                        .send(Incoming::Absorb { chunk, reply: otx })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    fetched += orx.await.unwrap_or(0);
+                    match last {
+                        Some(l) if more => after = l,
+                        _ => break,
+                    }
+                }
+                if broken {
+                    break;
+                }
+            }
+            if broken {
+                clients[i] = None;
+            }
+        }
+        if fetched == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(config.gossip_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else if shutdown.has_changed().unwrap_or(true) {
+            return;
         }
     }
 }

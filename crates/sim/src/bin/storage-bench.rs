@@ -1,0 +1,370 @@
+//! Storage benchmark: six storage nodes (separate tokio tasks in this process, real
+//! TCP on loopback, real files with fdatasync in a temp dir) under the quorum volume.
+//!
+//! Reports, in one run: the physical floor (raw fdatasync + loopback round trip),
+//! commit latency p50/p99 with one committer, throughput with 1 and 8 committers
+//! (records/s, MB/s of redo), and the rate at which a replacement node rebuilds its
+//! segments from a peer by gossip.
+//!
+//!   cargo run --release -p borealis-sim --bin storage-bench [-- --seconds N --dir DIR]
+
+use borealis_common::{Epoch, Geometry, Lsn};
+use borealis_redo::Op;
+use borealis_storage::client::Client;
+use borealis_storage::proto::{Request, Response};
+use borealis_storage::{NodeConfig, NodeHandle};
+use borealis_volume::{QuorumConfig, StorageNodeInfo, Topology, Volume, VolumeConfig};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+/// Six files fdatasynced at once (one per storage node, same disk): the time until
+/// the 4th completes is what a write quorum of local replicas physically costs.
+fn fsync_quorum_floor(dir: &std::path::Path, n: usize) -> Vec<f64> {
+    let files: Vec<std::fs::File> = (0..6)
+        .map(|i| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("fsync-q{i}")))
+                .expect("probe")
+        })
+        .collect();
+    let files = std::sync::Arc::new(files);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..6 {
+            let files = files.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut f = &files[i];
+                let _ = f.write_all(&[1u8; 128]);
+                let _ = f.sync_data();
+                let _ = tx.send(());
+            });
+        }
+        for _ in 0..4 {
+            let _ = rx.recv();
+        }
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+        for _ in 0..2 {
+            let _ = rx.recv();
+        }
+    }
+    out
+}
+
+fn fsync_floor(dir: &std::path::Path, n: usize) -> Vec<f64> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .expect("probe file");
+    let buf = [7u8; 128];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&buf).expect("write");
+        f.sync_data().expect("fdatasync");
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    out
+}
+
+async fn loopback_rtt(n: usize) -> Vec<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        if let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            let mut b = [0u8; 64];
+            while s.read_exact(&mut b).await.is_ok() {
+                if s.write_all(&b).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let _ = s.set_nodelay(true);
+    let mut b = [1u8; 64];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&b).await.expect("write");
+        s.read_exact(&mut b).await.expect("read");
+        out.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    out
+}
+
+fn mtr(i: u64, records: usize, payload: usize) -> Vec<(u64, Op)> {
+    (0..records as u64)
+        .map(|k| {
+            let page = (i * 7 + k * 131) % 20_000;
+            (page, Op::Noop)
+        })
+        .map(|(page, _)| {
+            (
+                page,
+                Op::WriteSpecial {
+                    offset: 0,
+                    data: vec![(i % 251) as u8; payload.min(32)],
+                },
+            )
+        })
+        .collect()
+}
+
+async fn committer(
+    vol: Volume,
+    until: Instant,
+    records: usize,
+    payload: usize,
+    lat: bool,
+) -> (u64, u64, Vec<f64>) {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let mut lats = Vec::new();
+    let mut i = 0u64;
+    while Instant::now() < until {
+        i += 1;
+        let t = Instant::now();
+        let recs = match vol.append(mtr(i, records, payload)).await {
+            Ok(r) => r,
+            Err(e) => panic!("append: {e}"),
+        };
+        let last = recs.last().map(|r| r.lsn).unwrap_or(Lsn::ZERO);
+        if let Err(e) = vol.wait_durable(last).await {
+            panic!("wait_durable: {e}");
+        }
+        if lat {
+            lats.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        n += recs.len() as u64;
+        bytes += recs.iter().map(|r| r.encoded_len() as u64).sum::<u64>();
+    }
+    (n, bytes, lats)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let mut seconds = 3u64;
+    let mut base: Option<std::path::PathBuf> = None;
+    let args: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--seconds" => {
+                seconds = args
+                    .get(i + 1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(seconds);
+                i += 1;
+            }
+            "--dir" => {
+                base = args.get(i + 1).map(std::path::PathBuf::from);
+                i += 1;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let _ = borealis_common::logging::init("storage-bench", None);
+    let tmp = match &base {
+        Some(b) => tempfile::tempdir_in(b),
+        None => tempfile::tempdir(),
+    }
+    .expect("temp dir");
+    println!(
+        "storage benchmark: 6 storage nodes (tasks), loopback TCP, fdatasync on {}",
+        tmp.path().display()
+    );
+
+    // Floor: the physical cost of one durable append.
+    let mut fs = fsync_floor(tmp.path(), 300);
+    let mut rtt = loopback_rtt(2000).await;
+    let (fs50, fs99, rtt50) = (pct(&mut fs, 0.5), pct(&mut fs, 0.99), pct(&mut rtt, 0.5));
+    let mut fq = fsync_quorum_floor(tmp.path(), 200);
+    let fq50 = pct(&mut fq, 0.5);
+    let floor = fs50 + rtt50;
+
+    let mut nodes: Vec<NodeHandle> = Vec::new();
+    let mut infos = Vec::new();
+    for (k, az) in ["a", "a", "b", "b", "c", "c"].iter().enumerate() {
+        let name = format!("storage-{az}{}", k % 2 + 1);
+        let dir = tmp.path().join(&name);
+        let cfg = NodeConfig::new(
+            dir,
+            &name,
+            &format!("az-{az}"),
+            "127.0.0.1:0".parse().expect("addr"),
+        );
+        let h = borealis_storage::start(cfg)
+            .await
+            .expect("start storage node");
+        infos.push(StorageNodeInfo {
+            name,
+            az: format!("az-{az}"),
+            addr: h.addr,
+        });
+        nodes.push(h);
+    }
+    let geometry = Geometry {
+        pages_per_pg: 4096,
+        max_pgs: 1024,
+    };
+    let topo = Topology {
+        geometry,
+        default_segments: infos.iter().map(|n| n.name.clone()).collect(),
+        nodes: infos.clone(),
+        protection_groups: Vec::new(),
+    };
+    let vcfg = VolumeConfig {
+        geometry,
+        lal: 100_000,
+    };
+    let vol = Volume::open_writer_with(topo, Epoch(1), vcfg, QuorumConfig::default())
+        .await
+        .expect("open writer");
+
+    // Commit latency, one committer, one small record per commit.
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let (_, _, mut lat) = committer(vol.clone(), until, 1, 32, true).await;
+    let (l50, l99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+
+    // Throughput: MTRs of 8 records each, 1 and 8 concurrent committers.
+    let mut rows = Vec::new();
+    for c in [1usize, 8] {
+        let until = Instant::now() + Duration::from_secs(seconds);
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..c {
+            tasks.push(tokio::spawn(committer(vol.clone(), until, 8, 32, true)));
+        }
+        let (mut n, mut b, mut lats) = (0u64, 0u64, Vec::new());
+        for t in tasks {
+            let (n1, b1, l1) = t.await.expect("committer");
+            n += n1;
+            b += b1;
+            lats.extend(l1);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        rows.push((
+            c,
+            n as f64 / secs,
+            b as f64 / secs / 1e6,
+            lats.len() as f64 / secs,
+            pct(&mut lats, 0.5),
+            pct(&mut lats, 0.99),
+        ));
+    }
+    let status = vol.status();
+
+    // Rebuild: a fresh node with an empty disk gossips every segment from one peer.
+    let src = nodes[0].addr;
+    let mut c = Client::connect(src, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let Ok(Response::Hello { segments, .. }) = c.call(&Request::Hello).await else {
+        panic!("hello")
+    };
+    let src_bytes: u64 = dir_bytes(&tmp.path().join(&infos[0].name));
+    let dir = tmp.path().join("storage-rebuilt");
+    let mut cfg = NodeConfig::new(
+        dir.clone(),
+        "storage-rebuilt",
+        "az-a",
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    cfg.peers = vec![src];
+    cfg.gossip_interval = Duration::from_millis(5);
+    let t0 = Instant::now();
+    let h = borealis_storage::start(cfg)
+        .await
+        .expect("start rebuilt node");
+    let mut r = Client::connect(h.addr, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let Ok(Response::Hello { segments: mine, .. }) = r.call(&Request::Hello).await else {
+            panic!("hello")
+        };
+        // Complete when its backlink chain reaches the peer's last record (a node at
+        // epoch 0 does not take over the writer's completeness claims; the writer's
+        // next heartbeat would).
+        let done = segments
+            .iter()
+            .all(|s| mine.iter().any(|m| m.pg == s.pg && m.scl >= s.max_lsn));
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let rebuild_secs = t0.elapsed().as_secs_f64();
+    // The rebuilt node's last group commit must be on disk too before we stop the clock.
+    let rebuilt_bytes = dir_bytes(&dir);
+    h.kill().await;
+
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!("| raw fdatasync p50 / p99 | {fs50:.3} ms / {fs99:.3} ms |");
+    println!("| loopback TCP round trip p50 | {rtt50:.3} ms |");
+    println!("| floor = fdatasync p50 + RTT p50 | {floor:.3} ms |");
+    println!("| 6 concurrent fdatasyncs on the shared disk, 4th done, p50 (+RTT) | {fq50:.3} ms ({:.3} ms) |", fq50 + rtt50);
+    println!(
+        "| commit latency p50 / p99 (1 committer, 1 record/commit) | {l50:.3} ms / {l99:.3} ms ({:.2}x floor; {:.2}x the 6-replica floor) |",
+        l50 / floor,
+        l50 / (fq50 + rtt50)
+    );
+    for (c, rps, mbps, cps, p50, p99) in &rows {
+        println!("| {c} committer(s), 8 records/MTR: throughput | {rps:.0} records/s, {mbps:.2} MB/s redo, {cps:.0} commits/s (commit p50 {p50:.2} ms, p99 {p99:.2} ms) |");
+    }
+    println!(
+        "| rebuild of a lost node's segments from one peer | {:.1} MB in {:.2} s = {:.1} MB/s ({} segments) |",
+        rebuilt_bytes as f64 / 1e6,
+        rebuild_secs,
+        rebuilt_bytes as f64 / 1e6 / rebuild_secs.max(1e-9),
+        segments.len()
+    );
+    println!(
+        "| volume at end | VDL {}, {} PGs, source log {:.1} MB |",
+        status.vdl,
+        status.protection_groups,
+        src_bytes as f64 / 1e6
+    );
+    drop(vol);
+    for n in nodes {
+        n.kill().await;
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[allow(dead_code)]
+fn _unused(_: SocketAddr) {}
