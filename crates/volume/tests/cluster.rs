@@ -265,3 +265,100 @@ async fn writes_survive_an_az_outage_restart_and_recovery() {
         cluster.kill(i).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_rebuilt_from_peers_by_gossip() {
+    use borealis_storage::client::Client;
+    use borealis_storage::proto::{Request, Response};
+    let _ = borealis_common::logging::init("volume-test", None);
+    let mut cluster = Cluster::start().await;
+    let (vcfg, qcfg) = config();
+    let topo = cluster.topology(vcfg.geometry);
+    let model = Volume::in_memory(vcfg.clone());
+    let mut touched = std::collections::HashSet::new();
+    let w = bounded(
+        "open writer",
+        Volume::open_writer_with(topo, Epoch(1), vcfg, qcfg),
+    )
+    .await
+    .expect("open");
+    let l1 = write_batch(&w, &model, 0..80, &mut touched).await;
+
+    // storage-c2 loses its disk: it comes back empty, with its peers configured.
+    cluster.kill(5).await;
+    let dir = cluster.dirs[5].path().to_path_buf();
+    std::fs::remove_dir_all(&dir).expect("wipe");
+    let mut cfg = NodeConfig::new(dir, "storage-c2", "az-c", cluster.addrs[5]);
+    cfg.peers = cluster.addrs[..5].to_vec();
+    cfg.gossip_interval = Duration::from_millis(20);
+    cfg.http = Some("127.0.0.1:0".parse().unwrap());
+    let mut started = None;
+    for _ in 0..50 {
+        match borealis_storage::start(cfg.clone()).await {
+            Ok(h) => {
+                started = Some(h);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let h = started.expect("restart storage-c2");
+    let http = h.http_addr.expect("http addr");
+    cluster.nodes[5] = Some(h);
+    // More writes meanwhile; the writer re-installs its epoch on the new node.
+    let l2 = write_batch(&w, &model, 80..100, &mut touched).await;
+    assert!(l2 > l1);
+
+    // Every page reads back from the rebuilt node alone, once gossip caught it up.
+    let mut c = Client::connect(cluster.addrs[5], Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let geometry = w.geometry();
+    for page in 0..40u64 {
+        let want = model.get_page(page, l2).await.expect("model");
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let req = Request::GetPage {
+                pg: geometry.pg_of(page),
+                page,
+                read_lsn: l2,
+            };
+            match c.call(&req).await.expect("call") {
+                Response::Page { bytes } => {
+                    assert_eq!(
+                        borealis_redo::Page::from_bytes(&bytes).as_ref(),
+                        Some(&want),
+                        "page {page}"
+                    );
+                    break;
+                }
+                other => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "page {page} never served: {other:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    let (status, health) = borealis_common::http::get_json(http, "/health", Duration::from_secs(5))
+        .await
+        .expect("health");
+    assert_eq!(status, 200);
+    assert_eq!(health["state"], "available");
+    assert_eq!(health["epoch"], 1);
+    let (_, metrics) =
+        borealis_common::http::request(http, "GET", "/metrics", None, Duration::from_secs(5))
+            .await
+            .expect("metrics");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("borealis_storage_segment_scl{node=\"storage-c2\""),
+        "{metrics}"
+    );
+    drop(w);
+    for i in 0..6 {
+        cluster.kill(i).await;
+    }
+}
