@@ -18,6 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
+/// Progress output to the operator's terminal. Never panics: if the terminal went
+/// away (EPIPE), the cluster keeps running and stopping cleanly all the same.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub const DEFAULT_PORT: u16 = 5432;
 /// Storage nodes of a cluster in a box: two per AZ (DESIGN.md section 1).
 pub const STORAGE_NODES: [(&str, &str); 6] = [
@@ -234,6 +243,9 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
     })?;
     let signals_int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
     let signals_term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    // A closed terminal (SIGHUP) stops the cluster cleanly too, rather than leaving
+    // the children to PDEATHSIG.
+    let signals_hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let control_listener = claim_ports(ports)?;
 
     // From here on the data dir is ours.
@@ -297,7 +309,7 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
         }
     };
 
-    println!(
+    say!(
         "Borealis: {} cluster {} in {}",
         if is_new { "creating" } else { "starting" },
         meta.cluster_id,
@@ -313,15 +325,16 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
         let cluster = api_cluster.clone();
         async move { crate::api::handle(cluster, req).await }
     }));
-    println!("  control API     http://{}", loopback(ports.control));
+    say!("  control API     http://{}", loopback(ports.control));
 
     let mut signals = Signals {
         int: signals_int,
         term: signals_term,
+        hup: signals_hup,
     };
     let started = start_in_order(&cluster, &opts, &mut signals).await;
     if let Err(e) = started {
-        println!("stopping the processes started so far...");
+        say!("stopping the processes started so far...");
         cluster.shutdown().await;
         api.abort();
         return Err(e);
@@ -330,49 +343,50 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
     let writer_endpoint = loopback(ports.writer);
     let reader_endpoint = loopback(ports.reader);
     let epoch = cluster.lock().meta.volume_epoch;
-    println!("Borealis is up (volume epoch {epoch}). Connect with psql:");
-    println!("  writer endpoint  psql \"postgresql://postgres@{writer_endpoint}/postgres\"");
-    println!("  reader endpoint  psql \"postgresql://postgres@{reader_endpoint}/postgres\"");
+    say!("Borealis is up (volume epoch {epoch}). Connect with psql:");
+    say!("  writer endpoint  psql \"postgresql://postgres@{writer_endpoint}/postgres\"");
+    say!("  reader endpoint  psql \"postgresql://postgres@{reader_endpoint}/postgres\"");
     let password_path = dir.join(datadir::PASSWORD_FILE);
     if generated {
-        println!(
+        say!(
             "  password         {password}   (generated, shown once; kept in {})",
             display(&password_path)
         );
     } else {
-        println!(
+        say!(
             "  password         in {}   (export PGPASSWORD=\"$(cat {})\")",
             display(&password_path),
             display(&password_path)
         );
     }
     if !opts.readers_supported && opts.replicas > 0 {
-        println!(
+        say!(
             "  note             {} reader(s) requested, none started: this build's instance has no reader role yet; the reader endpoint routes to the writer",
             opts.replicas
         );
     }
-    println!(
+    say!(
         "  status           borealis status --data-dir {}",
         display(&dir)
     );
-    println!("Ctrl-C stops the cluster.");
+    say!("Ctrl-C stops the cluster.");
 
     let events = tokio::spawn(print_state_changes(cluster.clone()));
     let which = signals.next().await;
     events.abort();
-    println!("{which}: stopping the cluster...");
+    say!("{which}: stopping the cluster...");
     log::info!("up: {which}, shutting down");
     cluster.shutdown().await;
     api.abort();
     log::info!("up: stopped");
-    println!("stopped.");
+    say!("stopped.");
     Ok(())
 }
 
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -380,6 +394,7 @@ impl Signals {
         tokio::select! {
             _ = self.int.recv() => "SIGINT",
             _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
         }
     }
 }
@@ -461,7 +476,7 @@ async fn wait_available(
                 }
             };
             match line {
-                Some(line) => println!("{line}"),
+                Some(line) => say!("{line}"),
                 None => still.push(name),
             }
         }
@@ -597,7 +612,7 @@ async fn print_state_changes(cluster: Arc<Cluster>) {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
-                println!(
+                say!(
                     "[{:02}:{:02}:{:02}] {name}: {}{why}",
                     (t / 3600) % 24,
                     (t / 60) % 60,
