@@ -265,6 +265,10 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
         }
     };
     let _lock = lock;
+    // Children get absolute paths: they do not depend on where `up` was started.
+    let dir = std::fs::canonicalize(&dir)
+        .with_context(|| format!("cannot resolve data dir {}", display(&dir)))?;
+    let store = FileStore::new(&dir);
     if meta.ports != ports {
         meta.ports = ports;
         for n in &mut meta.nodes {
