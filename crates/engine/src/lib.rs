@@ -55,6 +55,10 @@ pub enum EngineError {
     DuplicateTable(String),
     #[error("{0}")]
     SequenceLimit(String),
+    #[error("savepoint \"{0}\" does not exist")]
+    NoSavepoint(String),
+    #[error("canceling statement due to user request")]
+    Canceled,
     #[error("this volume was not written by a compatible Borealis (magic/version mismatch)")]
     IncompatibleVolume,
 }
@@ -65,6 +69,8 @@ const FORMAT_VERSION: u64 = 1;
 const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
 const SCAN_BATCH_ROWS: usize = 512;
+/// Bound on memoized catalog entries (invariant 9).
+const CATALOG_CACHE_ENTRIES: usize = 4096;
 /// How long a row-lock wait sleeps between re-checks if no wake-up arrives.
 const LOCK_RECHECK: Duration = Duration::from_millis(100);
 
@@ -93,6 +99,15 @@ pub struct Txn {
     snapshot_taken: bool,
     /// Highest LSN this transaction wrote (its commit must cover it).
     last_write: Lsn,
+    /// Transaction id stamped on new versions: the top id, or the innermost
+    /// savepoint's subtransaction id.
+    write_xid: TxnId,
+    /// Open savepoints, outermost first: (name, subtransaction id).
+    savepoints: Vec<(String, TxnId)>,
+    /// Subtransaction ids still live (not rolled back); they commit with the top.
+    subxids: Vec<TxnId>,
+    /// Set by a cancel request; checked by scans and lock waits.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Txn {
@@ -131,6 +146,8 @@ pub struct Engine {
 
 struct Inner {
     state: Mutex<State>,
+    /// Decoded catalog entries by their text (see `decode_relation`).
+    catalog_cache: std::sync::Mutex<HashMap<String, Arc<TableDef>>>,
     txn_ended: Notify,
     volume: Volume,
 }
@@ -146,8 +163,10 @@ struct State {
     startup_txid: TxnId,
     /// Active transactions with writes, and their snapshot LSNs (for pruning).
     active: BTreeMap<TxnId, Lsn>,
-    /// Who waits for whom (row locks), for deadlock detection.
+    /// Who waits for whom (row locks, by top-level id), for deadlock detection.
     waits_for: HashMap<TxnId, TxnId>,
+    /// Live subtransaction (savepoint) ids and their top-level transaction.
+    subxact_parent: HashMap<TxnId, TxnId>,
 }
 
 /// Retries a synchronous walk after loading whichever page it missed.
@@ -244,10 +263,8 @@ impl State {
         )
     }
 
-    async fn assign_txid(&mut self, txn: &mut Txn) -> Result<(), EngineError> {
-        if txn.txid != 0 {
-            return Ok(());
-        }
+    /// A new transaction id, persisting the high-water mark a block at a time.
+    async fn new_xid(&mut self) -> Result<TxnId, EngineError> {
         if self.next_txid >= self.txid_hwm {
             let hwm = self.next_txid + TXID_BLOCK;
             self.store
@@ -255,11 +272,98 @@ impl State {
                 .await?;
             self.txid_hwm = hwm;
         }
-        txn.txid = self.next_txid;
+        let xid = self.next_txid;
         self.next_txid += 1;
-        self.txns.insert(txn.txid, TxnState::InProgress);
+        self.txns.insert(xid, TxnState::InProgress);
+        Ok(xid)
+    }
+
+    async fn assign_txid(&mut self, txn: &mut Txn) -> Result<(), EngineError> {
+        if txn.txid != 0 {
+            return Ok(());
+        }
+        txn.txid = self.new_xid().await?;
+        txn.write_xid = txn.txid;
         self.active.insert(txn.txid, txn.snapshot);
         Ok(())
+    }
+
+    /// The top-level transaction a version's xid belongs to: a live subtransaction
+    /// maps to its parent, anything else to itself.
+    fn owner(&self, xid: TxnId) -> TxnId {
+        self.subxact_parent.get(&xid).copied().unwrap_or(xid)
+    }
+
+    /// CLOG ops for `xid`; the returned index is that of the op that decides it.
+    fn clog_ops(
+        &self,
+        xid: TxnId,
+        commit: bool,
+        ops: &mut Vec<(PageNo, Op)>,
+    ) -> Result<usize, EngineError> {
+        let page_no = self.clog_page(xid);
+        let formatted = self.store.page(page_no)?.kind() == Some(PageKind::Raw)
+            || ops
+                .iter()
+                .any(|(p, op)| *p == page_no && matches!(op, Op::Init { .. }));
+        if !formatted {
+            ops.push((
+                page_no,
+                Op::Init {
+                    kind: PageKind::Raw as u16,
+                },
+            ));
+        }
+        let offset = ((xid % CLOG_PER_PAGE) * 8) as u16;
+        ops.push((
+            page_no,
+            if commit {
+                Op::StampLsnBody { offset }
+            } else {
+                Op::WriteBody {
+                    offset,
+                    data: CLOG_ABORTED.to_le_bytes().to_vec(),
+                }
+            },
+        ));
+        Ok(ops.len() - 1)
+    }
+
+    /// Decides `xids` in one mini-transaction: the commit of a transaction and its
+    /// live subtransactions is atomic to every reader, because VDL only ever lands
+    /// on the MTR's last record (invariant 6). Returns each xid's commit LSN.
+    async fn decide(&mut self, xids: &[TxnId], commit: bool) -> Result<Vec<Lsn>, EngineError> {
+        let (ops, idx) = loop {
+            let mut ops = Vec::with_capacity(xids.len() + 1);
+            let mut idx = Vec::with_capacity(xids.len());
+            let mut missing = None;
+            for &x in xids {
+                match self.clog_ops(x, commit, &mut ops) {
+                    Ok(i) => idx.push(i),
+                    Err(EngineError::PageMiss(p)) => {
+                        missing = Some(p);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match missing {
+                Some(p) => self.store.load(p).await?,
+                None => break (ops, idx),
+            }
+        };
+        let lsns = self.store.write_all(ops).await?;
+        let decided: Vec<Lsn> = idx.iter().map(|&i| lsns[i]).collect();
+        for (&x, &lsn) in xids.iter().zip(&decided) {
+            let state = if commit {
+                TxnState::Committed(lsn)
+            } else {
+                TxnState::Aborted
+            };
+            self.txns.insert(x, state);
+            self.subxact_parent.remove(&x);
+        }
+        Ok(decided)
     }
 
     async fn write_mtr(
@@ -277,33 +381,6 @@ impl State {
         let lsn = self.store.write(ops).await?;
         txn.last_write = lsn;
         Ok(lsn)
-    }
-
-    async fn set_clog(&mut self, txid: TxnId, commit: bool) -> Result<Lsn, EngineError> {
-        let page_no = self.clog_page(txid);
-        let page = walk!(self, self.store.page(page_no).map(|p| p.kind()))?;
-        let mut ops = Vec::with_capacity(2);
-        if page != Some(PageKind::Raw) {
-            ops.push((
-                page_no,
-                Op::Init {
-                    kind: PageKind::Raw as u16,
-                },
-            ));
-        }
-        let offset = ((txid % CLOG_PER_PAGE) * 8) as u16;
-        ops.push((
-            page_no,
-            if commit {
-                Op::StampLsnBody { offset }
-            } else {
-                Op::WriteBody {
-                    offset,
-                    data: CLOG_ABORTED.to_le_bytes().to_vec(),
-                }
-            },
-        ));
-        self.store.write(ops).await
     }
 }
 
@@ -387,10 +464,12 @@ impl Engine {
             startup_txid: txid_hwm,
             active: BTreeMap::new(),
             waits_for: HashMap::new(),
+            subxact_parent: HashMap::new(),
         };
         Ok(Engine {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                catalog_cache: std::sync::Mutex::new(HashMap::new()),
                 txn_ended: Notify::new(),
                 volume,
             }),
@@ -415,6 +494,10 @@ impl Engine {
             read_only,
             snapshot_taken: false,
             last_write: Lsn::ZERO,
+            write_xid: 0,
+            savepoints: Vec::new(),
+            subxids: Vec::new(),
+            cancel: None,
         }
     }
 
@@ -435,10 +518,11 @@ impl Engine {
         }
         let lsn = {
             let mut st = self.lock().await;
-            let lsn = st.set_clog(txn.txid, true).await?;
-            st.txns.insert(txn.txid, TxnState::Committed(lsn));
+            let mut xids = vec![txn.txid];
+            xids.extend(&txn.subxids);
+            let lsns = st.decide(&xids, true).await?;
             st.active.remove(&txn.txid);
-            lsn
+            lsns.iter().copied().max().unwrap_or(Lsn::ZERO)
         };
         self.inner.txn_ended.notify_waiters();
         self.inner.volume.wait_durable(lsn).await?;
@@ -452,17 +536,92 @@ impl Engine {
         }
         {
             let mut st = self.lock().await;
-            st.txns.insert(txn.txid, TxnState::Aborted);
+            let mut xids = vec![txn.txid];
+            xids.extend(&txn.subxids);
+            for &x in &xids {
+                st.txns.insert(x, TxnState::Aborted);
+                st.subxact_parent.remove(&x);
+            }
             st.active.remove(&txn.txid);
             st.waits_for.remove(&txn.txid);
             // Record the abort so that readers and later starts need not guess.
-            let r = st.set_clog(txn.txid, false).await;
+            let r = st.decide(&xids, false).await;
             if let Err(e) = r {
                 log::warn!("could not record abort of transaction {}: {e}", txn.txid);
             }
         }
         self.inner.txn_ended.notify_waiters();
         Ok(())
+    }
+
+    /// SAVEPOINT: later writes carry a new subtransaction id, so they can be undone
+    /// by marking that id aborted.
+    pub async fn savepoint(&self, txn: &mut Txn, name: &str) -> Result<(), EngineError> {
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        let sub = st.new_xid().await?;
+        st.subxact_parent.insert(sub, txn.txid);
+        txn.subxids.push(sub);
+        txn.savepoints.push((name.to_string(), sub));
+        txn.write_xid = sub;
+        Ok(())
+    }
+
+    fn find_savepoint(txn: &Txn, name: &str) -> Result<usize, EngineError> {
+        txn.savepoints
+            .iter()
+            .rposition(|(n, _)| n == name)
+            .ok_or_else(|| EngineError::NoSavepoint(name.to_string()))
+    }
+
+    /// RELEASE SAVEPOINT: its changes become part of the enclosing level.
+    pub async fn release_savepoint(&self, txn: &mut Txn, name: &str) -> Result<(), EngineError> {
+        let i = Self::find_savepoint(txn, name)?;
+        txn.savepoints.truncate(i);
+        txn.write_xid = txn.savepoints.last().map(|s| s.1).unwrap_or(txn.txid);
+        Ok(())
+    }
+
+    /// ROLLBACK TO SAVEPOINT: every subtransaction begun at or after the savepoint is
+    /// aborted (its versions and row marks stop counting), and the savepoint stays
+    /// open with a fresh subtransaction.
+    pub async fn rollback_to_savepoint(
+        &self,
+        txn: &mut Txn,
+        name: &str,
+    ) -> Result<(), EngineError> {
+        let i = Self::find_savepoint(txn, name)?;
+        let first = txn.savepoints[i].1;
+        let undone: Vec<TxnId> = txn
+            .subxids
+            .iter()
+            .copied()
+            .filter(|&x| x >= first)
+            .collect();
+        {
+            let mut st = self.lock().await;
+            if !undone.is_empty() {
+                st.decide(&undone, false).await?;
+            }
+            txn.subxids.retain(|x| *x < first);
+            let sub = st.new_xid().await?;
+            st.subxact_parent.insert(sub, txn.txid);
+            txn.subxids.push(sub);
+            txn.savepoints.truncate(i + 1);
+            txn.savepoints[i].1 = sub;
+            txn.write_xid = sub;
+        }
+        self.inner.txn_ended.notify_waiters();
+        Ok(())
+    }
+
+    fn check_cancel(txn: &Txn) -> Result<(), EngineError> {
+        match &txn.cancel {
+            Some(flag) if flag.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(EngineError::Canceled)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Waits for `holder` to finish, with deadlock detection on the waits-for graph.
@@ -472,6 +631,7 @@ impl Engine {
         waiter: TxnId,
         holder: TxnId,
     ) -> Result<(), EngineError> {
+        let holder = st.owner(holder);
         // Follow the chain of waits from the holder; reaching the waiter is a cycle.
         let mut cur = holder;
         for _ in 0..1024 {
@@ -499,12 +659,13 @@ impl Engine {
     fn check_write(st: &State, txn: &Txn, versions: &[Version]) -> Result<WriteCheck, EngineError> {
         let vdl = st.store.volume.vdl();
         for (i, v) in versions.iter().enumerate() {
-            let created = if v.xmin == txn.txid {
+            let own_xmin = st.owner(v.xmin) == txn.txid;
+            let created = if own_xmin {
                 TxnState::InProgress
             } else {
                 st.txn_state(v.xmin)?
             };
-            if v.xmin != txn.txid {
+            if !own_xmin {
                 match created {
                     TxnState::Aborted => continue,
                     TxnState::InProgress => return Ok(WriteCheck::Wait(v.xmin)),
@@ -521,7 +682,8 @@ impl Engine {
                 return Ok(WriteCheck::Proceed(None));
             }
             // `v` is the newest live-or-deleted version we may act on; look at its xmax.
-            if v.xmax != 0 && v.xmax != txn.txid {
+            let own_xmax = v.xmax != 0 && st.owner(v.xmax) == txn.txid;
+            if v.xmax != 0 && !own_xmax {
                 match st.txn_state(v.xmax)? {
                     TxnState::Aborted => {}
                     TxnState::InProgress => return Ok(WriteCheck::Wait(v.xmax)),
@@ -534,7 +696,7 @@ impl Engine {
                         return Ok(WriteCheck::Proceed(None)); // deleted: nothing to act on
                     }
                 }
-            } else if v.xmax == txn.txid && v.flags & FLAG_LOCK_ONLY == 0 {
+            } else if own_xmax && v.flags & FLAG_LOCK_ONLY == 0 {
                 // Deleted or superseded by us earlier.
                 return Ok(WriteCheck::Proceed(None));
             }
@@ -565,6 +727,7 @@ impl Engine {
             let check = walk!(st, Self::check_write(&st, txn, &versions))?;
             let idx = match check {
                 WriteCheck::Wait(holder) => {
+                    Self::check_cancel(txn)?;
                     self.wait_for_txn(st, txn.txid, holder).await?;
                     st = self.lock().await;
                     continue;
@@ -585,17 +748,17 @@ impl Engine {
                 RowAction::Skip => return Ok(RowOutcome::Skipped),
                 RowAction::Lock => {
                     let v = &mut versions[idx];
-                    if v.xmax == txn.txid {
+                    if v.xmax != 0 && st.owner(v.xmax) == txn.txid {
                         return Ok(RowOutcome::Done(current));
                     }
-                    v.xmax = txn.txid;
+                    v.xmax = txn.write_xid;
                     v.xmax_cid = txn.cid;
                     v.flags |= FLAG_LOCK_ONLY;
                     current
                 }
                 RowAction::Delete => {
                     let v = &mut versions[idx];
-                    v.xmax = txn.txid;
+                    v.xmax = txn.write_xid;
                     v.xmax_cid = txn.cid;
                     v.flags &= !FLAG_LOCK_ONLY;
                     current
@@ -603,7 +766,7 @@ impl Engine {
                 RowAction::Update(new_row) => {
                     {
                         let v = &mut versions[idx];
-                        v.xmax = txn.txid;
+                        v.xmax = txn.write_xid;
                         v.xmax_cid = txn.cid;
                         v.flags &= !FLAG_LOCK_ONLY;
                     }
@@ -612,7 +775,7 @@ impl Engine {
                     versions.insert(
                         0,
                         Version {
-                            xmin: txn.txid,
+                            xmin: txn.write_xid,
                             xmin_cid: txn.cid,
                             xmax: 0,
                             xmax_cid: 0,
@@ -659,7 +822,7 @@ impl Engine {
                 // Is any version live (or possibly live) for uniqueness purposes?
                 let mut conflict = None;
                 for v in &versions {
-                    let created = if v.xmin == txn.txid {
+                    let created = if st.owner(v.xmin) == txn.txid {
                         TxnState::Committed(Lsn::ZERO)
                     } else {
                         walk!(st, st.txn_state(v.xmin))?
@@ -674,7 +837,7 @@ impl Engine {
                     }
                     let deleted = if v.xmax == 0 || v.flags & FLAG_LOCK_ONLY != 0 {
                         TxnState::Aborted
-                    } else if v.xmax == txn.txid {
+                    } else if st.owner(v.xmax) == txn.txid {
                         TxnState::Committed(Lsn::ZERO)
                     } else {
                         walk!(st, st.txn_state(v.xmax))?
@@ -696,6 +859,7 @@ impl Engine {
                 }
                 match conflict {
                     Some(WriteCheck::Wait(holder)) => {
+                        Self::check_cancel(txn)?;
                         self.wait_for_txn(st, txn.txid, holder).await?;
                         st = self.lock().await;
                         continue;
@@ -712,7 +876,7 @@ impl Engine {
             versions.insert(
                 0,
                 Version {
-                    xmin: txn.txid,
+                    xmin: txn.write_xid,
                     xmin_cid: txn.cid,
                     xmax: 0,
                     xmax_cid: 0,
@@ -750,6 +914,7 @@ impl Engine {
         let mut leaf: Option<PageNo> = None;
         let mut batch_rows: Vec<(Vec<u8>, Vec<Datum>)> = Vec::with_capacity(SCAN_BATCH_ROWS);
         loop {
+            Self::check_cancel(txn)?;
             let next_leaf;
             {
                 let mut st = self.lock().await;
@@ -820,21 +985,23 @@ impl Engine {
         versions: &[Version],
     ) -> Result<Option<usize>, EngineError> {
         for (i, v) in versions.iter().enumerate() {
-            let created = if v.xmin == snap.txid {
+            let xmin = st.owner(v.xmin);
+            let created = if xmin == snap.txid {
                 TxnState::InProgress
             } else {
                 st.txn_state(v.xmin)?
             };
-            if !snap.sees(v.xmin, v.xmin_cid, created) {
+            if !snap.sees(xmin, v.xmin_cid, created) {
                 continue;
             }
             if v.xmax != 0 && v.flags & FLAG_LOCK_ONLY == 0 {
-                let deleted = if v.xmax == snap.txid {
+                let xmax = st.owner(v.xmax);
+                let deleted = if xmax == snap.txid {
                     TxnState::InProgress
                 } else {
                     st.txn_state(v.xmax)?
                 };
-                if snap.sees(v.xmax, v.xmax_cid, deleted) {
+                if snap.sees(xmax, v.xmax_cid, deleted) {
                     return Ok(None);
                 }
             }
@@ -872,9 +1039,9 @@ impl Engine {
             Bound::Unbounded,
             &mut |_, row| {
                 match row.first() {
-                    Some(Datum::Text(json)) => match serde_json::from_str::<TableDef>(json) {
-                        Ok(def) => out.push(Arc::new(def)),
-                        Err(e) => err = Some(EngineError::Corrupt(format!("catalog entry: {e}"))),
+                    Some(Datum::Text(json)) => match self.decode_relation(json) {
+                        Ok(def) => out.push(def),
+                        Err(e) => err = Some(e),
                     },
                     _ => {
                         err = Some(EngineError::Corrupt(
@@ -890,6 +1057,28 @@ impl Engine {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Decodes a catalog entry, memoized by its exact text: statements read the
+    /// catalog at their own snapshot every time, but the entries rarely change.
+    fn decode_relation(&self, json: &str) -> Result<Arc<TableDef>, EngineError> {
+        let mut cache = self
+            .inner
+            .catalog_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(def) = cache.get(json) {
+            return Ok(def.clone());
+        }
+        let def = Arc::new(
+            serde_json::from_str::<TableDef>(json)
+                .map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}")))?,
+        );
+        if cache.len() >= CATALOG_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(json.to_string(), def.clone());
+        Ok(def)
     }
 
     pub async fn relation(

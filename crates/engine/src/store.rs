@@ -109,6 +109,14 @@ impl Store {
     /// Appends one mini-transaction and applies its records to the cache. Returns the
     /// LSN of its last record (its CPL).
     pub async fn write(&mut self, ops: Vec<(PageNo, Op)>) -> Result<Lsn, EngineError> {
+        let lsns = self.write_all(ops).await?;
+        lsns.last()
+            .copied()
+            .ok_or_else(|| EngineError::Internal("empty mini-transaction".into()))
+    }
+
+    /// Like [`Store::write`], returning the LSN of every record in op order.
+    pub async fn write_all(&mut self, ops: Vec<(PageNo, Op)>) -> Result<Vec<Lsn>, EngineError> {
         if ops.is_empty() {
             return Err(EngineError::Internal("empty mini-transaction".into()));
         }
@@ -123,7 +131,7 @@ impl Store {
             }
         }
         let records = self.volume.append(ops).await?;
-        let mut last = Lsn::ZERO;
+        let mut lsns = Vec::with_capacity(records.len());
         for record in &records {
             let frame = self.frames.entry(record.page).or_insert_with(|| Frame {
                 page: Page::zeroed(),
@@ -131,9 +139,9 @@ impl Store {
             });
             apply(&mut frame.page, record.page, record)
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
-            last = record.lsn;
+            lsns.push(record.lsn);
         }
         self.evict_if_full();
-        Ok(last)
+        Ok(lsns)
     }
 }

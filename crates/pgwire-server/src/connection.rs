@@ -149,6 +149,8 @@ pub(crate) async fn handle(
             return;
         }
     };
+    let mut session = session;
+    session.set_cancel_flag(cancel.flag.clone());
     let mut conn = Connection {
         wire,
         session,
@@ -562,15 +564,34 @@ impl Connection {
         }
     }
 
-    async fn sync(&mut self) -> Result<(), End> {
-        // Portals live until the end of their transaction; the unnamed statement stays.
-        if self.session.transaction_status() == TransactionStatus::Idle {
-            self.portals.clear();
+    /// Notices the session raised, then ReadyForQuery with the session's own
+    /// transaction status, flushed.
+    async fn send_ready(&mut self) -> Result<(), End> {
+        for (severity, notice) in self.session.take_notices() {
+            self.wire
+                .send(Msg::NoticeResponse(crate::error::notice_response(
+                    severity, &notice,
+                )))
+                .await?;
         }
         self.wire
             .send(ready_for_query(self.session.transaction_status()))
             .await?;
         self.wire.flush().await?;
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<(), End> {
+        // Sync ends the implicit transaction of extended-protocol statements run
+        // outside a block (a pipeline before one Sync commits as one transaction).
+        if let Err(e) = self.session.sync().await {
+            self.send_error(e).await?;
+        }
+        // Portals live until the end of their transaction; the unnamed statement stays.
+        if self.session.transaction_status() == TransactionStatus::Idle {
+            self.portals.clear();
+        }
+        self.send_ready().await?;
         Ok(())
     }
 
@@ -614,10 +635,7 @@ impl Connection {
                 }
             }
         }
-        self.wire
-            .send(ready_for_query(self.session.transaction_status()))
-            .await?;
-        self.wire.flush().await?;
+        self.send_ready().await?;
         Ok(())
     }
 
@@ -742,10 +760,7 @@ impl Connection {
             self.state = State::SkipUntilSync;
         } else {
             self.state = State::Ready;
-            self.wire
-                .send(ready_for_query(self.session.transaction_status()))
-                .await?;
-            self.wire.flush().await?;
+            self.send_ready().await?;
         }
         Ok(())
     }

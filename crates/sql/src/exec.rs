@@ -1956,11 +1956,6 @@ pub(crate) async fn execute(
             ));
         }
         Statement::Set(set) => return set_variable(s, set),
-        Statement::Savepoint { .. }
-        | Statement::ReleaseSavepoint { .. }
-        | Statement::Rollback {
-            savepoint: Some(_), ..
-        } => return Err(SqlError::unsupported("SAVEPOINT")),
         Statement::Copy {
             source,
             to,

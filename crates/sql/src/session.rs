@@ -13,6 +13,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 /// What ReadyForQuery reports.
@@ -121,6 +122,9 @@ impl Database {
             default_isolation: Isolation::ReadCommitted,
             settings: HashMap::new(),
             copy: None,
+            notices: Vec::new(),
+            cancel: None,
+            defer_commit: false,
         }
     }
 
@@ -150,6 +154,12 @@ pub struct Session {
     default_isolation: Isolation,
     pub(crate) settings: HashMap<String, String>,
     pub(crate) copy: Option<exec::CopyState>,
+    /// Notices raised since the front end last asked (severity, notice).
+    pub(crate) notices: Vec<(&'static str, SqlError)>,
+    /// Set by a cancel request for this session's connection.
+    cancel: Option<Arc<AtomicBool>>,
+    /// Extended-protocol statements outside a block commit at Sync, not at Execute.
+    defer_commit: bool,
 }
 
 /// Maps engine errors to SQLSTATEs: the one place where that happens.
@@ -178,6 +188,10 @@ pub fn engine_error(e: EngineError) -> SqlError {
             format!("row is too big: size {n}, maximum size 4000"),
         ),
         EngineError::Unsupported(what) => SqlError::new("0A000", what),
+        EngineError::NoSavepoint(name) => {
+            SqlError::new("3B001", format!("savepoint \"{name}\" does not exist"))
+        }
+        EngineError::Canceled => SqlError::new("57014", "canceling statement due to user request"),
         EngineError::DuplicateTable(name) => {
             SqlError::new("42P07", format!("relation \"{name}\" already exists"))
         }
@@ -294,6 +308,13 @@ fn strip_copy_freeze(sql: &str) -> Option<String> {
     None
 }
 
+#[derive(Clone, Copy)]
+enum SavepointOp {
+    Create,
+    Release,
+    RollbackTo,
+}
+
 fn isolation_of(
     modes: &[TransactionMode],
     default: Isolation,
@@ -398,8 +419,44 @@ impl Session {
     ) -> Result<ExecResult, SqlError> {
         match &prepared.statement {
             None => Ok(ExecResult::Empty),
-            Some(stmt) => self.run(stmt, &params).await,
+            Some(stmt) => {
+                self.defer_commit = true;
+                let r = self.run(stmt, &params).await;
+                self.defer_commit = false;
+                r
+            }
         }
+    }
+
+    /// The protocol's Sync: commits the implicit transaction that extended-protocol
+    /// statements outside a block have been running in.
+    pub async fn sync(&mut self) -> Result<(), SqlError> {
+        if self.status == TransactionStatus::Idle && self.copy.is_none() {
+            if let Some(txn) = self.txn.take() {
+                self.db.engine.commit(txn).await.map_err(engine_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notices raised since the last call, oldest first.
+    pub fn take_notices(&mut self) -> Vec<(&'static str, SqlError)> {
+        std::mem::take(&mut self.notices)
+    }
+
+    /// The flag a cancel request for this session sets; statements check it in scans
+    /// and lock waits and fail with 57014.
+    pub fn set_cancel_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.cancel = Some(flag);
+    }
+
+    pub(crate) fn warn(
+        &mut self,
+        severity: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) {
+        self.notices.push((severity, SqlError::new(code, message)));
     }
 
     pub async fn copy_data(&mut self, data: &[u8]) -> Result<(), SqlError> {
@@ -477,7 +534,7 @@ impl Session {
             return Ok(()); // COPY FROM STDIN still running: the statement is not over.
         }
         match (outcome, self.status) {
-            (Ok(()), TransactionStatus::Idle) => {
+            (Ok(()), TransactionStatus::Idle) if !self.defer_commit => {
                 if let Some(txn) = self.txn.take() {
                     self.db.engine.commit(txn).await.map_err(engine_error)?;
                 }
@@ -495,16 +552,49 @@ impl Session {
     pub(crate) fn txn_for_statement(&mut self) -> &mut Txn {
         let engine = self.db.engine.clone();
         let iso = self.default_isolation;
+        let cancel = self.cancel.clone();
         let txn = self.txn.get_or_insert_with(|| engine.begin(iso, false));
+        txn.cancel = cancel;
         engine.start_statement(txn);
         txn
+    }
+
+    async fn savepoint_op(&mut self, op: SavepointOp, name: &str) -> Result<(), SqlError> {
+        if self.status == TransactionStatus::Idle {
+            let what = match op {
+                SavepointOp::Create => "SAVEPOINT",
+                SavepointOp::Release => "RELEASE SAVEPOINT",
+                SavepointOp::RollbackTo => "ROLLBACK TO SAVEPOINT",
+            };
+            return Err(SqlError::new(
+                "25P01",
+                format!("{what} can only be used in transaction blocks"),
+            ));
+        }
+        let engine = self.db.engine.clone();
+        let iso = self.default_isolation;
+        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, false));
+        let r = match op {
+            SavepointOp::Create => engine.savepoint(txn, name).await,
+            SavepointOp::Release => engine.release_savepoint(txn, name).await,
+            SavepointOp::RollbackTo => engine.rollback_to_savepoint(txn, name).await,
+        };
+        if let Err(e) = r {
+            self.fail_block().await;
+            return Err(engine_error(e));
+        }
+        Ok(())
     }
 
     async fn run(&mut self, stmt: &Statement, params: &[Datum]) -> Result<ExecResult, SqlError> {
         match stmt {
             Statement::StartTransaction { modes, .. } => {
                 if self.status != TransactionStatus::Idle {
-                    // PostgreSQL: WARNING 25001, and the block continues.
+                    self.warn(
+                        "WARNING",
+                        "25001",
+                        "there is already a transaction in progress",
+                    );
                     return Ok(ExecResult::Command {
                         tag: "BEGIN".into(),
                     });
@@ -520,6 +610,9 @@ impl Session {
                 });
             }
             Statement::Commit { .. } => {
+                if self.status == TransactionStatus::Idle {
+                    self.warn("WARNING", "25P01", "there is no transaction in progress");
+                }
                 let failed = self.status == TransactionStatus::Failed;
                 self.status = TransactionStatus::Idle;
                 let tag = if failed { "ROLLBACK" } else { "COMMIT" };
@@ -535,6 +628,9 @@ impl Session {
             Statement::Rollback {
                 savepoint: None, ..
             } => {
+                if self.status == TransactionStatus::Idle {
+                    self.warn("WARNING", "25P01", "there is no transaction in progress");
+                }
                 self.status = TransactionStatus::Idle;
                 if let Some(txn) = self.txn.take() {
                     self.db.engine.rollback(txn).await.map_err(engine_error)?;
@@ -543,10 +639,40 @@ impl Session {
                     tag: "ROLLBACK".into(),
                 });
             }
+            Statement::Rollback {
+                savepoint: Some(name),
+                ..
+            } => {
+                let r = self
+                    .savepoint_op(SavepointOp::RollbackTo, &name.value)
+                    .await;
+                if r.is_ok() {
+                    self.status = TransactionStatus::InBlock;
+                }
+                return r.map(|()| ExecResult::Command {
+                    tag: "ROLLBACK".into(),
+                });
+            }
             _ if self.status == TransactionStatus::Failed => return Err(SqlError::new(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
             )),
+            Statement::Savepoint { name } => {
+                return self
+                    .savepoint_op(SavepointOp::Create, &name.value)
+                    .await
+                    .map(|()| ExecResult::Command {
+                        tag: "SAVEPOINT".into(),
+                    });
+            }
+            Statement::ReleaseSavepoint { name } => {
+                return self
+                    .savepoint_op(SavepointOp::Release, &name.value)
+                    .await
+                    .map(|()| ExecResult::Command {
+                        tag: "RELEASE".into(),
+                    });
+            }
             Statement::Set(sqlparser::ast::Set::SetTransaction {
                 modes,
                 session: true,

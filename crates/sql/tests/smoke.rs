@@ -212,3 +212,42 @@ async fn pgbench_dialect_vacuum_and_copy_freeze() {
         ["1|15", "2|20"]
     );
 }
+
+#[tokio::test]
+async fn savepoints() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    run(&mut s, "CREATE TABLE sp (id int PRIMARY KEY, v int)").await;
+    run(&mut s, "INSERT INTO sp VALUES (1, 1), (2, 2)").await;
+    assert_eq!(run(&mut s, "SAVEPOINT a").await, ["ERROR 25P01"]);
+    run(&mut s, "BEGIN").await;
+    run(&mut s, "UPDATE sp SET v = 10 WHERE id = 1").await;
+    assert_eq!(run(&mut s, "SAVEPOINT a").await, ["SAVEPOINT"]);
+    run(&mut s, "UPDATE sp SET v = 20 WHERE id = 2").await;
+    run(&mut s, "DELETE FROM sp WHERE id = 1").await;
+    run(&mut s, "INSERT INTO sp VALUES (3, 3)").await;
+    assert_eq!(run(&mut s, "SELECT 1/0").await, ["ERROR 22012"]);
+    assert_eq!(s.transaction_status(), TransactionStatus::Failed);
+    assert_eq!(run(&mut s, "ROLLBACK TO SAVEPOINT a").await, ["ROLLBACK"]);
+    assert_eq!(s.transaction_status(), TransactionStatus::InBlock);
+    assert_eq!(run(&mut s, "SELECT id, v FROM sp").await, ["1|10", "2|2"]);
+    run(&mut s, "SAVEPOINT b").await;
+    run(&mut s, "INSERT INTO sp VALUES (4, 4)").await;
+    assert_eq!(run(&mut s, "RELEASE SAVEPOINT b").await, ["RELEASE"]);
+    assert_eq!(
+        run(&mut s, "ROLLBACK TO SAVEPOINT nope").await,
+        ["ERROR 3B001"]
+    );
+    run(&mut s, "ROLLBACK TO a").await;
+    run(&mut s, "INSERT INTO sp VALUES (5, 5)").await;
+    assert_eq!(run(&mut s, "COMMIT").await, ["COMMIT"]);
+    let mut other = db.session("postgres", "postgres");
+    assert_eq!(
+        run(&mut other, "SELECT id, v FROM sp").await,
+        ["1|10", "2|2", "5|5"]
+    );
+    assert_eq!(run(&mut other, "COMMIT").await, ["COMMIT"]);
+    let notices = other.take_notices();
+    assert_eq!(notices.len(), 1);
+    assert_eq!(notices[0].1.code, "25P01");
+}
