@@ -504,10 +504,15 @@ impl<D: Disk> Node<D> {
             self.name,
             self.epoch
         );
+        let new: Vec<Truncation> = merged
+            .iter()
+            .filter(|t| !self.history.contains(t))
+            .copied()
+            .collect();
         self.epoch = epoch;
         self.history = merged;
         for seg in self.segments.values_mut() {
-            let n = seg.truncate(&self.history);
+            let n = seg.truncate(&self.history, &new);
             if n > 0 {
                 log::info!(
                     "{}: {}: truncated {n} records above the recovery point",

@@ -176,7 +176,7 @@ impl Segment {
             }
         }
         seg.log_bytes = at as u64;
-        seg.truncate(history);
+        seg.truncate(history, history);
         Replayed {
             segment: seg,
             valid_len: at,
@@ -323,32 +323,53 @@ impl Segment {
         }
     }
 
-    /// Drops every record that does not survive `history`. Returns how many.
-    pub fn truncate(&mut self, history: &[Truncation]) -> usize {
+    /// Applies newly learned truncations `new` (survival is judged against the whole
+    /// `history`) and returns how many records were dropped. The work is bounded by
+    /// the records above the lowest new truncation point, about LAL, not by the size
+    /// of the segment: an epoch install must not grow with the redo written
+    /// (invariant 8).
+    pub fn truncate(&mut self, history: &[Truncation], new: &[Truncation]) -> usize {
+        // Claims were made by an older writer about LSNs a recovery may reuse.
+        self.claim = None;
+        let Some(low) = new.iter().map(|t| t.vdl).min() else {
+            return 0;
+        };
+        let above = Lsn(low.0.saturating_add(1));
         let doomed: Vec<Lsn> = self
             .records
-            .iter()
+            .range(above..)
             .filter(|(lsn, s)| !record_survives(history, s.epoch, **lsn))
             .map(|(lsn, _)| *lsn)
             .collect();
+        if doomed.is_empty() && self.scl <= low {
+            return 0;
+        }
+        // Walk the chain back to its last record at or below `low` (untouched by
+        // this truncation) before anything above it is removed.
+        let mut back = self.scl_record;
+        while back > low && back > self.chain_anchor {
+            match self.records.get(&back) {
+                Some(s) => back = s.prev,
+                None => {
+                    back = self.chain_anchor;
+                    break;
+                }
+            }
+        }
         for lsn in &doomed {
             self.remove(*lsn);
         }
-        let newest = history.iter().max_by_key(|t| t.epoch);
-        let scl_too_high = newest.is_some_and(|t| self.scl > t.vdl);
-        // Claims were made by an older writer about LSNs a recovery may reuse.
-        self.claim = None;
-        if !doomed.is_empty() || scl_too_high {
-            // Recompute completeness from the anchor: LSNs above the truncation point
-            // will be reused by the new writer.
-            self.scl_record = self.chain_anchor;
-            self.next_in_chain = self.records.iter().map(|(lsn, s)| (s.prev, *lsn)).collect();
-            self.scl = self.chain_anchor;
-            self.advance_chain();
-            if let Some(t) = newest {
-                self.scl = self.scl.min(t.vdl.max(self.scl_record));
-            }
-        }
+        // Re-link the survivors above `low` (a removed record may have shadowed one
+        // with the same backlink), then walk forward again.
+        let relink: Vec<(Lsn, Lsn)> = self
+            .records
+            .range(above..)
+            .map(|(l, s)| (s.prev, *l))
+            .collect();
+        self.next_in_chain.extend(relink);
+        self.scl_record = back;
+        self.scl = self.scl.min(low).max(back);
+        self.advance_chain();
         doomed.len()
     }
 

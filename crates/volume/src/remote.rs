@@ -92,6 +92,7 @@ impl RemoteVolume {
                 config.geometry
             );
         }
+        let started = std::time::Instant::now();
         let deadline = tokio::time::Instant::now() + qcfg.recovery_timeout;
         let recovered =
             tokio::time::timeout_at(deadline, recover(&placement, geometry, epoch, &qcfg))
@@ -159,6 +160,10 @@ impl RemoteVolume {
         tokio::time::timeout_at(deadline, wait)
             .await
             .map_err(|_| unavailable(PgId(0), "re-replication timed out"))??;
+        log::info!(
+            "volume open at epoch {epoch} after {:.1} ms (recovery + re-replication)",
+            started.elapsed().as_secs_f64() * 1e3
+        );
         Ok(RemoteVolume {
             shared,
             _shutdown: shutdown_tx,
@@ -352,6 +357,7 @@ async fn recover(
     epoch: Epoch,
     cfg: &QuorumConfig,
 ) -> Result<Recovered, VolumeError> {
+    let t0 = std::time::Instant::now();
     let n = placement.node_count();
     let mut clients: Vec<Option<Client>> = Vec::new();
     let mut hellos = Vec::new();
@@ -426,83 +432,118 @@ async fn recover(
     // of them sees it (|I| - 2 holders among the fenced set I; 3 readers miss at
     // most |I| - 3). Reading tails before fencing would let a zombie writer complete
     // a record recovery then truncates.
+    log::debug!("recovery: hello done after {:?}", t0.elapsed());
     let fenced = install_everywhere(&mut clients, placement, epoch, &history).await?;
     for (i, c) in clients.iter_mut().enumerate() {
         if !fenced[i] {
             *c = None;
         }
     }
-    // 3. Tails of each PG from every reachable segment (at least a read quorum).
+    log::debug!("recovery: fenced after {:?}", t0.elapsed());
+    // 3. Tails of each PG from every fenced segment (at least a read quorum), the
+    // nodes in parallel.
+    let mut set = tokio::task::JoinSet::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let Some(c) = c.take() else { continue };
+        let mine: Vec<PgId> = pgs
+            .iter()
+            .copied()
+            .filter(|pg| placement.segments(*pg).contains(&i))
+            .collect();
+        let (history, chunk) = (history.clone(), cfg.tail_chunk_bytes);
+        set.spawn(async move {
+            let (c, tails) = fetch_tails(c, mine, start, history, chunk).await;
+            (i, c, tails)
+        });
+    }
     let mut answers = Vec::new();
-    for pg in &pgs {
-        let mut got = 0;
-        for node in placement.segments(*pg) {
-            let Some(c) = clients[node].as_mut() else {
-                continue;
-            };
-            let mut from = start;
-            let mut answer = TailAnswer {
-                pg: *pg,
-                last_at_or_below: Lsn::ZERO,
-                records: Vec::new(),
-            };
-            let mut ok = true;
-            for _ in 0..1_000_000 {
-                let req = Request::Tail {
-                    pg: *pg,
-                    from,
-                    history: history.clone(),
-                    max_bytes: cfg.tail_chunk_bytes,
-                };
-                match c.call(&req).await {
-                    Ok(Response::Tail {
-                        last_at_or_below,
-                        records,
-                        more,
-                        ..
-                    }) => {
-                        if from == start {
-                            answer.last_at_or_below = last_at_or_below;
-                        }
-                        if let Some(last) = records
-                            .last()
-                            .and_then(|r| borealis_redo::decode_header(&r.bytes).ok())
-                        {
-                            from = last.lsn;
-                        }
-                        let done = !more || records.is_empty();
-                        answer.records.extend(records);
-                        if done {
-                            break;
-                        }
-                    }
-                    other => {
-                        log::warn!(
-                            "recovery: tail of {pg} from {}: {other:?}",
-                            placement.names[node]
-                        );
-                        ok = false;
-                        break;
-                    }
+    let mut got: BTreeMap<PgId, usize> = BTreeMap::new();
+    while let Some(joined) = set.join_next().await {
+        let Ok((i, c, tails)) = joined else { continue };
+        clients[i] = Some(c);
+        for (pg, answer) in tails {
+            match answer {
+                Ok(a) => {
+                    *got.entry(pg).or_default() += 1;
+                    answers.push(a);
                 }
-            }
-            if ok {
-                got += 1;
-                answers.push(answer);
+                Err(e) => log::warn!("recovery: tail of {pg} from {}: {e}", placement.names[i]),
             }
         }
-        if got < READ_QUORUM {
+    }
+    for pg in &pgs {
+        let n = got.get(pg).copied().unwrap_or(0);
+        if n < READ_QUORUM {
             return Err(unavailable(
                 *pg,
-                format!("only {got} tails, need {READ_QUORUM}"),
+                format!("only {n} tails, need {READ_QUORUM}"),
             ));
         }
     }
     let (vcl, recovered) = plan(geometry, epoch, start, &history, &answers);
     log::info!("recovery: start {start}, VCL {vcl}, VDL {}", recovered.vdl);
+    log::debug!("recovery: tails planned after {:?}", t0.elapsed());
     // 4. Install the truncation point (records above VDL from older epochs go).
     install_everywhere(&mut clients, placement, epoch, &recovered.history).await?;
     Ok(recovered)
+}
+
+/// Recovery's Tail requests to one node for each of `pgs`, paging through chunks.
+async fn fetch_tails(
+    mut c: Client,
+    pgs: Vec<PgId>,
+    start: Lsn,
+    history: Vec<Truncation>,
+    chunk: u32,
+) -> (Client, Vec<(PgId, Result<TailAnswer, String>)>) {
+    let mut out = Vec::with_capacity(pgs.len());
+    for pg in pgs {
+        let mut from = start;
+        let mut answer = TailAnswer {
+            pg,
+            last_at_or_below: Lsn::ZERO,
+            records: Vec::new(),
+        };
+        let mut result = Ok(());
+        // Bounded: the tail above the VDL hint holds about LAL records.
+        for _ in 0..100_000 {
+            let req = Request::Tail {
+                pg,
+                from,
+                history: history.clone(),
+                max_bytes: chunk,
+            };
+            match c.call(&req).await {
+                Ok(Response::Tail {
+                    last_at_or_below,
+                    records,
+                    more,
+                    ..
+                }) => {
+                    if from == start {
+                        answer.last_at_or_below = last_at_or_below;
+                    }
+                    if let Some(last) = records
+                        .last()
+                        .and_then(|r| borealis_redo::decode_header(&r.bytes).ok())
+                    {
+                        from = last.lsn;
+                    }
+                    let done = !more || records.is_empty();
+                    answer.records.extend(records);
+                    if done {
+                        break;
+                    }
+                }
+                other => {
+                    result = Err(format!("{other:?}"));
+                    break;
+                }
+            }
+        }
+        out.push((pg, result.map(|()| answer)));
+    }
+    (c, out)
 }
 
 /// Installs `epoch` with `history` on every node we hold a client for; fails unless
@@ -514,31 +555,40 @@ async fn install_everywhere(
     history: &[Truncation],
 ) -> Result<Vec<bool>, VolumeError> {
     let mut installed = vec![false; clients.len()];
+    let mut set = tokio::task::JoinSet::new();
     for (i, c) in clients.iter_mut().enumerate() {
-        let Some(c) = c else { continue };
-        match c
-            .call(&Request::InstallEpoch {
-                epoch,
-                history: history.to_vec(),
-            })
-            .await
-        {
+        let Some(mut c) = c.take() else { continue };
+        let req = Request::InstallEpoch {
+            epoch,
+            history: history.to_vec(),
+        };
+        set.spawn(async move {
+            let r = c.call(&req).await;
+            (i, c, r)
+        });
+    }
+    let mut fenced_by = None;
+    while let Some(joined) = set.join_next().await {
+        let Ok((i, c, r)) = joined else { continue };
+        clients[i] = Some(c);
+        match r {
             Ok(Response::EpochInstalled { .. }) => installed[i] = true,
             Ok(Response::Error {
                 code: ErrorCode::Fenced,
                 detail,
                 ..
-            }) => {
-                return Err(VolumeError::Fenced {
-                    ours: epoch,
-                    theirs: Epoch(detail),
-                });
-            }
+            }) => fenced_by = Some(Epoch(detail)),
             other => log::warn!(
                 "recovery: installing epoch {epoch} on {}: {other:?}",
                 placement.names[i]
             ),
         }
+    }
+    if let Some(theirs) = fenced_by {
+        return Err(VolumeError::Fenced {
+            ours: epoch,
+            theirs,
+        });
     }
     for group in placement.groups() {
         let ok = group.iter().filter(|i| installed[**i]).count();
