@@ -182,6 +182,17 @@ if [[ " $SYSTEMS " == *" borealis "* ]]; then
     record memory borealis total_pss_kb "$(pss_kb_sum $(borealis_pids))"
 fi
 
+# cpu_snapshot: "pid name ticks" for every cluster process (name from --name, else the subcommand)
+cpu_snapshot() {
+    local p name
+    for p in $(borealis_pids); do
+        [ -r "/proc/$p/stat" ] || continue
+        name=$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oP -- '--name \K\S+' || tr '\0' ' ' <"/proc/$p/cmdline" | awk '{print $2}')
+        [ "$name" = proxy ] && name=proxy-$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oP -- '--role \K\S+' || echo writer)
+        echo "$p $name $(awk '{print $14+$15}' "/proc/$p/stat")"
+    done | LC_ALL=C sort
+}
+
 # ---- perf profile of the writer (extra run, not a measured point) -----------------
 if [ "$BENCH_PERF" = 1 ] && [[ " $SYSTEMS " == *" borealis "* ]] && [ -z "${BROKEN[borealis]:-}" ]; then
     wpid=$(borealis_writer_pid)
@@ -190,15 +201,22 @@ if [ "$BENCH_PERF" = 1 ] && [[ " $SYSTEMS " == *" borealis "* ]] && [ -z "${BROK
         PGPASSWORD=$PGPASS_borealis timeout 60 pgbench -h 127.0.0.1 -p "$PORT_borealis" -U postgres -n \
             -c 8 -j 2 -M prepared -T 14 postgres >"$WORK/perf-pgbench.out" 2>&1 &
         pb=$!
+        cpu_snapshot >"$WORK/cpu0.txt"; c0=$(now)
         sleep 2
         timeout 30 perf record -F 499 -g -p "$wpid" -o "$WORK/perf.data" -- sleep 10 >"$WORK/perf-record.log" 2>&1
         wait $pb
+        cpu_snapshot >"$WORK/cpu1.txt"; c1=$(now)
+        # CPU used per cluster process during the 14 s TPC-B run (utime+stime), as % of one core
+        LC_ALL=C join "$WORK/cpu0.txt" "$WORK/cpu1.txt" | awk -v dt="$(elapsed "$c0" "$c1")" -v hz="$(getconf CLK_TCK)" \
+            '{printf "%s %.0f%%\n", $2, ($5-$3)/hz/dt*100}' | sort -k2 -t' ' -rn >"$WORK/cpu-split.txt"
+        record perf borealis cpu_split_tpcb8 "$(tr '\n' ';' <"$WORK/cpu-split.txt") pgbench: $(grep -oP 'tps = \K[0-9.]+' "$WORK/perf-pgbench.out") tps under perf"
         timeout 120 perf report -i "$WORK/perf.data" --stdio --no-children --sort symbol --percent-limit 0.3 \
             -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 >"$WORK/perf-top.txt"
         timeout 120 perf report -i "$WORK/perf.data" --stdio --no-children --sort dso \
             -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -12 >"$WORK/perf-dso.txt"
         cp "$WORK/perf-top.txt" "$BENCH_OUT/$STAMP-perf.txt" 2>/dev/null
-        { echo; echo "# by shared object"; cat "$WORK/perf-dso.txt"; } >>"$BENCH_OUT/$STAMP-perf.txt"
+        { echo; echo "# by shared object"; cat "$WORK/perf-dso.txt"
+          echo; echo "# CPU per cluster process during the profiled TPC-B 8-client run (% of one core)"; cat "$WORK/cpu-split.txt"; } >>"$BENCH_OUT/$STAMP-perf.txt"
         record perf borealis file "$STAMP-perf.txt"
     fi
 fi
