@@ -19,6 +19,26 @@
 //!   read routing), shared with the deterministic simulation.
 //! * [`recovery`]: VCL/VDL from a read quorum of segment tails, truncation history.
 //! * `remote`: the tokio driver (one pipelined connection per storage node).
+//!
+//! # Opening the volume on an instance
+//!
+//! ```text
+//!   let topology: Topology = GET /v1/volume/topology (control plane);
+//!   let epoch: Epoch = a fresh volume epoch from the control plane (higher than any
+//!                      before: every writer start and every failover gets a new one);
+//!   let volume = Volume::open_writer(topology, epoch, VolumeConfig { geometry: topology.geometry, lal }).await?;
+//! ```
+//!
+//! `open_writer` runs recovery (fence older writers on a write quorum, read a read
+//! quorum of every PG's tail above the persisted VDL hint, compute VCL/VDL, truncate
+//! above VDL, re-replicate the kept tail) and returns once the volume is writable at
+//! VDL. It fails with [`VolumeError::Fenced`] if a newer epoch already exists and
+//! with [`VolumeError::Unavailable`] without a read quorum of some PG or a write
+//! quorum for the epoch. After it returns, `vdl()` is the recovered durable point;
+//! the engine's state is exactly the pages as of it (no redo replay on the
+//! instance, invariant 8). The writer should call [`Volume::set_min_read_point`]
+//! with the oldest read point any instance still uses (PGMRPL): segments fold and
+//! garbage-collect redo below it, which keeps GetPage cheap.
 
 mod memory;
 pub mod quorum;
