@@ -157,6 +157,9 @@ enum ConnState {
     Up,
 }
 
+/// A reply waiting for a sync: (writer, connection generation, request id, reply).
+type Pending = (usize, u64, u64, Response);
+
 struct SimNode {
     az: usize,
     disk: MemDisk,
@@ -164,10 +167,7 @@ struct SimNode {
     incarnation: u64,
     down_until: u64,
     waiting: Vec<(usize, u64, u64, Response)>,
-    syncing: Option<(
-        borealis_storage::disk::SyncJob,
-        Vec<(usize, u64, u64, Response)>,
-    )>,
+    syncing: Option<(borealis_storage::disk::SyncJob, Vec<Pending>)>,
 }
 
 struct SimWriter {

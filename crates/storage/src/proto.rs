@@ -678,7 +678,7 @@ mod tests {
 
     #[test]
     fn requests_and_responses_round_trip() {
-        let reqs = vec![
+        let reqs = [
             Request::Append(Append {
                 epoch: Epoch(3),
                 vdl_hint: Lsn(7),
@@ -720,7 +720,7 @@ mod tests {
             let (id, back) = decode_request(frame_body(&frame).unwrap()).unwrap();
             assert_eq!((id, &back), (i as u64, req));
         }
-        let resps = vec![
+        let resps = [
             Response::Appended {
                 epoch: Epoch(1),
                 pgs: vec![PgAck {

@@ -378,6 +378,14 @@ async fn serve_conn(
     writer.abort();
 }
 
+/// A running group-commit fdatasync: its task, start time, and the replies it
+/// releases.
+type InFlightSync = (
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    Instant,
+    Vec<(Arc<Conn>, u64, Response)>,
+);
+
 async fn node_loop(
     mut node: Node<FileDisk>,
     mut rx: mpsc::Receiver<Incoming>,
@@ -386,11 +394,7 @@ async fn node_loop(
 ) {
     // Replies waiting for the next sync, and those waiting for the sync in flight.
     let mut waiting: Vec<(Arc<Conn>, u64, Response)> = Vec::new();
-    let mut in_flight: Option<(
-        tokio::task::JoinHandle<std::io::Result<()>>,
-        Instant,
-        Vec<(Arc<Conn>, u64, Response)>,
-    )> = None;
+    let mut in_flight: Option<InFlightSync> = None;
     let mut tick = tokio::time::interval(config.tick_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

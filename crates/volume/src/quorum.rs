@@ -1,6 +1,6 @@
 //! The writer's quorum bookkeeping as a state machine with no I/O: LSN allocation,
 //! per-node send queues, acks, PGCL/VCL/VDL, LAL backpressure and read routing.
-//! The tokio driver ([`crate::remote`]) and the simulation (`borealis-sim`) both
+//! The tokio driver (`remote.rs`) and the simulation (`borealis-sim`) both
 //! drive it with the same calls.
 //!
 //! ```text

@@ -295,7 +295,7 @@ async fn read_page(
     };
     while attempts < cfg.max_read_attempts {
         if tasks.is_empty() {
-            if next > 0 && next % candidates.len().max(1) == 0 {
+            if next > 0 && next.is_multiple_of(candidates.len().max(1)) {
                 // Went round every segment: give them a moment to catch up.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

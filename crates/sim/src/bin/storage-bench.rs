@@ -120,7 +120,15 @@ fn mtr(i: u64, records: usize, payload: usize) -> Vec<(u64, Op)> {
         .map(|k| {
             let page = (i * 7 + k * 131) % 20_000;
             let item = vec![(i % 251) as u8; payload];
-            (page, Op::InitWithItems { kind: 2, next: 0, aux: 0, items: vec![item] })
+            (
+                page,
+                Op::InitWithItems {
+                    kind: 2,
+                    next: 0,
+                    aux: 0,
+                    items: vec![item],
+                },
+            )
         })
         .collect()
 }
@@ -278,10 +286,19 @@ async fn main() {
         nodes: infos.clone(),
         protection_groups: Vec::new(),
     };
-    let vcfg2 = VolumeConfig { geometry, lal: 100_000 };
-    let vol = Volume::open_writer_with(topo2, Epoch(2), vcfg2, QuorumConfig::default()).await.expect("recover");
+    let vcfg2 = VolumeConfig {
+        geometry,
+        lal: 100_000,
+    };
+    let vol = Volume::open_writer_with(topo2, Epoch(2), vcfg2, QuorumConfig::default())
+        .await
+        .expect("recover");
     let recovery_ms = t0.elapsed().as_secs_f64() * 1e3;
-    assert_eq!(vol.vdl(), status.vdl, "recovery must find the acknowledged VDL");
+    assert_eq!(
+        vol.vdl(),
+        status.vdl,
+        "recovery must find the acknowledged VDL"
+    );
 
     // Rebuild: a fresh node with an empty disk gossips every segment from one peer.
     let src = nodes[0].addr;
