@@ -97,8 +97,61 @@ pub struct Segment {
     vdl_hint: Lsn,
     /// Bytes in the log file (for compaction decisions and metrics).
     pub log_bytes: u64,
+    /// Materialized page images at recent read points, so a read applies only the
+    /// records since the last one rather than the page's history since the floor.
+    cache: std::cell::RefCell<ImageCache>,
     live_bytes: u64,
     pub corrupt_records: u64,
+}
+
+/// Page images per segment kept by the materialization cache.
+pub const IMAGE_CACHE_PAGES: usize = 1024;
+
+/// A bounded cache of materialized page images: page -> (LSN it is "as of", image).
+/// An image as of L stays valid while L <= SCL: no record at or below the SCL can
+/// arrive later, except through a truncation, which calls `forget_above`.
+#[derive(Default)]
+struct ImageCache {
+    images: HashMap<PageNo, (Lsn, Page)>,
+    /// Insertion order for eviction (entries may be stale; checked on eviction).
+    order: std::collections::VecDeque<PageNo>,
+}
+
+impl ImageCache {
+    fn get(&self, page: PageNo, floor: Lsn, read_lsn: Lsn) -> Option<(Lsn, Page)> {
+        self.images
+            .get(&page)
+            .filter(|(l, _)| *l >= floor && *l <= read_lsn)
+            .map(|(l, p)| (*l, p.clone()))
+    }
+
+    fn put(&mut self, page: PageNo, lsn: Lsn, image: &Page) {
+        match self.images.get_mut(&page) {
+            Some(entry) if entry.0 >= lsn => {}
+            Some(entry) => *entry = (lsn, image.clone()),
+            None => {
+                // Bounded: evict in insertion order.
+                while self.images.len() >= IMAGE_CACHE_PAGES {
+                    match self.order.pop_front() {
+                        Some(old) => {
+                            self.images.remove(&old);
+                        }
+                        None => break,
+                    }
+                }
+                self.images.insert(page, (lsn, image.clone()));
+                self.order.push_back(page);
+            }
+        }
+        if self.order.len() > 4 * IMAGE_CACHE_PAGES {
+            let images = &self.images;
+            self.order.retain(|p| images.contains_key(p));
+        }
+    }
+
+    fn forget_above(&mut self, lsn: Lsn) {
+        self.images.retain(|_, (l, _)| *l <= lsn);
+    }
 }
 
 /// Frames a log entry.
@@ -155,6 +208,7 @@ impl Segment {
             gc_floor: Lsn::ZERO,
             vdl_hint: Lsn::ZERO,
             log_bytes: 0,
+            cache: std::cell::RefCell::new(ImageCache::default()),
             live_bytes: 0,
             corrupt_records: 0,
         }
@@ -334,6 +388,7 @@ impl Segment {
         let Some(low) = new.iter().map(|t| t.vdl).min() else {
             return 0;
         };
+        self.cache.borrow_mut().forget_above(low);
         let above = Lsn(low.0.saturating_add(1));
         let doomed: Vec<Lsn> = self
             .records
@@ -435,8 +490,17 @@ impl Segment {
         if read_lsn > self.scl {
             return Err(ReadError::NotComplete { scl: self.scl });
         }
-        let mut image = self.base.get(&page).cloned().unwrap_or_else(Page::zeroed);
-        let from = (page, Lsn(self.gc_floor.0.saturating_add(1)));
+        // Start from the newest materialized image at or below the read point (the
+        // cache), else from the page's image at the GC floor.
+        let cached = self.cache.borrow().get(page, self.gc_floor, read_lsn);
+        let (start, mut image) = match cached {
+            Some((lsn, image)) => (lsn, image),
+            None => (
+                self.gc_floor,
+                self.base.get(&page).cloned().unwrap_or_else(Page::zeroed),
+            ),
+        };
+        let from = (page, Lsn(start.0.saturating_add(1)));
         let to = (page, read_lsn);
         // An empty range (read point at the floor) must not reach BTreeSet::range,
         // which panics on start > end.
@@ -453,6 +517,9 @@ impl Segment {
             let (record, _) = Record::decode(&stored.bytes)
                 .map_err(|e| ReadError::Corrupt(format!("{lsn}: {e}")))?;
             apply(&mut image, page, &record).map_err(|e| ReadError::Corrupt(e.to_string()))?;
+        }
+        if read_lsn > start {
+            self.cache.borrow_mut().put(page, read_lsn, &image);
         }
         Ok(image)
     }

@@ -269,6 +269,13 @@ fn epoch_fencing_rejects_old_writers_and_truncates_above_the_recovery_point() {
     let recs = records(10);
     node.handle(append(1, &recs, Lsn(10)));
     sync(&mut node);
+    // Materialize (and cache) every page at 10 before the truncation.
+    for p in 0..3 {
+        assert_eq!(
+            page(&mut node, p, Lsn(10)).unwrap(),
+            model_page(&recs, p, Lsn(10))
+        );
+    }
     // Recovery at epoch 2 kept only up to 6.
     let h2 = [Truncation {
         epoch: Epoch(2),
@@ -316,6 +323,15 @@ fn epoch_fencing_rejects_old_writers_and_truncates_above_the_recovery_point() {
     };
     acked(node.handle(append(2, std::slice::from_ref(&new7), Lsn(7))));
     sync(&mut node);
+    // No image cached before the truncation may leak into a read after it.
+    let mut after: Vec<Record> = recs[..6].to_vec();
+    after.push(new7.clone());
+    for p in 0..3 {
+        assert_eq!(
+            page(&mut node, p, Lsn(7)).unwrap(),
+            model_page(&after, p, Lsn(7))
+        );
+    }
     // Restart: epoch and truncation are durable, old 8..10 stay gone, new 7 stays.
     let mut node = open(&disk);
     assert_eq!(node.epoch(), Epoch(2));
