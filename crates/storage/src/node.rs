@@ -81,6 +81,9 @@ pub struct Node<D: Disk> {
     failed: Option<String>,
     limits: NodeLimits,
     pub stats: NodeStats,
+    /// Gossip peers as the writer last told us (the driver merges them with its
+    /// configured ones).
+    pub peers: Vec<std::net::SocketAddr>,
 }
 
 const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
@@ -181,6 +184,7 @@ impl<D: Disk> Node<D> {
             failed: None,
             limits,
             stats,
+            peers: Vec::new(),
         })
     }
 
@@ -211,6 +215,10 @@ impl<D: Disk> Node<D> {
             Request::Append(a) => self.append(a),
             Request::InstallEpoch { epoch, history } => {
                 Handled::Reply(self.install_epoch(epoch, &history))
+            }
+            Request::SetPeers { peers } => {
+                self.peers = peers.iter().filter_map(|p| p.parse().ok()).collect();
+                Handled::Reply(Response::Done)
             }
             Request::Hello => Handled::Reply(Response::Hello {
                 name: self.name.clone(),

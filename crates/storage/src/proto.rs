@@ -94,6 +94,11 @@ pub enum Request {
         read_lsn: Lsn,
     },
     /// Gossip / rebuild: records of `pg` with LSN > `after`, in LSN order.
+    /// The other storage nodes (storage protocol addresses) to gossip with; sent
+    /// by the writer, which knows the topology. Replaces the previous list.
+    SetPeers {
+        peers: Vec<String>,
+    },
     ReadLog {
         pg: PgId,
         after: Lsn,
@@ -195,6 +200,8 @@ pub enum Response {
         detail: u64,
         message: String,
     },
+    /// Acknowledges a request that returns nothing (SetPeers).
+    Done,
 }
 
 impl Response {
@@ -336,6 +343,8 @@ mod kind {
     pub const TAIL: u8 = 4;
     pub const GET_PAGE: u8 = 5;
     pub const READ_LOG: u8 = 6;
+    pub const SET_PEERS: u8 = 7;
+    pub const R_DONE: u8 = 108;
     pub const R_APPENDED: u8 = 101;
     pub const R_EPOCH_INSTALLED: u8 = 102;
     pub const R_HELLO: u8 = 103;
@@ -402,6 +411,13 @@ pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
             w.u32(pg.0);
             w.u64(*page);
             w.u64(read_lsn.0);
+        }
+        Request::SetPeers { peers } => {
+            w = start_frame(id, kind::SET_PEERS);
+            w.u32(peers.len() as u32);
+            for p in peers {
+                w.bytes(p.as_bytes());
+            }
         }
         Request::ReadLog {
             pg,
@@ -491,6 +507,7 @@ pub fn encode_response(id: u64, resp: &Response) -> Vec<u8> {
             w.epoch_records(records);
             w.u8(*more as u8);
         }
+        Response::Done => w = start_frame(id, kind::R_DONE),
         Response::Error {
             code,
             detail,
@@ -569,6 +586,17 @@ pub fn decode_request(body: &[u8]) -> Result<(u64, Request), ProtoError> {
             after: Lsn(r.u64()?),
             max_bytes: r.u32()?,
         },
+        kind::SET_PEERS => {
+            let n = r.len()?;
+            if n > 1024 {
+                return Err(ProtoError::Malformed(format!("{n} peers")));
+            }
+            let mut peers = Vec::with_capacity(n);
+            for _ in 0..n {
+                peers.push(r.string()?);
+            }
+            Request::SetPeers { peers }
+        }
         other => {
             return Err(ProtoError::Malformed(format!(
                 "unknown request kind {other}"
@@ -641,6 +669,7 @@ pub fn decode_response(body: &[u8]) -> Result<(u64, Response), ProtoError> {
             records: r.epoch_records()?,
             more: r.u8()? != 0,
         },
+        kind::R_DONE => Response::Done,
         kind::R_ERROR => {
             let code = r.u8()?;
             let code = ErrorCode::from_u8(code)
@@ -714,6 +743,9 @@ mod tests {
                 after: Lsn(1),
                 max_bytes: 10,
             },
+            Request::SetPeers {
+                peers: vec!["127.0.0.1:1".into()],
+            },
         ];
         for (i, req) in reqs.iter().enumerate() {
             let frame = encode_request(i as u64, req);
@@ -762,6 +794,7 @@ mod tests {
                 more: false,
             },
             Response::error(ErrorCode::Fenced, 5, "fenced"),
+            Response::Done,
         ];
         for (i, resp) in resps.iter().enumerate() {
             let frame = encode_response(i as u64, resp);

@@ -46,6 +46,8 @@ pub struct NodeConfig {
     /// holes, catching up after an outage, rebuilding a replaced segment). Empty:
     /// no gossip.
     pub peers: Vec<SocketAddr>,
+    /// Our own bound address (filled in by `start`; gossip skips it).
+    pub listen_addr: Option<SocketAddr>,
     /// Pause between gossip rounds that found nothing to fetch.
     pub gossip_interval: Duration,
     /// Bytes asked for per gossip ReadLog.
@@ -67,6 +69,7 @@ impl NodeConfig {
             max_batch_requests: 1024,
             tick_interval: Duration::from_millis(200),
             peers: Vec::new(),
+            listen_addr: None,
             gossip_interval: Duration::from_millis(200),
             gossip_chunk_bytes: 4 << 20,
             limits: NodeLimits::default(),
@@ -137,6 +140,8 @@ enum Incoming {
         peer_scl: borealis_common::Lsn,
         reply: oneshot::Sender<Option<borealis_common::Lsn>>,
     },
+    /// Gossip: the peers the writer told us about.
+    Peers(oneshot::Sender<Vec<SocketAddr>>),
     /// Gossip: a peer's LogChunk to take in; replies with the number of new records.
     Absorb {
         chunk: Response,
@@ -215,8 +220,10 @@ pub async fn start(config: NodeConfig) -> Result<NodeHandle, StorageError> {
     );
     let accept_cfg = config.clone();
     let sd = shutdown_rx.clone();
-    if !config.peers.is_empty() {
-        tokio::spawn(gossip_loop(tx.clone(), shutdown_rx.clone(), config.clone()));
+    {
+        let mut cfg = config.clone();
+        cfg.listen_addr = Some(addr);
+        tokio::spawn(gossip_loop(tx.clone(), shutdown_rx.clone(), cfg));
     }
     tokio::spawn(accept_loop(listener, tx, sd, accept_cfg));
     let done = tokio::spawn(node_loop(node, rx, shutdown_rx, config));
@@ -458,6 +465,9 @@ fn handle(node: &mut Node<FileDisk>, msg: Incoming, waiting: &mut Vec<(Arc<Conn>
         } => {
             let _ = reply.send(node.gossip_from(pg, peer_scl));
         }
+        Incoming::Peers(reply) => {
+            let _ = reply.send(node.peers.clone());
+        }
         Incoming::Absorb { chunk, reply } => {
             let _ = reply.send(node.absorb(&chunk));
         }
@@ -475,10 +485,26 @@ async fn gossip_loop(
     use crate::client::Client;
     use crate::proto::Request;
     let timeout = Duration::from_secs(5);
-    let mut clients: Vec<Option<Client>> = config.peers.iter().map(|_| None).collect();
+    let mut peers: Vec<SocketAddr> = config.peers.clone();
+    let mut clients: Vec<Option<Client>> = peers.iter().map(|_| None).collect();
     loop {
+        // Configured peers plus those the writer named (from the topology).
+        let (otx, orx) = oneshot::channel();
+        if tx.send(Incoming::Peers(otx)).await.is_err() {
+            return;
+        }
+        let mut wanted = config.peers.clone();
+        for p in orx.await.unwrap_or_default() {
+            if !wanted.contains(&p) && Some(p) != config.listen_addr {
+                wanted.push(p);
+            }
+        }
+        if wanted != peers {
+            peers = wanted;
+            clients = peers.iter().map(|_| None).collect();
+        }
         let mut fetched = 0usize;
-        for (i, addr) in config.peers.iter().enumerate() {
+        for (i, addr) in peers.iter().enumerate() {
             if clients[i].is_none() {
                 clients[i] = Client::connect(*addr, timeout).await.ok();
             }

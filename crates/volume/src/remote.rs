@@ -719,6 +719,21 @@ async fn connection(
             return Err(format!("epoch install refused: {other:?}"));
         }
     }
+    // Tell the node its peers (the other nodes of the topology) for gossip; the
+    // reply (id 0, not an append) is ignored by the reader below.
+    let peers: Vec<String> = {
+        let core = shared.lock();
+        core.placement
+            .addrs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .map(|(_, a)| a.to_string())
+            .collect()
+    };
+    wr.write_all(&encode_request(0, &Request::SetPeers { peers }))
+        .await
+        .map_err(|e| e.to_string())?;
     shared.lock().node_ready(idx);
     log::debug!("connected to storage node {addr}");
 

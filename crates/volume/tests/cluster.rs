@@ -284,12 +284,12 @@ async fn a_node_that_lost_its_disk_is_rebuilt_from_peers_by_gossip() {
     .expect("open");
     let l1 = write_batch(&w, &model, 0..80, &mut touched).await;
 
-    // storage-c2 loses its disk: it comes back empty, with its peers configured.
+    // storage-c2 loses its disk: it comes back empty.
     cluster.kill(5).await;
     let dir = cluster.dirs[5].path().to_path_buf();
     std::fs::remove_dir_all(&dir).expect("wipe");
     let mut cfg = NodeConfig::new(dir, "storage-c2", "az-c", cluster.addrs[5]);
-    cfg.peers = cluster.addrs[..5].to_vec();
+    // No configured peers: the writer names them (SetPeers) when it reconnects.
     cfg.gossip_interval = Duration::from_millis(20);
     cfg.http = Some("127.0.0.1:0".parse().unwrap());
     let mut started = None;
