@@ -66,13 +66,18 @@ impl Store {
 
     /// Reads `page_no` from the volume into the cache.
     pub async fn load(&mut self, page_no: PageNo) -> Result<(), EngineError> {
+        self.load_keeping(page_no, &[]).await
+    }
+
+    /// Loads `page_no` without evicting any page in `keep`.
+    async fn load_keeping(&mut self, page_no: PageNo, keep: &[PageNo]) -> Result<(), EngineError> {
         if self.frames.contains_key(&page_no) {
             return Ok(());
         }
         self.misses += 1;
         let read_lsn = self.volume.vdl();
         let page = self.volume.get_page(page_no, read_lsn).await?;
-        self.evict_if_full();
+        self.evict_if_full(keep);
         self.frames.insert(
             page_no,
             Frame {
@@ -85,7 +90,7 @@ impl Store {
 
     /// Evicts the least recently used sixteenth of the evictable pages (those whose
     /// last change is at or below VDL) once the cache is full.
-    fn evict_if_full(&mut self) {
+    fn evict_if_full(&mut self, keep: &[PageNo]) {
         if self.frames.len() < self.capacity_pages {
             return;
         }
@@ -93,7 +98,7 @@ impl Store {
         let mut candidates: Vec<(u64, PageNo)> = self
             .frames
             .iter()
-            .filter(|(_, f)| f.page.lsn() <= vdl)
+            .filter(|(p, f)| f.page.lsn() <= vdl && !keep.contains(p))
             .map(|(p, f)| (f.last_used.get(), *p))
             .collect();
         let n = (self.capacity_pages / 16).max(1).min(candidates.len());
@@ -120,14 +125,18 @@ impl Store {
         if ops.is_empty() {
             return Err(EngineError::Internal("empty mini-transaction".into()));
         }
-        // Every page an op changes must be cached (the walk that produced the op read
-        // it), except pages the op formats from scratch.
+        // Every page an op changes must be cached before its records are applied. The
+        // walk that produced the ops read them, but a load during the walk's retries
+        // may have evicted one since (only pages whose changes are all durable are
+        // evicted, so reloading at VDL gives back the same image). Pages the MTR
+        // formats from scratch need no load.
+        let pages: Vec<PageNo> = ops.iter().map(|(p, _)| *p).collect();
+        let mut formatted: Vec<PageNo> = Vec::new();
         for (p, op) in &ops {
-            let formats = matches!(op, Op::Init { .. } | Op::InitWithItems { .. });
-            if !formats && !self.frames.contains_key(p) {
-                return Err(EngineError::Internal(format!(
-                    "page {p} changed while not cached"
-                )));
+            if matches!(op, Op::Init { .. } | Op::InitWithItems { .. }) {
+                formatted.push(*p);
+            } else if !formatted.contains(p) && !self.frames.contains_key(p) {
+                self.load_keeping(*p, &pages).await?;
             }
         }
         let records = self.volume.append(ops).await?;
@@ -141,7 +150,7 @@ impl Store {
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
             lsns.push(record.lsn);
         }
-        self.evict_if_full();
+        self.evict_if_full(&[]);
         Ok(lsns)
     }
 }
