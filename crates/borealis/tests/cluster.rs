@@ -190,6 +190,23 @@ impl Drop for Up {
     }
 }
 
+/// A plain HTTP/1.1 GET (the control API closes the connection after answering).
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    stream.read_to_string(&mut out).expect("read");
+    out
+}
+
 fn all_nodes(s: &Value) -> Vec<Value> {
     ["instances", "storage_nodes", "proxies"]
         .iter()
@@ -390,6 +407,25 @@ fn cluster_lifecycle_fault_drills_and_restart() {
     assert!(
         s["volume"]["epoch"].as_u64() > Some(epoch_first),
         "epoch not bumped on writer restart: {s:#}"
+    );
+
+    // Endpoints are supervised like every other node.
+    let p_pid = node(&s, "proxy-writer")["pid"].as_i64().expect("pid");
+    ok(cli(&dir, &["node", "kill", "proxy-writer"]));
+    up.wait_for("proxy-writer restarted", |s| {
+        let n = node(s, "proxy-writer");
+        n["state"] == "available" && n["pid"].as_i64().is_some_and(|p| p != p_pid)
+    });
+
+    // Prometheus metrics from the control plane.
+    let metrics = http_get(port + 2, "/metrics");
+    assert!(
+        metrics.contains("borealis_node_up{node=\"storage-a1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("borealis_node_restarts_total{node=\"storage-b1\"}"),
+        "{metrics}"
     );
 
     // stop/start are idempotent, and a stopped node stays stopped.

@@ -529,6 +529,44 @@ async fn wait_available(
     }
 }
 
+/// After start-up, `up` keeps the operator informed in its terminal: one line per
+/// node state change (the details are in DATA/logs/).
+async fn print_state_changes(cluster: Arc<Cluster>) {
+    let snapshot = |cluster: &Cluster| -> Vec<(String, NodeState, Option<String>)> {
+        let inner = cluster.lock();
+        inner
+            .nodes
+            .iter()
+            .map(|(n, rt)| (n.clone(), rt.state, rt.last_exit.clone()))
+            .collect()
+    };
+    let mut last = snapshot(&cluster);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = snapshot(&cluster);
+        for ((name, state, exit), (_, old, _)) in now.iter().zip(last.iter()) {
+            if state != old {
+                let why = match (state, exit) {
+                    (NodeState::Failed, Some(e)) => format!(" ({e})"),
+                    _ => String::new(),
+                };
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                say!(
+                    "[{:02}:{:02}:{:02}] {name}: {}{why}",
+                    (t / 3600) % 24,
+                    (t / 60) % 60,
+                    t % 60,
+                    state.as_str()
+                );
+            }
+        }
+        last = now;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,43 +626,5 @@ mod tests {
         ports.sort();
         ports.dedup();
         assert_eq!(ports.len(), before, "ports must be distinct");
-    }
-}
-
-/// After start-up, `up` keeps the operator informed in its terminal: one line per
-/// node state change (the details are in DATA/logs/).
-async fn print_state_changes(cluster: Arc<Cluster>) {
-    let snapshot = |cluster: &Cluster| -> Vec<(String, NodeState, Option<String>)> {
-        let inner = cluster.lock();
-        inner
-            .nodes
-            .iter()
-            .map(|(n, rt)| (n.clone(), rt.state, rt.last_exit.clone()))
-            .collect()
-    };
-    let mut last = snapshot(&cluster);
-    loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = snapshot(&cluster);
-        for ((name, state, exit), (_, old, _)) in now.iter().zip(last.iter()) {
-            if state != old {
-                let why = match (state, exit) {
-                    (NodeState::Failed, Some(e)) => format!(" ({e})"),
-                    _ => String::new(),
-                };
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                say!(
-                    "[{:02}:{:02}:{:02}] {name}: {}{why}",
-                    (t / 3600) % 24,
-                    (t / 60) % 60,
-                    t % 60,
-                    state.as_str()
-                );
-            }
-        }
-        last = now;
     }
 }
