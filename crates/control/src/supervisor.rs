@@ -642,6 +642,9 @@ impl Cluster {
             }
             Some(t) if t.elapsed() > self.config.unhealthy_grace => {
                 log::warn!("node {name}: unhealthy ({why})");
+                if let Some(rt) = self.lock().nodes.get_mut(name) {
+                    rt.last_exit = Some(format!("unhealthy: {why}"));
+                }
                 self.set_state(name, NodeState::Failed);
             }
             _ => {}
