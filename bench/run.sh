@@ -130,6 +130,15 @@ for sys in $SYSTEMS; do
         if [ -n "$BENCH_INIT_FALLBACK" ]; then
             # same data, other order of steps (e.g. primary keys before the COPY), so the
             # remaining points can still run; the report says so
+            if [ "$sys" = borealis ]; then
+                # an engine error can leave the writer's session state unusable; start
+                # from a fresh writer (killed, restarted by the control plane)
+                log "borealis: restarting the writer before the retry (borealis node kill instance-1)"
+                timeout 30 "$BOREALIS" node kill instance-1 --data-dir "$B_DATA" >>"$WORK/borealis/node.log" 2>&1
+                sleep 1
+                for _ in $(seq 1 300); do [ "$(Q_TIMEOUT=5 q borealis 'select 1')" = 1 ] && break; sleep 0.2; done
+                record init_fallback borealis note_restart "writer restarted (node kill instance-1) before the retry"
+            fi
             log "$sys: retrying with pgbench -i -I $BENCH_INIT_FALLBACK -s $BENCH_SCALE"
             t0=$(now)
             PGPASSWORD=$pw timeout 900 pgbench -i -I "$BENCH_INIT_FALLBACK" -s "$BENCH_SCALE" -h 127.0.0.1 -p "$port" \
