@@ -457,14 +457,36 @@ mod tests {
     async fn writes_to_evicted_pages_reload_them() {
         let volume = Volume::in_memory(VolumeConfig::default());
         let mut store = Store::new(volume, 256);
-        store.write(vec![(0, Op::Init { kind: PageKind::Raw as u16 })]).await.unwrap();
+        store
+            .write(vec![(
+                0,
+                Op::Init {
+                    kind: PageKind::Raw as u16,
+                },
+            )])
+            .await
+            .unwrap();
         // Fill the cache far past its capacity so page 0 is evicted.
         for p in 1..2000u64 {
-            store.write(vec![(p, Op::Init { kind: PageKind::BtreeLeaf as u16 })]).await.unwrap();
+            store
+                .write(vec![(
+                    p,
+                    Op::Init {
+                        kind: PageKind::BtreeLeaf as u16,
+                    },
+                )])
+                .await
+                .unwrap();
         }
         assert!(store.cached_pages() <= 256 + 1);
         store
-            .write(vec![(0, Op::WriteBody { offset: 0, data: vec![7; 8] })])
+            .write(vec![(
+                0,
+                Op::WriteBody {
+                    offset: 0,
+                    data: vec![7; 8],
+                },
+            )])
             .await
             .unwrap();
         assert_eq!(&store.page(0).unwrap().body()[..8], &[7; 8]);

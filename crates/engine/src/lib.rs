@@ -69,6 +69,8 @@ const FORMAT_VERSION: u64 = 1;
 const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
 const SCAN_BATCH_ROWS: usize = 512;
+/// Hidden row ids reserved per redo record.
+const ROWID_BLOCK: i64 = 1024;
 /// Bound on memoized catalog entries (invariant 9).
 const CATALOG_CACHE_ENTRIES: usize = 4096;
 /// How long a row-lock wait sleeps between re-checks if no wake-up arrives.
@@ -148,6 +150,8 @@ struct Inner {
     state: Mutex<State>,
     /// Decoded catalog entries by their text (see `decode_relation`).
     catalog_cache: std::sync::Mutex<HashMap<String, Arc<TableDef>>>,
+    /// Hidden row ids reserved per row-id sequence: (next, end of reserved block).
+    rowid_blocks: std::sync::Mutex<HashMap<u32, (i64, i64)>>,
     txn_ended: Notify,
     volume: Volume,
 }
@@ -470,6 +474,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 catalog_cache: std::sync::Mutex::new(HashMap::new()),
+                rowid_blocks: std::sync::Mutex::new(HashMap::new()),
                 txn_ended: Notify::new(),
                 volume,
             }),
@@ -1178,6 +1183,58 @@ impl Engine {
         Ok(())
     }
 
+    /// A hidden row id for a table without a primary key. Ids are reserved from the
+    /// table's row-id sequence a block at a time (one redo record per block, not per
+    /// row); ids of a block unused at a crash are skipped, never reused.
+    pub async fn next_rowid(&self, txn: &mut Txn, seq: &TableDef) -> Result<i64, EngineError> {
+        {
+            let mut blocks = self
+                .inner
+                .rowid_blocks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some((next, end)) = blocks.get_mut(&seq.oid) {
+                if *next < *end {
+                    *next += 1;
+                    return Ok(*next - 1);
+                }
+            }
+        }
+        let key = row::encode_key(&[Datum::Int8(seq.oid as i64)])?;
+        let first = {
+            let mut st = self.lock().await;
+            let cur = walk!(st, btree::get(&st.store, SEQUENCES_ROOT, &key))?;
+            let first = match cur.as_deref() {
+                Some([v @ .., c]) if v.len() == 8 => {
+                    let value = i64::from_le_bytes(v.try_into().unwrap_or([0; 8]));
+                    if *c != 0 {
+                        value + 1
+                    } else {
+                        value
+                    }
+                }
+                _ => 1,
+            };
+            let last = first + ROWID_BLOCK - 1;
+            let mut payload = last.to_le_bytes().to_vec();
+            payload.push(1);
+            let mut alloc = Alloc { next: st.next_page };
+            let ops = walk!(
+                st,
+                btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
+            )?;
+            st.write_mtr(txn, ops, Some(alloc)).await?;
+            first
+        };
+        let mut blocks = self
+            .inner
+            .rowid_blocks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        blocks.insert(seq.oid, (first + 1, first + ROWID_BLOCK));
+        Ok(first)
+    }
+
     pub async fn nextval(&self, txn: &mut Txn, seq: &TableDef) -> Result<i64, EngineError> {
         let def = seq
             .sequence
@@ -1316,6 +1373,12 @@ impl Engine {
             leaf = Some(batch.next_leaf);
         }
         Ok(stats)
+    }
+
+    /// The oldest read point this instance still needs (PGMRPL's contribution):
+    /// storage may garbage-collect records below it.
+    pub async fn min_read_point(&self) -> Lsn {
+        self.lock().await.prune_horizon()
     }
 
     /// Engine statistics for metrics.

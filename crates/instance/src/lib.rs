@@ -52,6 +52,9 @@ pub enum InstanceError {
     Role(String),
 }
 
+/// How often the instance reports its oldest read point to storage.
+const MIN_READ_POINT_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Bounded wait for the control plane at start-up.
 const CONTROL_WAIT: Duration = Duration::from_secs(30);
 
@@ -228,10 +231,22 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
     {
         let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
         h.state = "available";
-        h.volume = Some(volume);
+        h.volume = Some(volume.clone());
         h.db = Some(db.clone());
         h.started = Some(Instant::now());
         h.recovery_ms = recovery_ms;
+    }
+    // Tell storage how far back this instance may still read, so segments can
+    // garbage-collect below it (PGMRPL).
+    {
+        let (volume, db) = (volume.clone(), db.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MIN_READ_POINT_INTERVAL);
+            loop {
+                tick.tick().await;
+                volume.set_min_read_point(db.engine().min_read_point().await);
+            }
+        });
     }
     let server_config = ServerConfig {
         auth: Auth::from_password(password.as_deref()),

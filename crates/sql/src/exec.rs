@@ -1401,7 +1401,7 @@ impl<'a> Exec<'a> {
             .ok_or_else(|| SqlError::internal("row id sequence missing"))?;
         let id = self
             .engine
-            .nextval(self.txn, &seq)
+            .next_rowid(self.txn, &seq)
             .await
             .map_err(engine_error)?;
         encode_key(&[Datum::Int8(id)]).map_err(engine_error)
