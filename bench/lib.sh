@@ -180,6 +180,13 @@ stop_borealis() {
 }
 
 # ---- resource figures -------------------------------------------------------------
+# proc_name PID: a cluster process's node name (--name), else its subcommand
+proc_name() {
+    local p=$1 name
+    name=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -oP -- '--name \K\S+' || tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | awk '{print $2}')
+    [ "$name" = proxy ] && name=proxy-$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oP -- '--role \K\S+' || echo writer)
+    echo "${name:-?}"
+}
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null; }
 pss_kb_sum() { # pids...
     local p s=0 v

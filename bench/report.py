@@ -43,8 +43,16 @@ def fmt(v, digits=1):
     return f"{v:.{digits}f}" if digits else f"{v:.0f}"
 
 
+def aborted(key, system):
+    return bool(data[key][system].get("aborted"))
+
+
 def cell(key, system, field, digits=1, scale=1.0):
     v = num(key, system, field)
+    if v is not None and aborted(key, system):
+        err = data[key][system].get("error", "")
+        return (f"ABORTED ({data[key][system]['aborted']}; {fmt(v * scale, digits)} before): "
+                + err[:160].replace("|", "\\|"))
     if v is not None:
         s = fmt(v * scale, digits)
         failed = num(key, system, "failed")
@@ -108,7 +116,9 @@ for key, field, label, kind, digits, scale in ROWS:
         continue
     pv, bv = num(key, "pg", pgf), num(key, "borealis", field)
     ratio = None
-    if pv is not None and bv is not None and pv > 0 and bv > 0:
+    if key in data and any(aborted(key, x) for x in ("pg", "borealis")):
+        pass
+    elif pv is not None and bv is not None and pv > 0 and bv > 0:
         ratio = bv / pv if kind in ("higher", "info") else pv / bv
     rs = "n/a" if ratio is None else f"{ratio:.2f}×"
     if kind == "info" and ratio is not None:
@@ -123,8 +133,8 @@ for key, field, label, kind, digits, scale in ROWS:
 lines.append("")
 lines.append("## Raw pgbench points")
 lines.append("")
-lines.append("| point | system | tps | avg latency ms | failed tx | processed tx | load avg before | error |")
-lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+lines.append("| point | system | tps | avg latency ms | failed tx | processed tx | aborted | load avg before | error |")
+lines.append("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
 for key in ["init", "init_fallback", "tpcb_c1_prepared", "tpcb_c8_prepared", "tpcb_c8_simple", "select_c1_prepared",
             "select_c8_prepared", "commit_c1"]:
     for system in ["pg", "borealis"]:
@@ -133,7 +143,7 @@ for key in ["init", "init_fallback", "tpcb_c1_prepared", "tpcb_c8_prepared", "tp
             continue
         err = (d.get("error") or "").replace("|", "\\|")
         lines.append(f"| {key} | {system} | {d.get('tps', d.get('seconds', '') + (' s' if 'seconds' in d else ''))} | "
-                     f"{d.get('lat_ms', '')} | {d.get('failed', '')} | {d.get('processed', '')} | {d.get('load', '')} | {err} |")
+                     f"{d.get('lat_ms', '')} | {d.get('failed', '')} | {d.get('processed', '')} | {d.get('aborted', '')} | {d.get('load', '')} | {err} |")
 
 c = data.get("commit_c1", {})
 if c:

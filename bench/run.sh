@@ -67,7 +67,8 @@ fi
 if [[ " $BENCH_SYSTEMS " == *" borealis "* ]]; then
     if start_borealis; then
         SYSTEMS="$SYSTEMS borealis"
-        record meta borealis version "$("$BOREALIS" --version 2>&1 | head -1) ($BOREALIS)"
+        bc=$(cat "$(dirname "$BOREALIS")/../src/.commit" 2>/dev/null)
+        record meta borealis version "$("$BOREALIS" --version 2>&1 | head -1) ($BOREALIS${bc:+, built from commit $bc})"
         record meta borealis server_version "$(q borealis 'show server_version' 2>&1 | head -1)"
     else
         log "Borealis did not start: $B_START_ERROR"
@@ -102,6 +103,7 @@ pgbench_point() {
     [ -n "$lat" ] && record "$key" "$sys" lat_ms "$lat"
     [ -n "$failed" ] && record "$key" "$sys" failed "$failed"
     [ -n "$processed" ] && record "$key" "$sys" processed "$processed"
+    grep -q 'Run was aborted' "$out" && record "$key" "$sys" aborted "$(grep -c 'aborted in command' "$out") clients aborted"
     if [ $rc != 0 ] || grep -qE 'ERROR|FATAL|aborted' "$out"; then
         record "$key" "$sys" error "pgbench exit $rc: $(first_errors "$out" 5)"
         log "  $sys $key: FAILED (exit $rc): $(first_errors "$out" 2)"
@@ -210,6 +212,8 @@ if [[ " $SYSTEMS " == *" borealis "* ]]; then
         record memory borealis error "no writer pid in borealis status --json: $(bstatus | head -c 300)"
     fi
     record memory borealis total_pss_kb "$(pss_kb_sum $(borealis_pids))"
+    record memory borealis per_process_rss_mib "$(for p in $(borealis_pids); do
+        echo "$(proc_name "$p") $(( $(rss_kb "$p" || echo 0) / 1024 ))"; done | sort -k2 -rn | tr '\n' ';')"
 fi
 
 # cpu_snapshot: "pid name ticks" for every cluster process (name from --name, else the subcommand)
@@ -217,9 +221,7 @@ cpu_snapshot() {
     local p name
     for p in $(borealis_pids); do
         [ -r "/proc/$p/stat" ] || continue
-        name=$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oP -- '--name \K\S+' || tr '\0' ' ' <"/proc/$p/cmdline" | awk '{print $2}')
-        [ "$name" = proxy ] && name=proxy-$(tr '\0' ' ' <"/proc/$p/cmdline" | grep -oP -- '--role \K\S+' || echo writer)
-        echo "$p $name $(awk '{print $14+$15}' "/proc/$p/stat")"
+        echo "$p $(proc_name "$p") $(awk '{print $14+$15}' "/proc/$p/stat")"
     done | LC_ALL=C sort
 }
 
