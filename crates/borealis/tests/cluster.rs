@@ -280,6 +280,7 @@ fn bad_input_is_refused_with_one_line_and_touches_nothing() {
         "--port",
     );
     refused(cli(&dir, &["status"]), "no Borealis cluster");
+    refused(cli(&dir, &["up", "--replicas", "16"]), "at most 15");
     refused(
         cli(&dir, &["node", "stop", "storage-a1"]),
         "no Borealis cluster",

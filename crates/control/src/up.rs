@@ -28,6 +28,8 @@ macro_rules! say {
 }
 
 pub const DEFAULT_PORT: u16 = 5432;
+/// Reader instances per cluster (DESIGN.md section 1: 0..15, as in Aurora).
+pub const MAX_REPLICAS: u32 = 15;
 /// Storage nodes of a cluster in a box: two per AZ (DESIGN.md section 1).
 pub const STORAGE_NODES: [(&str, &str); 6] = [
     ("storage-a1", "az-a"),
@@ -228,6 +230,12 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
     })?;
     if opts.port == Some(0) {
         bail!("--port 0 is not allowed: the endpoints need fixed ports (P, P+1, P+2)");
+    }
+    if opts.replicas > MAX_REPLICAS {
+        bail!(
+            "--replicas {} is too many: a cluster has at most {MAX_REPLICAS} reader instances",
+            opts.replicas
+        );
     }
     let found = datadir::inspect(&dir)?;
     let (mut lock, existing) = match found {
