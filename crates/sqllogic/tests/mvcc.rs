@@ -25,7 +25,7 @@
 //! started in a spawned task; after a short check ([`BLOCK_CHECK`]) it must still
 //! be running (it waits for a lock), otherwise the step is recorded as "did not
 //! block". Its outcome is taken by a later `await`, which waits at most
-//! [`support::STATEMENT_TIMEOUT`]. There are no other sleeps: every ordering
+//! [`STEP_TIMEOUT`]. There are no other sleeps: every ordering
 //! between sessions comes from waiting for a step's completion.
 //!
 //! `expect` lines state the intent of a script (the anomaly PostgreSQL prevents);
@@ -46,12 +46,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{connect, run_simple, BorealisServer, Outcome, PostgresCluster};
+use support::{connect, run_simple_within, BorealisServer, Outcome, PostgresCluster};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 /// How long a `&` step must stay unfinished to count as blocked.
 const BLOCK_CHECK: Duration = Duration::from_millis(400);
+/// Bound on every step and `await`: a lock wait that should have ended (after
+/// the holder committed) fails the step with a timeout after this.
+const STEP_TIMEOUT: Duration = Duration::from_secs(8);
 
 #[derive(Clone, Debug, PartialEq)]
 enum Expect {
@@ -234,7 +237,9 @@ async fn drive(script: &Script, addr: SocketAddr, dbname: &str) -> Vec<StepResul
     let mut sessions: BTreeMap<String, Session> = BTreeMap::new();
     for step in &script.steps {
         let result = match &step.action {
-            Action::Setup(sql) => StepResult::Done(run_simple(&setup, sql).await),
+            Action::Setup(sql) => {
+                StepResult::Done(run_simple_within(&setup, sql, STEP_TIMEOUT).await)
+            }
             Action::Run {
                 session,
                 sql,
@@ -263,7 +268,9 @@ async fn drive(script: &Script, addr: SocketAddr, dbname: &str) -> Vec<StepResul
                 } else if *blocking {
                     let client = s.client.clone();
                     let sql = sql.clone();
-                    let mut handle = tokio::spawn(async move { run_simple(&client, &sql).await });
+                    let mut handle = tokio::spawn(async move {
+                        run_simple_within(&client, &sql, STEP_TIMEOUT).await
+                    });
                     let blocked = match tokio::time::timeout(BLOCK_CHECK, &mut handle).await {
                         Err(_) => {
                             s.pending = Some(handle);
@@ -279,19 +286,17 @@ async fn drive(script: &Script, addr: SocketAddr, dbname: &str) -> Vec<StepResul
                     };
                     StepResult::Started { blocked }
                 } else {
-                    StepResult::Done(run_simple(&s.client, sql).await)
+                    StepResult::Done(run_simple_within(&s.client, sql, STEP_TIMEOUT).await)
                 }
             }
             Action::Await { session } => {
                 match sessions.get_mut(session).and_then(|s| s.pending.take()) {
                     None => StepResult::ScriptError(format!("nothing to await on {session}")),
-                    Some(handle) => {
-                        match tokio::time::timeout(support::STATEMENT_TIMEOUT, handle).await {
-                            Err(_) => StepResult::Done(Outcome::Timeout),
-                            Ok(Err(e)) => StepResult::Done(Outcome::Broken(e.to_string())),
-                            Ok(Ok(outcome)) => StepResult::Done(outcome),
-                        }
-                    }
+                    Some(handle) => match tokio::time::timeout(STEP_TIMEOUT, handle).await {
+                        Err(_) => StepResult::Done(Outcome::Timeout),
+                        Ok(Err(e)) => StepResult::Done(Outcome::Broken(e.to_string())),
+                        Ok(Ok(outcome)) => StepResult::Done(outcome),
+                    },
                 }
             }
         };
@@ -421,7 +426,10 @@ fn mvcc_scripts() -> Vec<PathBuf> {
         .expect("read mvcc directory")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "mvcc"))
-        .filter(|p| p.to_string_lossy().contains(&filter))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(&filter))
+        })
         .collect();
     files.sort();
     files

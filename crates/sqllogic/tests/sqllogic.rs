@@ -209,7 +209,10 @@ fn slt_files() -> Vec<PathBuf> {
         .expect("read slt directory")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "slt"))
-        .filter(|p| p.to_string_lossy().contains(&filter))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains(&filter))
+        })
         .collect();
     files.sort();
     files

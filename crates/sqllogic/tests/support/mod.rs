@@ -125,7 +125,7 @@ impl fmt::Display for Outcome {
                 write!(f, "    ok, counts {counts:?}")
             }
             Outcome::Error { code, message } => write!(f, "    ERROR {code}: {message}"),
-            Outcome::Timeout => write!(f, "    TIMEOUT after {STATEMENT_TIMEOUT:?}"),
+            Outcome::Timeout => write!(f, "    TIMEOUT (statement did not finish)"),
             Outcome::Broken(why) => write!(f, "    CONNECTION BROKEN: {why}"),
         }
     }
@@ -133,7 +133,12 @@ impl fmt::Display for Outcome {
 
 /// Runs `sql` with the simple query protocol and records what came back.
 pub async fn run_simple(client: &Client, sql: &str) -> Outcome {
-    match tokio::time::timeout(STATEMENT_TIMEOUT, client.simple_query(sql)).await {
+    run_simple_within(client, sql, STATEMENT_TIMEOUT).await
+}
+
+/// [`run_simple`] with its own bound; [`Outcome::Timeout`] after `timeout`.
+pub async fn run_simple_within(client: &Client, sql: &str, timeout: Duration) -> Outcome {
+    match tokio::time::timeout(timeout, client.simple_query(sql)).await {
         Err(_) => Outcome::Timeout,
         Ok(Err(e)) => match e.as_db_error() {
             Some(db) => Outcome::Error {
