@@ -23,7 +23,8 @@ use crate::row::Cursor;
 use crate::store::Store;
 use crate::EngineError;
 use borealis_common::PageNo;
-use borealis_redo::page::MAX_ITEM_BYTES;
+use borealis_common::PAGE_SIZE;
+use borealis_redo::page::{HEADER_BYTES, MAX_ITEM_BYTES, SLOT_BYTES};
 use borealis_redo::{Op, Page, PageKind};
 use std::cmp::Ordering;
 
@@ -309,6 +310,131 @@ fn split(
     Ok(ops)
 }
 
+/// Share of a page a bulk build fills, leaving room for later inserts.
+const BULK_FILL: usize = (PAGE_SIZE - HEADER_BYTES) * 9 / 10;
+
+/// Ops that build a whole B+tree over `items` (leaf items, sorted by key, keys
+/// unique) under `root`, which must be a fresh, empty tree. Leaves and inner nodes
+/// are written whole (one `InitWithItems` record per page) instead of one record
+/// per row. The ops come in two parts: `pages` (every page but the root, in an
+/// order that can be split into several MTRs, since nothing points at them yet) and
+/// `root` (the last MTR, which makes the whole tree reachable at once).
+pub struct BulkBuild {
+    pub pages: Vec<(PageNo, Op)>,
+    pub root: (PageNo, Op),
+}
+
+pub fn bulk_build(
+    root: PageNo,
+    items: Vec<Vec<u8>>,
+    alloc: &mut dyn PageAllocator,
+) -> Result<BulkBuild, EngineError> {
+    // Pack leaves.
+    let mut leaves: Vec<Vec<Vec<u8>>> = vec![Vec::new()];
+    let mut used = 0;
+    for item in items {
+        if item.len() > MAX_ITEM_BYTES {
+            return Err(EngineError::RowTooBig(item.len()));
+        }
+        let need = item.len() + SLOT_BYTES;
+        if used + need > BULK_FILL && !leaves.last().is_some_and(|l| l.is_empty()) {
+            leaves.push(Vec::new());
+            used = 0;
+        }
+        used += need;
+        if let Some(l) = leaves.last_mut() {
+            l.push(item);
+        }
+    }
+    let leaf_kind = PageKind::BtreeLeaf as u16;
+    if leaves.len() == 1 {
+        let items = leaves.pop().unwrap_or_default();
+        return Ok(BulkBuild {
+            pages: vec![],
+            root: (
+                root,
+                Op::InitWithItems {
+                    kind: leaf_kind,
+                    next: 0,
+                    aux: 0,
+                    items,
+                },
+            ),
+        });
+    }
+    let numbers: Vec<PageNo> = leaves.iter().map(|_| alloc.allocate()).collect();
+    let mut pages = Vec::new();
+    // (first key, page) of each node of the level being built.
+    let mut level: Vec<(Vec<u8>, PageNo)> = Vec::with_capacity(leaves.len());
+    for (i, items) in leaves.into_iter().enumerate() {
+        let first = items
+            .first()
+            .map(|it| item_key(it).map(|k| k.to_vec()))
+            .transpose()?
+            .unwrap_or_default();
+        let next = numbers.get(i + 1).copied().unwrap_or(0);
+        level.push((first, numbers[i]));
+        pages.push((
+            numbers[i],
+            Op::InitWithItems {
+                kind: leaf_kind,
+                next,
+                aux: 0,
+                items,
+            },
+        ));
+    }
+    let internal = PageKind::BtreeInternal as u16;
+    for _ in 0..MAX_DEPTH {
+        // Group the level's nodes under parents: aux = first child, then (key, child).
+        let mut parents: Vec<(Vec<u8>, PageNo, Vec<Vec<u8>>)> = Vec::new();
+        let mut used = BULK_FILL; // forces a new parent for the first child
+        for (key, child) in level {
+            let entry = make_item(&key, &child.to_le_bytes());
+            let need = entry.len() + SLOT_BYTES;
+            if used + need > BULK_FILL {
+                parents.push((key, child, Vec::new()));
+                used = 0;
+            } else if let Some(p) = parents.last_mut() {
+                p.2.push(entry);
+                used += need;
+            }
+        }
+        if parents.len() == 1 {
+            let (_, aux, items) = parents.pop().unwrap_or_default();
+            return Ok(BulkBuild {
+                pages,
+                root: (
+                    root,
+                    Op::InitWithItems {
+                        kind: internal,
+                        next: 0,
+                        aux,
+                        items,
+                    },
+                ),
+            });
+        }
+        level = Vec::with_capacity(parents.len());
+        for (key, aux, items) in parents {
+            let page = alloc.allocate();
+            pages.push((
+                page,
+                Op::InitWithItems {
+                    kind: internal,
+                    next: 0,
+                    aux,
+                    items,
+                },
+            ));
+            level.push((key, page));
+        }
+    }
+    Err(EngineError::Internal(
+        "bulk build deeper than the depth limit".into(),
+    ))
+}
+
 /// One leaf's worth of a range scan: the (key, payload) pairs with key >= `from`
 /// (all if `from` is None) and the next leaf to continue with (0 = end).
 pub struct LeafBatch {
@@ -451,6 +577,66 @@ mod tests {
             };
         }
         assert_eq!(seen, n);
+    }
+
+    #[tokio::test]
+    async fn bulk_build_matches_inserts() {
+        for n in [0u64, 1, 50, 5_000, 60_000] {
+            let volume = Volume::in_memory(VolumeConfig::default());
+            let mut store = Store::new(volume, 4096);
+            let root = 1;
+            store
+                .write(vec![(
+                    root,
+                    Op::Init {
+                        kind: PageKind::BtreeLeaf as u16,
+                    },
+                )])
+                .await
+                .unwrap();
+            let items: Vec<Vec<u8>> = (0..n)
+                .map(|k| make_item(&k.to_be_bytes(), &[b'x'; 100]))
+                .collect();
+            let mut alloc = Counter(1);
+            let build = bulk_build(root, items, &mut alloc).unwrap();
+            for chunk in build.pages.chunks(64) {
+                store.write(chunk.to_vec()).await.unwrap();
+            }
+            store.write(vec![build.root]).await.unwrap();
+            for k in [0, n / 2, n.saturating_sub(1)] {
+                let found = get(&store, root, &k.to_be_bytes()).unwrap();
+                assert_eq!(found.is_some(), n > 0, "n={n} k={k}");
+            }
+            assert!(get(&store, root, &n.to_be_bytes()).unwrap().is_none());
+            // Full scan in order, then the tree still takes inserts.
+            let mut seen = 0u64;
+            let mut batch = scan_leaf_from(&store, root, None).unwrap();
+            loop {
+                for (k, _) in &batch.items {
+                    assert_eq!(u64::from_be_bytes(k.as_slice().try_into().unwrap()), seen);
+                    seen += 1;
+                }
+                if batch.next_leaf == 0 {
+                    break;
+                }
+                batch = read_leaf(&store, batch.next_leaf, None).unwrap();
+            }
+            assert_eq!(seen, n);
+            run_put(
+                &mut store,
+                root,
+                &(n + 7).to_be_bytes(),
+                b"late",
+                &mut alloc,
+            )
+            .await;
+            assert_eq!(
+                get(&store, root, &(n + 7).to_be_bytes())
+                    .unwrap()
+                    .as_deref(),
+                Some(&b"late"[..])
+            );
+        }
     }
 
     #[tokio::test]

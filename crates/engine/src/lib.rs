@@ -69,6 +69,8 @@ const FORMAT_VERSION: u64 = 1;
 const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
 const SCAN_BATCH_ROWS: usize = 512;
+/// Whole pages per MTR during a bulk load (bounds message and batch sizes).
+const BULK_PAGES_PER_MTR: usize = 32;
 /// Hidden row ids reserved per redo record.
 const ROWID_BLOCK: i64 = 1024;
 /// Bound on memoized catalog entries (invariant 9).
@@ -1373,6 +1375,43 @@ impl Engine {
             leaf = Some(batch.next_leaf);
         }
         Ok(stats)
+    }
+
+    /// Fills the fresh, empty tree at `root` with `rows` (sorted by key, keys unique;
+    /// the caller checks) as new versions of `txn`, writing whole pages (one record
+    /// per page) rather than a record per row. Nothing points at the new pages until
+    /// the last MTR rewrites the root, so a crash midway leaves the tree empty.
+    pub async fn bulk_load(
+        &self,
+        txn: &mut Txn,
+        root: PageNo,
+        rows: Vec<(Vec<u8>, Vec<Datum>)>,
+    ) -> Result<(), EngineError> {
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        let mut items = Vec::with_capacity(rows.len());
+        for (key, row) in rows {
+            let mut buf = Vec::with_capacity(64);
+            row::encode_row(&row, &mut buf);
+            let version = Version {
+                xmin: txn.write_xid,
+                xmin_cid: txn.cid,
+                xmax: 0,
+                xmax_cid: 0,
+                flags: 0,
+                row: buf,
+            };
+            items.push(btree::make_item(&key, &encode_versions(&[version])));
+        }
+        let mut alloc = Alloc { next: st.next_page };
+        let build = btree::bulk_build(root, items, &mut alloc)?;
+        let mut chunks = build.pages.chunks(BULK_PAGES_PER_MTR);
+        let mut alloc = Some(alloc);
+        for chunk in chunks.by_ref() {
+            st.write_mtr(txn, chunk.to_vec(), alloc.take()).await?;
+        }
+        st.write_mtr(txn, vec![build.root], alloc.take()).await?;
+        Ok(())
     }
 
     /// The oldest read point this instance still needs (PGMRPL's contribution):

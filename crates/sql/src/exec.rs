@@ -2620,20 +2620,37 @@ async fn rekey(
     }
     new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
     let constraint = pk_name.unwrap_or_else(|| format!("{}_pkey", def.name));
+    // Sort by the new key, refuse NULLs and duplicates, then build the new tree
+    // bottom-up, a page per record.
+    let mut keyed = Vec::with_capacity(rows.len());
     for row in rows {
         ex.check_row(&new_def, &row, &[])?;
-        let key = ex.row_key(&new_def, &row)?;
-        ex.engine
-            .insert_row(ex.txn, &new_def, &key, &row, &constraint)
-            .await
-            .map_err(|e| {
-                let mut err = engine_error(e);
-                if err.code == "23505" {
-                    err.message = format!("could not create unique index \"{constraint}\"");
-                }
-                err
-            })?;
+        keyed.push((ex.row_key(&new_def, &row)?, row));
     }
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = keyed.windows(2).find(|w| w[0].0 == w[1].0) {
+        let vals: Vec<String> = new_pk
+            .iter()
+            .map(|&i| w[0].1[i].to_text().unwrap_or_else(|| "NULL".into()))
+            .collect();
+        let names: Vec<String> = new_pk
+            .iter()
+            .map(|&i| def.columns[i].name.clone())
+            .collect();
+        return Err(SqlError::new(
+            "23505",
+            format!("could not create unique index \"{constraint}\""),
+        )
+        .with_detail(format!(
+            "Key ({})=({}) is duplicated.",
+            names.join(", "),
+            vals.join(", ")
+        )));
+    }
+    ex.engine
+        .bulk_load(ex.txn, new_def.root, keyed)
+        .await
+        .map_err(engine_error)?;
     if let Some(seq) = def.rowid_seq {
         ex.engine
             .drop_relation(ex.txn, seq)

@@ -251,3 +251,46 @@ async fn savepoints() {
     assert_eq!(notices.len(), 1);
     assert_eq!(notices[0].1.code, "25P01");
 }
+
+#[tokio::test]
+async fn add_primary_key_rebuilds_in_bulk_and_checks_duplicates() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    run(
+        &mut s,
+        "CREATE TABLE big (aid int not null, bid int, filler char(84))",
+    )
+    .await;
+    run(
+        &mut s,
+        "INSERT INTO big SELECT 20001 - g, g % 10, '' FROM generate_series(1, 20000) AS g",
+    )
+    .await;
+    assert_eq!(
+        run(&mut s, "ALTER TABLE big ADD PRIMARY KEY (aid)").await,
+        ["ALTER TABLE"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT count(*), min(aid), max(aid) FROM big").await,
+        ["20000|1|20000"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT bid FROM big WHERE aid = 12345").await,
+        ["6"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT aid FROM big WHERE aid BETWEEN 10 AND 12").await,
+        ["10", "11", "12"]
+    );
+    assert_eq!(
+        run(&mut s, "INSERT INTO big VALUES (5, 0, '')").await,
+        ["ERROR 23505"]
+    );
+    run(&mut s, "CREATE TABLE dup (a int not null)").await;
+    run(&mut s, "INSERT INTO dup VALUES (1), (2), (1)").await;
+    assert_eq!(
+        run(&mut s, "ALTER TABLE dup ADD PRIMARY KEY (a)").await,
+        ["ERROR 23505"]
+    );
+    assert_eq!(run(&mut s, "SELECT count(*) FROM dup").await, ["3"]);
+}
