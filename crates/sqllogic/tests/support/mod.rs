@@ -180,7 +180,7 @@ pub async fn run_simple_within(client: &Client, sql: &str, timeout: Duration) ->
 pub async fn connect(addr: SocketAddr, dbname: &str) -> Result<Client, tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&addr.ip().to_string())
+        .host(addr.ip().to_string())
         .port(addr.port())
         .user("postgres")
         .dbname(dbname)
