@@ -138,10 +138,14 @@ start_borealis() {
     PORT_borealis=$(free_port 3) || die "no free ports for Borealis"
     PGPASS_borealis=${BOREALIS_PASSWORD:-bench-$RANDOM$RANDOM}
     mkdir -p "$WORK/borealis"
+    launch_borealis
+}
+# launch_borealis: `borealis up` on $B_DATA/$PORT_borealis (a new cluster, or the same one again)
+launch_borealis() {
     log "Borealis: $BOREALIS up --data-dir $B_DATA --port $PORT_borealis (replicas $BOREALIS_REPLICAS)"
     # setsid: its own process group, so our terminal's Ctrl-C reaches it only via our trap
     setsid "$BOREALIS" up --data-dir "$B_DATA" --port "$PORT_borealis" --password "$PGPASS_borealis" \
-        --replicas "$BOREALIS_REPLICAS" >"$WORK/borealis/up.log" 2>&1 </dev/null &
+        --replicas "$BOREALIS_REPLICAS" >>"$WORK/borealis/up.log" 2>&1 </dev/null &
     B_UP_PID=$!
     local t0 out deadline=$((SECONDS + 180)); t0=$(now)
     while :; do
@@ -158,6 +162,18 @@ start_borealis() {
     done
     log "Borealis up on 127.0.0.1:$PORT_borealis after $(elapsed "$t0" "$(now)") s; writer pid $(borealis_writer_pid)"
     return 0
+}
+# ensure_borealis: if `borealis up` is gone (it crashed, or something outside this
+# script signalled it), record it and bring the same cluster back up once.
+ensure_borealis() {
+    [ -n "$B_UP_PID" ] || return 1
+    kill -0 "$B_UP_PID" 2>/dev/null && return 0
+    wait "$B_UP_PID" 2>/dev/null; local rc=$?
+    local why; why="borealis up (pid $B_UP_PID) exited with status $rc: $(grep -v '^ ' "$WORK/borealis/up.log" | tail -3 | tr '\n' ' ')"
+    log "WARNING: $why; restarting the same cluster"
+    record cluster borealis error "$why (restarted by the harness)"
+    sleep 1
+    launch_borealis || { record cluster borealis error "restart failed: $B_START_ERROR"; return 1; }
 }
 stop_borealis() {
     [ -n "$B_UP_PID" ] || return 0

@@ -88,6 +88,7 @@ first_errors() { grep -E -m"${2:-3}" 'error|ERROR|FATAL|aborted|fatal' "$1" | cu
 pgbench_point() {
     local key=$1 sys=$2; shift 2
     if [ -n "${BROKEN[$sys]:-}" ]; then record "$key" "$sys" error "skipped: ${BROKEN[$sys]}"; return; fi
+    [ "$sys" = borealis ] && ensure_borealis
     local out=$WORK/$sys-$key.out port pw rc
     eval "port=\$PORT_$sys; pw=\$PGPASS_$sys"
     record "$key" "$sys" load "$(loadavg)"
@@ -113,6 +114,7 @@ pgbench_point() {
 
 # ---- pgbench -i ------------------------------------------------------------------
 for sys in $SYSTEMS; do
+    [ "$sys" = borealis ] && ensure_borealis
     eval "port=\$PORT_$sys; pw=\$PGPASS_$sys"
     log "$sys: pgbench -i -s $BENCH_SCALE (client-side COPY)"
     t0=$(now)
@@ -132,7 +134,7 @@ for sys in $SYSTEMS; do
         if [ -n "$BENCH_INIT_FALLBACK" ]; then
             # same data, other order of steps (e.g. primary keys before the COPY), so the
             # remaining points can still run; the report says so
-            if [ "$sys" = borealis ]; then
+            if [ "$sys" = borealis ] && ensure_borealis; then
                 # an engine error can leave the writer's session state unusable; start
                 # from a fresh writer (killed, restarted by the control plane)
                 log "borealis: restarting the writer before the retry (borealis node kill instance-1)"
@@ -276,6 +278,7 @@ crash_test() {
     local sys=$1 port pw pb
     eval "port=\$PORT_$sys; pw=\$PGPASS_$sys"
     [ -n "${BROKEN[$sys]:-}" ] && { record crash "$sys" error "skipped: ${BROKEN[$sys]}"; return; }
+    [ "$sys" = borealis ] && ensure_borealis
     # TPC-B adds the same delta to one account, teller and branch, so after recovery
     # sum(tbalance) = sum(bbalance) and sum(abalance) - sum(tbalance) is unchanged
     # (the commit-latency script moved abalance alone, hence the baseline).

@@ -73,6 +73,7 @@ done
 for test in $TESTS; do
     for sys in $SYSTEMS; do
         if [ -n "${BROKEN[$sys]:-}" ]; then record "$test" "$sys" error "skipped: prepare failed"; continue; fi
+        [ "$sys" = borealis ] && ensure_borealis
         out=$WORK/$sys-$test.out
         record "$test" "$sys" load "$(cut -d' ' -f1 /proc/loadavg)"
         log "$sys $test: $SB_THREADS threads, $SB_SECONDS s"
