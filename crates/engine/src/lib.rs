@@ -122,6 +122,10 @@ impl Txn {
             lsn: self.snapshot,
         }
     }
+    pub fn has_savepoints(&self) -> bool {
+        !self.savepoints.is_empty()
+    }
+
     pub fn has_writes(&self) -> bool {
         self.txid != 0
     }

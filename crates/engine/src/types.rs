@@ -454,11 +454,34 @@ impl Datum {
                 Datum::Text(s.to_string())
             }
             Type::Bytea => Datum::Bytea(parse_bytea(s).ok_or_else(bad)?),
-            Type::Date => Datum::Date(parse_date(t).ok_or_else(bad)?),
-            Type::Timestamp => Datum::Timestamp(parse_timestamp(t, false).ok_or_else(bad)?),
-            Type::TimestampTz => Datum::TimestampTz(parse_timestamp(t, true).ok_or_else(bad)?),
+            Type::Date => Datum::Date(parse_date(t).ok_or_else(|| date_error(ty, s, t))?),
+            Type::Timestamp => {
+                Datum::Timestamp(parse_timestamp(t, false).ok_or_else(|| date_error(ty, s, t))?)
+            }
+            Type::TimestampTz => {
+                Datum::TimestampTz(parse_timestamp(t, true).ok_or_else(|| date_error(ty, s, t))?)
+            }
             Type::Uuid => Datum::Uuid(parse_uuid(t).ok_or_else(bad)?),
         })
+    }
+}
+
+/// A well-formed date whose fields are out of range ("2023-02-29") is 22008 in
+/// PostgreSQL; anything else is a syntax error (22007).
+fn date_error(ty: Type, orig: &str, t: &str) -> ParseError {
+    let date_part = t.split([' ', 'T']).next().unwrap_or("");
+    let fields: Vec<&str> = date_part.split('-').collect();
+    let well_formed = fields.len() == 3
+        && fields
+            .iter()
+            .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
+    if well_formed {
+        ParseError(format!("date/time field value out of range: \"{orig}\""))
+    } else {
+        ParseError(format!(
+            "invalid input syntax for type {}: \"{orig}\"",
+            ty.name()
+        ))
     }
 }
 

@@ -29,7 +29,7 @@ fn ident(name: &ast::ObjectName) -> String {
     name.0
         .last()
         .map(|p| match p {
-            ast::ObjectNamePart::Identifier(i) => i.value.clone(),
+            ast::ObjectNamePart::Identifier(i) => expr::norm(i),
             other => other.to_string(),
         })
         .unwrap_or_default()
@@ -123,7 +123,7 @@ struct SelectPlan {
     agg: Option<AggPlan>,
     project: Vec<Expr>,
     columns: Vec<Column>,
-    /// Trailing projected columns used only for sorting.
+    /// Trailing projected expressions used only for sorting (not in `columns`).
     hidden: usize,
     order: Vec<(usize, bool, bool)>,
     distinct: bool,
@@ -271,7 +271,7 @@ impl<'a> Binder<'a> {
                 }
                 SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
                     let name = match item {
-                        SelectItem::ExprWithAlias { alias, .. } => alias.value.clone(),
+                        SelectItem::ExprWithAlias { alias, .. } => expr::norm(&alias),
                         _ => expr::column_name(e),
                     };
                     let b = self.bind(scope, e, None)?;
@@ -298,7 +298,7 @@ impl<'a> Binder<'a> {
                 ..
             } => {
                 let def = find_table(self.catalog, name)?;
-                let alias_name = alias.as_ref().map(|a| a.name.value.clone());
+                let alias_name = alias.as_ref().map(|a| expr::norm(&a.name));
                 let scope = table_scope(&def, alias_name.as_deref());
                 Ok((
                     FromItem::Table {
@@ -349,13 +349,13 @@ impl<'a> Binder<'a> {
                     .map(|a| {
                         a.columns
                             .first()
-                            .map(|c| c.name.value.clone())
-                            .unwrap_or_else(|| a.name.value.clone())
+                            .map(|c| expr::norm(&c.name))
+                            .unwrap_or_else(|| expr::norm(&a.name))
                     })
                     .unwrap_or_else(|| "generate_series".into());
                 let table_name = alias
                     .as_ref()
-                    .map(|a| a.name.value.clone())
+                    .map(|a| expr::norm(&a.name))
                     .unwrap_or_else(|| "generate_series".into());
                 let scope = Scope {
                     columns: vec![ScopeColumn {
@@ -506,7 +506,7 @@ impl<'a> Binder<'a> {
             for item in &select.projection {
                 let (e, name) = match item {
                     SelectItem::UnnamedExpr(e) => (e, expr::column_name(e)),
-                    SelectItem::ExprWithAlias { expr: e, alias } => (e, alias.value.clone()),
+                    SelectItem::ExprWithAlias { expr: e, alias } => (e, expr::norm(&alias)),
                     other => {
                         return Err(SqlError::new(
                             "42803",
@@ -577,10 +577,13 @@ impl<'a> Binder<'a> {
                         _ => None,
                     },
                     ast::Expr::Identifier(id) => {
-                        columns.iter().position(|c| c.name == id.value).filter(|_| {
-                            // An output name wins over an input column of the same name.
-                            true
-                        })
+                        columns
+                            .iter()
+                            .position(|c| c.name == expr::norm(id))
+                            .filter(|_| {
+                                // An output name wins over an input column of the same name.
+                                true
+                            })
                     }
                     _ => None,
                 };
@@ -734,7 +737,7 @@ impl<'a> Binder<'a> {
                 }
                 _ => {
                     let plan = self.select(q)?;
-                    if plan.columns.len() - plan.hidden > targets.len() {
+                    if plan.columns.len() > targets.len() {
                         return Err(SqlError::syntax(
                             "INSERT has more expressions than target columns",
                         ));
@@ -753,7 +756,7 @@ impl<'a> Binder<'a> {
                 if let Some(ast::ConflictTarget::Columns(cols)) = &oc.conflict_target {
                     let named: Vec<usize> = cols
                         .iter()
-                        .filter_map(|c| table.column_index(&c.value))
+                        .filter_map(|c| table.column_index(&expr::norm(c)))
                         .collect();
                     if named != table.pk {
                         return Err(SqlError::new(
@@ -858,7 +861,7 @@ impl<'a> Binder<'a> {
         }
         let (name, alias) = match &u.table.relation {
             TableFactor::Table { name, alias, .. } => {
-                (name, alias.as_ref().map(|a| a.name.value.clone()))
+                (name, alias.as_ref().map(|a| expr::norm(&a.name)))
             }
             other => return Err(SqlError::unsupported(format!("UPDATE of {other}"))),
         };
@@ -896,7 +899,7 @@ impl<'a> Binder<'a> {
         }
         let (name, alias) = match &tables[0].relation {
             TableFactor::Table { name, alias, .. } => {
-                (name, alias.as_ref().map(|a| a.name.value.clone()))
+                (name, alias.as_ref().map(|a| expr::norm(&a.name)))
             }
             other => return Err(SqlError::unsupported(format!("DELETE from {other}"))),
         };
@@ -999,7 +1002,7 @@ pub(crate) fn describe(
 ) -> Result<(Vec<Type>, Vec<Column>), SqlError> {
     let (bound, params) = bind_statement(catalog, stmt, param_types)?;
     let columns = match bound {
-        Some(Bound_::Select(p)) => p.columns[..p.columns.len() - p.hidden].to_vec(),
+        Some(Bound_::Select(p)) => p.columns,
         Some(Bound_::Insert(InsertPlan {
             returning: Some(r), ..
         }))
@@ -1335,7 +1338,7 @@ impl<'a> Exec<'a> {
             out.push(o);
         }
         if p.distinct {
-            let visible = p.columns.len() - p.hidden;
+            let visible = p.columns.len();
             let mut seen = HashSet::new();
             out.retain(|r| seen.insert(row_fingerprint(&r[..visible])));
         }
@@ -1347,7 +1350,7 @@ impl<'a> Exec<'a> {
             out.truncate(l);
         }
         if p.hidden > 0 {
-            let visible = p.columns.len() - p.hidden;
+            let visible = p.columns.len();
             for r in &mut out {
                 r.truncate(visible);
             }
@@ -2001,7 +2004,7 @@ pub(crate) async fn execute(
                 Some(Bound_::Select(p)) => {
                     let rows = ex.select(&p).await?;
                     let n = rows.len();
-                    let cols = p.columns[..p.columns.len() - p.hidden].to_vec();
+                    let cols = p.columns.clone();
                     Ok(rows_result(cols, rows, format!("SELECT {n}")))
                 }
                 Some(Bound_::Insert(p)) => {
@@ -2338,14 +2341,20 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
             Some(t) => (t, -1),
             None => expr::parse_type_name(&type_text)?,
         };
-        if columns.iter().any(|x: &ColumnDef| x.name == c.name.value) {
+        if columns
+            .iter()
+            .any(|x: &ColumnDef| x.name == expr::norm(&c.name))
+        {
             return Err(SqlError::new(
                 "42701",
-                format!("column \"{}\" specified more than once", c.name.value),
+                format!(
+                    "column \"{}\" specified more than once",
+                    expr::norm(&c.name)
+                ),
             ));
         }
         let mut col = ColumnDef {
-            name: c.name.value.clone(),
+            name: expr::norm(&c.name),
             type_oid: ty.oid(),
             typmod,
             not_null: serial.is_some(),
@@ -2364,15 +2373,15 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                         ));
                     }
                     pk = vec![i];
-                    pk_name = opt.name.as_ref().map(|n| n.value.clone());
+                    pk_name = opt.name.as_ref().map(|n| expr::norm(n));
                     col.not_null = true;
                 }
                 ast::ColumnOption::Check(cc) => checks.push(CheckDef {
                     name: opt
                         .name
                         .as_ref()
-                        .map(|n| n.value.clone())
-                        .unwrap_or_else(|| format!("{name}_{}_check", c.name.value)),
+                        .map(|n| expr::norm(n))
+                        .unwrap_or_else(|| format!("{name}_{}_check", expr::norm(&c.name))),
                     expr: cc.expr.to_string(),
                 }),
                 ast::ColumnOption::Unique(_) => {
@@ -2401,7 +2410,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                     ));
                 }
                 for ic in &p.columns {
-                    let cname = ic.column.expr.to_string();
+                    let cname = expr::expr_name(&ic.column.expr);
                     let i = columns
                         .iter()
                         .position(|c| c.name == cname)
@@ -2414,13 +2423,13 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                     columns[i].not_null = true;
                     pk.push(i);
                 }
-                pk_name = p.name.as_ref().map(|n| n.value.clone());
+                pk_name = p.name.as_ref().map(|n| expr::norm(n));
             }
             ast::TableConstraint::Check(cc) => checks.push(CheckDef {
                 name: cc
                     .name
                     .as_ref()
-                    .map(|n| n.value.clone())
+                    .map(|n| expr::norm(n))
                     .unwrap_or_else(|| format!("{name}_check")),
                 expr: cc.expr.to_string(),
             }),
@@ -2690,7 +2699,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 }
                 let mut cols = Vec::new();
                 for ic in &p.columns {
-                    let cname = ic.column.expr.to_string();
+                    let cname = expr::expr_name(&ic.column.expr);
                     cols.push(def.column_index(&cname).ok_or_else(|| {
                         SqlError::new(
                             "42703",
@@ -2701,7 +2710,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                         )
                     })?);
                 }
-                def = rekey(ex, &def, cols, p.name.as_ref().map(|n| n.value.clone())).await?;
+                def = rekey(ex, &def, cols, p.name.as_ref().map(|n| expr::norm(n))).await?;
             }
             ast::AlterTableOperation::AddConstraint {
                 constraint: ast::TableConstraint::Check(cc),
@@ -2711,7 +2720,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     name: cc
                         .name
                         .as_ref()
-                        .map(|n| n.value.clone())
+                        .map(|n| expr::norm(n))
                         .unwrap_or_else(|| format!("{}_check", def.name)),
                     expr: cc.expr.to_string(),
                 };
@@ -2739,7 +2748,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 if_not_exists,
                 ..
             } => {
-                if def.column_index(&column_def.name.value).is_some() {
+                if def.column_index(&expr::norm(&column_def.name)).is_some() {
                     if *if_not_exists {
                         continue;
                     }
@@ -2747,13 +2756,14 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                         "42701",
                         format!(
                             "column \"{}\" of relation \"{}\" already exists",
-                            column_def.name.value, def.name
+                            expr::norm(&column_def.name),
+                            def.name
                         ),
                     ));
                 }
                 let (ty, typmod) = expr::parse_type_name(&column_def.data_type.to_string())?;
                 let mut col = ColumnDef {
-                    name: column_def.name.value.clone(),
+                    name: expr::norm(&column_def.name),
                     type_oid: ty.oid(),
                     typmod,
                     not_null: false,
@@ -2809,7 +2819,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 ..
             } => {
                 for cn in column_names {
-                    let Some(i) = def.column_index(&cn.value) else {
+                    let Some(i) = def.column_index(&expr::norm(cn)) else {
                         if *if_exists {
                             continue;
                         }
@@ -2817,7 +2827,8 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                             "42703",
                             format!(
                                 "column \"{}\" of relation \"{}\" does not exist",
-                                cn.value, def.name
+                                expr::norm(cn),
+                                def.name
                             ),
                         ));
                     };
@@ -2876,7 +2887,7 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
     let def = find_table(&ex.catalog, &ci.table_name)?;
     let mut cols = Vec::new();
     for ic in &ci.columns {
-        let cname = ic.column.expr.to_string();
+        let cname = expr::expr_name(&ic.column.expr);
         cols.push(
             def.column_index(&cname).ok_or_else(|| {
                 SqlError::new("42703", format!("column \"{cname}\" does not exist"))
@@ -3016,8 +3027,11 @@ async fn copy_start(
     } else {
         cols.iter()
             .map(|c| {
-                def.column_index(&c.value).ok_or_else(|| {
-                    SqlError::new("42703", format!("column \"{}\" does not exist", c.value))
+                def.column_index(&expr::norm(c)).ok_or_else(|| {
+                    SqlError::new(
+                        "42703",
+                        format!("column \"{}\" does not exist", expr::norm(c)),
+                    )
                 })
             })
             .collect::<Result<_, _>>()?

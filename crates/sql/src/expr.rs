@@ -108,6 +108,9 @@ pub enum Func {
     Round,
     Floor,
     Ceil,
+    OctetLength,
+    /// char(n) to text: trailing spaces are not significant.
+    BpcharTrim,
 }
 
 #[derive(Debug, Clone)]
@@ -162,11 +165,28 @@ impl Expr {
     }
 }
 
+/// An identifier as PostgreSQL folds it: unquoted names are lower-cased.
+pub fn norm(id: &ast::Ident) -> String {
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
+    }
+}
+
+/// The column an index or key element names (`(a)` or `("A")`).
+pub fn expr_name(e: &ast::Expr) -> String {
+    match e {
+        ast::Expr::Identifier(i) => norm(i),
+        other => other.to_string(),
+    }
+}
+
 /// Column name PostgreSQL would give a select-list expression.
 pub fn column_name(e: &ast::Expr) -> String {
     match e {
-        ast::Expr::Identifier(i) => i.value.clone(),
-        ast::Expr::CompoundIdentifier(v) => v.last().map(|i| i.value.clone()).unwrap_or_default(),
+        ast::Expr::Identifier(i) => norm(i),
+        ast::Expr::CompoundIdentifier(v) => v.last().map(norm).unwrap_or_default(),
         ast::Expr::Function(f) => f
             .name
             .0
@@ -379,19 +399,20 @@ impl<'a> BindCtx<'a> {
                 if self.agg.is_some() {
                     return Err(SqlError::new(
                         "42803",
-                        format!("column \"{}\" must appear in the GROUP BY clause or be used in an aggregate function", id.value),
+                        format!("column \"{}\" must appear in the GROUP BY clause or be used in an aggregate function", norm(id)),
                     ));
                 }
-                let i = scope.resolve(None, &id.value)?;
+                let i = scope.resolve(None, &norm(id))?;
                 Expr::Column(i, scope.columns[i].ty)
             }
             E::CompoundIdentifier(parts) => {
                 if self.agg.is_some() {
                     return Err(SqlError::new("42803", format!("column \"{e}\" must appear in the GROUP BY clause or be used in an aggregate function")));
                 }
+                let parts: Vec<String> = parts.iter().map(norm).collect();
                 let (table, name) = match parts.as_slice() {
-                    [t, c] => (Some(t.value.as_str()), c.value.as_str()),
-                    [_, t, c] => (Some(t.value.as_str()), c.value.as_str()),
+                    [t, c] => (Some(t.as_str()), c.as_str()),
+                    [_, t, c] => (Some(t.as_str()), c.as_str()),
                     _ => return Err(SqlError::unsupported(format!("column reference {e}"))),
                 };
                 let i = scope.resolve(table, name)?;
@@ -512,6 +533,11 @@ impl<'a> BindCtx<'a> {
                 let (t, typmod) = parse_type_name(&data_type.to_string())?;
                 let x = self.bind_inner(scope, expr)?;
                 let x = self.coerce(x, t);
+                let x = if matches!(t, Type::Text | Type::Varchar) {
+                    bpchar_trim(x, self.params)
+                } else {
+                    x
+                };
                 if x.ty(self.params) == t && typmod < 0 {
                     x
                 } else {
@@ -633,6 +659,13 @@ impl<'a> BindCtx<'a> {
         let (l, r) = match op {
             BinOp::And | BinOp::Or => (self.coerce(l, Type::Bool), self.coerce(r, Type::Bool)),
             BinOp::Concat => (self.coerce(l, Type::Text), self.coerce(r, Type::Text)),
+            BinOp::Eq | BinOp::NotEq | BinOp::Lt | BinOp::LtEq | BinOp::Gt | BinOp::GtEq
+                if l.ty(self.params) == Type::Bpchar || r.ty(self.params) == Type::Bpchar =>
+            {
+                // char(n) compares without its padding.
+                let (l, r) = (self.coerce(l, Type::Bpchar), self.coerce(r, Type::Bpchar));
+                (bpchar_trim(l, self.params), bpchar_trim(r, self.params))
+            }
             _ => {
                 let (lt, rt) = (l.ty(self.params), r.ty(self.params));
                 let l = if lt == Type::Unknown {
@@ -647,6 +680,11 @@ impl<'a> BindCtx<'a> {
                 };
                 (l, r)
             }
+        };
+        let (l, r) = if op == BinOp::Concat {
+            (bpchar_trim(l, self.params), bpchar_trim(r, self.params))
+        } else {
+            (l, r)
         };
         let (lt, rt) = (l.ty(self.params), r.ty(self.params));
         let ty = match op {
@@ -812,9 +850,8 @@ impl<'a> BindCtx<'a> {
             }
             "lower" => (Func::Lower, Type::Text),
             "upper" => (Func::Upper, Type::Text),
-            "length" | "char_length" | "character_length" | "octet_length" => {
-                (Func::Length, Type::Int4)
-            }
+            "length" | "char_length" | "character_length" => (Func::Length, Type::Int4),
+            "octet_length" => (Func::OctetLength, Type::Int4),
             "abs" => {
                 arity(1)?;
                 let t = args[0].ty(self.params);
@@ -871,6 +908,15 @@ impl<'a> BindCtx<'a> {
     }
 }
 
+/// Strips char(n) padding where a char(n) value becomes text.
+fn bpchar_trim(e: Expr, params: &[Type]) -> Expr {
+    if e.ty(params) == Type::Bpchar {
+        Expr::Func(Func::BpcharTrim, vec![e], Type::Text)
+    } else {
+        e
+    }
+}
+
 fn arith_type(l: Type, r: Type, op: BinOp) -> Result<Type, SqlError> {
     use Type::*;
     let rank = |t: Type| match t {
@@ -901,7 +947,8 @@ fn arith_type(l: Type, r: Type, op: BinOp) -> Result<Type, SqlError> {
         ));
     }
     Ok(match a.max(b) {
-        1 | 2 => Int4,
+        1 => Int2,
+        2 => Int4,
         3 => Int8,
         4 => Numeric,
         5 if a.min(b) <= 3 || a == b => {
@@ -955,6 +1002,18 @@ impl<'a> EvalCtx<'a> {
             now: now_timestamp(),
         }
     }
+}
+
+/// The SQLSTATE PostgreSQL gives a failed text-to-type conversion.
+pub fn parse_error(ty: Type, e: borealis_engine::types::ParseError) -> SqlError {
+    let dated = matches!(ty, Type::Date | Type::Timestamp | Type::TimestampTz);
+    let code = match (e.0.contains("out of range"), dated) {
+        (true, true) => "22008",
+        (true, false) => "22003",
+        (false, true) => "22007",
+        (false, false) => "22P02",
+    };
+    SqlError::new(code, e.0)
 }
 
 fn overflow() -> SqlError {
@@ -1030,14 +1089,7 @@ pub fn cast(d: Datum, ty: Type, typmod: i32) -> Result<Datum, SqlError> {
     if d.is_null() {
         return Ok(Datum::Null);
     }
-    let invalid = |e: borealis_engine::types::ParseError| {
-        let code = if e.0.contains("out of range") {
-            "22003"
-        } else {
-            "22P02"
-        };
-        SqlError::new(code, e.0)
-    };
+    let invalid = |e: borealis_engine::types::ParseError| parse_error(ty, e);
     let out = match (ty, d) {
         (Type::Int2, d) | (Type::Int4, d) | (Type::Int8, d) | (Type::Oid, d)
             if d.as_i64().is_some() =>
@@ -1073,6 +1125,9 @@ pub fn cast(d: Datum, ty: Type, typmod: i32) -> Result<Datum, SqlError> {
         ),
         (Type::Bool, Datum::Int4(v)) => Datum::Bool(v != 0),
         (Type::Int4, Datum::Bool(b)) => Datum::Int4(b as i32),
+        (Type::Text | Type::Varchar | Type::Bpchar | Type::Name, Datum::Bool(b)) => {
+            Datum::Text(if b { "true" } else { "false" }.to_string())
+        }
         (Type::Text | Type::Varchar | Type::Bpchar | Type::Name, d) => {
             let s = d.to_text().unwrap_or_default();
             Datum::Text(s)
@@ -1526,6 +1581,19 @@ fn call(f: Func, mut v: Vec<Datum>, ty: Type, ctx: &EvalCtx<'_>) -> Result<Datum
             }
             best.unwrap_or(Datum::Null)
         }
+        Func::BpcharTrim => match v.into_iter().next() {
+            Some(Datum::Text(s)) => Datum::Text(s.trim_end_matches(' ').to_string()),
+            Some(other) => other,
+            None => Datum::Null,
+        },
+        Func::OctetLength => match v.first() {
+            Some(Datum::Bytea(b)) => Datum::Int4(b.len() as i32),
+            Some(d) => match text(d) {
+                Some(s) => Datum::Int4(s.len() as i32),
+                None => Datum::Null,
+            },
+            None => Datum::Null,
+        },
         Func::Lower => v
             .first()
             .and_then(text)

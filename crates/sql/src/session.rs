@@ -360,13 +360,24 @@ impl Session {
         if statements.is_empty() {
             return vec![Ok(ExecResult::Empty)];
         }
+        // Several statements in one Query run as one implicit transaction (unless
+        // they manage their own with BEGIN/COMMIT), as in PostgreSQL.
+        let implicit = statements.len() > 1;
+        self.defer_commit = implicit;
         let mut out = Vec::with_capacity(statements.len());
+        let mut failed = false;
         for stmt in &statements {
             let r = self.run(stmt, &[]).await;
-            let failed = r.is_err();
+            failed = r.is_err();
             out.push(r);
-            if failed {
+            if failed || self.copy.is_some() {
                 break;
+            }
+        }
+        self.defer_commit = false;
+        if implicit && !failed && self.copy.is_none() {
+            if let Err(e) = self.sync().await {
+                out.push(Err(e));
             }
         }
         out
@@ -517,7 +528,17 @@ impl Session {
     /// after an error the front end raised itself.
     pub async fn fail_block(&mut self) {
         match self.status {
-            TransactionStatus::InBlock => self.status = TransactionStatus::Failed,
+            TransactionStatus::InBlock => {
+                self.status = TransactionStatus::Failed;
+                // As in PostgreSQL, the failed transaction releases its row locks at
+                // once; the block only waits for ROLLBACK. With savepoints open it
+                // stays, so that ROLLBACK TO SAVEPOINT can continue it.
+                if !self.txn.as_ref().is_some_and(|t| t.has_savepoints()) {
+                    if let Some(txn) = self.txn.take() {
+                        let _ = self.db.engine.rollback(txn).await;
+                    }
+                }
+            }
             TransactionStatus::Idle => {
                 if let Some(txn) = self.txn.take() {
                     let _ = self.db.engine.rollback(txn).await;
@@ -644,7 +665,7 @@ impl Session {
                 ..
             } => {
                 let r = self
-                    .savepoint_op(SavepointOp::RollbackTo, &name.value)
+                    .savepoint_op(SavepointOp::RollbackTo, &crate::expr::norm(name))
                     .await;
                 if r.is_ok() {
                     self.status = TransactionStatus::InBlock;
@@ -659,7 +680,7 @@ impl Session {
             )),
             Statement::Savepoint { name } => {
                 return self
-                    .savepoint_op(SavepointOp::Create, &name.value)
+                    .savepoint_op(SavepointOp::Create, &crate::expr::norm(name))
                     .await
                     .map(|()| ExecResult::Command {
                         tag: "SAVEPOINT".into(),
@@ -667,7 +688,7 @@ impl Session {
             }
             Statement::ReleaseSavepoint { name } => {
                 return self
-                    .savepoint_op(SavepointOp::Release, &name.value)
+                    .savepoint_op(SavepointOp::Release, &crate::expr::norm(name))
                     .await
                     .map(|()| ExecResult::Command {
                         tag: "RELEASE".into(),
