@@ -237,19 +237,26 @@ if [ "$BENCH_PERF" = 1 ] && [[ " $SYSTEMS " == *" borealis "* ]] && [ -z "${BROK
         pb=$!
         cpu_snapshot >"$WORK/cpu0.txt"; c0=$(now)
         sleep 2
+        spid=$(bstatus | jq -r '[.storage_nodes[]? | select(.name=="storage-a1")][0].pid // empty')
+        [ -n "$spid" ] && { timeout 30 perf record -F 499 -g -p "$spid" -o "$WORK/perf-storage.data" -- sleep 10 \
+            >"$WORK/perf-record-storage.log" 2>&1 & }
         timeout 30 perf record -F 499 -g -p "$wpid" -o "$WORK/perf.data" -- sleep 10 >"$WORK/perf-record.log" 2>&1
         wait $pb
+        wait
         cpu_snapshot >"$WORK/cpu1.txt"; c1=$(now)
         # CPU used per cluster process during the 14 s TPC-B run (utime+stime), as % of one core
         LC_ALL=C join "$WORK/cpu0.txt" "$WORK/cpu1.txt" | awk -v dt="$(elapsed "$c0" "$c1")" -v hz="$(getconf CLK_TCK)" \
             '{printf "%s %.0f%%\n", $2, ($5-$3)/hz/dt*100}' | sort -k2 -t' ' -rn >"$WORK/cpu-split.txt"
         record perf borealis cpu_split_tpcb8 "$(tr '\n' ';' <"$WORK/cpu-split.txt") pgbench: $(grep -oP 'tps = \K[0-9.]+' "$WORK/perf-pgbench.out") tps under perf"
-        timeout 120 perf report -i "$WORK/perf.data" --stdio --no-children --sort symbol --percent-limit 0.3 \
-            -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 >"$WORK/perf-top.txt"
+        perf_top() { timeout 120 perf report -i "$1" --stdio --no-children --sort symbol --percent-limit 0.3 \
+            -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//; s/^ *//' | cut -c1-160 | head -40; }
+        { echo "# writer instance (pid $wpid), self time by symbol"; perf_top "$WORK/perf.data"; } >"$WORK/perf-top.txt"
+        [ -f "$WORK/perf-storage.data" ] && { echo; echo "# storage node storage-a1 (pid $spid), self time by symbol"
+            perf_top "$WORK/perf-storage.data"; } >>"$WORK/perf-top.txt"
         timeout 120 perf report -i "$WORK/perf.data" --stdio --no-children --sort dso \
-            -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -12 >"$WORK/perf-dso.txt"
+            -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/ *$//' | head -12 >"$WORK/perf-dso.txt"
         cp "$WORK/perf-top.txt" "$BENCH_OUT/$STAMP-perf.txt" 2>/dev/null
-        { echo; echo "# by shared object"; cat "$WORK/perf-dso.txt"
+        { echo; echo "# writer by shared object"; cat "$WORK/perf-dso.txt"
           echo; echo "# CPU per cluster process during the profiled TPC-B 8-client run (% of one core)"; cat "$WORK/cpu-split.txt"; } >>"$BENCH_OUT/$STAMP-perf.txt"
         record perf borealis file "$STAMP-perf.txt"
     fi
