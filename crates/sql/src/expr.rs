@@ -184,26 +184,41 @@ pub fn expr_name(e: &ast::Expr) -> String {
 
 /// Column name PostgreSQL would give a select-list expression.
 pub fn column_name(e: &ast::Expr) -> String {
+    column_name_strength(e).0
+}
+
+/// PostgreSQL's FigureColname: a name and how strongly the expression claims it
+/// (2 = a column or function name, 1 = a type name from a cast or "case", 0 = none).
+/// A cast keeps its argument's strong name but overrides a weak one.
+fn column_name_strength(e: &ast::Expr) -> (String, u8) {
     match e {
-        ast::Expr::Identifier(i) => norm(i),
-        ast::Expr::CompoundIdentifier(v) => v.last().map(norm).unwrap_or_default(),
-        ast::Expr::Function(f) => f
-            .name
-            .0
-            .last()
-            .map(|p| p.to_string().to_lowercase())
-            .unwrap_or_default(),
+        ast::Expr::Identifier(i) => (norm(i), 2),
+        ast::Expr::CompoundIdentifier(v) => (v.last().map(norm).unwrap_or_default(), 2),
+        ast::Expr::Function(f) => (
+            f.name
+                .0
+                .last()
+                .map(|p| p.to_string().to_lowercase())
+                .unwrap_or_default(),
+            2,
+        ),
+        ast::Expr::Substring { .. } => ("substring".into(), 2),
         ast::Expr::Cast {
             expr, data_type, ..
-        } => match &**expr {
-            ast::Expr::Value(_) => parse_type_name(&data_type.to_string())
-                .map(|(t, _)| pg_short_name(t))
-                .unwrap_or_else(|_| "?column?".into()),
-            other => column_name(other),
-        },
-        ast::Expr::Nested(e) => column_name(e),
-        ast::Expr::Case { .. } => "case".into(),
-        _ => "?column?".into(),
+        } => {
+            let (name, strength) = column_name_strength(expr);
+            if strength <= 1 {
+                match parse_type_name(&data_type.to_string()) {
+                    Ok((t, _)) => (pg_short_name(t), 1),
+                    Err(_) => (name, strength),
+                }
+            } else {
+                (name, strength)
+            }
+        }
+        ast::Expr::Nested(e) => column_name_strength(e),
+        ast::Expr::Case { .. } => ("case".into(), 1),
+        _ => ("?column?".into(), 0),
     }
 }
 
