@@ -2043,6 +2043,7 @@ pub(crate) async fn execute(
         Statement::CreateSequence {
             name,
             if_not_exists,
+            sequence_options,
             ..
         } => {
             ex.check_writable()?;
@@ -2058,14 +2059,30 @@ pub(crate) async fn execute(
                     format!("relation \"{n}\" already exists"),
                 ));
             }
-            create_sequence(&mut ex, &n, None).await?;
+            let def = sequence_def(&ex, sequence_options)?;
+            create_sequence(&mut ex, &n, None, def).await?;
             Ok(ExecResult::Command {
                 tag: "CREATE SEQUENCE".into(),
             })
         }
-        Statement::Vacuum(_) => Ok(ExecResult::Command {
-            tag: "VACUUM".into(),
-        }),
+        Statement::Vacuum(v) => {
+            // Prunes row versions no snapshot can see any more, table by table.
+            let tables: Vec<Arc<TableDef>> = match &v.table_name {
+                Some(n) => vec![find_table(&ex.catalog, n)?],
+                None => ex
+                    .catalog
+                    .iter()
+                    .filter(|t| t.kind == RelKind::Table)
+                    .cloned()
+                    .collect(),
+            };
+            for t in tables {
+                ex.engine.vacuum(t.root).await.map_err(engine_error)?;
+            }
+            Ok(ExecResult::Command {
+                tag: "VACUUM".into(),
+            })
+        }
         Statement::Analyze(_) => Ok(ExecResult::Command {
             tag: "ANALYZE".into(),
         }),
@@ -2269,11 +2286,79 @@ fn explain(catalog: &[Arc<TableDef>], stmt: &Statement) -> Result<Vec<String>, S
 // ---------------------------------------------------------------------------
 // DDL
 
+/// CREATE SEQUENCE options, with PostgreSQL's defaults for ascending and
+/// descending sequences.
+fn sequence_def(ex: &Exec<'_>, options: &[ast::SequenceOptions]) -> Result<SequenceDef, SqlError> {
+    let int = |e: &ast::Expr| -> Result<i64, SqlError> {
+        let b = Binder {
+            catalog: &ex.catalog,
+            params: vec![],
+            nextvals: vec![],
+        }
+        .bind(&Scope::default(), e, Some(Type::Int8));
+        let v = expr::eval(&b?, &[], &ex.ctx(&[]))?;
+        v.as_i64()
+            .or_else(|| expr::cast(v, Type::Int8, -1).ok()?.as_i64())
+            .ok_or_else(|| SqlError::new("22023", format!("invalid sequence option value {e}")))
+    };
+    let (mut increment, mut min, mut max, mut start, mut cycle) = (1i64, None, None, None, false);
+    for o in options {
+        match o {
+            ast::SequenceOptions::IncrementBy(e, _) => increment = int(e)?,
+            ast::SequenceOptions::MinValue(e) => min = e.as_ref().map(int).transpose()?,
+            ast::SequenceOptions::MaxValue(e) => max = e.as_ref().map(int).transpose()?,
+            ast::SequenceOptions::StartWith(e, _) => start = Some(int(e)?),
+            ast::SequenceOptions::Cache(_) => {}
+            ast::SequenceOptions::Cycle(no) => cycle = !*no,
+        }
+    }
+    if increment == 0 {
+        return Err(SqlError::new("22023", "INCREMENT must not be zero"));
+    }
+    let min_value = min.unwrap_or(if increment > 0 { 1 } else { i64::MIN });
+    let max_value = max.unwrap_or(if increment > 0 { i64::MAX } else { -1 });
+    let start = start.unwrap_or(if increment > 0 { min_value } else { max_value });
+    if min_value >= max_value {
+        return Err(SqlError::new(
+            "22023",
+            format!("MINVALUE ({min_value}) must be less than MAXVALUE ({max_value})"),
+        ));
+    }
+    if start < min_value || start > max_value {
+        return Err(SqlError::new(
+            "22023",
+            format!("START value ({start}) cannot be outside [{min_value}, {max_value}]"),
+        ));
+    }
+    Ok(SequenceDef {
+        increment,
+        min_value,
+        max_value,
+        start,
+        cycle,
+        owned_by: None,
+    })
+}
+
+fn default_sequence() -> SequenceDef {
+    SequenceDef {
+        increment: 1,
+        min_value: 1,
+        max_value: i64::MAX,
+        start: 1,
+        cycle: false,
+        owned_by: None,
+    }
+}
+
 async fn create_sequence(
     ex: &mut Exec<'_>,
     name: &str,
     owned_by: Option<(u32, usize)>,
+    mut seq: SequenceDef,
 ) -> Result<u32, SqlError> {
+    seq.owned_by = owned_by;
+    let start = seq.start;
     let (oid, root) = ex
         .engine
         .allocate_relation(ex.txn)
@@ -2290,21 +2375,14 @@ async fn create_sequence(
         indexes: vec![],
         checks: vec![],
         rowid_seq: None,
-        sequence: Some(SequenceDef {
-            increment: 1,
-            min_value: 1,
-            max_value: i64::MAX,
-            start: 1,
-            cycle: false,
-            owned_by,
-        }),
+        sequence: Some(seq),
     };
     ex.engine
         .put_relation(ex.txn, &def, true)
         .await
         .map_err(engine_error)?;
     ex.engine
-        .set_sequence(ex.txn, oid, 1, false)
+        .set_sequence(ex.txn, oid, start, false)
         .await
         .map_err(engine_error)?;
     ex.catalog.push(Arc::new(def));
@@ -2471,11 +2549,19 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
         .map_err(engine_error)?;
     for &i in &serials {
         let seq_name = format!("{name}_{}_seq", columns[i].name);
-        create_sequence(ex, &seq_name, Some((oid, i))).await?;
+        create_sequence(ex, &seq_name, Some((oid, i)), default_sequence()).await?;
         columns[i].default = Some(format!("nextval('{seq_name}'::regclass)"));
     }
     let rowid_seq = if pk.is_empty() {
-        Some(create_sequence(ex, &format!("{name}_rowid_seq"), Some((oid, usize::MAX))).await?)
+        Some(
+            create_sequence(
+                ex,
+                &format!("{name}_rowid_seq"),
+                Some((oid, usize::MAX)),
+                default_sequence(),
+            )
+            .await?,
+        )
     } else {
         None
     };
