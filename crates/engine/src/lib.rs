@@ -112,6 +112,8 @@ pub struct Txn {
     subxids: Vec<TxnId>,
     /// Set by a cancel request; checked by scans and lock waits.
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// This transaction changed the catalog (it must not use the shared cache).
+    catalog_dirty: bool,
 }
 
 impl Txn {
@@ -177,6 +179,11 @@ struct State {
     waits_for: HashMap<TxnId, TxnId>,
     /// Live subtransaction (savepoint) ids and their top-level transaction.
     subxact_parent: HashMap<TxnId, TxnId>,
+    /// Commit LSN of the latest transaction that changed the catalog.
+    catalog_commit_lsn: Lsn,
+    /// The committed catalog as of a snapshot at or after `catalog_commit_lsn`:
+    /// every such snapshot sees exactly these entries, so statements skip the scan.
+    catalog_cached: Option<(Lsn, Arc<Vec<Arc<TableDef>>>)>,
 }
 
 /// Retries a synchronous walk after loading whichever page it missed.
@@ -475,6 +482,8 @@ impl Engine {
             active: BTreeMap::new(),
             waits_for: HashMap::new(),
             subxact_parent: HashMap::new(),
+            catalog_commit_lsn: Lsn::ZERO,
+            catalog_cached: None,
         };
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -509,6 +518,7 @@ impl Engine {
             savepoints: Vec::new(),
             subxids: Vec::new(),
             cancel: None,
+            catalog_dirty: false,
         }
     }
 
@@ -533,7 +543,12 @@ impl Engine {
             xids.extend(&txn.subxids);
             let lsns = st.decide(&xids, true).await?;
             st.active.remove(&txn.txid);
-            lsns.iter().copied().max().unwrap_or(Lsn::ZERO)
+            let lsn = lsns.iter().copied().max().unwrap_or(Lsn::ZERO);
+            if txn.catalog_dirty {
+                st.catalog_commit_lsn = lsn;
+                st.catalog_cached = None;
+            }
+            lsn
         };
         self.inner.txn_ended.notify_waiters();
         self.inner.volume.wait_durable(lsn).await?;
@@ -1041,6 +1056,25 @@ impl Engine {
 
     /// All relations visible to `txn`.
     pub async fn relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
+        if !txn.catalog_dirty {
+            let st = self.lock().await;
+            if let Some((from, list)) = &st.catalog_cached {
+                if txn.snapshot >= st.catalog_commit_lsn && *from >= st.catalog_commit_lsn {
+                    return Ok(list.as_ref().clone());
+                }
+            }
+        }
+        let out = self.scan_relations(txn).await?;
+        if !txn.catalog_dirty {
+            let mut st = self.lock().await;
+            if txn.snapshot >= st.catalog_commit_lsn {
+                st.catalog_cached = Some((txn.snapshot, Arc::new(out.clone())));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn scan_relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
         let mut out = Vec::new();
         let mut err = None;
         self.scan(
@@ -1132,6 +1166,7 @@ impl Engine {
         def: &TableDef,
         create: bool,
     ) -> Result<(), EngineError> {
+        txn.catalog_dirty = true;
         let key = row::encode_key(&[Datum::Int8(def.oid as i64)])?;
         let json = serde_json::to_string(def).map_err(|e| EngineError::Internal(e.to_string()))?;
         let row = vec![Datum::Text(json)];
@@ -1157,6 +1192,7 @@ impl Engine {
     }
 
     pub async fn drop_relation(&self, txn: &mut Txn, oid: u32) -> Result<(), EngineError> {
+        txn.catalog_dirty = true;
         let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
         self.modify_row(txn, &Self::catalog_table(), &key, &mut |_| {
             Ok(RowAction::Delete)
