@@ -58,6 +58,13 @@ record meta all bench_seconds "$BENCH_SECONDS"
 record meta all scale "$BENCH_SCALE"
 record meta all host "$(uname -n) $(nproc) cores, $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 record meta all git "$(cd "$REPO_DIR" && git log -1 --format='%h %s' 2>/dev/null | cut -c1-100)"
+# the disk's fdatasync rate bounds both systems' commit latency; noted for context
+fsync_rate() {
+    timeout 60 "$PG_BIN/pg_test_fsync" -s 1 -f "$WORK/fsync.probe" 2>/dev/null \
+        | awk '/one 8kB write/{f=1} f && $1=="fdatasync"{print $2" ops/s ("$4" usecs/op)"; exit}'
+    rm -f "$WORK/fsync.probe"
+}
+record meta all fdatasync_before "$(fsync_rate)"
 if [[ " $BENCH_SYSTEMS " == *" pg "* ]]; then
     start_pg
     SYSTEMS="pg"
@@ -238,11 +245,15 @@ if [ "$BENCH_PERF" = 1 ] && [[ " $SYSTEMS " == *" borealis "* ]] && [ -z "${BROK
         cpu_snapshot >"$WORK/cpu0.txt"; c0=$(now)
         sleep 2
         spid=$(bstatus | jq -r '[.storage_nodes[]? | select(.name=="storage-a1")][0].pid // empty')
-        [ -n "$spid" ] && { timeout 30 perf record -F 499 -g -p "$spid" -o "$WORK/perf-storage.data" -- sleep 10 \
-            >"$WORK/perf-record-storage.log" 2>&1 & }
+        sp=
+        if [ -n "$spid" ]; then
+            timeout 30 perf record -F 499 -g -p "$spid" -o "$WORK/perf-storage.data" -- sleep 10 \
+                >"$WORK/perf-record-storage.log" 2>&1 &
+            sp=$!
+        fi
         timeout 30 perf record -F 499 -g -p "$wpid" -o "$WORK/perf.data" -- sleep 10 >"$WORK/perf-record.log" 2>&1
         wait $pb
-        wait
+        [ -n "$sp" ] && wait $sp
         cpu_snapshot >"$WORK/cpu1.txt"; c1=$(now)
         # CPU used per cluster process during the 14 s TPC-B run (utime+stime), as % of one core
         LC_ALL=C join "$WORK/cpu0.txt" "$WORK/cpu1.txt" | awk -v dt="$(elapsed "$c0" "$c1")" -v hz="$(getconf CLK_TCK)" \
@@ -349,6 +360,7 @@ if [ "$BENCH_CRASH" = 1 ]; then
 fi
 
 # ---- report -----------------------------------------------------------------------
+record meta all fdatasync_after "$(fsync_rate)"
 record meta all finished "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 stop_borealis
 [ -n "${BOREALIS_LEFTOVERS:-}" ] && record shutdown borealis error "processes left after SIGTERM: $BOREALIS_LEFTOVERS"
