@@ -68,7 +68,6 @@ const FORMAT_VERSION: u64 = 1;
 /// Transaction ids are reserved in blocks so that begin rarely writes the superblock.
 const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
-const SCAN_BATCH_ROWS: usize = 512;
 /// Whole pages per MTR during a bulk load (bounds message and batch sizes).
 const BULK_PAGES_PER_MTR: usize = 32;
 /// Hidden row ids reserved per redo record.
@@ -399,6 +398,14 @@ impl State {
         txn.last_write = lsn;
         Ok(lsn)
     }
+}
+
+/// One leaf's visible rows during a scan.
+struct ScanBatch {
+    rows: Vec<(Vec<u8>, Vec<Datum>)>,
+    next_leaf: PageNo,
+    /// The end bound was reached.
+    done: bool,
 }
 
 /// Result of inspecting a row's version chain for a write.
@@ -933,57 +940,107 @@ impl Engine {
         visit: &mut (dyn FnMut(&[u8], Vec<Datum>) -> Result<bool, EngineError> + Send),
     ) -> Result<(), EngineError> {
         let snap = txn.snap();
+        // A point lookup needs one item, not a leaf's worth.
+        if let (Bound::Included(a), Bound::Included(b)) = (&from, &to) {
+            if a == b {
+                if let Some(row) = self.get_row(txn, root, a).await? {
+                    visit(a, row)?;
+                }
+                return Ok(());
+            }
+        }
         let mut resume: Option<Vec<u8>> = match &from {
             Bound::Included(k) | Bound::Excluded(k) => Some(k.clone()),
             Bound::Unbounded => None,
         };
         let mut leaf: Option<PageNo> = None;
-        let mut batch_rows: Vec<(Vec<u8>, Vec<Datum>)> = Vec::with_capacity(SCAN_BATCH_ROWS);
         loop {
             Self::check_cancel(txn)?;
-            let next_leaf;
-            {
+            let batch = {
                 let mut st = self.lock().await;
-                let batch = match leaf {
-                    None => walk!(
-                        st,
-                        btree::scan_leaf_from(&st.store, root, resume.as_deref())
-                    )?,
-                    Some(p) => walk!(st, btree::read_leaf(&st.store, p, resume.as_deref()))?,
+                let leaf_no = match leaf {
+                    Some(p) => p,
+                    None => {
+                        walk!(
+                            st,
+                            btree::find_leaf(&st.store, root, resume.as_deref().unwrap_or(&[]))
+                        )?
+                        .0
+                    }
                 };
-                next_leaf = batch.next_leaf;
-                for (key, payload) in batch.items {
-                    if let Bound::Excluded(k) = &from {
-                        if &key == k {
-                            continue;
-                        }
-                    }
-                    let past_end = match &to {
-                        Bound::Included(k) => &key > k,
-                        Bound::Excluded(k) => &key >= k,
-                        Bound::Unbounded => false,
-                    };
-                    if past_end {
-                        leaf = Some(0);
-                        break;
-                    }
-                    let versions = decode_versions(&payload)?;
-                    if let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? {
-                        batch_rows.push((key, row::decode_row(&versions[v].row)?));
-                    }
-                }
-            }
-            for (key, row) in batch_rows.drain(..) {
+                walk!(
+                    st,
+                    Self::collect_batch(&st, &snap, leaf_no, resume.as_deref(), &from, &to)
+                )?
+            };
+            for (key, row) in batch.rows {
                 if !visit(&key, row)? {
                     return Ok(());
                 }
             }
-            if leaf == Some(0) || next_leaf == 0 {
+            if batch.done || batch.next_leaf == 0 {
                 return Ok(());
             }
-            leaf = Some(next_leaf);
+            leaf = Some(batch.next_leaf);
             resume = None;
         }
+    }
+
+    /// The visible rows of one leaf from `resume` up to the end bound, decoded
+    /// straight from the cached page (only matching items are copied out).
+    fn collect_batch(
+        st: &State,
+        snap: &Snapshot,
+        leaf_no: PageNo,
+        resume: Option<&[u8]>,
+        from: &Bound<Vec<u8>>,
+        to: &Bound<Vec<u8>>,
+    ) -> Result<ScanBatch, EngineError> {
+        let page = st.store.page(leaf_no)?;
+        if page.kind() != Some(PageKind::BtreeLeaf) {
+            return Err(EngineError::Corrupt(format!(
+                "page {leaf_no} in a leaf chain is not a leaf"
+            )));
+        }
+        let start = match resume {
+            Some(k) => match btree::search(page, k)? {
+                Ok(s) | Err(s) => s,
+            },
+            None => 0,
+        };
+        let mut rows = Vec::new();
+        for slot in start..page.nslots() {
+            let item = page
+                .item(slot)
+                .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
+            let key = btree::item_key(item)?;
+            if let Bound::Excluded(k) = from {
+                if key == k.as_slice() {
+                    continue;
+                }
+            }
+            let past_end = match to {
+                Bound::Included(k) => key > k.as_slice(),
+                Bound::Excluded(k) => key >= k.as_slice(),
+                Bound::Unbounded => false,
+            };
+            if past_end {
+                return Ok(ScanBatch {
+                    rows,
+                    next_leaf: 0,
+                    done: true,
+                });
+            }
+            let versions = decode_versions(btree::item_payload(item)?)?;
+            if let Some(v) = Self::visible(st, snap, &versions)? {
+                rows.push((key.to_vec(), row::decode_row(&versions[v].row)?));
+            }
+        }
+        Ok(ScanBatch {
+            rows,
+            next_leaf: page.next(),
+            done: false,
+        })
     }
 
     /// Point lookup of the version of `key` visible to `txn`.
