@@ -114,8 +114,9 @@ enum Command {
         epoch: u64,
         #[arg(long)]
         password_file: PathBuf,
-        /// Buffer cache size in 8 KiB pages (default 16384 = 128 MiB).
-        #[arg(long, default_value_t = 16384)]
+        /// Buffer cache size in 8 KiB pages (default 65536 = 512 MiB). Instances keep
+        /// no OS page cache of their own data, so the buffer cache is their memory.
+        #[arg(long, default_value_t = 65536)]
         cache_pages: usize,
         #[arg(long)]
         log_file: Option<PathBuf>,
