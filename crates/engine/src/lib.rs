@@ -123,6 +123,18 @@ impl Txn {
             lsn: self.snapshot,
         }
     }
+    /// A version of a row created by this transaction's current command.
+    fn new_version(&self, row: Vec<u8>) -> Version {
+        Version {
+            xmin: self.write_xid,
+            xmin_cid: self.cid,
+            xmax: 0,
+            xmax_cid: 0,
+            flags: 0,
+            row,
+        }
+    }
+
     pub fn has_savepoints(&self) -> bool {
         !self.savepoints.is_empty()
     }
@@ -805,17 +817,7 @@ impl Engine {
                     }
                     let mut buf = Vec::with_capacity(64);
                     row::encode_row(&new_row, &mut buf);
-                    versions.insert(
-                        0,
-                        Version {
-                            xmin: txn.write_xid,
-                            xmin_cid: txn.cid,
-                            xmax: 0,
-                            xmax_cid: 0,
-                            flags: 0,
-                            row: buf,
-                        },
-                    );
+                    versions.insert(0, txn.new_version(buf));
                     new_row
                 }
             };
@@ -906,17 +908,7 @@ impl Engine {
                     _ => {}
                 }
             }
-            versions.insert(
-                0,
-                Version {
-                    xmin: txn.write_xid,
-                    xmin_cid: txn.cid,
-                    xmax: 0,
-                    xmax_cid: 0,
-                    flags: 0,
-                    row: buf,
-                },
-            );
+            versions.insert(0, txn.new_version(buf));
             let versions = walk!(st, st.prune(versions.clone()))?;
             let payload = encode_versions(&versions);
             let mut alloc = Alloc { next: st.next_page };
@@ -1490,14 +1482,7 @@ impl Engine {
         for (key, row) in rows {
             let mut buf = Vec::with_capacity(64);
             row::encode_row(&row, &mut buf);
-            let version = Version {
-                xmin: txn.write_xid,
-                xmin_cid: txn.cid,
-                xmax: 0,
-                xmax_cid: 0,
-                flags: 0,
-                row: buf,
-            };
+            let version = txn.new_version(buf);
             items.push(btree::make_item(&key, &encode_versions(&[version])));
         }
         let mut alloc = Alloc { next: st.next_page };
