@@ -164,9 +164,13 @@ if cr:
         d = cr[s]
         lines.append(f"- **{name}**: " + "; ".join(f"{k} = {v}" for k, v in d.items()))
     lines.append("")
-    lines.append("PostgreSQL is restarted by this script (`pg_ctl start` right after the kill, as a supervisor "
-                 "would); Borealis's writer is restarted by its own control plane. Times are from the kill to "
-                 "the first successful statement through the same endpoint the clients use.")
+    lines.append("PostgreSQL's postmaster and backends are all killed and `postgres` is started again by this "
+                 "script right after the kill, as a supervisor would (its time includes PG 15's start-up fsync "
+                 "of the data directory and the end-of-recovery checkpoint); Borealis's writer instance is "
+                 "killed and restarted by its own control plane. Times are from the kill to the first "
+                 "successful statement through the same endpoint the clients use. `consistent` checks the "
+                 "TPC-B invariant after recovery (sum of teller balances = sum of branch balances, and "
+                 "accounts minus tellers unchanged).")
 
 mem = data.get("memory", {})
 if mem:

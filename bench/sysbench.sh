@@ -44,6 +44,8 @@ SYSTEMS=""
 if [[ " $BENCH_SYSTEMS " == *" pg "* ]]; then start_pg; SYSTEMS="pg"; fi
 if [[ " $BENCH_SYSTEMS " == *" borealis "* ]]; then
     if start_borealis; then SYSTEMS="$SYSTEMS borealis"
+        bc=$(cat "$(dirname "$BOREALIS")/../src/.commit" 2>/dev/null)
+        record meta all borealis "$("$BOREALIS" --version 2>&1 | head -1) ($BOREALIS${bc:+, built from commit $bc})"
     else log "Borealis did not start: $B_START_ERROR"; record start borealis error "$B_START_ERROR"; fi
 fi
 [ -n "$SYSTEMS" ] || die "no system to benchmark"
@@ -131,7 +133,7 @@ def c(k, s, f):
     return ("ERROR: " + e[:120].replace("|", "\\|")) if e else "n/a"
 L = ["# sysbench (pgsql driver): Borealis vs PostgreSQL 15", "",
      f"- started {m.get('started')}, finished {m.get('finished')}; {m.get('config')}",
-     f"- host: {m.get('host')}", f"- git: {m.get('git')}",
+     f"- host: {m.get('host')}", f"- git (checkout): {m.get('git')}", f"- Borealis binary: {m.get('borealis')}",
      "- PostgreSQL 15 default settings (fsync=on, synchronous_commit=on); Borealis: real cluster via `borealis up`, through its writer endpoint", "",
      "Ratio = Borealis/PostgreSQL (> 1: Borealis faster). Errors = sysbench's \"ignored errors\" (rolled back and retried) + fatal errors.", "",
      "| test | PG tps | Borealis tps | tps ratio | PG qps | Borealis qps | PG p95 ms | Borealis p95 ms | PG errors | Borealis errors |",
