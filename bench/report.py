@@ -97,7 +97,7 @@ lines.append("")
 lines.append(f"- started: {allm.get('started', '?')}, finished: {allm.get('finished', '?')}")
 lines.append(f"- BENCH_SECONDS={allm.get('bench_seconds', '?')} per point, pgbench scale {allm.get('scale', '?')}")
 lines.append(f"- host: {allm.get('host', '?')}")
-lines.append(f"- git: {allm.get('git', '?')}")
+lines.append(f"- git (checkout running the harness): {allm.get('git', '?')}")
 lines.append(f"- disk fdatasync rate (pg_test_fsync, 8 kB writes): before {allm.get('fdatasync_before', '?')}, after {allm.get('fdatasync_after', '?')}")
 lines.append(f"- PostgreSQL: {meta.get('pg', {}).get('version', '?')} (Debian package, default settings, fsync=on, synchronous_commit=on)")
 lines.append(f"- Borealis: {meta.get('borealis', {}).get('version', '?')}, real cluster via `borealis up` "
