@@ -37,9 +37,24 @@ pub trait Disk: Send {
 
 // ---- real files -------------------------------------------------------------------
 
+/// Log files grow in zero-filled chunks of this size. An fdatasync after an
+/// append that grows a file must also commit the file's new size (a filesystem
+/// journal commit); appending into bytes that already exist and are written does
+/// not, which is why PostgreSQL zero-fills its WAL segments too. On restart the
+/// zero tail reads as the clean end of the log and is cut (see `Segment::replay`).
+const PREALLOCATE_BYTES: u64 = 8 << 20;
+
+struct LogFile {
+    file: Arc<File>,
+    /// Logical end: where the next append goes.
+    len: u64,
+    /// Bytes that exist in the file (written or zero-filled).
+    allocated: u64,
+}
+
 pub struct FileDisk {
     dir: PathBuf,
-    logs: BTreeMap<PgId, Arc<File>>,
+    logs: BTreeMap<PgId, LogFile>,
 }
 
 impl FileDisk {
@@ -55,25 +70,35 @@ impl FileDisk {
         self.dir.join(format!("segment-{:08}.log", pg.0))
     }
 
-    fn log(&mut self, pg: PgId) -> io::Result<Arc<File>> {
-        if let Some(f) = self.logs.get(&pg) {
-            return Ok(f.clone());
-        }
-        let path = self.log_path(pg);
-        let created = !path.exists();
-        let f = Arc::new(
-            OpenOptions::new()
+    /// The open log of `pg`. A file opened for the first time ends at its size:
+    /// the node cuts any zero tail at start-up before it appends.
+    fn log(&mut self, pg: PgId) -> io::Result<&mut LogFile> {
+        if !self.logs.contains_key(&pg) {
+            let path = self.log_path(pg);
+            let created = !path.exists();
+            let file = OpenOptions::new()
                 .create(true)
-                .append(true)
+                .write(true)
                 .read(true)
-                .open(&path)?,
-        );
-        if created {
-            // The new file's directory entry must survive a crash too.
-            sync_dir(&self.dir)?;
+                .truncate(false)
+                .open(&path)?;
+            if created {
+                // The new file's directory entry must survive a crash too.
+                sync_dir(&self.dir)?;
+            }
+            let size = file.metadata()?.len();
+            self.logs.insert(
+                pg,
+                LogFile {
+                    file: Arc::new(file),
+                    len: size,
+                    allocated: size,
+                },
+            );
         }
-        self.logs.insert(pg, f.clone());
-        Ok(f)
+        self.logs
+            .get_mut(&pg)
+            .ok_or_else(|| io::Error::other("log vanished"))
     }
 }
 
@@ -117,14 +142,33 @@ impl Disk for FileDisk {
     }
 
     fn append_log(&mut self, pg: PgId, bytes: &[u8]) -> io::Result<()> {
-        let f = self.log(pg)?;
-        (&*f).write_all(bytes)
+        use std::os::unix::fs::FileExt;
+        let log = self.log(pg)?;
+        let end = log.len + bytes.len() as u64;
+        if end > log.allocated {
+            // Zero-fill the next chunk(s) so later appends overwrite existing bytes.
+            let target = end.div_ceil(PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
+            let zeros = vec![0u8; (1 << 20).min((target - log.allocated) as usize)];
+            let mut at = log.allocated;
+            while at < target {
+                let n = zeros.len().min((target - at) as usize);
+                log.file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            log.allocated = target;
+        }
+        log.file.write_all_at(bytes, log.len)?;
+        log.len = end;
+        Ok(())
     }
 
     fn truncate_log(&mut self, pg: PgId, len: u64) -> io::Result<()> {
-        let f = self.log(pg)?;
-        f.set_len(len)?;
-        f.sync_all()
+        let log = self.log(pg)?;
+        log.file.set_len(len)?;
+        log.file.sync_all()?;
+        log.len = len;
+        log.allocated = len;
+        Ok(())
     }
 
     fn replace_log(&mut self, pg: PgId, bytes: &[u8]) -> io::Result<()> {
@@ -143,7 +187,7 @@ impl Disk for FileDisk {
     fn sync_job(&mut self, pgs: &[PgId]) -> io::Result<SyncJob> {
         let mut files = Vec::with_capacity(pgs.len());
         for pg in pgs {
-            files.push(self.log(*pg)?);
+            files.push(self.log(*pg)?.file.clone());
         }
         Ok(Box::new(move || {
             if files.len() <= 1 {

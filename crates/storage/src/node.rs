@@ -168,8 +168,11 @@ impl<D: Disk> Node<D> {
                 log::warn!(
                     "{name}: {pg}: log tail cut ({why}); peers and the writer fill it back in"
                 );
-                disk.truncate_log(pg, replayed.valid_len as u64)?;
                 stats.torn_tails_cut += 1;
+            }
+            if replayed.valid_len < bytes.len() {
+                // A torn tail, or the zero-filled space of a preallocated log.
+                disk.truncate_log(pg, replayed.valid_len as u64)?;
             }
             segments.insert(pg, replayed.segment);
         }

@@ -224,7 +224,11 @@ impl Segment {
             match Self::replay_entry(&mut seg, &log[at..]) {
                 Ok(n) => at += n,
                 Err(why) => {
-                    torn = Some(format!("{why} at offset {at} of {}", log.len()));
+                    // Zeros to the end are the log file's preallocated space: the
+                    // clean end of the log, not a torn write.
+                    if log[at..].iter().any(|&b| b != 0) {
+                        torn = Some(format!("{why} at offset {at} of {}", log.len()));
+                    }
                     break;
                 }
             }
