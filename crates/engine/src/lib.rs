@@ -169,6 +169,8 @@ struct Inner {
     state: Mutex<State>,
     /// Decoded catalog entries by their text (see `decode_relation`).
     catalog_cache: std::sync::Mutex<HashMap<String, Arc<TableDef>>>,
+    /// How long commits waited for durability (append of the commit record to VDL).
+    commit_latency: CommitLatency,
     /// Hidden row ids reserved per row-id sequence: (next, end of reserved block).
     rowid_blocks: std::sync::Mutex<HashMap<u32, (i64, i64)>>,
     txn_ended: Notify,
@@ -509,6 +511,7 @@ impl Engine {
                 state: Mutex::new(state),
                 catalog_cache: std::sync::Mutex::new(HashMap::new()),
                 rowid_blocks: std::sync::Mutex::new(HashMap::new()),
+                commit_latency: CommitLatency::default(),
                 txn_ended: Notify::new(),
                 volume,
             }),
@@ -556,6 +559,7 @@ impl Engine {
         if txn.txid == 0 {
             return Ok(Lsn::ZERO);
         }
+        let started = std::time::Instant::now();
         let lsn = {
             let mut st = self.lock().await;
             let mut xids = vec![txn.txid];
@@ -571,7 +575,14 @@ impl Engine {
         };
         self.inner.txn_ended.notify_waiters();
         self.inner.volume.wait_durable(lsn).await?;
+        self.inner.commit_latency.record(started.elapsed());
         Ok(lsn)
+    }
+
+    /// Commit latency so far: (upper bound in seconds, cumulative count) per bucket,
+    /// the sum in seconds and the count, as a Prometheus histogram wants them.
+    pub fn commit_latency(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        self.inner.commit_latency.snapshot()
     }
 
     /// Aborts: its versions simply never become visible.
@@ -1511,6 +1522,48 @@ impl Engine {
             cache_misses: st.store.misses,
             active_transactions: st.active.len() as u64,
         }
+    }
+}
+
+/// Upper bounds of the commit-latency buckets, in microseconds.
+const COMMIT_BUCKETS_US: [u64; 12] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
+
+#[derive(Default)]
+struct CommitLatency {
+    /// Per bucket (non-cumulative); the last slot counts everything slower.
+    buckets: [std::sync::atomic::AtomicU64; COMMIT_BUCKETS_US.len() + 1],
+    sum_us: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl CommitLatency {
+    fn record(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        let i = COMMIT_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(COMMIT_BUCKETS_US.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut cumulative = 0;
+        let mut out = Vec::with_capacity(COMMIT_BUCKETS_US.len());
+        for (i, b) in COMMIT_BUCKETS_US.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            out.push((*b as f64 / 1e6, cumulative));
+        }
+        (
+            out,
+            self.sum_us.load(Relaxed) as f64 / 1e6,
+            self.count.load(Relaxed),
+        )
     }
 }
 

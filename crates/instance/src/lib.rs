@@ -124,8 +124,32 @@ async fn health_json(
     v
 }
 
-fn metrics_text(v: &serde_json::Value) -> String {
+fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize) -> String {
     let mut out = String::new();
+    out.push_str(&format!(
+        "# HELP borealis_connections Client connections open\n# TYPE borealis_connections gauge\nborealis_connections {connections}\n"
+    ));
+    if let Some(db) = db {
+        let (buckets, sum, count) = db.engine().commit_latency();
+        out.push_str("# HELP borealis_commit_latency_seconds Commit record append to durability (VDL)\n# TYPE borealis_commit_latency_seconds histogram\n");
+        for (le, n) in buckets {
+            out.push_str(&format!(
+                "borealis_commit_latency_seconds_bucket{{le=\"{le}\"}} {n}\n"
+            ));
+        }
+        out.push_str(&format!(
+            "borealis_commit_latency_seconds_bucket{{le=\"+Inf\"}} {count}\nborealis_commit_latency_seconds_sum {sum}\nborealis_commit_latency_seconds_count {count}\n"
+        ));
+        if let (Some(h), Some(m)) = (
+            v.get("cache_hits").and_then(|x| x.as_f64()),
+            v.get("cache_misses").and_then(|x| x.as_f64()),
+        ) {
+            let ratio = if h + m > 0.0 { h / (h + m) } else { 1.0 };
+            out.push_str(&format!(
+                "# HELP borealis_buffer_cache_hit_ratio Buffer cache hits / lookups\n# TYPE borealis_buffer_cache_hit_ratio gauge\nborealis_buffer_cache_hit_ratio {ratio}\n"
+            ));
+        }
+    }
     for (key, metric, help) in [
         ("vdl", "borealis_volume_vdl", "Volume durable LSN"),
         ("vcl", "borealis_volume_vcl", "Volume complete LSN"),
@@ -180,6 +204,7 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         ..Default::default()
     }));
     let http_listener = tokio::net::TcpListener::bind(config.http).await?;
+    let open_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     {
         let (health, name, role, epoch) = (
             health.clone(),
@@ -187,13 +212,16 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
             config.role.clone(),
             config.epoch,
         );
+        let open_connections = open_connections.clone();
         tokio::spawn(http::serve(http_listener, move |req: Request| {
             let (health, name, role) = (health.clone(), name.clone(), role.clone());
+            let open = open_connections.load(std::sync::atomic::Ordering::Relaxed);
             async move {
                 let v = health_json(&name, &role, epoch, &health).await;
+                let db = health.lock().unwrap_or_else(|p| p.into_inner()).db.clone();
                 match req.path.as_str() {
                     "/health" => Response::json(200, &v),
-                    "/metrics" => Response::text(200, metrics_text(&v)),
+                    "/metrics" => Response::text(200, metrics_text(&v, db.as_ref(), open)),
                     _ => Response::error(404, "no such path"),
                 }
             }
@@ -250,6 +278,7 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
     }
     let server_config = ServerConfig {
         auth: Auth::from_password(password.as_deref()),
+        open_connections,
         ..ServerConfig::default()
     };
     borealis_pgwire_server::serve(listener, db, server_config).await?;

@@ -67,6 +67,8 @@ pub struct ServerConfig {
     pub tls: Option<pgwire::tokio::TlsAcceptor>,
     /// Refuse connections that do not use TLS (only meaningful with `tls`).
     pub require_tls: bool,
+    /// Client connections open right now (for metrics; shared with the caller).
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             output_flush_bytes: 64 * 1024,
             tls: None,
             require_tls: false,
+            open_connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 }

@@ -108,7 +108,12 @@ pub async fn serve_until(
                 // Over the limit the client still gets a proper FATAL 53300 after its
                 // startup packet, so the permit is optional here.
                 let permit = connections.clone().try_acquire_owned().ok();
-                tokio::spawn(connection::handle(tcp, shared.clone(), permit));
+                let open = OpenConnection::new(shared.config.open_connections.clone());
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    connection::handle(tcp, shared, permit).await;
+                    drop(open);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
@@ -116,5 +121,21 @@ pub async fn serve_until(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConnection {
+    fn new(counter: Arc<std::sync::atomic::AtomicUsize>) -> OpenConnection {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection(counter)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

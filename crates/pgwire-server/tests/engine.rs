@@ -39,7 +39,6 @@ impl<'a> FromSql<'a> for Raw {
     }
 }
 
-
 fn numeric_wire(ndigits: i16, weight: i16, sign: u16, dscale: u16, digits: &[i16]) -> Vec<u8> {
     let mut v = Vec::new();
     for x in [ndigits as u16, weight as u16, sign, dscale] {

@@ -294,3 +294,18 @@ async fn add_primary_key_rebuilds_in_bulk_and_checks_duplicates() {
     );
     assert_eq!(run(&mut s, "SELECT count(*) FROM dup").await, ["3"]);
 }
+
+#[tokio::test]
+async fn commits_are_counted_in_the_latency_histogram() {
+    let db = db().await;
+    let mut s = db.session("postgres", "postgres");
+    run(&mut s, "CREATE TABLE h (id int PRIMARY KEY)").await;
+    let (_, _, before) = db.engine().commit_latency();
+    for i in 0..5 {
+        run(&mut s, &format!("INSERT INTO h VALUES ({i})")).await;
+    }
+    run(&mut s, "SELECT count(*) FROM h").await; // read-only: no commit record
+    let (buckets, _, after) = db.engine().commit_latency();
+    assert_eq!(after - before, 5);
+    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative buckets");
+}
