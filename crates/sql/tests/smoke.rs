@@ -307,5 +307,8 @@ async fn commits_are_counted_in_the_latency_histogram() {
     run(&mut s, "SELECT count(*) FROM h").await; // read-only: no commit record
     let (buckets, _, after) = db.engine().commit_latency();
     assert_eq!(after - before, 5);
-    assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "cumulative buckets");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "cumulative buckets"
+    );
 }
