@@ -462,7 +462,12 @@ impl<D: Disk> Node<D> {
                     }
                 }
             }
-            if seg.note_vdl_hint(a.vdl_hint) {
+            // The VDL hint rides along with new records only. Writers send a batch for
+            // every PG with each append (to move its completeness claim); persisting
+            // the hint in all of them made every group commit fdatasync every segment
+            // file. A segment that got no records keeps an older hint, which is still
+            // a valid lower bound, and its tail above it holds nothing new.
+            if !out.is_empty() && seg.note_vdl_hint(a.vdl_hint) {
                 out.extend_from_slice(&vdl_hint_entry(a.vdl_hint));
             }
             seg.note_complete(batch.pg_last, batch.complete_to);
@@ -475,8 +480,11 @@ impl<D: Disk> Node<D> {
                 }
             }
             // Even an all-duplicate batch is acked after the next sync: the earlier
-            // copy may itself still be waiting for its fdatasync.
-            self.dirty.insert(batch.pg);
+            // copy may itself still be waiting for its fdatasync. A batch without
+            // records (a completeness claim only) has nothing to make durable.
+            if !batch.records.is_empty() {
+                self.dirty.insert(batch.pg);
+            }
             acks.push(PgAck {
                 pg: batch.pg,
                 lsns,
