@@ -266,7 +266,7 @@ impl State {
 
     /// Removes versions no snapshot can see: after the newest version committed at or
     /// below the horizon, everything older is dead; aborted versions are dead too.
-    fn prune(&self, versions: Vec<Version>) -> Result<Vec<Version>, EngineError> {
+    fn prune(&self, versions: &[Version]) -> Result<Vec<Version>, EngineError> {
         let horizon = self.prune_horizon();
         let mut out = Vec::with_capacity(versions.len());
         for v in versions {
@@ -275,7 +275,7 @@ impl State {
                 continue;
             }
             let settled = matches!(st, TxnState::Committed(l) if l <= horizon);
-            out.push(v);
+            out.push(v.clone());
             if settled {
                 break;
             }
@@ -291,6 +291,28 @@ impl State {
                 data: value.to_le_bytes().to_vec(),
             },
         )
+    }
+
+    /// Prunes a row's version chain and writes it back under `key` (one MTR,
+    /// splitting leaves as needed): the common tail of every row write.
+    async fn store_versions(
+        &mut self,
+        txn: &mut Txn,
+        root: PageNo,
+        key: &[u8],
+        versions: &[Version],
+    ) -> Result<(), EngineError> {
+        let versions = walk!(self, self.prune(versions))?;
+        let payload = encode_versions(&versions);
+        let mut alloc = Alloc {
+            next: self.next_page,
+        };
+        let ops = walk!(
+            self,
+            btree::put(&self.store, root, key, &payload, &mut alloc)
+        )?;
+        self.write_mtr(txn, ops, Some(alloc)).await?;
+        Ok(())
     }
 
     /// A new transaction id, persisting the high-water mark a block at a time.
@@ -832,14 +854,7 @@ impl Engine {
                     new_row
                 }
             };
-            let versions = walk!(st, st.prune(versions.clone()))?;
-            let payload = encode_versions(&versions);
-            let mut alloc = Alloc { next: st.next_page };
-            let ops = walk!(
-                st,
-                btree::put(&st.store, table.root, key, &payload, &mut alloc)
-            )?;
-            st.write_mtr(txn, ops, Some(alloc)).await?;
+            st.store_versions(txn, table.root, key, &versions).await?;
             return Ok(RowOutcome::Done(result));
         }
     }
@@ -920,14 +935,7 @@ impl Engine {
                 }
             }
             versions.insert(0, txn.new_version(buf));
-            let versions = walk!(st, st.prune(versions.clone()))?;
-            let payload = encode_versions(&versions);
-            let mut alloc = Alloc { next: st.next_page };
-            let ops = walk!(
-                st,
-                btree::put(&st.store, table.root, key, &payload, &mut alloc)
-            )?;
-            st.write_mtr(txn, ops, Some(alloc)).await?;
+            st.store_versions(txn, table.root, key, &versions).await?;
             return Ok(());
         }
     }
@@ -1430,16 +1438,12 @@ impl Engine {
                 None => walk!(st, btree::scan_leaf_from(&st.store, root, None))?,
                 Some(p) => walk!(st, btree::read_leaf(&st.store, p, None))?,
             };
-            let leaf_no = match leaf {
-                Some(p) => p,
-                None => walk!(st, btree::find_leaf(&st.store, root, &[]))?.0,
-            };
             let horizon = st.prune_horizon();
             for (key, payload) in batch.items {
                 stats.rows_scanned += 1;
                 let versions = decode_versions(&payload)?;
                 let before = versions.len();
-                let pruned = walk!(st, st.prune(versions.clone()))?;
+                let pruned = walk!(st, st.prune(&versions))?;
                 let dead = match pruned.as_slice() {
                     [] => true,
                     [only] if only.xmax != 0 && only.flags & FLAG_LOCK_ONLY == 0 => {
@@ -1468,7 +1472,6 @@ impl Engine {
                     st.write_mtr(&mut txn, ops, None).await?;
                 }
             }
-            let _ = leaf_no;
             if batch.next_leaf == 0 {
                 break;
             }

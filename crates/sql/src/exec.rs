@@ -378,7 +378,7 @@ impl<'a> Binder<'a> {
         }
         let select = match &*q.body {
             SetExpr::Select(s) => s,
-            SetExpr::Values(v) => return self.values_query(v, q),
+            SetExpr::Values(_) => return Err(SqlError::unsupported("VALUES as a query")),
             SetExpr::Query(inner) => return self.select(inner),
             SetExpr::SetOperation { .. } => {
                 return Err(SqlError::unsupported("UNION/INTERSECT/EXCEPT"))
@@ -661,12 +661,6 @@ impl<'a> Binder<'a> {
                 return Err(SqlError::syntax("LIMIT #,# syntax is not supported"))
             }
         })
-    }
-
-    fn values_query(&mut self, v: &ast::Values, q: &ast::Query) -> Result<SelectPlan, SqlError> {
-        // VALUES (...), (...) as a query: rows of constants, via a Unit source per row.
-        let _ = (v, q);
-        Err(SqlError::unsupported("VALUES as a query"))
     }
 
     fn insert(&mut self, ins: &ast::Insert) -> Result<InsertPlan, SqlError> {
@@ -1227,7 +1221,6 @@ impl<'a> Exec<'a> {
             self.scan_table(def, key, p.filter.as_ref(), pushed).await?
         } else {
             let mut acc: Vec<Vec<Datum>> = vec![vec![]];
-            let mut width = 0;
             let mut keys = vec![];
             for (n, step) in p.from.iter().enumerate() {
                 let (rows, k) = self.scan_item(&step.item).await?;
@@ -1263,10 +1256,8 @@ impl<'a> Exec<'a> {
                         next.push(joined);
                     }
                 }
-                width += right_width;
                 acc = next;
             }
-            let _ = width;
             if let Some(f) = &p.filter {
                 let ctx = self.ctx(&pre);
                 let mut kept = Vec::with_capacity(acc.len());
@@ -1287,12 +1278,19 @@ impl<'a> Exec<'a> {
         if p.lock {
             if let FromItem::Table { def, .. } = &p.from[0].item {
                 let mut locked = Vec::with_capacity(input.len());
-                for (row, key) in input.iter().zip(keys.iter()) {
-                    let filter = p.filter.clone();
-                    let ctx_params = self.params.to_vec();
-                    let mut decide = move |cur: &[Datum]| {
-                        let ctx = EvalCtx::simple(&ctx_params);
-                        match &filter {
+                let params = self.params;
+                let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
+                for key in &keys {
+                    let filter = &p.filter;
+                    let mut decide = |cur: &[Datum]| {
+                        let ctx = EvalCtx {
+                            params,
+                            precomputed: &[],
+                            database: &database,
+                            user: &user,
+                            now,
+                        };
+                        match filter {
                             Some(f) if !expr::eval_pred(f, cur, &ctx).unwrap_or(false) => {
                                 Ok(RowAction::Skip)
                             }
@@ -1306,9 +1304,7 @@ impl<'a> Exec<'a> {
                         .map_err(engine_error)?
                     {
                         RowOutcome::Done(cur) => locked.push(cur),
-                        _ => {
-                            let _ = row;
-                        }
+                        _ => {} // gone or no longer matching: not returned
                     }
                 }
                 input = locked;
@@ -1523,8 +1519,6 @@ impl<'a> Exec<'a> {
                 .map(|r| r.into_iter().map(Some).collect())
                 .collect(),
         };
-        let default_seqs: Vec<Vec<String>> = Vec::new();
-        let _ = default_seqs;
         let mut count = 0u64;
         let mut returned = Vec::new();
         for vals in sources {
@@ -1543,7 +1537,7 @@ impl<'a> Exec<'a> {
                     None => match &p.defaults[i] {
                         Some(e) => {
                             let names = nextval_names(e, &p.nextvals);
-                            let pre = self.default_nextvals(e, &names).await?;
+                            let pre = self.nextvals(&names).await?;
                             expr::eval(e, &[], &self.ctx(&pre))?
                         }
                         None => Datum::Null,
@@ -1567,16 +1561,6 @@ impl<'a> Exec<'a> {
         Ok((count, returned))
     }
 
-    /// Defaults are bound separately per column: their nextval slots index into the
-    /// plan's list, so compute just the ones this default uses.
-    async fn default_nextvals(
-        &mut self,
-        _e: &Expr,
-        names: &[String],
-    ) -> Result<Vec<Datum>, SqlError> {
-        self.nextvals(names).await
-    }
-
     async fn modify(&mut self, p: &ModifyPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
         self.check_writable()?;
         let t = p.table.clone();
@@ -1589,10 +1573,7 @@ impl<'a> Exec<'a> {
             let mut err = None;
             let mut new_key = None;
             let outcome = {
-                let filter = p.filter.clone();
-                let sets = p.sets.clone();
-                let checks = p.checks.clone();
-                let tdef = t.clone();
+                let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
                 let mut decide = |cur: &[Datum]| {
                     let ctx = EvalCtx {
                         params: &params,
@@ -1894,7 +1875,7 @@ fn aggregate(
     let mut out = Vec::with_capacity(states.len());
     for (keys, accs, _) in states {
         let mut row = keys;
-        for (acc, call) in accs.into_iter().zip(&agg.calls) {
+        for acc in accs {
             row.push(match acc {
                 Acc::Count(n) => Datum::Int8(n),
                 Acc::Sum(s) => s.unwrap_or(Datum::Null),
@@ -1912,7 +1893,6 @@ fn aggregate(
                 },
                 Acc::MinMax(m, _) => m.unwrap_or(Datum::Null),
             });
-            let _ = call;
         }
         out.push(row);
     }
