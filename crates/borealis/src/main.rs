@@ -223,16 +223,32 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Runs a node's future on a multi-thread runtime until it ends or SIGTERM/SIGINT
-/// arrives, then gives stuck blocking work (an fsync) a bounded time to finish:
-/// dropping a runtime would otherwise wait for it without limit.
-fn run_node<F>(node: F) -> anyhow::Result<()>
+/// How a node process schedules its tasks.
+#[derive(Clone, Copy)]
+enum Threads {
+    /// One thread runs every task (blocking work such as fdatasync still goes to
+    /// tokio's blocking pool): storage nodes and proxies, whose work is a chain of
+    /// short steps. Several such processes share the host's cores, and a
+    /// multi-thread runtime in each spent its time handing tasks between threads
+    /// (futex wake-ups) rather than running them.
+    One,
+    /// A worker per core: the database instance, where sessions run in parallel.
+    PerCore,
+}
+
+/// Runs a node's future until it ends or SIGTERM/SIGINT arrives, then gives stuck
+/// blocking work (an fsync) a bounded time to finish: dropping a runtime would
+/// otherwise wait for it without limit.
+fn run_node<F>(threads: Threads, node: F) -> anyhow::Result<()>
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match threads {
+        Threads::One => tokio::runtime::Builder::new_current_thread(),
+        Threads::PerCore => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()?;
     let result = rt.block_on(async {
         tokio::select! {
             r = node => r,
@@ -346,7 +362,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             init_child_logging(&name, log_file.as_deref())?;
             let mut config = borealis_storage::NodeConfig::new(data_dir, &name, &az, listen);
             config.http = Some(http);
-            run_node(async {
+            run_node(Threads::One, async {
                 borealis_storage::run(config)
                     .await
                     .map_err(anyhow::Error::from)
@@ -380,7 +396,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 password_file,
                 cache_pages,
             };
-            run_node(async {
+            run_node(Threads::PerCore, async {
                 borealis_instance::run(config)
                     .await
                     .map_err(anyhow::Error::from)
@@ -397,7 +413,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             init_child_logging(&format!("proxy-{}", role.as_str()), log_file.as_deref())?;
             let mut config = borealis_proxy::ProxyConfig::new(listen, control, role);
             config.http = http;
-            run_node(async {
+            run_node(Threads::One, async {
                 borealis_proxy::run(config)
                     .await
                     .map_err(anyhow::Error::from)

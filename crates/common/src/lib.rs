@@ -3,6 +3,7 @@
 //! Everything here is plain data: no I/O except the small HTTP helpers in [`http`]
 //! that every process uses for `/health` and `/metrics`, and the log setup in [`logging`].
 
+pub mod handoff;
 pub mod http;
 pub mod logging;
 

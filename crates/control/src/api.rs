@@ -290,17 +290,31 @@ pub fn endpoints(cluster: &Cluster) -> Value {
             .get(name)
             .is_some_and(|rt| rt.state == NodeState::Available)
     };
+    // An instance's handoff socket (from its health report) lets a proxy on the same
+    // host pass client sockets instead of splicing bytes (borealis_common::handoff).
+    let target = |n: &crate::metadata::NodeMeta| {
+        let mut v = json!({"name": n.name, "addr": addr_of(n.listen_port)});
+        if let Some(path) = inner
+            .nodes
+            .get(&n.name)
+            .and_then(|rt| rt.health.as_ref())
+            .and_then(|h| h.get("handoff"))
+        {
+            v["handoff"] = path.clone();
+        }
+        v
+    };
     let writer = meta
         .node(&meta.writer)
         .filter(|n| available(&n.name))
-        .map(|n| json!({"name": n.name, "addr": addr_of(n.listen_port)}));
+        .map(target);
     let readers: Vec<Value> = meta
         .nodes
         .iter()
         .filter(|n| {
             n.kind == NodeKind::Instance && n.role == Some(Role::Reader) && available(&n.name)
         })
-        .map(|n| json!({"name": n.name, "addr": addr_of(n.listen_port)}))
+        .map(target)
         .collect();
     json!({"writer": writer, "readers": readers})
 }

@@ -8,6 +8,7 @@
 //! epoch; no redo replay, invariant 8), opens the database, and only then listens for
 //! PostgreSQL clients and reports `available`.
 
+use borealis_common::handoff;
 use borealis_common::http::{self, Request, Response};
 use borealis_common::Epoch;
 use borealis_pgwire_server::{Auth, ServerConfig};
@@ -87,6 +88,8 @@ struct Health {
     db: Option<Database>,
     started: Option<Instant>,
     recovery_ms: f64,
+    /// The Unix socket endpoint proxies on this host hand client sockets to.
+    handoff: Option<PathBuf>,
 }
 
 async fn health_json(
@@ -95,7 +98,7 @@ async fn health_json(
     epoch: u64,
     h: &Arc<Mutex<Health>>,
 ) -> serde_json::Value {
-    let (state, volume, db, recovery_ms, uptime) = {
+    let (state, volume, db, recovery_ms, uptime, handoff) = {
         let h = h.lock().unwrap_or_else(|p| p.into_inner());
         (
             h.state,
@@ -103,9 +106,13 @@ async fn health_json(
             h.db.clone(),
             h.recovery_ms,
             h.started.map(|s| s.elapsed().as_secs_f64()),
+            h.handoff.clone(),
         )
     };
     let mut v = json!({ "state": state, "name": name, "role": role, "epoch": epoch, "recovery_ms": recovery_ms, "uptime_s": uptime });
+    if let Some(path) = handoff {
+        v["handoff"] = json!(path.display().to_string());
+    }
     if let Some(vol) = volume {
         let st = vol.status();
         v["vdl"] = json!(st.vdl.0);
@@ -256,8 +263,11 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         config.listen
     );
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(64);
+    let handoff = bind_handoff(&config.data_dir, handoff_tx);
     {
         let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        h.handoff = handoff;
         h.state = "available";
         h.volume = Some(volume.clone());
         h.db = Some(db.clone());
@@ -281,6 +291,78 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         open_connections,
         ..ServerConfig::default()
     };
-    borealis_pgwire_server::serve(listener, db, server_config).await?;
+    borealis_pgwire_server::serve_with_handoff(
+        listener,
+        handoff_rx,
+        db,
+        server_config,
+        std::future::pending(),
+    )
+    .await?;
     Ok(())
+}
+
+/// Listens on `<data dir>/handoff.sock` for client sockets handed over by endpoint
+/// proxies on this host (`borealis_common::handoff`) and forwards them to the
+/// PostgreSQL server. Without it (path too long, bind failure) proxies splice bytes
+/// instead, so a failure here is logged, not fatal.
+fn bind_handoff(
+    data_dir: &std::path::Path,
+    to_server: tokio::sync::mpsc::Sender<tokio::net::TcpStream>,
+) -> Option<PathBuf> {
+    let path = data_dir.join("handoff.sock");
+    if path.as_os_str().len() > handoff::MAX_SOCKET_PATH {
+        log::warn!(
+            "{} is too long for a Unix socket: endpoint proxies will splice bytes",
+            path.display()
+        );
+        return None;
+    }
+    // A socket file left by an earlier run of this instance.
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            log::warn!(
+                "cannot listen on {}: {e}; endpoint proxies will splice bytes",
+                path.display()
+            );
+            return None;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            let sock = match listener.accept().await {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    log::warn!("handoff accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let to_server = to_server.clone();
+            tokio::spawn(async move {
+                let received =
+                    tokio::time::timeout(Duration::from_secs(5), handoff::recv_fd(&sock)).await;
+                let fd = match received {
+                    Ok(Ok(fd)) => fd,
+                    Ok(Err(e)) => return log::warn!("bad handoff: {e}"),
+                    Err(_) => return log::warn!("handoff sent no descriptor within 5 s"),
+                };
+                let std_stream = std::net::TcpStream::from(fd);
+                // A connected TCP socket has a peer address; anything else is refused.
+                let stream = std_stream
+                    .peer_addr()
+                    .and_then(|_| std_stream.set_nonblocking(true))
+                    .and_then(|()| tokio::net::TcpStream::from_std(std_stream));
+                match stream {
+                    Ok(s) => {
+                        let _ = to_server.send(s).await;
+                    }
+                    Err(e) => log::warn!("handed-off descriptor is not a TCP socket: {e}"),
+                }
+            });
+        }
+    });
+    Some(path)
 }

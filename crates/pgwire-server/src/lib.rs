@@ -89,6 +89,21 @@ pub async fn serve_until(
     config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let (_keep, handed_off) = tokio::sync::mpsc::channel(1);
+    serve_with_handoff(listener, handed_off, db, config, shutdown).await
+}
+
+/// Like [`serve_until`], also serving client sockets accepted elsewhere and handed
+/// over on `handed_off` (an endpoint proxy on this host passes its accepted client
+/// sockets; see `borealis_common::handoff`). They are served exactly like ones
+/// accepted here.
+pub async fn serve_with_handoff(
+    listener: TcpListener,
+    mut handed_off: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
+    db: Database,
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let mock_credential = ScramCredential::new(&pgwire::api::auth::sasl::scram::random_nonce());
     let shared = Arc::new(Shared {
@@ -97,14 +112,22 @@ pub async fn serve_until(
         cancel: Arc::new(CancelRegistry::default()),
         mock_credential,
     });
+    let mut handoff_open = true;
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => accepted.map(|(tcp, _peer)| tcp),
+            tcp = handed_off.recv(), if handoff_open => match tcp {
+                Some(tcp) => Ok(tcp),
+                None => {
+                    handoff_open = false;
+                    continue;
+                }
+            },
         };
         match accepted {
-            Ok((tcp, _peer)) => {
+            Ok(tcp) => {
                 // Over the limit the client still gets a proper FATAL 53300 after its
                 // startup packet, so the permit is optional here.
                 let permit = connections.clone().try_acquire_owned().ok();

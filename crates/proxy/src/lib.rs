@@ -15,9 +15,14 @@
 //! * The reader endpoint spreads connections round-robin over available readers and
 //!   falls back to the writer when there are none (what Aurora's reader endpoint
 //!   does for a cluster without replicas).
+//! * When the control plane reports a handoff socket for the target (an instance on
+//!   this host), the proxy passes the client socket itself to the instance
+//!   (`borealis_common::handoff`) and is out of the data path from then on; it
+//!   splices bytes only when that is impossible (another host, no socket).
 //! * Connections are bounded ([`ProxyConfig::max_connections`]); beyond that new
 //!   clients wait in the accept queue (backpressure, invariant 9).
 
+use borealis_common::handoff;
 use borealis_common::http::{self, Request, Response};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -93,10 +98,27 @@ pub enum ProxyError {
     },
 }
 
+/// An instance a connection can be routed to.
+#[derive(Debug, Clone)]
+struct Target {
+    name: String,
+    addr: SocketAddr,
+    /// The instance's handoff socket, when it is on this host.
+    handoff: Option<std::path::PathBuf>,
+}
+
+/// Where a client connection went.
+enum Backend {
+    /// Spliced over a TCP connection of our own.
+    Tcp(TcpStream),
+    /// Handed to the instance over this Unix connection.
+    Handoff(tokio::net::UnixStream),
+}
+
 /// A route: where new connections go, and when we learned it.
 #[derive(Debug, Clone)]
 struct Route {
-    targets: Vec<(String, SocketAddr)>,
+    targets: Vec<Target>,
     fetched: Instant,
 }
 
@@ -109,6 +131,7 @@ struct Proxy {
     accepted_total: AtomicU64,
     failed_total: AtomicU64,
     bytes_total: AtomicU64,
+    handed_off_total: AtomicU64,
 }
 
 impl Proxy {
@@ -121,15 +144,18 @@ impl Proxy {
         if status != 200 {
             return Err(format!("control plane answered {status}"));
         }
-        let parse = |v: &Value| -> Option<(String, SocketAddr)> {
-            Some((
-                v.get("name")?.as_str()?.to_string(),
-                v.get("addr")?.as_str()?.parse().ok()?,
-            ))
+        let parse = |v: &Value| -> Option<Target> {
+            Some(Target {
+                name: v.get("name")?.as_str()?.to_string(),
+                addr: v.get("addr")?.as_str()?.parse().ok()?,
+                handoff: v
+                    .get("handoff")
+                    .and_then(|h| h.as_str())
+                    .map(std::path::PathBuf::from),
+            })
         };
-        let writer: Vec<(String, SocketAddr)> =
-            body.get("writer").and_then(parse).into_iter().collect();
-        let readers: Vec<(String, SocketAddr)> = body
+        let writer: Vec<Target> = body.get("writer").and_then(parse).into_iter().collect();
+        let readers: Vec<Target> = body
             .get("readers")
             .and_then(|r| r.as_array())
             .map(|a| a.iter().filter_map(parse).collect())
@@ -146,7 +172,7 @@ impl Proxy {
     }
 
     /// Picks a target: the cached route while fresh, else a new one.
-    async fn pick(&self, force_refresh: bool) -> Result<(String, SocketAddr), String> {
+    async fn pick(&self, force_refresh: bool) -> Result<Target, String> {
         let cached = self.route.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let route = match cached {
             Some(r)
@@ -172,23 +198,40 @@ impl Proxy {
         Ok(route.targets[i].clone())
     }
 
-    /// Connects to a target, retrying with fresh routes until `connect_wait`.
-    async fn connect_backend(&self) -> Result<(String, TcpStream), String> {
+    /// Connects to a target (its handoff socket when it has one, else its TCP port),
+    /// retrying with fresh routes until `connect_wait`.
+    async fn connect_backend(&self) -> Result<(String, Backend), String> {
         let deadline = Instant::now() + self.config.connect_wait;
         let mut refresh = false;
         let mut pause = Duration::from_millis(50);
         loop {
             let last_error = match self.pick(refresh).await {
-                Ok((name, addr)) => {
+                Ok(t) => {
+                    let handoff = match &t.handoff {
+                        Some(path) => tokio::time::timeout(
+                            self.config.connect_timeout,
+                            tokio::net::UnixStream::connect(path),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|r| {
+                            r.map_err(|e| log::debug!("{}: handoff socket: {e}", t.name))
+                                .ok()
+                        }),
+                        None => None,
+                    };
+                    if let Some(sock) = handoff {
+                        return Ok((t.name, Backend::Handoff(sock)));
+                    }
                     match tokio::time::timeout(
                         self.config.connect_timeout,
-                        TcpStream::connect(addr),
+                        TcpStream::connect(t.addr),
                     )
                     .await
                     {
-                        Ok(Ok(stream)) => return Ok((name, stream)),
-                        Ok(Err(e)) => format!("{name} at {addr}: {e}"),
-                        Err(_) => format!("{name} at {addr}: connect timed out"),
+                        Ok(Ok(stream)) => return Ok((t.name, Backend::Tcp(stream))),
+                        Ok(Err(e)) => format!("{} at {}: {e}", t.name, t.addr),
+                        Err(_) => format!("{} at {}: connect timed out", t.name, t.addr),
                     }
                 }
                 Err(e) => e,
@@ -204,7 +247,7 @@ impl Proxy {
     }
 
     async fn serve_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
-        let (name, mut backend) = match self.connect_backend().await {
+        let (name, backend) = match self.connect_backend().await {
             Ok(b) => b,
             Err(e) => {
                 self.failed_total.fetch_add(1, Ordering::Relaxed);
@@ -225,6 +268,33 @@ impl Proxy {
             }
         };
         let _ = client.set_nodelay(true);
+        let mut backend = match backend {
+            Backend::Handoff(sock) => {
+                use std::os::fd::AsRawFd;
+                let sent = tokio::time::timeout(
+                    self.config.connect_timeout,
+                    handoff::send_fd(&sock, client.as_raw_fd()),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => {
+                        // The instance holds its own copy of the socket now; ours
+                        // closes when `client` drops.
+                        self.handed_off_total.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("client {peer} handed to {name}");
+                        return;
+                    }
+                    Ok(Err(e)) => log::warn!("client {peer}: handoff to {name} failed: {e}"),
+                    Err(_) => log::warn!("client {peer}: handoff to {name} timed out"),
+                }
+                // Nothing was read from the client yet: splicing is still possible.
+                match self.connect_backend_tcp(&name).await {
+                    Some(b) => b,
+                    None => return,
+                }
+            }
+            Backend::Tcp(b) => b,
+        };
         let _ = backend.set_nodelay(true);
         log::debug!("client {peer} -> {name}");
         match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
@@ -235,13 +305,23 @@ impl Proxy {
         }
     }
 
+    /// The TCP fallback after a failed handoff to `name`.
+    async fn connect_backend_tcp(&self, name: &str) -> Option<TcpStream> {
+        let route = self.route.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let addr = route?.targets.into_iter().find(|t| t.name == name)?.addr;
+        tokio::time::timeout(self.config.connect_timeout, TcpStream::connect(addr))
+            .await
+            .ok()?
+            .ok()
+    }
+
     fn health(&self) -> Value {
         let route = self.route.lock().unwrap_or_else(|p| p.into_inner()).clone();
         json!({
             "status": "ok",
             "role": format!("proxy-{}", self.config.endpoint.as_str()),
             "listen": self.config.listen.to_string(),
-            "targets": route.map(|r| r.targets.iter().map(|(n, a)| json!({"name": n, "addr": a.to_string()})).collect::<Vec<_>>()),
+            "targets": route.map(|r| r.targets.iter().map(|t| json!({"name": t.name, "addr": t.addr.to_string(), "handoff": t.handoff.is_some()})).collect::<Vec<_>>()),
             "connections": self.active.load(Ordering::Relaxed),
             "max_connections": self.config.max_connections,
         })
@@ -253,11 +333,13 @@ impl Proxy {
             "# TYPE borealis_proxy_connections gauge\nborealis_proxy_connections{{endpoint=\"{e}\"}} {}\n\
              # TYPE borealis_proxy_connections_accepted_total counter\nborealis_proxy_connections_accepted_total{{endpoint=\"{e}\"}} {}\n\
              # TYPE borealis_proxy_connections_failed_total counter\nborealis_proxy_connections_failed_total{{endpoint=\"{e}\"}} {}\n\
-             # TYPE borealis_proxy_bytes_total counter\nborealis_proxy_bytes_total{{endpoint=\"{e}\"}} {}\n",
+             # TYPE borealis_proxy_bytes_total counter\nborealis_proxy_bytes_total{{endpoint=\"{e}\"}} {}\n\
+             # TYPE borealis_proxy_connections_handed_off_total counter\nborealis_proxy_connections_handed_off_total{{endpoint=\"{e}\"}} {}\n",
             self.active.load(Ordering::Relaxed),
             self.accepted_total.load(Ordering::Relaxed),
             self.failed_total.load(Ordering::Relaxed),
             self.bytes_total.load(Ordering::Relaxed),
+            self.handed_off_total.load(Ordering::Relaxed),
         )
     }
 }
@@ -333,6 +415,7 @@ pub async fn run(config: ProxyConfig) -> Result<(), ProxyError> {
         accepted_total: AtomicU64::new(0),
         failed_total: AtomicU64::new(0),
         bytes_total: AtomicU64::new(0),
+        handed_off_total: AtomicU64::new(0),
     });
     if let Some(l) = http_listener {
         let p = proxy.clone();
@@ -416,6 +499,61 @@ mod tests {
             listen,
             control_addr,
             Endpoint::Reader,
+        )));
+        let mut client = None;
+        for _ in 0..100 {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                client = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut client = client.expect("proxy listening");
+        client.write_all(b"hello").await.expect("write");
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"hello");
+        proxy.abort();
+    }
+
+    /// A target with a handoff socket gets the client socket itself: the echo server
+    /// below answers on the very descriptor the proxy accepted.
+    #[tokio::test]
+    async fn hands_the_client_socket_to_a_local_instance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("handoff.sock");
+        let unix = tokio::net::UnixListener::bind(&path).expect("bind unix");
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = unix.accept().await {
+                let fd = handoff::recv_fd(&sock).await.expect("descriptor");
+                let std_stream = std::net::TcpStream::from(fd);
+                std_stream.set_nonblocking(true).expect("nonblocking");
+                let mut s = TcpStream::from_std(std_stream).expect("tokio stream");
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let control_addr = control.local_addr().expect("addr");
+        let handoff_path = path.display().to_string();
+        tokio::spawn(http::serve(control, move |_req: Request| {
+            // The TCP address is unreachable: only the handoff can work.
+            let v = json!({"writer": {"name": "instance-1", "addr": "127.0.0.1:1", "handoff": handoff_path}, "readers": []});
+            async move { Response::json(200, &v) }
+        }));
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listen = probe.local_addr().expect("addr");
+        drop(probe);
+        let proxy = tokio::spawn(run(ProxyConfig::new(
+            listen,
+            control_addr,
+            Endpoint::Writer,
         )));
         let mut client = None;
         for _ in 0..100 {

@@ -565,6 +565,13 @@ impl Sim {
             Ok(x) => x,
             Err(e) => return fail(self.seed, format!("append: {e}")),
         };
+        // The writer holds records back until a commit asks for them (or a
+        // threshold/timer sends them): flush after some MTRs only, so batches carry
+        // held-back records of several MTRs and completeness stops at the flush point.
+        if self.rng.chance(500) {
+            let last = self.writers[w].core.last_lsn();
+            self.writers[w].core.request_flush(last);
+        }
         for r in records {
             if matches!(r.op, Op::Init { .. }) {
                 self.initialized.insert(r.page);
@@ -1119,6 +1126,8 @@ impl Sim {
         self.cfg.drop_per_mille = 0;
         self.cfg.dup_per_mille = 0;
         let end = self.now + 2000;
+        let last = self.writers[w].core.last_lsn();
+        self.writers[w].core.request_flush(last);
         while self.now < end {
             self.pump();
             for i in 0..SEGMENTS {

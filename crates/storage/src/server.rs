@@ -14,6 +14,8 @@
 use crate::disk::FileDisk;
 use crate::node::{Handled, Node, NodeLimits};
 use crate::proto::{decode_request, encode_response, frame_len, Request, Response};
+use borealis_common::{Lsn, PgId};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -316,7 +318,7 @@ async fn serve_conn(
     mut shutdown: watch::Receiver<bool>,
     config: NodeConfig,
 ) {
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<u8>>(config.reply_queue_depth);
     let conn = Arc::new(Conn {
         peer,
@@ -340,6 +342,8 @@ async fn serve_conn(
             }
         }
     });
+    // Frames arrive back to back: one read fills the buffer with several.
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let mut body = Vec::new();
     loop {
         let mut prefix = [0u8; 4];
@@ -477,6 +481,10 @@ fn handle(node: &mut Node<FileDisk>, msg: Incoming, waiting: &mut Vec<(Arc<Conn>
 /// Gossip with peers: for every PG a peer hosts, if the peer is further along or we
 /// have a hole, pull its records after the end of our chain. Runs off the latency
 /// path (its records are synced by the next group commit, never acknowledged).
+/// A gossip round that fetched at least this many records starts the next one at
+/// once: the node is rebuilding, not filling the odd hole.
+const REBUILD_RECORDS_PER_ROUND: usize = 1000;
+
 async fn gossip_loop(
     tx: mpsc::Sender<Incoming>,
     mut shutdown: watch::Receiver<bool>,
@@ -487,6 +495,12 @@ async fn gossip_loop(
     let timeout = Duration::from_secs(5);
     let mut peers: Vec<SocketAddr> = config.peers.clone();
     let mut clients: Vec<Option<Client>> = peers.iter().map(|_| None).collect();
+    // Each peer's SCL per PG as of the previous round. Under load every peer is a
+    // few records ahead of us at any instant (the writer's batches reach the six
+    // segments at slightly different times), and chasing that made every node pull
+    // each batch from five peers as well. Only a lag that outlives a round (a hole,
+    // a restart, a rebuild) is fetched.
+    let mut seen: HashMap<(SocketAddr, PgId), Lsn> = HashMap::new();
     loop {
         // Configured peers plus those the writer named (from the topology).
         let (otx, orx) = oneshot::channel();
@@ -520,11 +534,14 @@ async fn gossip_loop(
             };
             let mut broken = false;
             for seg in segments {
+                let Some(prev) = seen.insert((*addr, seg.pg), seg.scl) else {
+                    continue; // first sight of this peer's segment
+                };
                 let (otx, orx) = oneshot::channel();
                 if tx
                     .send(Incoming::GossipFrom {
                         pg: seg.pg,
-                        peer_scl: seg.scl,
+                        peer_scl: prev,
                         reply: otx,
                     })
                     .await
@@ -579,7 +596,8 @@ async fn gossip_loop(
                 clients[i] = None;
             }
         }
-        if fetched == 0 {
+        // Keep going without a pause only while catching up on a lot (a rebuild).
+        if fetched < REBUILD_RECORDS_PER_ROUND {
             tokio::select! {
                 _ = tokio::time::sleep(config.gossip_interval) => {}
                 _ = shutdown.changed() => return,

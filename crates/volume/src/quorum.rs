@@ -55,6 +55,12 @@ pub struct QuorumConfig {
     pub max_read_attempts: usize,
     /// Queued page reads per node.
     pub read_queue_depth: usize,
+    /// Appended records are held back (not sent) until someone waits for them to be
+    /// durable (a commit) or this many bytes / records are unsent: a transaction's
+    /// statements then reach the six segments as one batch with one fdatasync each,
+    /// instead of one network round and one fdatasync per statement per node.
+    pub auto_flush_bytes: usize,
+    pub auto_flush_records: u64,
 }
 
 impl Default for QuorumConfig {
@@ -72,6 +78,8 @@ impl Default for QuorumConfig {
             tail_chunk_bytes: 4 << 20,
             max_read_attempts: 24,
             read_queue_depth: 1024,
+            auto_flush_bytes: 256 << 10,
+            auto_flush_records: 2048,
         }
     }
 }
@@ -204,6 +212,14 @@ pub struct WriterCore {
     history: Vec<Truncation>,
     last_lsn: Lsn,
     pg_tail: BTreeMap<PgId, Lsn>,
+    /// Records at or below this may be sent; above it they wait for a flush request
+    /// (`request_flush`) or the auto-flush thresholds. VCL/VDL never pass it.
+    flush_lsn: Lsn,
+    /// Per PG: its last record at or below `flush_lsn` (the `pg_last` of the
+    /// completeness claims sent with flushed batches).
+    pg_tail_flushed: BTreeMap<PgId, Lsn>,
+    /// Bytes of records above `flush_lsn`.
+    unflushed_bytes: usize,
     outstanding: BTreeMap<Lsn, Pending>,
     /// Recovered records being re-replicated; new VCL progress waits for them.
     rereplicating: BTreeSet<Lsn>,
@@ -249,6 +265,9 @@ impl WriterCore {
             epoch,
             history: rec.history,
             last_lsn: rec.vdl,
+            flush_lsn: rec.vdl,
+            pg_tail_flushed: rec.pg_tails.clone(),
+            unflushed_bytes: 0,
             pg_tail: rec.pg_tails,
             outstanding: BTreeMap::new(),
             rereplicating: BTreeSet::new(),
@@ -322,7 +341,9 @@ impl WriterCore {
     }
 
     /// Allocates LSNs for one MTR and queues its records. The caller checked
-    /// [`WriterCore::has_room`]. Returns the records and the nodes to wake.
+    /// [`WriterCore::has_room`]. Returns the records and the nodes to wake: none
+    /// unless the unflushed records crossed an auto-flush threshold (a commit's
+    /// [`WriterCore::request_flush`] sends them otherwise).
     pub fn append(
         &mut self,
         mtr: Vec<(PageNo, Op)>,
@@ -338,7 +359,6 @@ impl WriterCore {
         }
         let n = mtr.len();
         let mut out = Vec::with_capacity(n);
-        let mut wake = BTreeSet::new();
         for (i, (page, op)) in mtr.into_iter().enumerate() {
             self.last_lsn = self.last_lsn.next();
             let lsn = self.last_lsn;
@@ -353,6 +373,7 @@ impl WriterCore {
                 op,
             };
             let bytes = record.encode();
+            self.unflushed_bytes += bytes.len();
             self.outstanding.insert(
                 lsn,
                 Pending {
@@ -364,11 +385,45 @@ impl WriterCore {
             );
             for node in self.placement.segments(pg) {
                 self.nodes[node].queue.push_back(lsn);
-                wake.insert(node);
             }
             out.push(record);
         }
+        let wake = if self.unflushed_bytes >= self.cfg.auto_flush_bytes
+            || self.last_lsn.0 - self.flush_lsn.0 >= self.cfg.auto_flush_records
+        {
+            self.request_flush(self.last_lsn)
+        } else {
+            BTreeSet::new()
+        };
         Ok((out, wake))
+    }
+
+    /// Lets every record up to `lsn` (clamped to the last LSN) be sent. Returns the
+    /// nodes with something newly sendable, to wake. Concurrent commits each ask for
+    /// their own LSN; whatever a node has not sent yet goes out in one batch, which
+    /// is group commit on the wire.
+    pub fn request_flush(&mut self, lsn: Lsn) -> BTreeSet<usize> {
+        let to = lsn.min(self.last_lsn);
+        let mut wake = BTreeSet::new();
+        if to <= self.flush_lsn {
+            return wake;
+        }
+        let from = self.flush_lsn;
+        for (l, p) in self.outstanding.range(from.next()..=to) {
+            self.unflushed_bytes = self.unflushed_bytes.saturating_sub(p.bytes.len());
+            self.pg_tail_flushed.insert(p.pg, *l);
+            wake.extend(self.placement.segments(p.pg));
+        }
+        self.flush_lsn = to;
+        if to == self.last_lsn {
+            self.unflushed_bytes = 0;
+        }
+        wake
+    }
+
+    /// The highest LSN allowed on the wire.
+    pub fn flush_lsn(&self) -> Lsn {
+        self.flush_lsn
     }
 
     /// The node's connection is up and the epoch installed on it.
@@ -409,9 +464,13 @@ impl WriterCore {
         if !ns.ready || ns.inflight_batches >= max_inflight {
             return None;
         }
+        let flush = self.flush_lsn;
         let mut per_pg: BTreeMap<PgId, Vec<(Lsn, Vec<u8>)>> = BTreeMap::new();
         let (mut count, mut bytes) = (0usize, 0usize);
         while let Some(&lsn) = ns.queue.front() {
+            if lsn > flush {
+                break; // held back until a flush request
+            }
             let Some(p) = self.outstanding.get(&lsn) else {
                 ns.queue.pop_front(); // retired meanwhile
                 continue;
@@ -424,14 +483,17 @@ impl WriterCore {
             bytes += p.bytes.len();
             per_pg.entry(p.pg).or_default().push((lsn, p.bytes.clone()));
         }
+        // PGs with flushable records still queued for this node (the batch was full):
+        // their completeness only reaches what this batch carries.
         let still_queued: BTreeSet<PgId> = ns
             .queue
             .iter()
+            .take_while(|l| **l <= flush)
             .filter_map(|l| self.outstanding.get(l))
             .map(|p| p.pg)
             .collect();
         let mut pgs = Vec::new();
-        for (pg, tail) in &self.pg_tail {
+        for (pg, tail) in &self.pg_tail_flushed {
             if !self.placement.segments(*pg).contains(&node) {
                 continue;
             }
@@ -442,7 +504,9 @@ impl WriterCore {
                     None => continue,
                 }
             } else {
-                (self.last_lsn, *tail)
+                // Every record of the PG at or below the flush point is on its way:
+                // the segment may serve reads up to it.
+                (flush, *tail)
             };
             let news = ns.sent_complete.get(pg).is_none_or(|c| *c < complete_to);
             if records.is_empty() && !news {

@@ -44,12 +44,27 @@ struct Shared {
     /// (VDL, fenced) for waiters.
     vdl: watch::Sender<(Lsn, bool)>,
     nodes: Vec<NodeConn>,
+    /// Signalled when records become unflushed: the flusher sends them after
+    /// `FLUSH_DELAY` if no commit asked for them first.
+    unflushed: Notify,
     cfg: QuorumConfig,
 }
+
+/// How long appended records may wait for a commit to flush them before they are
+/// sent anyway (aborts, sequence advances, long transactions): the bound on how far
+/// storage lags the writer when nobody waits, like PostgreSQL's WAL writer delay.
+const FLUSH_DELAY: Duration = Duration::from_millis(10);
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, WriterCore> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn wake(&self, nodes: BTreeSet<usize>) {
+        for n in nodes {
+            if let Some(c) = self.nodes.get(n) {
+                c.wake.notify_one();
+            }
+        }
     }
     fn publish(&self, core: &WriterCore) {
         let state = (core.vdl(), core.fenced().is_some());
@@ -129,8 +144,10 @@ impl RemoteVolume {
             core: Mutex::new(core),
             vdl: vdl_tx,
             nodes,
+            unflushed: Notify::new(),
             cfg: qcfg.clone(),
         });
+        tokio::spawn(flusher(shared.clone(), shutdown_rx.clone()));
         for (i, rx) in read_rxs.into_iter().enumerate() {
             tokio::spawn(node_task(
                 shared.clone(),
@@ -188,15 +205,21 @@ impl RemoteVolume {
                 }
                 let n = mtr.as_ref().map(Vec::len).unwrap_or(0);
                 if core.has_room(n) {
+                    let was_flushed = core.flush_lsn() == core.last_lsn();
                     let (records, wake) = core.append(mtr.take().unwrap_or_default())?;
+                    let unflushed = core.flush_lsn() < core.last_lsn();
                     drop(core);
-                    for n in wake {
-                        if let Some(c) = self.shared.nodes.get(n) {
-                            c.wake.notify_one();
-                        }
+                    self.wake(wake);
+                    if was_flushed && unflushed {
+                        self.shared.unflushed.notify_one();
                     }
                     return Ok(records);
                 }
+                // Everything allocated must be on its way for VDL to move.
+                let last = core.last_lsn();
+                let wake = core.request_flush(last);
+                drop(core);
+                self.wake(wake);
             }
             // LAL backpressure: wait for VDL to move.
             if rx.changed().await.is_err() {
@@ -205,15 +228,25 @@ impl RemoteVolume {
         }
     }
 
+    fn wake(&self, nodes: BTreeSet<usize>) {
+        self.shared.wake(nodes);
+    }
+
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
         {
-            let core = self.shared.lock();
+            let mut core = self.shared.lock();
             if lsn > core.last_lsn() {
                 return Err(VolumeError::ReadPoint {
                     read: lsn,
                     why: format!("beyond last LSN {}", core.last_lsn()),
                 });
             }
+            if lsn <= core.vdl() {
+                return Ok(());
+            }
+            let wake = core.request_flush(lsn);
+            drop(core);
+            self.wake(wake);
         }
         let mut rx = self.shared.vdl.subscribe();
         let state = rx
@@ -604,6 +637,23 @@ async fn install_everywhere(
 
 /// One storage node's connection: (re)connects, installs the epoch, then pipelines
 /// append batches and page reads and feeds responses to the core.
+/// Sends records nobody waits for within [`FLUSH_DELAY`] of their append.
+async fn flusher(shared: Arc<Shared>, mut shutdown: watch::Receiver<()>) {
+    loop {
+        tokio::select! {
+            _ = shared.unflushed.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+        tokio::time::sleep(FLUSH_DELAY).await;
+        let wake = {
+            let mut core = shared.lock();
+            let last = core.last_lsn();
+            core.request_flush(last)
+        };
+        shared.wake(wake);
+    }
+}
+
 async fn node_task(
     shared: Arc<Shared>,
     idx: usize,
