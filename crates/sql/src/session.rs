@@ -165,7 +165,9 @@ pub struct Session {
 /// Maps engine errors to SQLSTATEs: the one place where that happens.
 pub fn engine_error(e: EngineError) -> SqlError {
     match e {
-        EngineError::UniqueViolation { constraint, detail } => {
+        EngineError::UniqueViolation {
+            constraint, detail, ..
+        } => {
             let err = SqlError::new(
                 "23505",
                 format!("duplicate key value violates unique constraint \"{constraint}\""),
