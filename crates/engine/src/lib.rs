@@ -66,6 +66,11 @@ pub enum EngineError {
     NoSavepoint(String),
     #[error("canceling statement due to user request")]
     Canceled,
+    /// A statement's first write to a table found DDL on it newer than the
+    /// statement's catalog (or waited for such DDL): nothing was written; the SQL
+    /// layer re-reads the catalog ([`Engine::refresh_catalog_view`]) and re-runs it.
+    #[error("could not serialize access due to concurrent DDL on the table")]
+    CatalogChanged,
     #[error("this volume was not written by a compatible Borealis (magic/version mismatch)")]
     IncompatibleVolume,
 }
@@ -122,6 +127,9 @@ pub struct Txn {
     catalog_dirty: bool,
     /// Table locks held until the transaction ends: (table oid, exclusive).
     table_locks: Vec<(u32, bool)>,
+    /// The catalog is read at least as of this LSN (raised when DDL committed
+    /// after the snapshot of a transaction that then wrote the table).
+    catalog_floor: Lsn,
 }
 
 impl Txn {
@@ -150,6 +158,11 @@ impl Txn {
 
     pub fn has_writes(&self) -> bool {
         self.txid != 0
+    }
+
+    /// Whether the transaction holds a lock on table `oid`.
+    pub fn holds_table(&self, oid: u32) -> bool {
+        self.table_locks.iter().any(|&(o, _)| o == oid)
     }
 }
 
@@ -372,6 +385,52 @@ impl State {
             }
         }
         false
+    }
+
+    /// Grants `txn` the table lock if nothing conflicts (and returns None), or
+    /// returns the transactions it must wait for (registering it as an exclusive
+    /// waiter, so new shared requests queue behind it).
+    fn try_table_lock(&mut self, txn: &mut Txn, oid: u32, exclusive: bool) -> Option<Vec<TxnId>> {
+        let me = txn.txid;
+        let lock = self.table_locks.entry(oid).or_default();
+        let mut blockers: Vec<TxnId> = lock.exclusive.into_iter().filter(|&x| x != me).collect();
+        if exclusive {
+            blockers.extend(lock.shared.iter().copied().filter(|&x| x != me));
+        } else if !lock.shared.contains(&me) {
+            blockers.extend(lock.exclusive_waiters.iter().copied().filter(|&x| x != me));
+        }
+        if !blockers.is_empty() {
+            if exclusive && !lock.exclusive_waiters.contains(&me) {
+                lock.exclusive_waiters.push(me);
+            }
+            return Some(blockers);
+        }
+        lock.exclusive_waiters.retain(|&x| x != me);
+        if exclusive {
+            lock.exclusive = Some(me);
+        } else if !lock.shared.contains(&me) {
+            lock.shared.push(me);
+        }
+        match txn.table_locks.iter_mut().find(|(o, _)| *o == oid) {
+            Some(held) => held.1 |= exclusive,
+            None => txn.table_locks.push((oid, exclusive)),
+        }
+        None
+    }
+
+    fn forget_exclusive_waiter(&mut self, oid: u32, txid: TxnId) {
+        if let Some(lock) = self.table_locks.get_mut(&oid) {
+            lock.exclusive_waiters.retain(|&x| x != txid);
+            if lock.is_free() {
+                self.table_locks.remove(&oid);
+            }
+        }
+    }
+
+    /// Whether DDL on the table committed after the catalog `txn` reads.
+    fn catalog_stale(&self, txn: &Txn, oid: u32) -> bool {
+        let ddl = self.table_ddl_lsn.get(&oid).copied().unwrap_or(Lsn::ZERO);
+        ddl > txn.snapshot.max(txn.catalog_floor)
     }
 
     /// Drops `txn`'s table locks (all of them, or only the shared ones), recording
@@ -671,6 +730,7 @@ impl Engine {
             cancel: None,
             catalog_dirty: false,
             table_locks: Vec::new(),
+            catalog_floor: Lsn::ZERO,
         }
     }
 
@@ -920,6 +980,7 @@ impl Engine {
     ) -> Result<RowOutcome, EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
+        let mut st = self.take_write_lock(st, txn, table.oid).await?;
         loop {
             let payload = walk!(st, btree::get(&st.store, table.root, key))?;
             let Some(payload) = payload else {
@@ -1051,6 +1112,7 @@ impl Engine {
         }
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
+        let mut st = self.take_write_lock(st, txn, table.oid).await?;
         'retry: loop {
             let existing = walk!(st, btree::get(&st.store, table.root, key))?;
             let mut versions = match existing {
@@ -1329,8 +1391,15 @@ impl Engine {
         }
     }
 
-    /// All relations visible to `txn`.
+    /// All relations visible to `txn` (as of its catalog floor if that is newer
+    /// than its snapshot).
     pub async fn relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
+        if txn.catalog_floor > txn.snapshot {
+            let mut view = txn.clone();
+            view.snapshot = txn.catalog_floor;
+            view.catalog_floor = Lsn::ZERO;
+            return Box::pin(self.relations(&view)).await;
+        }
         if !txn.catalog_dirty {
             let st = self.lock().await;
             if let Some((from, list)) = &st.catalog_cached {
@@ -1736,14 +1805,12 @@ impl Engine {
         mode: TableLockMode,
     ) -> Result<bool, EngineError> {
         let exclusive = mode == TableLockMode::Exclusive;
-        let held = txn
+        if txn
             .table_locks
             .iter()
-            .any(|&(o, x)| o == oid && (x || !exclusive));
-        // Under READ COMMITTED each statement's snapshot is newer than any DDL that
-        // committed before this transaction took the lock; a REPEATABLE READ
-        // snapshot may be older, so it asks every time.
-        if held && txn.isolation == Isolation::ReadCommitted {
+            .any(|&(o, x)| o == oid && (x || !exclusive))
+        {
+            // Held: no DDL on the table can have committed since it was taken.
             return Ok(false);
         }
         let mut waited = false;
@@ -1751,61 +1818,56 @@ impl Engine {
             Self::check_cancel(txn)?;
             let mut st = self.lock().await;
             st.assign_txid(txn).await?;
-            let me = txn.txid;
-            let lock = st.table_locks.entry(oid).or_default();
-            let mut blockers: Vec<TxnId> =
-                lock.exclusive.into_iter().filter(|&x| x != me).collect();
-            if exclusive {
-                blockers.extend(lock.shared.iter().copied().filter(|&x| x != me));
-            } else if !lock.shared.contains(&me) {
-                // Queue behind DDL already waiting (no starvation).
-                blockers.extend(lock.exclusive_waiters.iter().copied().filter(|&x| x != me));
-            }
-            if blockers.is_empty() {
-                lock.exclusive_waiters.retain(|&x| x != me);
-                if exclusive {
-                    lock.exclusive = Some(me);
-                } else if !lock.shared.contains(&me) {
-                    lock.shared.push(me);
-                }
-                if !held {
-                    txn.table_locks.push((oid, exclusive));
-                }
-                let ddl = st.table_ddl_lsn.get(&oid).copied().unwrap_or(Lsn::ZERO);
-                return Ok(waited || ddl > txn.snapshot);
-            }
-            if exclusive && !lock.exclusive_waiters.contains(&me) {
-                lock.exclusive_waiters.push(me);
-            }
+            let Some(blockers) = st.try_table_lock(txn, oid, exclusive) else {
+                return Ok(waited || st.catalog_stale(txn, oid));
+            };
             waited = true;
+            let me = txn.txid;
             if let Err(e) = self.wait_for_txns(st, me, &blockers).await {
-                let mut st = self.lock().await;
-                if let Some(lock) = st.table_locks.get_mut(&oid) {
-                    lock.exclusive_waiters.retain(|&x| x != me);
-                    if lock.is_free() {
-                        st.table_locks.remove(&oid);
-                    }
-                }
+                self.lock().await.forget_exclusive_waiter(oid, me);
                 return Err(e);
             }
         }
     }
 
-    /// All relations as of now (VDL, plus the transaction's own changes): the
-    /// catalog a writer must use after [`Engine::lock_table`] says its own may be
-    /// stale. DDL releases its exclusive lock only once its commit is durable, so
-    /// VDL covers it.
-    pub async fn latest_relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
-        let mut view = txn.clone();
-        view.snapshot = self.inner.volume.vdl().max(txn.snapshot);
-        self.relations(&view).await
+    /// The shared lock a row write takes on its table at the transaction's first
+    /// write to it (in the same hold of the engine lock as the write, so DML pays
+    /// no extra round on the lock). If the statement's catalog may be stale (it had
+    /// to wait, or DDL committed after its catalog snapshot) nothing is written and
+    /// `CatalogChanged` tells the SQL layer to re-read the catalog and re-run the
+    /// statement.
+    async fn take_write_lock<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        txn: &mut Txn,
+        oid: u32,
+    ) -> Result<MutexGuard<'a, State>, EngineError> {
+        // The catalog's own table (oid 0) is not locked: DDL serializes on the
+        // tables it changes.
+        if oid == 0 || txn.holds_table(oid) {
+            return Ok(st);
+        }
+        match st.try_table_lock(txn, oid, false) {
+            None if st.catalog_stale(txn, oid) => Err(EngineError::CatalogChanged),
+            None => Ok(st),
+            Some(blockers) => {
+                Self::check_cancel(txn)?;
+                self.wait_for_txns(st, txn.txid, &blockers).await?;
+                Err(EngineError::CatalogChanged)
+            }
+        }
     }
 
-    /// Under READ COMMITTED, moves the statement's snapshot to now (after a lock
-    /// wait, as PostgreSQL takes the snapshot after locking).
-    pub fn refresh_snapshot(&self, txn: &mut Txn) {
+    /// Makes the transaction read the newest committed catalog from now on (after
+    /// `CatalogChanged` or a stale `lock_table`), and under READ COMMITTED moves the
+    /// statement's snapshot past the lock wait, as PostgreSQL takes its snapshot
+    /// after locking. DDL releases its exclusive lock only once its commit is
+    /// durable, so VDL covers it.
+    pub fn refresh_catalog_view(&self, txn: &mut Txn) {
+        let vdl = self.inner.volume.vdl();
+        txn.catalog_floor = txn.catalog_floor.max(vdl);
         if txn.isolation == Isolation::ReadCommitted {
-            txn.snapshot = self.inner.volume.vdl().max(txn.snapshot);
+            txn.snapshot = txn.snapshot.max(vdl);
         }
     }
 

@@ -22,6 +22,10 @@ use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::Arc;
 
+/// How often a statement is re-run because DDL changed its table's catalog entry
+/// (invariant 9; each re-run follows a lock wait or a newer catalog).
+const MAX_CATALOG_RETRIES: usize = 16;
+
 /// How often INSERT ... ON CONFLICT DO UPDATE retries after the conflicting row
 /// vanished (invariant 9).
 const MAX_ON_CONFLICT_RETRIES: usize = 8;
@@ -1133,14 +1137,20 @@ impl<'a> Exec<'a> {
             .await
             .map_err(engine_error)?;
         if stale {
-            self.engine.refresh_snapshot(self.txn);
-            self.catalog = self
-                .engine
-                .latest_relations(self.txn)
-                .await
-                .map_err(engine_error)?;
+            self.refresh_catalog().await?;
         }
         Ok(self.catalog.iter().find(|t| t.oid == oid).cloned())
+    }
+
+    /// Re-reads the catalog as of now (see `Engine::refresh_catalog_view`).
+    async fn refresh_catalog(&mut self) -> Result<(), SqlError> {
+        self.engine.refresh_catalog_view(self.txn);
+        self.catalog = self
+            .engine
+            .relations(self.txn)
+            .await
+            .map_err(engine_error)?;
+        Ok(())
     }
 
     /// The exclusive lock for DDL on `def`, and its current definition.
@@ -2121,46 +2131,24 @@ pub(crate) async fn execute(
         | Statement::Insert(_)
         | Statement::Update(_)
         | Statement::Delete(_) => {
-            // Writers hold their table's shared lock until the transaction ends, so
-            // DDL (an index build) never misses their rows; after a wait the catalog
-            // is re-read, so they maintain indexes created meanwhile.
-            if let Some(name) = dml_target(stmt) {
-                if !ex.txn.read_only {
-                    if let Ok(t) = find_table(&ex.catalog, name) {
-                        ex.lock_table(t.oid, TableLockMode::Shared).await?;
+            // A transaction's first write to a table takes the table's shared lock
+            // (in the engine), so DDL such as an index build never misses its rows.
+            // If DDL on the table committed after this statement read the catalog,
+            // the write is refused before anything is written and the statement
+            // runs again on the new catalog (it then maintains the new index).
+            let mut attempts = 0;
+            loop {
+                match dml(&mut ex, stmt, params).await {
+                    Err(e)
+                        if e.code == "40001"
+                            && e.message == crate::session::CATALOG_CHANGED
+                            && attempts < MAX_CATALOG_RETRIES =>
+                    {
+                        attempts += 1;
+                        ex.refresh_catalog().await?;
                     }
+                    other => return other,
                 }
-            }
-            let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
-            let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
-            match bound {
-                Some(Bound_::Select(p)) => {
-                    let rows = ex.select(&p).await?;
-                    let n = rows.len();
-                    let cols = p.columns.clone();
-                    Ok(rows_result(cols, rows, format!("SELECT {n}")))
-                }
-                Some(Bound_::Insert(p)) => {
-                    let (n, ret) = ex.insert(&p).await?;
-                    let tag = format!("INSERT 0 {n}");
-                    Ok(match &p.returning {
-                        Some(r) => rows_result(r.columns.clone(), ret, tag),
-                        None => ExecResult::Command { tag },
-                    })
-                }
-                Some(Bound_::Modify(p)) => {
-                    let (n, ret) = ex.modify(&p).await?;
-                    let tag = if p.sets.is_some() {
-                        format!("UPDATE {n}")
-                    } else {
-                        format!("DELETE {n}")
-                    };
-                    Ok(match &p.returning {
-                        Some(r) => rows_result(r.columns.clone(), ret, tag),
-                        None => ExecResult::Command { tag },
-                    })
-                }
-                None => Err(SqlError::internal("unbound statement")),
             }
         }
         Statement::CreateTable(ct) => create_table(&mut ex, ct).await,
@@ -2240,27 +2228,42 @@ pub(crate) async fn execute(
     }
 }
 
-/// The table an INSERT, UPDATE or DELETE writes.
-fn dml_target(stmt: &Statement) -> Option<&ast::ObjectName> {
-    match stmt {
-        Statement::Insert(ins) => match &ins.table {
-            ast::TableObject::TableName(n) => Some(n),
-            _ => None,
-        },
-        Statement::Update(u) => match &u.table.relation {
-            TableFactor::Table { name, .. } => Some(name),
-            _ => None,
-        },
-        Statement::Delete(d) => {
-            let tables = match &d.from {
-                ast::FromTable::WithFromKeyword(t) | ast::FromTable::WithoutKeyword(t) => t,
-            };
-            match tables.first().map(|t| &t.relation) {
-                Some(TableFactor::Table { name, .. }) => Some(name),
-                _ => None,
-            }
+/// Runs a query, INSERT, UPDATE or DELETE.
+async fn dml(
+    ex: &mut Exec<'_>,
+    stmt: &Statement,
+    params: &[Datum],
+) -> Result<ExecResult, SqlError> {
+    let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
+    let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
+    match bound {
+        Some(Bound_::Select(p)) => {
+            let rows = ex.select(&p).await?;
+            let n = rows.len();
+            let cols = p.columns.clone();
+            Ok(rows_result(cols, rows, format!("SELECT {n}")))
         }
-        _ => None,
+        Some(Bound_::Insert(p)) => {
+            let (n, ret) = ex.insert(&p).await?;
+            let tag = format!("INSERT 0 {n}");
+            Ok(match &p.returning {
+                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                None => ExecResult::Command { tag },
+            })
+        }
+        Some(Bound_::Modify(p)) => {
+            let (n, ret) = ex.modify(&p).await?;
+            let tag = if p.sets.is_some() {
+                format!("UPDATE {n}")
+            } else {
+                format!("DELETE {n}")
+            };
+            Ok(match &p.returning {
+                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                None => ExecResult::Command { tag },
+            })
+        }
+        None => Err(SqlError::internal("unbound statement")),
     }
 }
 
@@ -3522,30 +3525,6 @@ async fn copy_start(
             "COPY from a file is not allowed; use COPY FROM STDIN",
         ));
     }
-    // Like INSERT: the table's shared lock until the transaction ends, and the
-    // current catalog if DDL on the table committed meanwhile.
-    let mut fresh = None;
-    let engine = s.engine().clone();
-    if let Some(txn) = s.txn.as_mut().filter(|t| !t.read_only) {
-        if engine
-            .lock_table(txn, def.oid, TableLockMode::Shared)
-            .await
-            .map_err(engine_error)?
-        {
-            engine.refresh_snapshot(txn);
-            fresh = Some(engine.latest_relations(txn).await.map_err(engine_error)?);
-        }
-    }
-    let catalog: &[Arc<TableDef>] = fresh.as_deref().unwrap_or(catalog);
-    let def = match catalog.iter().find(|t| t.oid == def.oid) {
-        Some(d) => d.clone(),
-        None => {
-            return Err(SqlError::new(
-                "42P01",
-                format!("relation \"{}\" does not exist", def.name),
-            ))
-        }
-    };
     let mut b = Binder {
         catalog,
         params: vec![],
@@ -3832,7 +3811,31 @@ async fn copy_row(
         };
         full.push(expr::assign(d, c.ty(), c.typmod)?);
     }
-    ex.insert_row(&st.plan, full).await?;
-    st.rows += 1;
-    Ok(())
+    if ex.txn.holds_table(t.oid) {
+        ex.insert_row(&st.plan, full).await?;
+        st.rows += 1;
+        return Ok(());
+    }
+    // The first row takes the table's shared lock; if DDL changed the table
+    // meanwhile, continue on the new definition (same columns) or give up.
+    for _ in 0..MAX_CATALOG_RETRIES {
+        match ex.insert_row(&st.plan, full.clone()).await {
+            Err(e) if e.code == "40001" && e.message == crate::session::CATALOG_CHANGED => {
+                ex.refresh_catalog().await?;
+                match ex.catalog.iter().find(|d| d.oid == t.oid) {
+                    Some(d) if d.columns == t.columns => {
+                        st.plan.table = d.clone();
+                        st.catalog = ex.catalog.clone();
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                st.rows += 1;
+                return Ok(());
+            }
+        }
+    }
+    Err(SqlError::new("40001", crate::session::CATALOG_CHANGED))
 }
