@@ -239,6 +239,301 @@ pub(crate) fn entry_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{ColumnDef, RelKind, TableDef};
+    use crate::row::encode_key;
+    use crate::{Engine, Isolation, RowAction, RowOutcome};
+    use borealis_volume::{Volume, VolumeConfig};
+    use std::time::Duration;
+
+    /// An engine with table t(id int primary key, k int, v text) and an index on k
+    /// (unique if asked).
+    async fn setup(unique: bool) -> (Engine, TableDef) {
+        let engine = Engine::open(Volume::in_memory(VolumeConfig::default()), 1024)
+            .await
+            .unwrap();
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        let (oid, root) = engine.allocate_relation(&mut txn).await.unwrap();
+        let index_root = engine.new_root(&mut txn).await.unwrap();
+        let col = |name: &str, type_oid| ColumnDef {
+            name: name.into(),
+            type_oid,
+            typmod: -1,
+            not_null: false,
+            default: None,
+        };
+        let table = TableDef {
+            oid,
+            name: "t".into(),
+            kind: RelKind::Table,
+            columns: vec![col("id", 23), col("k", 23), col("v", 25)],
+            pk: vec![0],
+            pk_name: None,
+            root,
+            indexes: vec![IndexDef {
+                oid: 0,
+                name: "t_k".into(),
+                columns: vec![1],
+                unique,
+                primary: false,
+                root: index_root,
+            }],
+            checks: vec![],
+            rowid_seq: None,
+            sequence: None,
+        };
+        engine.commit(txn).await.unwrap();
+        (engine, table)
+    }
+
+    fn row(id: i32, k: Option<i32>, v: &str) -> Vec<Datum> {
+        vec![
+            Datum::Int4(id),
+            k.map(Datum::Int4).unwrap_or(Datum::Null),
+            Datum::Text(v.into()),
+        ]
+    }
+
+    fn pk(id: i32) -> Vec<u8> {
+        encode_key(&[Datum::Int4(id)]).unwrap()
+    }
+
+    async fn insert(engine: &Engine, table: &TableDef, r: Vec<Datum>) -> Result<(), EngineError> {
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let key = encode_key(&r[..1]).unwrap();
+        engine
+            .insert_row(&mut txn, table, &key, &r, "t_pkey")
+            .await?;
+        engine.commit(txn).await.map(|_| ())
+    }
+
+    async fn update(engine: &Engine, table: &TableDef, id: i32, new: Option<Vec<Datum>>) {
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let mut action = Some(match new {
+            Some(r) => RowAction::Update(r),
+            None => RowAction::Delete,
+        });
+        let out = engine
+            .modify_row(&mut txn, table, &pk(id), &mut |_| {
+                Ok(action.take().unwrap_or(RowAction::Skip))
+            })
+            .await
+            .unwrap();
+        assert!(matches!(out, RowOutcome::Done(_)));
+        engine.commit(txn).await.unwrap();
+    }
+
+    /// Ids found through the index for k in [lo, hi] (with the recheck).
+    async fn ids_by_k(engine: &Engine, table: &TableDef, lo: i32, hi: i32) -> Vec<i32> {
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let from = encode_key(&[Datum::Int4(lo)]).unwrap();
+        let to = prefix_end(&encode_key(&[Datum::Int4(hi)]).unwrap()).unwrap();
+        let mut out = Vec::new();
+        engine
+            .index_scan(
+                &txn,
+                table,
+                &table.indexes[0],
+                Bound::Included(from),
+                Bound::Excluded(to),
+                &mut |_, r| {
+                    if let Datum::Int4(id) = r[0] {
+                        out.push(id);
+                    }
+                    Ok(true)
+                },
+            )
+            .await
+            .unwrap();
+        out
+    }
+
+    /// Every entry key of the index tree.
+    async fn entries(engine: &Engine, table: &TableDef) -> Vec<Vec<u8>> {
+        let mut st = engine.lock().await;
+        let mut out = Vec::new();
+        let mut leaf = None;
+        loop {
+            let batch = match leaf {
+                None => btree::scan_leaf_from(&st.store, table.indexes[0].root, None),
+                Some(p) => btree::read_leaf(&st.store, p, None),
+            };
+            let batch = match batch {
+                Err(EngineError::PageMiss(p)) => {
+                    st.store.load(p).await.unwrap();
+                    continue;
+                }
+                other => other.unwrap(),
+            };
+            out.extend(batch.items.iter().map(|(k, _)| k.clone()));
+            if batch.next_leaf == 0 {
+                return out;
+            }
+            leaf = Some(batch.next_leaf);
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_maintain_the_index_and_vacuum_removes_dead_entries() {
+        let (engine, table) = setup(false).await;
+        for id in 0..600 {
+            insert(&engine, &table, row(id, Some(id % 10), "x"))
+                .await
+                .unwrap();
+        }
+        assert_eq!(entries(&engine, &table).await.len(), 600);
+        assert_eq!(ids_by_k(&engine, &table, 3, 3).await.len(), 60);
+        // Updating a non-indexed column adds no entry.
+        for id in 0..100 {
+            update(&engine, &table, id, Some(row(id, Some(id % 10), "changed"))).await;
+        }
+        assert_eq!(entries(&engine, &table).await.len(), 600);
+        // Changing the key adds one; the old entry stays, but the row is only found
+        // under its new key.
+        update(&engine, &table, 3, Some(row(3, Some(42), "moved"))).await;
+        assert_eq!(entries(&engine, &table).await.len(), 601);
+        assert_eq!(ids_by_k(&engine, &table, 42, 42).await, [3]);
+        assert!(!ids_by_k(&engine, &table, 3, 3).await.contains(&3));
+        assert_eq!(ids_by_k(&engine, &table, 3, 3).await.len(), 59);
+        // Deleting adds nothing and hides the row.
+        update(&engine, &table, 13, None).await;
+        assert_eq!(ids_by_k(&engine, &table, 3, 3).await.len(), 58);
+        // An aborted insert leaves an entry that no reader returns.
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let r = row(1000, Some(3), "aborted");
+        engine
+            .insert_row(&mut txn, &table, &pk(1000), &r, "t_pkey")
+            .await
+            .unwrap();
+        engine.rollback(txn).await.unwrap();
+        assert_eq!(ids_by_k(&engine, &table, 3, 3).await.len(), 58);
+        assert_eq!(entries(&engine, &table).await.len(), 602);
+        // VACUUM: the moved row's old entry, the deleted row's and the aborted
+        // row's go; every live row keeps exactly one.
+        let stats = engine.vacuum_table(&table).await.unwrap();
+        assert_eq!(stats.index_entries_removed, 3);
+        assert_eq!(entries(&engine, &table).await.len(), 599);
+        assert_eq!(ids_by_k(&engine, &table, 0, 100).await.len(), 599);
+        assert_eq!(ids_by_k(&engine, &table, 42, 42).await, [3]);
+        // The index is in the volume (redo only): a cold engine reads it back.
+        let cold = Engine::open(engine.volume().clone(), 256).await.unwrap();
+        assert_eq!(ids_by_k(&cold, &table, 0, 100).await.len(), 599);
+    }
+
+    #[tokio::test]
+    async fn unique_index_waits_for_in_progress_inserters() {
+        let (engine, table) = setup(true).await;
+        insert(&engine, &table, row(1, Some(1), "a")).await.unwrap();
+        let dup = insert(&engine, &table, row(2, Some(1), "b")).await;
+        assert!(matches!(dup, Err(EngineError::UniqueViolation { key, .. }) if key == pk(1)));
+        // NULLs do not conflict.
+        insert(&engine, &table, row(3, None, "n")).await.unwrap();
+        insert(&engine, &table, row(4, None, "n")).await.unwrap();
+        // An in-progress inserter makes the second one wait; its rollback lets it in.
+        let mut t1 = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut t1);
+        let r = row(5, Some(5), "t1");
+        engine
+            .insert_row(&mut t1, &table, &pk(5), &r, "t_pkey")
+            .await
+            .unwrap();
+        let (e2, tb2) = (engine.clone(), table.clone());
+        let waiter = tokio::spawn(async move { insert(&e2, &tb2, row(6, Some(5), "t2")).await });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!waiter.is_finished(), "second inserter did not wait");
+        engine.rollback(t1).await.unwrap();
+        waiter.await.unwrap().unwrap();
+        // ... and a commit makes it fail.
+        let mut t1 = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut t1);
+        let r = row(7, Some(7), "t1");
+        engine
+            .insert_row(&mut t1, &table, &pk(7), &r, "t_pkey")
+            .await
+            .unwrap();
+        let (e2, tb2) = (engine.clone(), table.clone());
+        let waiter = tokio::spawn(async move { insert(&e2, &tb2, row(8, Some(7), "t2")).await });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(!waiter.is_finished(), "second inserter did not wait");
+        engine.commit(t1).await.unwrap();
+        assert!(matches!(
+            waiter.await.unwrap(),
+            Err(EngineError::UniqueViolation { .. })
+        ));
+        // A value freed by a committed update or delete is free again.
+        update(&engine, &table, 7, Some(row(7, Some(70), "moved"))).await;
+        insert(&engine, &table, row(9, Some(7), "reuse"))
+            .await
+            .unwrap();
+        update(&engine, &table, 9, None).await;
+        insert(&engine, &table, row(10, Some(7), "reuse again"))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn build_indexes_every_live_version_and_checks_uniqueness() {
+        let (engine, mut table) = setup(false).await;
+        let unbuilt = table.indexes.pop().unwrap();
+        for id in 0..300 {
+            insert(&engine, &table, row(id, Some(id), "x"))
+                .await
+                .unwrap();
+        }
+        // An open snapshot keeps old versions alive across an update.
+        let mut old = engine.begin(Isolation::RepeatableRead, false);
+        engine.start_statement(&mut old);
+        update(&engine, &table, 5, Some(row(5, Some(500), "new"))).await;
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let root = engine
+            .build_index(&mut txn, &table, &unbuilt)
+            .await
+            .unwrap();
+        engine.commit(txn).await.unwrap();
+        table.indexes.push(IndexDef {
+            root,
+            ..unbuilt.clone()
+        });
+        // Both versions of row 5 are indexed: the old snapshot finds it under 5,
+        // new ones under 500.
+        assert_eq!(entries(&engine, &table).await.len(), 301);
+        assert_eq!(ids_by_k(&engine, &table, 500, 500).await, [5]);
+        assert!(ids_by_k(&engine, &table, 5, 5).await.is_empty());
+        let mut seen = Vec::new();
+        engine
+            .index_scan(
+                &old,
+                &table,
+                &table.indexes[0],
+                Bound::Included(encode_key(&[Datum::Int4(5)]).unwrap()),
+                Bound::Excluded(prefix_end(&encode_key(&[Datum::Int4(5)]).unwrap()).unwrap()),
+                &mut |_, r| {
+                    seen.push(r[0].clone());
+                    Ok(true)
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(seen, [Datum::Int4(5)]);
+        engine.commit(old).await.unwrap();
+        // A unique build over a duplicate refuses.
+        insert(&engine, &table, row(1000, Some(7), "dup"))
+            .await
+            .unwrap();
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let unique = IndexDef {
+            unique: true,
+            ..unbuilt
+        };
+        let r = engine.build_index(&mut txn, &table, &unique).await;
+        assert!(matches!(r, Err(EngineError::UniqueViolation { .. })));
+        engine.rollback(txn).await.unwrap();
+    }
 
     #[test]
     fn prefix_end_covers_null_continuations() {

@@ -1848,12 +1848,21 @@ impl Engine {
             return Ok(st);
         }
         match st.try_table_lock(txn, oid, false) {
-            None if st.catalog_stale(txn, oid) => Err(EngineError::CatalogChanged),
-            None => Ok(st),
+            None if st.catalog_stale(txn, oid) => return Err(EngineError::CatalogChanged),
+            None => return Ok(st),
             Some(blockers) => {
                 Self::check_cancel(txn)?;
                 self.wait_for_txns(st, txn.txid, &blockers).await?;
-                Err(EngineError::CatalogChanged)
+            }
+        }
+        // Wait (however long the DDL takes) until the lock is granted, then have
+        // the statement re-run on the catalog the DDL left behind.
+        loop {
+            Self::check_cancel(txn)?;
+            let mut st = self.lock().await;
+            match st.try_table_lock(txn, oid, false) {
+                None => return Err(EngineError::CatalogChanged),
+                Some(blockers) => self.wait_for_txns(st, txn.txid, &blockers).await?,
             }
         }
     }
