@@ -44,6 +44,9 @@ pub enum EngineError {
     Internal(String),
     #[error("row is too big: {0} bytes (rows must fit in half a page)")]
     RowTooBig(usize),
+    /// A configured bound was reached (SQLSTATE 54000).
+    #[error("{0}")]
+    LimitExceeded(String),
     /// `key` is the clustered key of the row that holds the value (ON CONFLICT
     /// acts on it).
     #[error("duplicate key value violates unique constraint \"{constraint}\"")]
@@ -82,6 +85,8 @@ const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
 /// Whole pages per MTR during a bulk load (bounds message and batch sizes).
 const BULK_PAGES_PER_MTR: usize = 32;
+/// Bound on the entries an index build sorts in memory (invariant 9).
+const MAX_INDEX_BUILD_ENTRIES: usize = 50_000_000;
 /// Hidden row ids reserved per redo record.
 const ROWID_BLOCK: i64 = 1024;
 /// Bound on memoized catalog entries (invariant 9).
@@ -2001,6 +2006,11 @@ impl Engine {
                         if !has_null {
                             current.push((k.clone(), pk.clone(), row));
                         }
+                    }
+                    if entries.len() >= MAX_INDEX_BUILD_ENTRIES {
+                        return Err(EngineError::LimitExceeded(format!(
+                            "index build over more than {MAX_INDEX_BUILD_ENTRIES} row versions"
+                        )));
                     }
                     entries.push((index::entry_key(&k, &pk), pk.clone()));
                 }

@@ -195,6 +195,7 @@ pub fn engine_error(e: EngineError) -> SqlError {
             format!("row is too big: size {n}, maximum size 4000"),
         ),
         EngineError::Unsupported(what) => SqlError::new("0A000", what),
+        EngineError::LimitExceeded(what) => SqlError::new("54000", what),
         EngineError::NoSavepoint(name) => {
             SqlError::new("3B001", format!("savepoint \"{name}\" does not exist"))
         }
