@@ -3240,6 +3240,10 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
         }
     }
     let def = find_table(&ex.catalog, &ci.table_name)?;
+    // The exclusive lock waits for every transaction that wrote the table and holds
+    // off new writers until this one ends, so the build sees every row. Columns are
+    // resolved on the definition as of the lock.
+    let def = ex.lock_for_ddl(&def).await?;
     let mut cols = Vec::new();
     for ic in &ci.columns {
         if !matches!(
@@ -3255,9 +3259,6 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
             })?,
         );
     }
-    // The exclusive lock waits for every transaction that wrote the table and holds
-    // off new writers until this one ends, so the build sees every row.
-    let def = ex.lock_for_ddl(&def).await?;
     let name = match &ci.name {
         Some(n) => {
             let name = ident(n);
