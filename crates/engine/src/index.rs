@@ -423,6 +423,106 @@ mod tests {
         assert_eq!(ids_by_k(&cold, &table, 0, 100).await.len(), 599);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_keep_index_and_rows_in_agreement() {
+        let (engine, table) = setup(false).await;
+        let mut tasks = Vec::new();
+        for seed in 1..=4u64 {
+            let (engine, table) = (engine.clone(), table.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                let mut next = move |n: u64| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % n) as i32
+                };
+                for _ in 0..400 {
+                    let id = next(150);
+                    let k = next(12);
+                    let mut txn = engine.begin(Isolation::ReadCommitted, false);
+                    engine.start_statement(&mut txn);
+                    let r = match next(4) {
+                        0 => {
+                            let r = row(id, Some(k), "ins");
+                            engine
+                                .insert_row(&mut txn, &table, &pk(id), &r, "t_pkey")
+                                .await
+                                .map(|_| ())
+                        }
+                        op => {
+                            let mut action = Some(match op {
+                                1 => RowAction::Update(row(id, Some(k), "k changed")),
+                                2 => RowAction::Delete,
+                                _ => RowAction::Lock,
+                            });
+                            engine
+                                .modify_row(&mut txn, &table, &pk(id), &mut |cur| {
+                                    Ok(match action.take() {
+                                        Some(RowAction::Lock) => RowAction::Update(vec![
+                                            cur[0].clone(),
+                                            cur[1].clone(),
+                                            Datum::Text("v changed".into()),
+                                        ]),
+                                        Some(a) => a,
+                                        None => RowAction::Skip,
+                                    })
+                                })
+                                .await
+                                .map(|_| ())
+                        }
+                    };
+                    // Every fourth transaction rolls back; duplicates are expected.
+                    match r {
+                        Ok(()) if next(4) == 0 => engine.rollback(txn).await.unwrap(),
+                        Ok(()) => {
+                            engine.commit(txn).await.unwrap();
+                        }
+                        Err(EngineError::UniqueViolation { .. } | EngineError::Deadlock { .. }) => {
+                            engine.rollback(txn).await.unwrap()
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // What the clustered tree says, per k ...
+        let mut txn = engine.begin(Isolation::ReadCommitted, false);
+        engine.start_statement(&mut txn);
+        let mut expected: Vec<Vec<i32>> = vec![Vec::new(); 12];
+        let mut live = 0;
+        engine
+            .scan(
+                &txn,
+                table.root,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                &mut |_, r| {
+                    if let (Datum::Int4(id), Datum::Int4(k)) = (&r[0], &r[1]) {
+                        expected[*k as usize].push(*id);
+                        live += 1;
+                    }
+                    Ok(true)
+                },
+            )
+            .await
+            .unwrap();
+        // ... is what the index finds, before and after VACUUM.
+        for round in 0..2 {
+            for (k, ids) in expected.iter().enumerate() {
+                let mut found = ids_by_k(&engine, &table, k as i32, k as i32).await;
+                found.sort_unstable();
+                assert_eq!(&found, ids, "k={k} round={round}");
+            }
+            engine.vacuum_table(&table).await.unwrap();
+        }
+        assert!(live > 20, "too few rows survived to test anything: {live}");
+        assert_eq!(entries(&engine, &table).await.len(), live);
+    }
+
     #[tokio::test]
     async fn unique_index_waits_for_in_progress_inserters() {
         let (engine, table) = setup(true).await;
