@@ -51,6 +51,10 @@ pub struct IndexDef {
     /// Root page of the index B+tree; 0 = a definition recorded by a version of
     /// Borealis that did not build index trees (never read or maintained).
     pub root: u64,
+    /// The index enforces a UNIQUE constraint (dropped with ALTER TABLE ... DROP
+    /// CONSTRAINT, not DROP INDEX).
+    #[serde(default)]
+    pub constraint: bool,
 }
 
 impl IndexDef {

@@ -276,6 +276,7 @@ mod tests {
                 unique,
                 primary: false,
                 root: index_root,
+                constraint: false,
             }],
             checks: vec![],
             rowid_seq: None,

@@ -2169,7 +2169,7 @@ pub(crate) async fn execute(
         } => {
             ex.check_writable()?;
             let n = ident(name);
-            if ex.catalog.iter().any(|t| t.name == n) {
+            if relation_name_taken(&ex.catalog, &n) {
                 if *if_not_exists {
                     return Ok(ExecResult::Command {
                         tag: "CREATE SEQUENCE".into(),
@@ -2558,7 +2558,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
     if ct.query.is_some() || ct.like.is_some() {
         return Err(SqlError::unsupported("CREATE TABLE AS / LIKE"));
     }
-    if ex.catalog.iter().any(|t| t.name == name) {
+    if relation_name_taken(&ex.catalog, &name) {
         if ct.if_not_exists {
             return Ok(ExecResult::Command {
                 tag: "CREATE TABLE".into(),
@@ -2779,6 +2779,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
             unique: true,
             primary: false,
             root,
+            constraint: true,
         });
     }
     ex.engine
@@ -2810,6 +2811,16 @@ async fn drop_objects(
                     .cloned();
                 match owner {
                     Some(t) => {
+                        if let Some(c) = t.indexes.iter().find(|i| i.name == iname && i.constraint)
+                        {
+                            return Err(SqlError::new(
+                                "2BP01",
+                                format!(
+                                    "cannot drop index {} because constraint {} on table {} requires it",
+                                    c.name, c.name, t.name
+                                ),
+                            ));
+                        }
                         // Its pages are abandoned (there is no free-space map yet).
                         let mut def = ex.lock_for_ddl(&t).await?;
                         def.indexes.retain(|i| i.name != iname);
@@ -3039,7 +3050,8 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                         format!("relation \"{name}\" already exists"),
                     ));
                 }
-                let index = build_index(ex, &def, name, cols, true).await?;
+                let mut index = build_index(ex, &def, name, cols, true).await?;
+                index.constraint = true;
                 def.indexes.push(index);
             }
             ast::AlterTableOperation::AddConstraint {
@@ -3186,6 +3198,31 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     if def.indexes.iter().any(|x| x.is_built()) {
                         rebuild_indexes(ex, &mut def).await?;
                     }
+                }
+            }
+            ast::AlterTableOperation::DropConstraint {
+                if_exists, name, ..
+            } => {
+                let n = expr::norm(name);
+                let pk_name = def
+                    .pk_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}_pkey", def.name));
+                if let Some(i) = def.indexes.iter().position(|x| x.constraint && x.name == n) {
+                    // The index's pages are abandoned (no free-space map yet).
+                    def.indexes.remove(i);
+                } else if let Some(i) = def.checks.iter().position(|c| c.name == n) {
+                    def.checks.remove(i);
+                } else if !def.pk.is_empty() && n == pk_name {
+                    return Err(SqlError::unsupported("dropping a primary key"));
+                } else if !*if_exists {
+                    return Err(SqlError::new(
+                        "42704",
+                        format!(
+                            "constraint \"{n}\" of relation \"{}\" does not exist",
+                            def.name
+                        ),
+                    ));
                 }
             }
             other => return Err(SqlError::unsupported(format!("ALTER TABLE {other}"))),
@@ -3341,6 +3378,7 @@ async fn build_index(
         unique,
         primary: false,
         root: 0,
+        constraint: false,
     };
     index.root = match ex.engine.build_index(ex.txn, def, &index).await {
         Ok(root) => root,
@@ -3365,7 +3403,8 @@ async fn rebuild_indexes(ex: &mut Exec<'_>, def: &mut TableDef) -> Result<(), Sq
             def.indexes.push(index);
             continue;
         }
-        let rebuilt = build_index(ex, def, index.name, index.columns, index.unique).await?;
+        let mut rebuilt = build_index(ex, def, index.name, index.columns, index.unique).await?;
+        rebuilt.constraint = index.constraint;
         def.indexes.push(rebuilt);
     }
     Ok(())
