@@ -1562,7 +1562,7 @@ impl<'a> Exec<'a> {
         // A conflicting row that disappears before DO UPDATE reaches it lets the
         // insert be retried (as PostgreSQL does), a bounded number of times.
         for _ in 0..MAX_ON_CONFLICT_RETRIES {
-            let (constraint, conflict_key) = match self
+            let conflict_key = match self
                 .engine
                 .insert_row(self.txn, t, &key, &row, &constraint)
                 .await
@@ -1582,11 +1582,10 @@ impl<'a> Exec<'a> {
                             detail,
                         }));
                     }
-                    (c, conflict_key)
+                    conflict_key
                 }
                 Err(e) => return Err(engine_error(e)),
             };
-            let _ = constraint;
             match p.on_conflict.as_ref() {
                 Some(OnConflict::Update { sets, filter }) => {
                     let params = self.params.to_vec();

@@ -143,10 +143,18 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
 /// (`order`: table columns, all ascending with NULLs last), so that a LIMIT stops
 /// the scan early. Keeps a bounded plan if its own order fits.
 pub fn order_plan(table: &TableDef, plan: KeyPlan, order: &[usize]) -> KeyPlan {
+    // Index entries are ordered by the indexed columns, then the clustered key.
+    let order_of = |p: &KeyPlan| -> Vec<usize> {
+        let mut cols = p.columns(table).to_vec();
+        if p.index.is_some() {
+            cols.extend(&table.pk);
+        }
+        cols
+    };
     let fits = |p: &KeyPlan| {
-        let cols = p.columns(table);
+        let cols = order_of(p);
         let after_eq = cols.get(p.eq.len()..).unwrap_or(&[]);
-        order.len() <= cols.len() && (cols.starts_with(order) || after_eq.starts_with(order))
+        cols.starts_with(order) || after_eq.starts_with(order)
     };
     if order.is_empty() {
         return plan;
@@ -161,12 +169,13 @@ pub fn order_plan(table: &TableDef, plan: KeyPlan, order: &[usize]) -> KeyPlan {
         return plan;
     }
     for (i, index) in table.indexes.iter().enumerate() {
-        if index.is_built() && index.columns.starts_with(order) {
-            return KeyPlan {
-                index: Some(i),
-                ordered: true,
-                ..KeyPlan::default()
-            };
+        let candidate = KeyPlan {
+            index: Some(i),
+            ordered: true,
+            ..KeyPlan::default()
+        };
+        if index.is_built() && fits(&candidate) {
+            return candidate;
         }
     }
     plan

@@ -71,6 +71,17 @@ async fn explain_shows_the_chosen_index() {
     // ORDER BY ... LIMIT on the index's column.
     let p = plan(&mut s, "SELECT * FROM t ORDER BY k LIMIT 3").await;
     assert!(p.contains("Index Scan using k_1 on t"), "{p}");
+    // Entries of equal keys are in clustered-key order.
+    let p = plan(&mut s, "SELECT * FROM t WHERE k = 3 ORDER BY id LIMIT 2").await;
+    assert!(p.contains("Index Scan using k_1 on t"), "{p}");
+    assert_eq!(
+        run(&mut s, "SELECT id FROM t WHERE k = 3 ORDER BY id LIMIT 2").await,
+        ["3", "10"]
+    );
+    assert_eq!(
+        run(&mut s, "SELECT id FROM t ORDER BY k, id LIMIT 2").await,
+        ["7", "14"]
+    );
     // Without a usable predicate or order: a scan.
     let p = plan(&mut s, "SELECT * FROM t WHERE d = 3").await;
     assert!(p.contains("Seq Scan on t"), "{p}");
