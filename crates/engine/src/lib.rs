@@ -397,7 +397,10 @@ impl State {
     /// waiter, so new shared requests queue behind it).
     fn try_table_lock(&mut self, txn: &mut Txn, oid: u32, exclusive: bool) -> Option<Vec<TxnId>> {
         let me = txn.txid;
+        let active = &self.active;
         let lock = self.table_locks.entry(oid).or_default();
+        // A waiter that gave up without saying so (it ended) no longer counts.
+        lock.exclusive_waiters.retain(|x| active.contains_key(x));
         let mut blockers: Vec<TxnId> = lock.exclusive.into_iter().filter(|&x| x != me).collect();
         if exclusive {
             blockers.extend(lock.shared.iter().copied().filter(|&x| x != me));
@@ -1820,7 +1823,12 @@ impl Engine {
         }
         let mut waited = false;
         loop {
-            Self::check_cancel(txn)?;
+            if let Err(e) = Self::check_cancel(txn) {
+                if waited {
+                    self.lock().await.forget_exclusive_waiter(oid, txn.txid);
+                }
+                return Err(e);
+            }
             let mut st = self.lock().await;
             st.assign_txid(txn).await?;
             let Some(blockers) = st.try_table_lock(txn, oid, exclusive) else {
