@@ -3110,11 +3110,17 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     not_null: false,
                     default: None,
                 };
+                let mut unique: Option<Option<String>> = None;
                 for opt in &column_def.options {
                     match &opt.option {
                         ast::ColumnOption::NotNull => col.not_null = true,
                         ast::ColumnOption::Null => {}
                         ast::ColumnOption::Default(e) => col.default = Some(e.to_string()),
+                        ast::ColumnOption::Unique(u)
+                            if u.nulls_distinct != ast::NullsDistinctOption::NotDistinct =>
+                        {
+                            unique = Some(opt.name.as_ref().map(|n| expr::norm(n)));
+                        }
                         other => {
                             return Err(SqlError::unsupported(format!("ADD COLUMN option {other}")))
                         }
@@ -3153,6 +3159,22 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 }
                 rewrite_rows(ex, &def, &mut |row| row.push(fill.clone())).await?;
                 def.columns.push(col);
+                if let Some(name) = unique {
+                    let cols = vec![def.columns.len() - 1];
+                    let name = match name {
+                        Some(n) => n,
+                        None => free_relation_name(&ex.catalog, &def, &cols, "key"),
+                    };
+                    if relation_name_taken(&ex.catalog, &name) {
+                        return Err(SqlError::new(
+                            "42P07",
+                            format!("relation \"{name}\" already exists"),
+                        ));
+                    }
+                    let mut index = build_index(ex, &def, name, cols, true).await?;
+                    index.constraint = true;
+                    def.indexes.push(index);
+                }
             }
             ast::AlterTableOperation::DropColumn {
                 column_names,
