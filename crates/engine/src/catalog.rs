@@ -35,6 +35,12 @@ pub struct CheckDef {
     pub expr: String,
 }
 
+/// A secondary index: its own B+tree whose item keys are the order-preserving
+/// encoding of the indexed columns followed by the row's clustered key (so every
+/// entry is unique, even for equal column values), with the clustered key again as
+/// the payload. Entries are never updated in place: a row version whose indexed
+/// columns change gets a new entry, old entries stay until VACUUM finds no version
+/// of the row with their key, and readers re-check the visible version.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IndexDef {
     pub oid: u32,
@@ -42,7 +48,20 @@ pub struct IndexDef {
     pub columns: Vec<usize>,
     pub unique: bool,
     pub primary: bool,
+    /// Root page of the index B+tree; 0 = a definition recorded by a version of
+    /// Borealis that did not build index trees (never read or maintained).
     pub root: u64,
+    /// The index enforces a UNIQUE constraint (dropped with ALTER TABLE ... DROP
+    /// CONSTRAINT, not DROP INDEX).
+    #[serde(default)]
+    pub constraint: bool,
+}
+
+impl IndexDef {
+    /// Whether the index has a tree that writes maintain and reads may use.
+    pub fn is_built(&self) -> bool {
+        self.root != 0 && !self.primary
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +100,11 @@ pub struct TableDef {
 }
 
 impl TableDef {
+    /// The secondary indexes with trees: the ones row writes maintain.
+    pub fn secondary_indexes(&self) -> impl Iterator<Item = &IndexDef> {
+        self.indexes.iter().filter(|i| i.is_built())
+    }
+
     pub fn column_index(&self, name: &str) -> Option<usize> {
         self.columns.iter().position(|c| c.name == name)
     }

@@ -10,6 +10,7 @@
 
 pub mod btree;
 pub mod catalog;
+pub mod index;
 pub mod mvcc;
 pub mod row;
 pub mod store;
@@ -43,8 +44,17 @@ pub enum EngineError {
     Internal(String),
     #[error("row is too big: {0} bytes (rows must fit in half a page)")]
     RowTooBig(usize),
+    /// A configured bound was reached (SQLSTATE 54000).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// `key` is the clustered key of the row that holds the value (ON CONFLICT
+    /// acts on it).
     #[error("duplicate key value violates unique constraint \"{constraint}\"")]
-    UniqueViolation { constraint: String, detail: String },
+    UniqueViolation {
+        constraint: String,
+        detail: String,
+        key: Vec<u8>,
+    },
     #[error("could not serialize access due to concurrent update")]
     SerializationFailure,
     #[error("deadlock detected")]
@@ -59,6 +69,11 @@ pub enum EngineError {
     NoSavepoint(String),
     #[error("canceling statement due to user request")]
     Canceled,
+    /// A statement's first write to a table found DDL on it newer than the
+    /// statement's catalog (or waited for such DDL): nothing was written; the SQL
+    /// layer re-reads the catalog ([`Engine::refresh_catalog_view`]) and re-runs it.
+    #[error("could not serialize access due to concurrent DDL on the table")]
+    CatalogChanged,
     #[error("this volume was not written by a compatible Borealis (magic/version mismatch)")]
     IncompatibleVolume,
 }
@@ -70,6 +85,8 @@ const TXID_BLOCK: u64 = 1024;
 const CLOG_PER_PAGE: u64 = (BODY_BYTES / 8) as u64;
 /// Whole pages per MTR during a bulk load (bounds message and batch sizes).
 const BULK_PAGES_PER_MTR: usize = 32;
+/// Bound on the entries an index build sorts in memory (invariant 9).
+const MAX_INDEX_BUILD_ENTRIES: usize = 50_000_000;
 /// Hidden row ids reserved per redo record.
 const ROWID_BLOCK: i64 = 1024;
 /// Bound on memoized catalog entries (invariant 9).
@@ -113,6 +130,11 @@ pub struct Txn {
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// This transaction changed the catalog (it must not use the shared cache).
     catalog_dirty: bool,
+    /// Table locks held until the transaction ends: (table oid, exclusive).
+    table_locks: Vec<(u32, bool)>,
+    /// The catalog is read at least as of this LSN (raised when DDL committed
+    /// after the snapshot of a transaction that then wrote the table).
+    catalog_floor: Lsn,
 }
 
 impl Txn {
@@ -141,6 +163,11 @@ impl Txn {
 
     pub fn has_writes(&self) -> bool {
         self.txid != 0
+    }
+
+    /// Whether the transaction holds a lock on table `oid`.
+    pub fn holds_table(&self, oid: u32) -> bool {
+        self.table_locks.iter().any(|&(o, _)| o == oid)
     }
 }
 
@@ -188,8 +215,15 @@ struct State {
     startup_txid: TxnId,
     /// Active transactions with writes, and their snapshot LSNs (for pruning).
     active: BTreeMap<TxnId, Lsn>,
-    /// Who waits for whom (row locks, by top-level id), for deadlock detection.
-    waits_for: HashMap<TxnId, TxnId>,
+    /// Who waits for whom (row and table locks, by top-level id), for deadlock
+    /// detection. A table-lock waiter may wait for several holders at once.
+    waits_for: HashMap<TxnId, Vec<TxnId>>,
+    /// Table locks (see `Engine::lock_table`), by table oid; entries with no
+    /// holder and no waiter are removed.
+    table_locks: HashMap<u32, TableLock>,
+    /// Commit LSN of the last transaction that held a table's exclusive lock: a
+    /// statement whose catalog is older must re-read it.
+    table_ddl_lsn: HashMap<u32, Lsn>,
     /// Live subtransaction (savepoint) ids and their top-level transaction.
     subxact_parent: HashMap<TxnId, TxnId>,
     /// Commit LSN of the latest transaction that changed the catalog.
@@ -293,26 +327,140 @@ impl State {
         )
     }
 
-    /// Prunes a row's version chain and writes it back under `key` (one MTR,
-    /// splitting leaves as needed): the common tail of every row write.
+    /// Prunes a row's version chain and writes it back under `key`, together with
+    /// the row's new secondary-index entries (index root, entry key), as one MTR
+    /// (splitting leaves as needed): the common tail of every row write.
     async fn store_versions(
         &mut self,
         txn: &mut Txn,
         root: PageNo,
         key: &[u8],
         versions: &[Version],
+        entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(), EngineError> {
         let versions = walk!(self, self.prune(versions))?;
         let payload = encode_versions(&versions);
+        let (ops, alloc) = walk!(self, self.row_ops(root, key, &payload, entries))?;
+        self.write_mtr(txn, ops, Some(alloc)).await?;
+        Ok(())
+    }
+
+    /// The ops of one row write: the clustered item, then one entry per index.
+    /// Each tree gets at most one put, so computing all of them before applying
+    /// any is sound (the trees share no pages; only the allocator is shared).
+    fn row_ops(
+        &self,
+        root: PageNo,
+        key: &[u8],
+        payload: &[u8],
+        entries: &[(PageNo, Vec<u8>)],
+    ) -> Result<(Vec<(PageNo, Op)>, Alloc), EngineError> {
         let mut alloc = Alloc {
             next: self.next_page,
         };
-        let ops = walk!(
-            self,
-            btree::put(&self.store, root, key, &payload, &mut alloc)
-        )?;
-        self.write_mtr(txn, ops, Some(alloc)).await?;
-        Ok(())
+        let mut ops = btree::put(&self.store, root, key, payload, &mut alloc)?;
+        for (index_root, entry) in entries {
+            ops.extend(btree::put(
+                &self.store,
+                *index_root,
+                entry,
+                key,
+                &mut alloc,
+            )?);
+        }
+        Ok((ops, alloc))
+    }
+
+    /// Whether following waits-for edges from `from` reaches `target` (a cycle if
+    /// `target` is about to wait for `from`). Bounded walk.
+    fn reaches(&self, from: &[TxnId], target: TxnId) -> bool {
+        let mut stack: Vec<TxnId> = from.to_vec();
+        let mut seen: Vec<TxnId> = Vec::new();
+        for _ in 0..4096 {
+            let Some(cur) = stack.pop() else { return false };
+            if cur == target {
+                return true;
+            }
+            if seen.contains(&cur) {
+                continue;
+            }
+            seen.push(cur);
+            if let Some(next) = self.waits_for.get(&cur) {
+                stack.extend(next.iter().copied());
+            }
+        }
+        false
+    }
+
+    /// Grants `txn` the table lock if nothing conflicts (and returns None), or
+    /// returns the transactions it must wait for (registering it as an exclusive
+    /// waiter, so new shared requests queue behind it).
+    fn try_table_lock(&mut self, txn: &mut Txn, oid: u32, exclusive: bool) -> Option<Vec<TxnId>> {
+        let me = txn.txid;
+        let active = &self.active;
+        let lock = self.table_locks.entry(oid).or_default();
+        // A waiter that gave up without saying so (it ended) no longer counts.
+        lock.exclusive_waiters.retain(|x| active.contains_key(x));
+        let mut blockers: Vec<TxnId> = lock.exclusive.into_iter().filter(|&x| x != me).collect();
+        if exclusive {
+            blockers.extend(lock.shared.iter().copied().filter(|&x| x != me));
+        } else if !lock.shared.contains(&me) {
+            blockers.extend(lock.exclusive_waiters.iter().copied().filter(|&x| x != me));
+        }
+        if !blockers.is_empty() {
+            if exclusive && !lock.exclusive_waiters.contains(&me) {
+                lock.exclusive_waiters.push(me);
+            }
+            return Some(blockers);
+        }
+        lock.exclusive_waiters.retain(|&x| x != me);
+        if exclusive {
+            lock.exclusive = Some(me);
+        } else if !lock.shared.contains(&me) {
+            lock.shared.push(me);
+        }
+        match txn.table_locks.iter_mut().find(|(o, _)| *o == oid) {
+            Some(held) => held.1 |= exclusive,
+            None => txn.table_locks.push((oid, exclusive)),
+        }
+        None
+    }
+
+    fn forget_exclusive_waiter(&mut self, oid: u32, txid: TxnId) {
+        if let Some(lock) = self.table_locks.get_mut(&oid) {
+            lock.exclusive_waiters.retain(|&x| x != txid);
+            if lock.is_free() {
+                self.table_locks.remove(&oid);
+            }
+        }
+    }
+
+    /// Whether DDL on the table committed after the catalog `txn` reads.
+    fn catalog_stale(&self, txn: &Txn, oid: u32) -> bool {
+        let ddl = self.table_ddl_lsn.get(&oid).copied().unwrap_or(Lsn::ZERO);
+        ddl > txn.snapshot.max(txn.catalog_floor)
+    }
+
+    /// Drops `txn`'s table locks (all of them, or only the shared ones), recording
+    /// `ddl_lsn` as the tables' last DDL commit for the exclusive ones released.
+    fn release_table_locks(&mut self, txn: &Txn, shared_only: bool, ddl_lsn: Option<Lsn>) {
+        for &(oid, exclusive) in &txn.table_locks {
+            if shared_only && exclusive {
+                continue;
+            }
+            if let Some(lock) = self.table_locks.get_mut(&oid) {
+                lock.shared.retain(|&x| x != txn.txid);
+                if lock.exclusive == Some(txn.txid) {
+                    lock.exclusive = None;
+                    if let Some(l) = ddl_lsn {
+                        self.table_ddl_lsn.insert(oid, l);
+                    }
+                }
+                if lock.is_free() {
+                    self.table_locks.remove(&oid);
+                }
+            }
+        }
     }
 
     /// A new transaction id, persisting the high-water mark a block at a time.
@@ -436,6 +584,30 @@ impl State {
     }
 }
 
+/// Holders of one table's lock. Shared: DML on the table (held until the
+/// transaction ends, as PostgreSQL's RowExclusiveLock); exclusive: DDL that changes
+/// the table's storage or definition (CREATE/DROP INDEX, TRUNCATE, ALTER, DROP).
+#[derive(Default)]
+struct TableLock {
+    shared: Vec<TxnId>,
+    exclusive: Option<TxnId>,
+    /// Transactions waiting for the exclusive lock: new shared requests queue
+    /// behind them so a stream of writers cannot starve DDL.
+    exclusive_waiters: Vec<TxnId>,
+}
+
+impl TableLock {
+    fn is_free(&self) -> bool {
+        self.shared.is_empty() && self.exclusive.is_none() && self.exclusive_waiters.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableLockMode {
+    Shared,
+    Exclusive,
+}
+
 /// One leaf's visible rows during a scan.
 struct ScanBatch {
     rows: Vec<(Vec<u8>, Vec<Datum>)>,
@@ -524,6 +696,8 @@ impl Engine {
             startup_txid: txid_hwm,
             active: BTreeMap::new(),
             waits_for: HashMap::new(),
+            table_locks: HashMap::new(),
+            table_ddl_lsn: HashMap::new(),
             subxact_parent: HashMap::new(),
             catalog_commit_lsn: Lsn::ZERO,
             catalog_cached: None,
@@ -563,6 +737,8 @@ impl Engine {
             subxids: Vec::new(),
             cancel: None,
             catalog_dirty: false,
+            table_locks: Vec::new(),
+            catalog_floor: Lsn::ZERO,
         }
     }
 
@@ -593,10 +769,20 @@ impl Engine {
                 st.catalog_commit_lsn = lsn;
                 st.catalog_cached = None;
             }
+            st.release_table_locks(&txn, true, None);
             lsn
         };
         self.inner.txn_ended.notify_waiters();
-        self.inner.volume.wait_durable(lsn).await?;
+        let durable = self.inner.volume.wait_durable(lsn).await;
+        // Exclusive (DDL) locks are released only once the commit is durable, so the
+        // writers they held back read the new catalog at VDL.
+        if txn.table_locks.iter().any(|&(_, x)| x) {
+            self.lock()
+                .await
+                .release_table_locks(&txn, false, Some(lsn));
+            self.inner.txn_ended.notify_waiters();
+        }
+        durable?;
         self.inner.commit_latency.record(started.elapsed());
         Ok(lsn)
     }
@@ -622,6 +808,7 @@ impl Engine {
             }
             st.active.remove(&txn.txid);
             st.waits_for.remove(&txn.txid);
+            st.release_table_locks(&txn, false, None);
             // Record the abort so that readers and later starts need not guess.
             let r = st.decide(&xids, false).await;
             if let Err(e) = r {
@@ -705,26 +892,31 @@ impl Engine {
     /// Waits for `holder` to finish, with deadlock detection on the waits-for graph.
     async fn wait_for_txn(
         &self,
-        mut st: MutexGuard<'_, State>,
+        st: MutexGuard<'_, State>,
         waiter: TxnId,
         holder: TxnId,
     ) -> Result<(), EngineError> {
-        let holder = st.owner(holder);
-        // Follow the chain of waits from the holder; reaching the waiter is a cycle.
-        let mut cur = holder;
-        for _ in 0..1024 {
-            match st.waits_for.get(&cur) {
-                Some(&next) if next == waiter => {
-                    return Err(EngineError::Deadlock {
-                        detail: format!("Process for transaction {waiter} waits for transaction {holder}, which waits for it."),
-                    })
-                }
-                Some(&next) => cur = next,
-                None => break,
-            }
+        self.wait_for_txns(st, waiter, &[holder]).await
+    }
+
+    /// Waits (bounded, then the caller re-checks) for any of `holders` to finish,
+    /// refusing with 40P01 if one of them already waits, directly or not, for
+    /// `waiter`.
+    async fn wait_for_txns(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        waiter: TxnId,
+        holders: &[TxnId],
+    ) -> Result<(), EngineError> {
+        let holders: Vec<TxnId> = holders.iter().map(|&h| st.owner(h)).collect();
+        if waiter != 0 && st.reaches(&holders, waiter) {
+            let holder = holders.first().copied().unwrap_or(0);
+            return Err(EngineError::Deadlock {
+                detail: format!("Process for transaction {waiter} waits for transaction {holder}, which waits for it."),
+            });
         }
         if waiter != 0 {
-            st.waits_for.insert(waiter, holder);
+            st.waits_for.insert(waiter, holders);
         }
         let notified = self.inner.txn_ended.notified();
         drop(st);
@@ -796,6 +988,7 @@ impl Engine {
     ) -> Result<RowOutcome, EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
+        let mut st = self.take_write_lock(st, txn, table.oid).await?;
         loop {
             let payload = walk!(st, btree::get(&st.store, table.root, key))?;
             let Some(payload) = payload else {
@@ -821,6 +1014,53 @@ impl Engine {
             };
             let current = row::decode_row(&versions[idx].row)?;
             let action = decide(&current)?;
+            // A new version whose indexed columns changed needs new index entries
+            // (after the uniqueness check); one that keeps them needs nothing.
+            let mut entries = Vec::new();
+            if let RowAction::Update(new_row) = &action {
+                let mut wait = None;
+                for index in table.secondary_indexes() {
+                    if index::same_key(index, &current, new_row) {
+                        continue;
+                    }
+                    let (k, has_null) = index::index_key(index, new_row)?;
+                    if index.unique && !has_null {
+                        match walk!(
+                            st,
+                            index::unique_check(&st, txn, table.root, index, &k, key)
+                        )? {
+                            index::Conflict::None => {}
+                            index::Conflict::Violation(pk) => {
+                                return Err(unique_violation(table, index, new_row, pk))
+                            }
+                            index::Conflict::Wait(h) => {
+                                wait = Some(WriteCheck::Wait(h));
+                                break;
+                            }
+                            index::Conflict::WaitDurable(l) => {
+                                wait = Some(WriteCheck::WaitDurable(l));
+                                break;
+                            }
+                        }
+                    }
+                    entries.push((index.root, index::entry_key(&k, key)));
+                }
+                match wait {
+                    Some(WriteCheck::Wait(holder)) => {
+                        Self::check_cancel(txn)?;
+                        self.wait_for_txn(st, txn.txid, holder).await?;
+                        st = self.lock().await;
+                        continue;
+                    }
+                    Some(WriteCheck::WaitDurable(lsn)) => {
+                        drop(st);
+                        self.inner.volume.wait_durable(lsn).await?;
+                        st = self.lock().await;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let mut versions = versions;
             let result = match action {
                 RowAction::Skip => return Ok(RowOutcome::Skipped),
@@ -854,7 +1094,8 @@ impl Engine {
                     new_row
                 }
             };
-            st.store_versions(txn, table.root, key, &versions).await?;
+            st.store_versions(txn, table.root, key, &versions, &entries)
+                .await?;
             return Ok(RowOutcome::Done(result));
         }
     }
@@ -871,9 +1112,16 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let mut buf = Vec::with_capacity(64);
         row::encode_row(row, &mut buf);
+        // Every secondary index gets an entry: (index, encoded key, has a NULL).
+        let mut keys = Vec::new();
+        for index in table.secondary_indexes() {
+            let (k, has_null) = index::index_key(index, row)?;
+            keys.push((index, k, has_null));
+        }
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
-        loop {
+        let mut st = self.take_write_lock(st, txn, table.oid).await?;
+        'retry: loop {
             let existing = walk!(st, btree::get(&st.store, table.root, key))?;
             let mut versions = match existing {
                 Some(p) => decode_versions(&p)?,
@@ -913,6 +1161,7 @@ impl Engine {
                             return Err(EngineError::UniqueViolation {
                                 constraint: constraint.to_string(),
                                 detail: String::new(),
+                                key: key.to_vec(),
                             })
                         }
                     }
@@ -934,8 +1183,36 @@ impl Engine {
                     _ => {}
                 }
             }
+            for (index, k, has_null) in &keys {
+                if !index.unique || *has_null {
+                    continue;
+                }
+                match walk!(st, index::unique_check(&st, txn, table.root, index, k, key))? {
+                    index::Conflict::None => {}
+                    index::Conflict::Violation(pk) => {
+                        return Err(unique_violation(table, index, row, pk))
+                    }
+                    index::Conflict::Wait(holder) => {
+                        Self::check_cancel(txn)?;
+                        self.wait_for_txn(st, txn.txid, holder).await?;
+                        st = self.lock().await;
+                        continue 'retry;
+                    }
+                    index::Conflict::WaitDurable(l) => {
+                        drop(st);
+                        self.inner.volume.wait_durable(l).await?;
+                        st = self.lock().await;
+                        continue 'retry;
+                    }
+                }
+            }
+            let entries: Vec<(PageNo, Vec<u8>)> = keys
+                .iter()
+                .map(|(index, k, _)| (index.root, index::entry_key(k, key)))
+                .collect();
             versions.insert(0, txn.new_version(buf));
-            st.store_versions(txn, table.root, key, &versions).await?;
+            st.store_versions(txn, table.root, key, &versions, &entries)
+                .await?;
             return Ok(());
         }
     }
@@ -1122,8 +1399,15 @@ impl Engine {
         }
     }
 
-    /// All relations visible to `txn`.
+    /// All relations visible to `txn` (as of its catalog floor if that is newer
+    /// than its snapshot).
     pub async fn relations(&self, txn: &Txn) -> Result<Vec<Arc<TableDef>>, EngineError> {
+        if txn.catalog_floor > txn.snapshot {
+            let mut view = txn.clone();
+            view.snapshot = txn.catalog_floor;
+            view.catalog_floor = Lsn::ZERO;
+            return Box::pin(self.relations(&view)).await;
+        }
         if !txn.catalog_dirty {
             let st = self.lock().await;
             if let Some((from, list)) = &st.catalog_cached {
@@ -1510,6 +1794,325 @@ impl Engine {
         Ok(())
     }
 
+    // ---- table locks ----
+
+    /// Takes a table lock until the transaction ends: shared for DML, exclusive for
+    /// DDL that changes the table's storage or definition. Index builds rely on it:
+    /// once CREATE INDEX holds the exclusive lock, no transaction that wrote the
+    /// table is still in progress and none can write it until the index is
+    /// committed, so no row escapes the new index.
+    ///
+    /// Returns true when the caller's catalog may be stale (it waited, or DDL on
+    /// the table committed after the transaction's snapshot): it must re-read the
+    /// catalog with [`Engine::latest_relations`] before writing. Waits are
+    /// deadlock-checked (40P01) and cancelable.
+    pub async fn lock_table(
+        &self,
+        txn: &mut Txn,
+        oid: u32,
+        mode: TableLockMode,
+    ) -> Result<bool, EngineError> {
+        let exclusive = mode == TableLockMode::Exclusive;
+        if txn
+            .table_locks
+            .iter()
+            .any(|&(o, x)| o == oid && (x || !exclusive))
+        {
+            // Held: no DDL on the table can have committed since it was taken.
+            return Ok(false);
+        }
+        let mut waited = false;
+        loop {
+            if let Err(e) = Self::check_cancel(txn) {
+                if waited {
+                    self.lock().await.forget_exclusive_waiter(oid, txn.txid);
+                }
+                return Err(e);
+            }
+            let mut st = self.lock().await;
+            st.assign_txid(txn).await?;
+            let Some(blockers) = st.try_table_lock(txn, oid, exclusive) else {
+                return Ok(waited || st.catalog_stale(txn, oid));
+            };
+            waited = true;
+            let me = txn.txid;
+            if let Err(e) = self.wait_for_txns(st, me, &blockers).await {
+                self.lock().await.forget_exclusive_waiter(oid, me);
+                return Err(e);
+            }
+        }
+    }
+
+    /// The shared lock a row write takes on its table at the transaction's first
+    /// write to it (in the same hold of the engine lock as the write, so DML pays
+    /// no extra round on the lock). If the statement's catalog may be stale (it had
+    /// to wait, or DDL committed after its catalog snapshot) nothing is written and
+    /// `CatalogChanged` tells the SQL layer to re-read the catalog and re-run the
+    /// statement.
+    async fn take_write_lock<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        txn: &mut Txn,
+        oid: u32,
+    ) -> Result<MutexGuard<'a, State>, EngineError> {
+        // The catalog's own table (oid 0) is not locked: DDL serializes on the
+        // tables it changes.
+        if oid == 0 || txn.holds_table(oid) {
+            return Ok(st);
+        }
+        match st.try_table_lock(txn, oid, false) {
+            None if st.catalog_stale(txn, oid) => return Err(EngineError::CatalogChanged),
+            None => return Ok(st),
+            Some(blockers) => {
+                Self::check_cancel(txn)?;
+                self.wait_for_txns(st, txn.txid, &blockers).await?;
+            }
+        }
+        // Wait (however long the DDL takes) until the lock is granted, then have
+        // the statement re-run on the catalog the DDL left behind.
+        loop {
+            Self::check_cancel(txn)?;
+            let mut st = self.lock().await;
+            match st.try_table_lock(txn, oid, false) {
+                None => return Err(EngineError::CatalogChanged),
+                Some(blockers) => self.wait_for_txns(st, txn.txid, &blockers).await?,
+            }
+        }
+    }
+
+    /// Makes the transaction read the newest committed catalog from now on (after
+    /// `CatalogChanged` or a stale `lock_table`), and under READ COMMITTED moves the
+    /// statement's snapshot past the lock wait, as PostgreSQL takes its snapshot
+    /// after locking. DDL releases its exclusive lock only once its commit is
+    /// durable, so VDL covers it.
+    pub fn refresh_catalog_view(&self, txn: &mut Txn) {
+        let vdl = self.inner.volume.vdl();
+        txn.catalog_floor = txn.catalog_floor.max(vdl);
+        if txn.isolation == Isolation::ReadCommitted {
+            txn.snapshot = txn.snapshot.max(vdl);
+        }
+    }
+
+    // ---- secondary indexes ----
+
+    /// Scans `index` over entry keys in [`from`, `to`) and calls `visit` with the
+    /// clustered key and the row version visible to `txn`, in index order, until it
+    /// returns false. An entry yields its row only if the visible version still has
+    /// the entry's indexed values (entries of old versions stay until VACUUM).
+    pub async fn index_scan(
+        &self,
+        txn: &Txn,
+        table: &TableDef,
+        index: &IndexDef,
+        from: Bound<Vec<u8>>,
+        to: Bound<Vec<u8>>,
+        visit: &mut (dyn FnMut(&[u8], Vec<Datum>) -> Result<bool, EngineError> + Send),
+    ) -> Result<(), EngineError> {
+        let snap = txn.snap();
+        let mut resume: Option<Vec<u8>> = match &from {
+            Bound::Included(k) | Bound::Excluded(k) => Some(k.clone()),
+            Bound::Unbounded => None,
+        };
+        let mut leaf: Option<PageNo> = None;
+        loop {
+            Self::check_cancel(txn)?;
+            let (rows, next_leaf, done) = {
+                let mut st = self.lock().await;
+                let leaf_no = match leaf {
+                    Some(p) => p,
+                    None => {
+                        walk!(
+                            st,
+                            btree::find_leaf(
+                                &st.store,
+                                index.root,
+                                resume.as_deref().unwrap_or(&[])
+                            )
+                        )?
+                        .0
+                    }
+                };
+                let batch = walk!(
+                    st,
+                    index::entry_batch(&st, leaf_no, resume.as_deref(), &from, &to)
+                )?;
+                let mut rows = Vec::with_capacity(batch.entries.len());
+                for (entry, pk) in batch.entries {
+                    let Some(payload) = walk!(st, btree::get(&st.store, table.root, &pk))? else {
+                        continue;
+                    };
+                    let versions = decode_versions(&payload)?;
+                    let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? else {
+                        continue;
+                    };
+                    let row = row::decode_row(&versions[v].row)?;
+                    let (k, _) = index::index_key(index, &row)?;
+                    if entry.len() == k.len() + pk.len() && entry.starts_with(&k) {
+                        rows.push((pk, row));
+                    }
+                }
+                (rows, batch.next_leaf, batch.done)
+            };
+            for (pk, row) in rows {
+                if !visit(&pk, row)? {
+                    return Ok(());
+                }
+            }
+            if done || next_leaf == 0 {
+                return Ok(());
+            }
+            leaf = Some(next_leaf);
+            resume = None;
+        }
+    }
+
+    /// Builds the tree of a new secondary index of `table` (whose exclusive lock
+    /// `txn` holds) and returns its root. Every version that is not aborted gets an
+    /// entry, so snapshots older than the build read through the index correctly;
+    /// for a unique index the rows' current versions must not collide. Written
+    /// bottom-up, a page per record; nothing points at the pages until the caller
+    /// commits the catalog entry naming the root.
+    pub async fn build_index(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        index: &IndexDef,
+    ) -> Result<PageNo, EngineError> {
+        let root = self.new_root(txn).await?;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        // (index key, clustered key) of each row's current version, for uniqueness.
+        let mut current: Vec<(Vec<u8>, Vec<u8>, Vec<Datum>)> = Vec::new();
+        let mut leaf: Option<PageNo> = None;
+        loop {
+            Self::check_cancel(txn)?;
+            let mut st = self.lock().await;
+            let batch = match leaf {
+                None => walk!(st, btree::scan_leaf_from(&st.store, table.root, None))?,
+                Some(p) => walk!(st, btree::read_leaf(&st.store, p, None))?,
+            };
+            for (pk, payload) in batch.items {
+                let versions = decode_versions(&payload)?;
+                let mut found_current = false;
+                for v in &versions {
+                    let own = st.owner(v.xmin) == txn.txid;
+                    let created = if own {
+                        TxnState::Committed(Lsn::ZERO)
+                    } else {
+                        walk!(st, st.txn_state(v.xmin))?
+                    };
+                    if created == TxnState::Aborted {
+                        continue;
+                    }
+                    let row = row::decode_row(&v.row)?;
+                    let (k, has_null) = index::index_key(index, &row)?;
+                    let deleted = v.xmax != 0
+                        && v.flags & FLAG_LOCK_ONLY == 0
+                        && (st.owner(v.xmax) == txn.txid
+                            || matches!(walk!(st, st.txn_state(v.xmax))?, TxnState::Committed(_)));
+                    if index.unique && !found_current && !deleted {
+                        found_current = true;
+                        if !has_null {
+                            current.push((k.clone(), pk.clone(), row));
+                        }
+                    }
+                    if entries.len() >= MAX_INDEX_BUILD_ENTRIES {
+                        return Err(EngineError::LimitExceeded(format!(
+                            "index build over more than {MAX_INDEX_BUILD_ENTRIES} row versions"
+                        )));
+                    }
+                    entries.push((index::entry_key(&k, &pk), pk.clone()));
+                }
+            }
+            if batch.next_leaf == 0 {
+                break;
+            }
+            leaf = Some(batch.next_leaf);
+        }
+        if index.unique {
+            current.sort_by(|a, b| a.0.cmp(&b.0));
+            if let Some(w) = current.windows(2).find(|w| w[0].0 == w[1].0) {
+                let mut e = unique_violation(table, index, &w[0].2, w[1].1.clone());
+                if let EngineError::UniqueViolation { detail, .. } = &mut e {
+                    *detail = detail.replace("already exists", "is duplicated");
+                }
+                return Err(e);
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        let items: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|(k, pk)| btree::make_item(k, pk))
+            .collect();
+        drop(entries);
+        let mut st = self.lock().await;
+        let mut alloc = Alloc { next: st.next_page };
+        let build = btree::bulk_build(root, items, &mut alloc)?;
+        let mut alloc = Some(alloc);
+        for chunk in build.pages.chunks(BULK_PAGES_PER_MTR) {
+            st.write_mtr(txn, chunk.to_vec(), alloc.take()).await?;
+        }
+        st.write_mtr(txn, vec![build.root], alloc.take()).await?;
+        Ok(root)
+    }
+
+    /// VACUUM of a table: its rows (see [`Engine::vacuum`]), then each secondary
+    /// index, whose entries are removed once no version of their row (that is not
+    /// aborted) carries their key.
+    pub async fn vacuum_table(&self, table: &TableDef) -> Result<VacuumStats, EngineError> {
+        let mut stats = self.vacuum(table.root).await?;
+        for index in table.secondary_indexes() {
+            stats.index_entries_removed += self.vacuum_index(table, index).await?;
+        }
+        Ok(stats)
+    }
+
+    /// Removes dead entries of one index, leaf by leaf under the engine lock: the
+    /// check and the delete of an entry happen under one hold, so a writer that
+    /// adds a version with the entry's key either came before (the entry is kept)
+    /// or re-adds the entry after.
+    async fn vacuum_index(&self, table: &TableDef, index: &IndexDef) -> Result<u64, EngineError> {
+        let mut txn = self.begin(Isolation::ReadCommitted, false);
+        let mut removed = 0;
+        let mut leaf: Option<PageNo> = None;
+        loop {
+            let mut st = self.lock().await;
+            let batch = match leaf {
+                None => walk!(st, btree::scan_leaf_from(&st.store, index.root, None))?,
+                Some(p) => walk!(st, btree::read_leaf(&st.store, p, None))?,
+            };
+            for (entry, pk) in batch.items {
+                let chain = walk!(st, btree::get(&st.store, table.root, &pk))?;
+                let mut live = false;
+                if let Some(chain) = chain {
+                    for v in decode_versions(&chain)? {
+                        if walk!(st, st.txn_state(v.xmin))? == TxnState::Aborted {
+                            continue;
+                        }
+                        let (k, _) = index::index_key(index, &row::decode_row(&v.row)?)?;
+                        if entry.len() == k.len() + pk.len() && entry.starts_with(&k) {
+                            live = true;
+                            break;
+                        }
+                    }
+                }
+                if live {
+                    continue;
+                }
+                let ops = walk!(st, btree::delete(&st.store, index.root, &entry))?;
+                if !ops.is_empty() {
+                    st.write_mtr(&mut txn, ops, None).await?;
+                    removed += 1;
+                }
+            }
+            if batch.next_leaf == 0 {
+                break;
+            }
+            leaf = Some(batch.next_leaf);
+        }
+        Ok(removed)
+    }
+
     /// The oldest read point this instance still needs (PGMRPL's contribution):
     /// storage may garbage-collect records below it.
     pub async fn min_read_point(&self) -> Lsn {
@@ -1525,6 +2128,33 @@ impl Engine {
             cache_misses: st.store.misses,
             active_transactions: st.active.len() as u64,
         }
+    }
+}
+
+/// 23505 for a row whose indexed columns collide with the row at clustered key `pk`.
+fn unique_violation(table: &TableDef, index: &IndexDef, row: &[Datum], pk: Vec<u8>) -> EngineError {
+    let names: Vec<&str> = index
+        .columns
+        .iter()
+        .filter_map(|&c| table.columns.get(c).map(|c| c.name.as_str()))
+        .collect();
+    let values: Vec<String> = index
+        .columns
+        .iter()
+        .map(|&c| {
+            row.get(c)
+                .and_then(|d| d.to_text())
+                .unwrap_or_else(|| "NULL".into())
+        })
+        .collect();
+    EngineError::UniqueViolation {
+        constraint: index.name.clone(),
+        detail: format!(
+            "Key ({})=({}) already exists.",
+            names.join(", "),
+            values.join(", ")
+        ),
+        key: pk,
     }
 }
 
@@ -1575,6 +2205,7 @@ pub struct VacuumStats {
     pub rows_scanned: u64,
     pub rows_removed: u64,
     pub versions_removed: u64,
+    pub index_entries_removed: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

@@ -14,13 +14,21 @@ use crate::SqlError;
 use borealis_engine::catalog::{CheckDef, ColumnDef, IndexDef, RelKind, SequenceDef, TableDef};
 use borealis_engine::row::encode_key;
 use borealis_engine::types::{now_timestamp, Datum, Type};
-use borealis_engine::{Engine, RowAction, RowOutcome, Txn};
+use borealis_engine::{Engine, EngineError, RowAction, RowOutcome, TableLockMode, Txn};
 use sqlparser::ast::{self, SelectItem, SetExpr, Statement, TableFactor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::Arc;
+
+/// How often a statement is re-run because DDL changed its table's catalog entry
+/// (invariant 9; each re-run follows a lock wait or a newer catalog).
+const MAX_CATALOG_RETRIES: usize = 16;
+
+/// How often INSERT ... ON CONFLICT DO UPDATE retries after the conflicting row
+/// vanished (invariant 9).
+const MAX_ON_CONFLICT_RETRIES: usize = 8;
 
 /// Upper bound on rows a single statement materializes (invariant 9).
 const MAX_STATEMENT_ROWS: usize = 50_000_000;
@@ -162,6 +170,9 @@ struct InsertPlan {
     defaults: Vec<Option<Expr>>,
     checks: Vec<(String, Expr)>,
     on_conflict: Option<OnConflict>,
+    /// The unique constraint (primary key or unique index) ON CONFLICT names;
+    /// None = any (DO NOTHING without a target).
+    conflict_target: Option<String>,
     returning: Option<Returning>,
     nextvals: Vec<String>,
     /// How many of `nextvals` belong to the VALUES rows (the rest to defaults).
@@ -619,6 +630,20 @@ impl<'a> Binder<'a> {
             Some(ast::Distinct::On(_)) => return Err(SqlError::unsupported("DISTINCT ON")),
         };
         let (limit, offset) = self.limit_offset(q)?;
+        // ORDER BY plain columns, ascending with NULLs last, plus a LIMIT: an index
+        // (or the clustered key) in that order lets the scan stop early.
+        if limit.is_some() && agg_plan.is_none() && !distinct && from.len() == 1 {
+            let cols: Option<Vec<usize>> = order
+                .iter()
+                .map(|&(pos, desc, nulls_first)| match project.get(pos) {
+                    Some(Expr::Column(c, _)) if !desc && !nulls_first => Some(*c),
+                    _ => None,
+                })
+                .collect();
+            if let (Some(cols), FromItem::Table { def, key }) = (cols, &mut from[0].item) {
+                *key = plan::order_plan(def, std::mem::take(key), &cols);
+            }
+        }
         let lock = !q.locks.is_empty();
         if lock && (from.len() != 1 || agg_plan.is_some()) {
             return Err(SqlError::new(
@@ -744,20 +769,72 @@ impl<'a> Binder<'a> {
         let defaults = self.defaults(&table)?;
         let checks = self.checks(&table)?;
         let scope = table_scope(&table, None);
+        let mut conflict_target = None;
         let on_conflict = match &ins.on {
             None => None,
             Some(ast::OnInsert::OnConflict(oc)) => {
-                if let Some(ast::ConflictTarget::Columns(cols)) = &oc.conflict_target {
-                    let named: Vec<usize> = cols
-                        .iter()
-                        .filter_map(|c| table.column_index(&expr::norm(c)))
-                        .collect();
-                    if named != table.pk {
-                        return Err(SqlError::new(
-                            "42P10",
-                            "there is no unique or exclusion constraint matching the ON CONFLICT specification",
-                        ));
+                let pk_name = table
+                    .pk_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}_pkey", table.name));
+                let no_match = || {
+                    SqlError::new(
+                        "42P10",
+                        "there is no unique or exclusion constraint matching the ON CONFLICT specification",
+                    )
+                };
+                match &oc.conflict_target {
+                    Some(ast::ConflictTarget::Columns(cols)) => {
+                        let mut named: Vec<usize> = Vec::new();
+                        for c in cols {
+                            let n = expr::norm(c);
+                            named.push(table.column_index(&n).ok_or_else(|| {
+                                SqlError::new("42703", format!("column \"{n}\" does not exist"))
+                            })?);
+                        }
+                        named.sort_unstable();
+                        named.dedup();
+                        let same = |cols: &[usize]| {
+                            let mut c = cols.to_vec();
+                            c.sort_unstable();
+                            c == named
+                        };
+                        conflict_target = if !table.pk.is_empty() && same(&table.pk) {
+                            Some(pk_name)
+                        } else {
+                            Some(
+                                table
+                                    .secondary_indexes()
+                                    .find(|i| i.unique && same(&i.columns))
+                                    .map(|i| i.name.clone())
+                                    .ok_or_else(no_match)?,
+                            )
+                        };
                     }
+                    Some(ast::ConflictTarget::OnConstraint(n)) => {
+                        let n = ident(n);
+                        if n != pk_name
+                            && !table.secondary_indexes().any(|i| i.unique && i.name == n)
+                        {
+                            return Err(SqlError::new(
+                                "42704",
+                                format!(
+                                    "constraint \"{n}\" for table \"{}\" does not exist",
+                                    table.name
+                                ),
+                            ));
+                        }
+                        conflict_target = Some(n);
+                    }
+                    None => {}
+                }
+                if matches!(oc.action, ast::OnConflictAction::DoUpdate(_))
+                    && conflict_target.is_none()
+                {
+                    return Err(SqlError::new(
+                        "42601",
+                        "ON CONFLICT DO UPDATE requires inference specification or constraint name",
+                    ));
                 }
                 Some(match &oc.action {
                     ast::OnConflictAction::DoNothing => OnConflict::Nothing,
@@ -788,6 +865,7 @@ impl<'a> Binder<'a> {
             defaults,
             checks,
             on_conflict,
+            conflict_target,
             returning,
             nextvals: std::mem::take(&mut self.nextvals),
             values_nextvals,
@@ -1043,6 +1121,49 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// Takes a table lock for the rest of the transaction (see
+    /// `Engine::lock_table`). When the statement's catalog may be stale (DDL on the
+    /// table committed while it waited, or after its snapshot), re-reads it, and
+    /// under READ COMMITTED moves the snapshot past the lock wait. Returns the
+    /// table's current definition (None: dropped meanwhile).
+    async fn lock_table(
+        &mut self,
+        oid: u32,
+        mode: TableLockMode,
+    ) -> Result<Option<Arc<TableDef>>, SqlError> {
+        let stale = self
+            .engine
+            .lock_table(self.txn, oid, mode)
+            .await
+            .map_err(engine_error)?;
+        if stale {
+            self.refresh_catalog().await?;
+        }
+        Ok(self.catalog.iter().find(|t| t.oid == oid).cloned())
+    }
+
+    /// Re-reads the catalog as of now (see `Engine::refresh_catalog_view`).
+    async fn refresh_catalog(&mut self) -> Result<(), SqlError> {
+        self.engine.refresh_catalog_view(self.txn);
+        self.catalog = self
+            .engine
+            .relations(self.txn)
+            .await
+            .map_err(engine_error)?;
+        Ok(())
+    }
+
+    /// The exclusive lock for DDL on `def`, and its current definition.
+    async fn lock_for_ddl(&mut self, def: &TableDef) -> Result<TableDef, SqlError> {
+        match self.lock_table(def.oid, TableLockMode::Exclusive).await? {
+            Some(d) => Ok((*d).clone()),
+            None => Err(SqlError::new(
+                "42P01",
+                format!("relation \"{}\" does not exist", def.name),
+            )),
+        }
+    }
+
     fn check_writable(&self) -> Result<(), SqlError> {
         if self.txn.read_only {
             return Err(SqlError::new(
@@ -1156,30 +1277,40 @@ impl<'a> Exec<'a> {
             user: &self.user,
             now: self.now,
         };
-        self.engine
-            .scan(self.txn, def.root, lo, hi, &mut |k, row| {
-                let pass = match filter {
-                    Some(f) => match expr::eval_pred(f, &row, &ctx) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            err = Some(e);
-                            return Ok(false);
-                        }
-                    },
-                    None => true,
-                };
-                if pass {
-                    rows.push(row);
-                    keys.push(k.to_vec());
-                    if rows.len() >= MAX_STATEMENT_ROWS {
-                        err = Some(SqlError::new("54000", "statement reads too many rows"));
+        let mut visit = |k: &[u8], row: Vec<Datum>| {
+            let pass = match filter {
+                Some(f) => match expr::eval_pred(f, &row, &ctx) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        err = Some(e);
                         return Ok(false);
                     }
+                },
+                None => true,
+            };
+            if pass {
+                rows.push(row);
+                keys.push(k.to_vec());
+                if rows.len() >= MAX_STATEMENT_ROWS {
+                    err = Some(SqlError::new("54000", "statement reads too many rows"));
+                    return Ok(false);
                 }
-                Ok(limit.is_none_or(|l| rows.len() < l))
-            })
-            .await
-            .map_err(engine_error)?;
+            }
+            Ok(limit.is_none_or(|l| rows.len() < l))
+        };
+        match key.index.and_then(|i| def.indexes.get(i)) {
+            Some(index) => {
+                self.engine
+                    .index_scan(self.txn, def, index, lo, hi, &mut visit)
+                    .await
+            }
+            None => {
+                self.engine
+                    .scan(self.txn, def.root, lo, hi, &mut visit)
+                    .await
+            }
+        }
+        .map_err(engine_error)?;
         match err {
             Some(e) => Err(e),
             None => Ok((rows, keys)),
@@ -1213,7 +1344,11 @@ impl<'a> Exec<'a> {
         let limit = self.limit_value(&p.limit)?;
         let offset = self.limit_value(&p.offset)?.unwrap_or(0);
         // Fast path: one table, no aggregation/sort/distinct: push filter and limit down.
-        let simple = p.from.len() == 1 && p.agg.is_none() && p.order.is_empty() && !p.distinct;
+        // An ordered scan (see `plan::order_plan`) returns rows in ORDER BY order, so
+        // the limit applies to it too; the sort below then keeps that order.
+        let ordered = matches!(&p.from[..], [JoinStep { item: FromItem::Table { key, .. }, .. }] if key.ordered);
+        let simple =
+            p.from.len() == 1 && p.agg.is_none() && (p.order.is_empty() || ordered) && !p.distinct;
         let (mut input, keys) = if let (true, FromItem::Table { def, key }) =
             (simple, &p.from[0].item)
         {
@@ -1424,71 +1559,88 @@ impl<'a> Exec<'a> {
             .pk_name
             .clone()
             .unwrap_or_else(|| format!("{}_pkey", t.name));
-        match self
-            .engine
-            .insert_row(self.txn, t, &key, &row, &constraint)
-            .await
-        {
-            Ok(()) => Ok(Some(row)),
-            Err(borealis_engine::EngineError::UniqueViolation { .. })
-                if p.on_conflict.is_some() =>
+        // A conflicting row that disappears before DO UPDATE reaches it lets the
+        // insert be retried (as PostgreSQL does), a bounded number of times.
+        for _ in 0..MAX_ON_CONFLICT_RETRIES {
+            let conflict_key = match self
+                .engine
+                .insert_row(self.txn, t, &key, &row, &constraint)
+                .await
             {
-                match p.on_conflict.as_ref() {
-                    Some(OnConflict::Update { sets, filter }) => {
-                        let params = self.params.to_vec();
-                        let (sets, filter, checks) =
-                            (sets.clone(), filter.clone(), p.checks.clone());
-                        let (database, user, now) =
-                            (self.database.clone(), self.user.clone(), self.now);
-                        let excluded = row.clone();
-                        let tdef = t.clone();
-                        let mut err = None;
-                        let mut decide = |cur: &[Datum]| {
-                            let ctx = EvalCtx {
-                                params: &params,
-                                precomputed: &[],
-                                database: &database,
-                                user: &user,
-                                now,
-                            };
-                            let mut scope_row = cur.to_vec();
-                            scope_row.extend(excluded.iter().cloned());
-                            if let Some(f) = &filter {
-                                match expr::eval_pred(f, &scope_row, &ctx) {
-                                    Ok(true) => {}
-                                    Ok(false) => return Ok(RowAction::Skip),
-                                    Err(e) => {
-                                        err = Some(e);
-                                        return Ok(RowAction::Skip);
-                                    }
-                                }
-                            }
-                            match apply_sets(&tdef, cur, &scope_row, &sets, &checks, &ctx) {
-                                Ok(new_row) => Ok(RowAction::Update(new_row)),
+                Ok(()) => return Ok(Some(row)),
+                Err(EngineError::UniqueViolation {
+                    constraint: c,
+                    key: conflict_key,
+                    detail,
+                }) => {
+                    let handled = p.on_conflict.is_some()
+                        && p.conflict_target.as_ref().is_none_or(|target| *target == c);
+                    if !handled {
+                        return Err(engine_error(EngineError::UniqueViolation {
+                            constraint: c,
+                            key: conflict_key,
+                            detail,
+                        }));
+                    }
+                    conflict_key
+                }
+                Err(e) => return Err(engine_error(e)),
+            };
+            match p.on_conflict.as_ref() {
+                Some(OnConflict::Update { sets, filter }) => {
+                    let params = self.params.to_vec();
+                    let (sets, filter, checks) = (sets.clone(), filter.clone(), p.checks.clone());
+                    let (database, user, now) =
+                        (self.database.clone(), self.user.clone(), self.now);
+                    let excluded = row.clone();
+                    let tdef = t.clone();
+                    let mut err = None;
+                    let mut decide = |cur: &[Datum]| {
+                        let ctx = EvalCtx {
+                            params: &params,
+                            precomputed: &[],
+                            database: &database,
+                            user: &user,
+                            now,
+                        };
+                        let mut scope_row = cur.to_vec();
+                        scope_row.extend(excluded.iter().cloned());
+                        if let Some(f) = &filter {
+                            match expr::eval_pred(f, &scope_row, &ctx) {
+                                Ok(true) => {}
+                                Ok(false) => return Ok(RowAction::Skip),
                                 Err(e) => {
                                     err = Some(e);
-                                    Ok(RowAction::Skip)
+                                    return Ok(RowAction::Skip);
                                 }
                             }
-                        };
-                        let out = self
-                            .engine
-                            .modify_row(self.txn, t, &key, &mut decide)
-                            .await
-                            .map_err(engine_error)?;
-                        if let Some(e) = err {
-                            return Err(e);
                         }
-                        Ok(match out {
-                            RowOutcome::Done(r) => Some(r),
-                            _ => None,
-                        })
+                        match apply_sets(&tdef, cur, &scope_row, &sets, &checks, &ctx) {
+                            Ok(new_row) => Ok(RowAction::Update(new_row)),
+                            Err(e) => {
+                                err = Some(e);
+                                Ok(RowAction::Skip)
+                            }
+                        }
+                    };
+                    let out = self
+                        .engine
+                        .modify_row(self.txn, t, &conflict_key, &mut decide)
+                        .await
+                        .map_err(engine_error)?;
+                    if let Some(e) = err {
+                        return Err(e);
                     }
-                    _ => Ok(None),
+                    match out {
+                        RowOutcome::Done(r) => return Ok(Some(r)),
+                        RowOutcome::Skipped => return Ok(None),
+                        RowOutcome::NotFound => continue,
+                    }
                 }
+                _ => return Ok(None),
             }
-            Err(e) => Err(engine_error(e)),
         }
+        Ok(None)
     }
 
     async fn insert(&mut self, p: &InsertPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
@@ -1978,36 +2130,24 @@ pub(crate) async fn execute(
         | Statement::Insert(_)
         | Statement::Update(_)
         | Statement::Delete(_) => {
-            let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
-            let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
-            match bound {
-                Some(Bound_::Select(p)) => {
-                    let rows = ex.select(&p).await?;
-                    let n = rows.len();
-                    let cols = p.columns.clone();
-                    Ok(rows_result(cols, rows, format!("SELECT {n}")))
+            // A transaction's first write to a table takes the table's shared lock
+            // (in the engine), so DDL such as an index build never misses its rows.
+            // If DDL on the table committed after this statement read the catalog,
+            // the write is refused before anything is written and the statement
+            // runs again on the new catalog (it then maintains the new index).
+            let mut attempts = 0;
+            loop {
+                match dml(&mut ex, stmt, params).await {
+                    Err(e)
+                        if e.code == "40001"
+                            && e.message == crate::session::CATALOG_CHANGED
+                            && attempts < MAX_CATALOG_RETRIES =>
+                    {
+                        attempts += 1;
+                        ex.refresh_catalog().await?;
+                    }
+                    other => return other,
                 }
-                Some(Bound_::Insert(p)) => {
-                    let (n, ret) = ex.insert(&p).await?;
-                    let tag = format!("INSERT 0 {n}");
-                    Ok(match &p.returning {
-                        Some(r) => rows_result(r.columns.clone(), ret, tag),
-                        None => ExecResult::Command { tag },
-                    })
-                }
-                Some(Bound_::Modify(p)) => {
-                    let (n, ret) = ex.modify(&p).await?;
-                    let tag = if p.sets.is_some() {
-                        format!("UPDATE {n}")
-                    } else {
-                        format!("DELETE {n}")
-                    };
-                    Ok(match &p.returning {
-                        Some(r) => rows_result(r.columns.clone(), ret, tag),
-                        None => ExecResult::Command { tag },
-                    })
-                }
-                None => Err(SqlError::internal("unbound statement")),
             }
         }
         Statement::CreateTable(ct) => create_table(&mut ex, ct).await,
@@ -2028,7 +2168,7 @@ pub(crate) async fn execute(
         } => {
             ex.check_writable()?;
             let n = ident(name);
-            if ex.catalog.iter().any(|t| t.name == n) {
+            if relation_name_taken(&ex.catalog, &n) {
                 if *if_not_exists {
                     return Ok(ExecResult::Command {
                         tag: "CREATE SEQUENCE".into(),
@@ -2057,7 +2197,7 @@ pub(crate) async fn execute(
                     .collect(),
             };
             for t in tables {
-                ex.engine.vacuum(t.root).await.map_err(engine_error)?;
+                ex.engine.vacuum_table(&t).await.map_err(engine_error)?;
             }
             Ok(ExecResult::Command {
                 tag: "VACUUM".into(),
@@ -2084,6 +2224,45 @@ pub(crate) async fn execute(
             "statement \"{}\"",
             first_words(&other.to_string())
         ))),
+    }
+}
+
+/// Runs a query, INSERT, UPDATE or DELETE.
+async fn dml(
+    ex: &mut Exec<'_>,
+    stmt: &Statement,
+    params: &[Datum],
+) -> Result<ExecResult, SqlError> {
+    let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
+    let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
+    match bound {
+        Some(Bound_::Select(p)) => {
+            let rows = ex.select(&p).await?;
+            let n = rows.len();
+            let cols = p.columns.clone();
+            Ok(rows_result(cols, rows, format!("SELECT {n}")))
+        }
+        Some(Bound_::Insert(p)) => {
+            let (n, ret) = ex.insert(&p).await?;
+            let tag = format!("INSERT 0 {n}");
+            Ok(match &p.returning {
+                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                None => ExecResult::Command { tag },
+            })
+        }
+        Some(Bound_::Modify(p)) => {
+            let (n, ret) = ex.modify(&p).await?;
+            let tag = if p.sets.is_some() {
+                format!("UPDATE {n}")
+            } else {
+                format!("DELETE {n}")
+            };
+            Ok(match &p.returning {
+                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                None => ExecResult::Command { tag },
+            })
+        }
+        None => Err(SqlError::internal("unbound statement")),
     }
 }
 
@@ -2169,15 +2348,17 @@ fn explain(catalog: &[Arc<TableDef>], stmt: &Statement) -> Result<Vec<String>, S
     let mut lines = Vec::new();
     let scan_line = |def: &TableDef, key: &KeyPlan, filter: bool| -> Vec<String> {
         let mut v = Vec::new();
-        if key.is_full_scan() {
+        if key.is_seq_scan() {
             v.push(format!("Seq Scan on {}", def.name));
         } else {
-            let pk = def
-                .pk_name
-                .clone()
-                .unwrap_or_else(|| format!("{}_pkey", def.name));
-            v.push(format!("Index Scan using {pk} on {}", def.name));
-            v.push(format!("  Index Cond: ({})", key.describe(def)));
+            v.push(format!(
+                "Index Scan using {} on {}",
+                key.index_name(def),
+                def.name
+            ));
+            if !key.is_full_scan() {
+                v.push(format!("  Index Cond: ({})", key.describe(def)));
+            }
         }
         if filter {
             v.push("  Filter: (re-checked WHERE clause)".into());
@@ -2376,7 +2557,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
     if ct.query.is_some() || ct.like.is_some() {
         return Err(SqlError::unsupported("CREATE TABLE AS / LIKE"));
     }
-    if ex.catalog.iter().any(|t| t.name == name) {
+    if relation_name_taken(&ex.catalog, &name) {
         if ct.if_not_exists {
             return Ok(ExecResult::Command {
                 tag: "CREATE TABLE".into(),
@@ -2392,6 +2573,8 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
     let mut pk_name = None;
     let mut checks = Vec::new();
     let mut serials = Vec::new();
+    // UNIQUE constraints: (constraint name, columns), enforced by unique indexes.
+    let mut uniques: Vec<(Option<String>, Vec<usize>)> = Vec::new();
     for (i, c) in ct.columns.iter().enumerate() {
         let type_text = c.data_type.to_string();
         let serial = expr::is_serial(&type_text);
@@ -2442,10 +2625,11 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                         .unwrap_or_else(|| format!("{name}_{}_check", expr::norm(&c.name))),
                     expr: cc.expr.to_string(),
                 }),
-                ast::ColumnOption::Unique(_) => {
-                    return Err(SqlError::unsupported(
-                        "UNIQUE constraints on columns other than the primary key",
-                    ))
+                ast::ColumnOption::Unique(u) => {
+                    if u.nulls_distinct == ast::NullsDistinctOption::NotDistinct {
+                        return Err(SqlError::unsupported("NULLS NOT DISTINCT"));
+                    }
+                    uniques.push((opt.name.as_ref().map(|n| expr::norm(n)), vec![i]));
                 }
                 ast::ColumnOption::ForeignKey(_) => {
                     return Err(SqlError::unsupported("foreign keys"))
@@ -2491,10 +2675,26 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                     .unwrap_or_else(|| format!("{name}_check")),
                 expr: cc.expr.to_string(),
             }),
-            ast::TableConstraint::Unique(_) => {
-                return Err(SqlError::unsupported(
-                    "UNIQUE constraints on columns other than the primary key",
-                ))
+            ast::TableConstraint::Unique(u) => {
+                if u.nulls_distinct == ast::NullsDistinctOption::NotDistinct {
+                    return Err(SqlError::unsupported("NULLS NOT DISTINCT"));
+                }
+                let mut cols = Vec::new();
+                for ic in &u.columns {
+                    let cname = expr::expr_name(&ic.column.expr);
+                    cols.push(
+                        columns
+                            .iter()
+                            .position(|c| c.name == cname)
+                            .ok_or_else(|| {
+                                SqlError::new(
+                                    "42703",
+                                    format!("column \"{cname}\" named in key does not exist"),
+                                )
+                            })?,
+                    );
+                }
+                uniques.push((u.name.as_ref().map(|n| expr::norm(n)), cols));
             }
             ast::TableConstraint::ForeignKey(_) => {
                 return Err(SqlError::unsupported("foreign keys"))
@@ -2545,7 +2745,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
     } else {
         None
     };
-    let def = TableDef {
+    let mut def = TableDef {
         oid,
         name,
         kind: RelKind::Table,
@@ -2558,6 +2758,29 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
         rowid_seq,
         sequence: None,
     };
+    // The table is empty: each unique index starts as an empty tree.
+    for (name, cols) in uniques {
+        let name = match name {
+            Some(n) => n,
+            None => free_relation_name(&ex.catalog, &def, &cols, "key"),
+        };
+        if relation_name_taken(&ex.catalog, &name) || def.indexes.iter().any(|i| i.name == name) {
+            return Err(SqlError::new(
+                "42P07",
+                format!("relation \"{name}\" already exists"),
+            ));
+        }
+        let root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
+        def.indexes.push(IndexDef {
+            oid: 0,
+            name,
+            columns: cols,
+            unique: true,
+            primary: false,
+            root,
+            constraint: true,
+        });
+    }
     ex.engine
         .put_relation(ex.txn, &def, true)
         .await
@@ -2587,7 +2810,18 @@ async fn drop_objects(
                     .cloned();
                 match owner {
                     Some(t) => {
-                        let mut def = (*t).clone();
+                        if let Some(c) = t.indexes.iter().find(|i| i.name == iname && i.constraint)
+                        {
+                            return Err(SqlError::new(
+                                "2BP01",
+                                format!(
+                                    "cannot drop index {} because constraint {} on table {} requires it",
+                                    c.name, c.name, t.name
+                                ),
+                            ));
+                        }
+                        // Its pages are abandoned (there is no free-space map yet).
+                        let mut def = ex.lock_for_ddl(&t).await?;
                         def.indexes.retain(|i| i.name != iname);
                         ex.engine
                             .put_relation(ex.txn, &def, false)
@@ -2633,6 +2867,10 @@ async fn drop_objects(
                 ),
             ));
         };
+        // Writers of the table finish first (its indexes go with its catalog entry).
+        if kind == RelKind::Table {
+            ex.lock_for_ddl(&t).await?;
+        }
         ex.engine
             .drop_relation(ex.txn, t.oid)
             .await
@@ -2664,10 +2902,14 @@ async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, Sq
     ex.check_writable()?;
     for target in &t.table_names {
         let def = find_table(&ex.catalog, &target.name)?;
-        let mut new_def = (*def).clone();
+        let mut new_def = ex.lock_for_ddl(&def).await?;
         // A fresh tree: snapshots older than this transaction keep reading the old
-        // root through their view of the catalog, so TRUNCATE is MVCC-safe.
+        // root through their view of the catalog, so TRUNCATE is MVCC-safe. Each
+        // index gets a fresh, empty tree too.
         new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
+        for index in new_def.indexes.iter_mut().filter(|i| i.is_built()) {
+            index.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
+        }
         ex.engine
             .put_relation(ex.txn, &new_def, false)
             .await
@@ -2733,6 +2975,8 @@ async fn rekey(
             .map_err(engine_error)?;
         new_def.rowid_seq = None;
     }
+    // Index entries carry the clustered key, which just changed.
+    rebuild_indexes(ex, &mut new_def).await?;
     Ok(new_def)
 }
 
@@ -2747,7 +2991,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
         }
         Err(e) => return Err(e),
     };
-    let mut def = (*def).clone();
+    let mut def = ex.lock_for_ddl(&def).await?;
     for op in &at.operations {
         match op {
             ast::AlterTableOperation::AddConstraint {
@@ -2777,6 +3021,37 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     })?);
                 }
                 def = rekey(ex, &def, cols, p.name.as_ref().map(|n| expr::norm(n))).await?;
+            }
+            ast::AlterTableOperation::AddConstraint {
+                constraint: ast::TableConstraint::Unique(u),
+                ..
+            } => {
+                if u.nulls_distinct == ast::NullsDistinctOption::NotDistinct {
+                    return Err(SqlError::unsupported("NULLS NOT DISTINCT"));
+                }
+                let mut cols = Vec::new();
+                for ic in &u.columns {
+                    let cname = expr::expr_name(&ic.column.expr);
+                    cols.push(def.column_index(&cname).ok_or_else(|| {
+                        SqlError::new(
+                            "42703",
+                            format!("column \"{cname}\" named in key does not exist"),
+                        )
+                    })?);
+                }
+                let name = match &u.name {
+                    Some(n) => expr::norm(n),
+                    None => free_relation_name(&ex.catalog, &def, &cols, "key"),
+                };
+                if relation_name_taken(&ex.catalog, &name) {
+                    return Err(SqlError::new(
+                        "42P07",
+                        format!("relation \"{name}\" already exists"),
+                    ));
+                }
+                let mut index = build_index(ex, &def, name, cols, true).await?;
+                index.constraint = true;
+                def.indexes.push(index);
             }
             ast::AlterTableOperation::AddConstraint {
                 constraint: ast::TableConstraint::Check(cc),
@@ -2835,11 +3110,17 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     not_null: false,
                     default: None,
                 };
+                let mut unique: Option<Option<String>> = None;
                 for opt in &column_def.options {
                     match &opt.option {
                         ast::ColumnOption::NotNull => col.not_null = true,
                         ast::ColumnOption::Null => {}
                         ast::ColumnOption::Default(e) => col.default = Some(e.to_string()),
+                        ast::ColumnOption::Unique(u)
+                            if u.nulls_distinct != ast::NullsDistinctOption::NotDistinct =>
+                        {
+                            unique = Some(opt.name.as_ref().map(|n| expr::norm(n)));
+                        }
                         other => {
                             return Err(SqlError::unsupported(format!("ADD COLUMN option {other}")))
                         }
@@ -2878,6 +3159,22 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 }
                 rewrite_rows(ex, &def, &mut |row| row.push(fill.clone())).await?;
                 def.columns.push(col);
+                if let Some(name) = unique {
+                    let cols = vec![def.columns.len() - 1];
+                    let name = match name {
+                        Some(n) => n,
+                        None => free_relation_name(&ex.catalog, &def, &cols, "key"),
+                    };
+                    if relation_name_taken(&ex.catalog, &name) {
+                        return Err(SqlError::new(
+                            "42P07",
+                            format!("relation \"{name}\" already exists"),
+                        ));
+                    }
+                    let mut index = build_index(ex, &def, name, cols, true).await?;
+                    index.constraint = true;
+                    def.indexes.push(index);
+                }
             }
             ast::AlterTableOperation::DropColumn {
                 column_names,
@@ -2901,18 +3198,52 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                     if def.pk.contains(&i) {
                         return Err(SqlError::unsupported("dropping a primary-key column"));
                     }
-                    rewrite_rows(ex, &def, &mut |row| {
+                    // Indexes on the column go with it (as in PostgreSQL). The rows
+                    // are rewritten without index maintenance (column positions
+                    // shift), then the remaining indexes are rebuilt.
+                    def.indexes.retain(|x| !x.columns.contains(&i));
+                    let mut unindexed = def.clone();
+                    unindexed.indexes.clear();
+                    rewrite_rows(ex, &unindexed, &mut |row| {
                         if i < row.len() {
                             row.remove(i);
                         }
                     })
                     .await?;
                     def.columns.remove(i);
-                    def.pk = def
-                        .pk
-                        .iter()
-                        .map(|&p| if p > i { p - 1 } else { p })
-                        .collect();
+                    let shift = |p: &usize| if *p > i { *p - 1 } else { *p };
+                    def.pk = def.pk.iter().map(shift).collect();
+                    for x in &mut def.indexes {
+                        x.columns = x.columns.iter().map(shift).collect();
+                    }
+                    if def.indexes.iter().any(|x| x.is_built()) {
+                        rebuild_indexes(ex, &mut def).await?;
+                    }
+                }
+            }
+            ast::AlterTableOperation::DropConstraint {
+                if_exists, name, ..
+            } => {
+                let n = expr::norm(name);
+                let pk_name = def
+                    .pk_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}_pkey", def.name));
+                if let Some(i) = def.indexes.iter().position(|x| x.constraint && x.name == n) {
+                    // The index's pages are abandoned (no free-space map yet).
+                    def.indexes.remove(i);
+                } else if let Some(i) = def.checks.iter().position(|c| c.name == n) {
+                    def.checks.remove(i);
+                } else if !def.pk.is_empty() && n == pk_name {
+                    return Err(SqlError::unsupported("dropping a primary key"));
+                } else if !*if_exists {
+                    return Err(SqlError::new(
+                        "42704",
+                        format!(
+                            "constraint \"{n}\" of relation \"{}\" does not exist",
+                            def.name
+                        ),
+                    ));
                 }
             }
             other => return Err(SqlError::unsupported(format!("ALTER TABLE {other}"))),
@@ -2950,9 +3281,35 @@ async fn rewrite_rows(
 
 async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecResult, SqlError> {
     ex.check_writable()?;
+    if ci.predicate.is_some() {
+        return Err(SqlError::unsupported("partial indexes"));
+    }
+    if !ci.include.is_empty() {
+        return Err(SqlError::unsupported("INCLUDE columns in indexes"));
+    }
+    if ci.nulls_distinct == Some(false) {
+        return Err(SqlError::unsupported("NULLS NOT DISTINCT"));
+    }
+    if let Some(using) = &ci.using {
+        if !using.to_string().eq_ignore_ascii_case("btree") {
+            return Err(SqlError::unsupported(format!(
+                "index access method {using}"
+            )));
+        }
+    }
     let def = find_table(&ex.catalog, &ci.table_name)?;
+    // The exclusive lock waits for every transaction that wrote the table and holds
+    // off new writers until this one ends, so the build sees every row. Columns are
+    // resolved on the definition as of the lock.
+    let def = ex.lock_for_ddl(&def).await?;
     let mut cols = Vec::new();
     for ic in &ci.columns {
+        if !matches!(
+            ic.column.expr,
+            ast::Expr::Identifier(_) | ast::Expr::CompoundIdentifier(_)
+        ) {
+            return Err(SqlError::unsupported("indexes on expressions"));
+        }
         let cname = expr::expr_name(&ic.column.expr);
         cols.push(
             def.column_index(&cname).ok_or_else(|| {
@@ -2960,47 +3317,27 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
             })?,
         );
     }
-    if ci.unique {
-        // Uniqueness must be enforced, and only the clustered key can do that today.
-        if cols != def.pk {
-            return Err(SqlError::unsupported(
-                "UNIQUE indexes on columns other than the primary key",
-            ));
+    let name = match &ci.name {
+        Some(n) => {
+            let name = ident(n);
+            if relation_name_taken(&ex.catalog, &name) {
+                if ci.if_not_exists {
+                    return Ok(ExecResult::Command {
+                        tag: "CREATE INDEX".into(),
+                    });
+                }
+                return Err(SqlError::new(
+                    "42P07",
+                    format!("relation \"{name}\" already exists"),
+                ));
+            }
+            name
         }
-    }
-    let name = ci.name.as_ref().map(ident).unwrap_or_else(|| {
-        format!(
-            "{}_{}_idx",
-            def.name,
-            cols.iter()
-                .map(|&i| def.columns[i].name.clone())
-                .collect::<Vec<_>>()
-                .join("_")
-        )
-    });
-    if def.indexes.iter().any(|i| i.name == name) || ex.catalog.iter().any(|t| t.name == name) {
-        if ci.if_not_exists {
-            return Ok(ExecResult::Command {
-                tag: "CREATE INDEX".into(),
-            });
-        }
-        return Err(SqlError::new(
-            "42P07",
-            format!("relation \"{name}\" already exists"),
-        ));
-    }
-    // Secondary index structures are not built yet: the definition is recorded (so
-    // schemas load and \d shows it) and queries use the clustered key or a scan,
-    // with identical results. EXPLAIN shows which access path is really used.
-    let mut new_def = (*def).clone();
-    new_def.indexes.push(IndexDef {
-        oid: 0,
-        name,
-        columns: cols,
-        unique: ci.unique,
-        primary: false,
-        root: 0,
-    });
+        None => free_relation_name(&ex.catalog, &def, &cols, "idx"),
+    };
+    let index = build_index(ex, &def, name, cols, ci.unique).await?;
+    let mut new_def = def;
+    new_def.indexes.push(index);
     ex.engine
         .put_relation(ex.txn, &new_def, false)
         .await
@@ -3008,6 +3345,90 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
     Ok(ExecResult::Command {
         tag: "CREATE INDEX".into(),
     })
+}
+
+/// Index names share the namespace of relations, as in PostgreSQL.
+fn relation_name_taken(catalog: &[Arc<TableDef>], name: &str) -> bool {
+    catalog
+        .iter()
+        .any(|t| t.name == name || t.indexes.iter().any(|i| i.name == name))
+}
+
+/// PostgreSQL's default name for an index or unique constraint
+/// (`table_col1_col2_suffix`), numbered on collision.
+fn free_relation_name(
+    catalog: &[Arc<TableDef>],
+    def: &TableDef,
+    cols: &[usize],
+    suffix: &str,
+) -> String {
+    let base = format!(
+        "{}_{}",
+        def.name,
+        cols.iter()
+            .filter_map(|&i| def.columns.get(i).map(|c| c.name.clone()))
+            .collect::<Vec<_>>()
+            .join("_")
+    );
+    let taken = |n: &str| {
+        relation_name_taken(catalog, n) || def.name == n || def.indexes.iter().any(|i| i.name == n)
+    };
+    let first = format!("{base}_{suffix}");
+    if !taken(&first) {
+        return first;
+    }
+    (1..1000)
+        .map(|i| format!("{base}_{suffix}{i}"))
+        .find(|n| !taken(n))
+        .unwrap_or(first)
+}
+
+/// Builds a secondary index of `def` (whose exclusive lock the transaction holds)
+/// from its rows.
+async fn build_index(
+    ex: &mut Exec<'_>,
+    def: &TableDef,
+    name: String,
+    columns: Vec<usize>,
+    unique: bool,
+) -> Result<IndexDef, SqlError> {
+    let mut index = IndexDef {
+        oid: 0,
+        name,
+        columns,
+        unique,
+        primary: false,
+        root: 0,
+        constraint: false,
+    };
+    index.root = match ex.engine.build_index(ex.txn, def, &index).await {
+        Ok(root) => root,
+        Err(EngineError::UniqueViolation { detail, .. }) => {
+            return Err(SqlError::new(
+                "23505",
+                format!("could not create unique index \"{}\"", index.name),
+            )
+            .with_detail(detail))
+        }
+        Err(e) => return Err(engine_error(e)),
+    };
+    Ok(index)
+}
+
+/// Rebuilds every secondary index of `def` from its rows (after a rewrite that
+/// changed clustered keys or column positions); the old trees are abandoned.
+async fn rebuild_indexes(ex: &mut Exec<'_>, def: &mut TableDef) -> Result<(), SqlError> {
+    let indexes = std::mem::take(&mut def.indexes);
+    for index in indexes {
+        if !index.is_built() {
+            def.indexes.push(index);
+            continue;
+        }
+        let mut rebuilt = build_index(ex, def, index.name, index.columns, index.unique).await?;
+        rebuilt.constraint = index.constraint;
+        def.indexes.push(rebuilt);
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -3177,6 +3598,7 @@ async fn copy_start(
         defaults: b.defaults(&def)?,
         checks: b.checks(&def)?,
         on_conflict: None,
+        conflict_target: None,
         returning: None,
         nextvals: b.nextvals,
         values_nextvals: 0,
@@ -3450,7 +3872,31 @@ async fn copy_row(
         };
         full.push(expr::assign(d, c.ty(), c.typmod)?);
     }
-    ex.insert_row(&st.plan, full).await?;
-    st.rows += 1;
-    Ok(())
+    if ex.txn.holds_table(t.oid) {
+        ex.insert_row(&st.plan, full).await?;
+        st.rows += 1;
+        return Ok(());
+    }
+    // The first row takes the table's shared lock; if DDL changed the table
+    // meanwhile, continue on the new definition (same columns) or give up.
+    for _ in 0..MAX_CATALOG_RETRIES {
+        match ex.insert_row(&st.plan, full.clone()).await {
+            Err(e) if e.code == "40001" && e.message == crate::session::CATALOG_CHANGED => {
+                ex.refresh_catalog().await?;
+                match ex.catalog.iter().find(|d| d.oid == t.oid) {
+                    Some(d) if d.columns == t.columns => {
+                        st.plan.table = d.clone();
+                        st.catalog = ex.catalog.clone();
+                    }
+                    _ => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {
+                st.rows += 1;
+                return Ok(());
+            }
+        }
+    }
+    Err(SqlError::new("40001", crate::session::CATALOG_CHANGED))
 }

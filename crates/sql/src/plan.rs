@@ -1,9 +1,18 @@
 //! Access-path choice for single-table reads: which part of a WHERE clause bounds
-//! the clustered primary-key B+tree, and how the chosen plan reads in EXPLAIN.
+//! the clustered primary-key B+tree or a secondary index, and how the chosen plan
+//! reads in EXPLAIN.
+//!
+//! There are no statistics yet, so the choice is by shape: the clustered key when
+//! the WHERE clause fixes all of it; otherwise the access path whose leading
+//! columns the WHERE clause bounds best (equalities count more than a range; ties
+//! go to the clustered key, whose scan needs no second lookup). An index scan
+//! fetches each row through its clustered key, and the whole WHERE clause is
+//! re-checked on the visible version, so a bound only has to be a superset.
 
 use crate::expr::{cast, compare, eval, BinOp, EvalCtx, Expr};
 use crate::SqlError;
 use borealis_engine::catalog::TableDef;
+use borealis_engine::index::prefix_end;
 use borealis_engine::row::{encode_key, prefix_successor};
 use borealis_engine::types::Datum;
 use std::cmp::Ordering;
@@ -17,6 +26,11 @@ pub struct KeyPlan {
     /// Range bounds on the key column after the equality prefix.
     pub lower: Option<(Expr, bool)>,
     pub upper: Option<(Expr, bool)>,
+    /// The secondary index to scan (position in `TableDef::indexes`); None = the
+    /// clustered tree.
+    pub index: Option<usize>,
+    /// The statement's ORDER BY is the scan's order, so a LIMIT can stop the scan.
+    pub ordered: bool,
 }
 
 impl KeyPlan {
@@ -24,11 +38,34 @@ impl KeyPlan {
         self.eq.is_empty() && self.lower.is_none() && self.upper.is_none()
     }
 
+    /// Whether EXPLAIN shows a sequential scan (the clustered tree, unbounded).
+    pub fn is_seq_scan(&self) -> bool {
+        self.index.is_none() && self.is_full_scan()
+    }
+
+    /// The columns of the access path, in key order.
+    pub fn columns<'a>(&self, table: &'a TableDef) -> &'a [usize] {
+        match self.index.and_then(|i| table.indexes.get(i)) {
+            Some(index) => &index.columns,
+            None => &table.pk,
+        }
+    }
+
+    /// The index EXPLAIN names.
+    pub fn index_name(&self, table: &TableDef) -> String {
+        match self.index.and_then(|i| table.indexes.get(i)) {
+            Some(index) => index.name.clone(),
+            None => table
+                .pk_name
+                .clone()
+                .unwrap_or_else(|| format!("{}_pkey", table.name)),
+        }
+    }
+
     pub fn describe(&self, table: &TableDef) -> String {
+        let cols = self.columns(table);
         let col = |i: usize| {
-            table
-                .pk
-                .get(i)
+            cols.get(i)
                 .and_then(|&c| table.columns.get(c))
                 .map(|c| c.name.clone())
                 .unwrap_or_default()
@@ -76,15 +113,80 @@ fn conjuncts<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
     }
 }
 
-/// Finds bounds on the primary key in `filter` (columns are positions in the table).
+/// Chooses the access path for `filter` (columns are positions in the table).
 pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
-    let mut plan = KeyPlan::default();
-    let Some(filter) = filter else { return plan };
-    if table.pk.is_empty() {
-        return plan;
-    }
+    let Some(filter) = filter else {
+        return KeyPlan::default();
+    };
     let mut cs = Vec::new();
     conjuncts(filter, &mut cs);
+    let primary = bounds(&table.pk, &cs);
+    if !table.pk.is_empty() && primary.eq.len() == table.pk.len() {
+        return primary;
+    }
+    let score = |p: &KeyPlan| p.eq.len() * 2 + usize::from(p.lower.is_some() || p.upper.is_some());
+    let mut best = primary;
+    for (i, index) in table.indexes.iter().enumerate() {
+        if !index.is_built() {
+            continue;
+        }
+        let mut candidate = bounds(&index.columns, &cs);
+        if score(&candidate) > score(&best) {
+            candidate.index = Some(i);
+            best = candidate;
+        }
+    }
+    best
+}
+
+/// Uses an index (or the clustered key) whose order is the statement's ORDER BY
+/// (`order`: table columns, all ascending with NULLs last), so that a LIMIT stops
+/// the scan early. Keeps a bounded plan if its own order fits.
+pub fn order_plan(table: &TableDef, plan: KeyPlan, order: &[usize]) -> KeyPlan {
+    // Index entries are ordered by the indexed columns, then the clustered key.
+    let order_of = |p: &KeyPlan| -> Vec<usize> {
+        let mut cols = p.columns(table).to_vec();
+        if p.index.is_some() {
+            cols.extend(&table.pk);
+        }
+        cols
+    };
+    let fits = |p: &KeyPlan| {
+        let cols = order_of(p);
+        let after_eq = cols.get(p.eq.len()..).unwrap_or(&[]);
+        cols.starts_with(order) || after_eq.starts_with(order)
+    };
+    if order.is_empty() {
+        return plan;
+    }
+    if fits(&plan) {
+        return KeyPlan {
+            ordered: true,
+            ..plan
+        };
+    }
+    if !plan.is_full_scan() {
+        return plan;
+    }
+    for (i, index) in table.indexes.iter().enumerate() {
+        let candidate = KeyPlan {
+            index: Some(i),
+            ordered: true,
+            ..KeyPlan::default()
+        };
+        if index.is_built() && fits(&candidate) {
+            return candidate;
+        }
+    }
+    plan
+}
+
+/// Bounds on a prefix of `key_columns` found among the conjuncts.
+fn bounds(key_columns: &[usize], cs: &[&Expr]) -> KeyPlan {
+    let mut plan = KeyPlan::default();
+    if key_columns.is_empty() {
+        return plan;
+    }
     let column_cmp = |c: &Expr, col: usize| -> Option<(BinOp, Expr)> {
         match c {
             Expr::Binary(op, l, r, _) => match (&**l, &**r) {
@@ -106,7 +208,7 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
             _ => None,
         }
     };
-    for &col in &table.pk {
+    for &col in key_columns {
         let eq = cs.iter().find_map(|c| match column_cmp(c, col) {
             Some((BinOp::Eq, e)) => Some(e),
             _ => None,
@@ -114,7 +216,7 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
         match eq {
             Some(e) => plan.eq.push(e),
             None => {
-                for c in &cs {
+                for c in cs {
                     if let Expr::Between(x, lo, hi, false) = c {
                         if matches!(&**x, Expr::Column(i, _) if *i == col)
                             && is_constant(lo)
@@ -144,14 +246,16 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
 fn key_value(
     e: &Expr,
     table: &TableDef,
-    pk_pos: usize,
+    column: usize,
     ctx: &EvalCtx<'_>,
 ) -> Result<Option<Datum>, SqlError> {
     let v = eval(e, &[], ctx)?;
     if v.is_null() {
         return Ok(None);
     }
-    let col = &table.columns[table.pk[pk_pos]];
+    let Some(col) = table.columns.get(column) else {
+        return Ok(None);
+    };
     let Ok(converted) = cast(v.clone(), col.ty(), -1) else {
         return Ok(None);
     };
@@ -171,24 +275,40 @@ pub enum Resolved {
     Full,
 }
 
+/// Resolves the plan's bounds to key bytes. Index entry keys continue after the
+/// indexed columns (with more columns, which may be NULL = 0xff, and the clustered
+/// key), so their prefix ranges end at [`prefix_end`]; clustered keys of a prefix
+/// are continued only by non-NULL key columns, which `prefix_successor` covers.
 pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Resolved, SqlError> {
     if plan.is_full_scan() {
         return Ok(Resolved::Range(Bound::Unbounded, Bound::Unbounded));
     }
+    let cols = plan.columns(table);
+    let suffixed = plan.index.is_some();
+    let successor = |k: &[u8]| -> Bound<Vec<u8>> {
+        if suffixed {
+            match prefix_end(k) {
+                Some(e) => Bound::Excluded(e),
+                None => Bound::Unbounded,
+            }
+        } else {
+            Bound::Excluded(prefix_successor(k))
+        }
+    };
     let mut prefix_vals = Vec::with_capacity(plan.eq.len());
     for (i, e) in plan.eq.iter().enumerate() {
         let v = eval(e, &[], ctx)?;
         if v.is_null() {
             return Ok(Resolved::Empty);
         }
-        match key_value(e, table, i, ctx)? {
+        match key_value(e, table, cols[i], ctx)? {
             Some(v) => prefix_vals.push(v),
             None => return Ok(Resolved::Full),
         }
     }
     let prefix = encode_key(&prefix_vals).map_err(crate::session::engine_error)?;
     if plan.lower.is_none() && plan.upper.is_none() {
-        if prefix_vals.len() == table.pk.len() {
+        if prefix_vals.len() == cols.len() && !suffixed {
             return Ok(Resolved::Range(
                 Bound::Included(prefix.clone()),
                 Bound::Included(prefix),
@@ -202,7 +322,7 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
         let hi = if prefix.is_empty() {
             Bound::Unbounded
         } else {
-            Bound::Excluded(prefix_successor(&prefix))
+            successor(&prefix)
         };
         return Ok(Resolved::Range(lo, hi));
     }
@@ -212,7 +332,10 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
         if v.is_null() {
             return Ok(None);
         }
-        match key_value(e, table, pos, ctx)? {
+        let Some(&column) = cols.get(pos) else {
+            return Err(SqlError::internal("inexact"));
+        };
+        match key_value(e, table, column, ctx)? {
             Some(v) => {
                 let mut k = prefix.clone();
                 borealis_engine::row::encode_key_datum(&v, &mut k)
@@ -234,7 +357,7 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
     };
     let hi = match &plan.upper {
         None if prefix.is_empty() => Bound::Unbounded,
-        None => Bound::Excluded(prefix_successor(&prefix)),
+        None => successor(&prefix),
         Some((e, inc)) => match bound_key(e) {
             Ok(Some(k)) if *inc => Bound::Included(k),
             Ok(Some(k)) => Bound::Excluded(k),
@@ -245,13 +368,16 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
     // A composite key's encoded column is followed by more columns: make an
     // inclusive upper bound cover every key that starts with it, and an exclusive
     // lower bound skip all of them.
-    let (lo, hi) = if table.pk.len() > pos + 1 {
+    let (lo, hi) = if suffixed || cols.len() > pos + 1 {
         let lo = match lo {
-            Bound::Excluded(k) => Bound::Included(prefix_successor(&k)),
+            Bound::Excluded(k) => match successor(&k) {
+                Bound::Excluded(e) => Bound::Included(e),
+                _ => return Ok(Resolved::Empty),
+            },
             other => other,
         };
         let hi = match hi {
-            Bound::Included(k) => Bound::Excluded(prefix_successor(&k)),
+            Bound::Included(k) => successor(&k),
             other => other,
         };
         (lo, hi)

@@ -162,10 +162,17 @@ pub struct Session {
     defer_commit: bool,
 }
 
+/// Message of the error that makes `exec::execute` re-run a statement with a fresh
+/// catalog (see `EngineError::CatalogChanged`).
+pub(crate) const CATALOG_CHANGED: &str =
+    "could not serialize access due to concurrent DDL on the table";
+
 /// Maps engine errors to SQLSTATEs: the one place where that happens.
 pub fn engine_error(e: EngineError) -> SqlError {
     match e {
-        EngineError::UniqueViolation { constraint, detail } => {
+        EngineError::UniqueViolation {
+            constraint, detail, ..
+        } => {
             let err = SqlError::new(
                 "23505",
                 format!("duplicate key value violates unique constraint \"{constraint}\""),
@@ -188,10 +195,13 @@ pub fn engine_error(e: EngineError) -> SqlError {
             format!("row is too big: size {n}, maximum size 4000"),
         ),
         EngineError::Unsupported(what) => SqlError::new("0A000", what),
+        EngineError::LimitExceeded(what) => SqlError::new("54000", what),
         EngineError::NoSavepoint(name) => {
             SqlError::new("3B001", format!("savepoint \"{name}\" does not exist"))
         }
         EngineError::Canceled => SqlError::new("57014", "canceling statement due to user request"),
+        // Normally handled by re-running the statement (`exec::execute`).
+        EngineError::CatalogChanged => SqlError::new("40001", CATALOG_CHANGED),
         EngineError::DuplicateTable(name) => {
             SqlError::new("42P07", format!("relation \"{name}\" already exists"))
         }
