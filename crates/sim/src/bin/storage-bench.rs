@@ -235,6 +235,8 @@ async fn main() {
         default_segments: infos.iter().map(|n| n.name.clone()).collect(),
         nodes: infos.clone(),
         protection_groups: Vec::new(),
+        default_membership_epoch: 0,
+        default_next_segments: Vec::new(),
     };
     let vcfg = VolumeConfig {
         geometry,
@@ -285,6 +287,8 @@ async fn main() {
         default_segments: infos.iter().map(|n| n.name.clone()).collect(),
         nodes: infos.clone(),
         protection_groups: Vec::new(),
+        default_membership_epoch: 0,
+        default_next_segments: Vec::new(),
     };
     let vcfg2 = VolumeConfig {
         geometry,
