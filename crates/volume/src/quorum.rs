@@ -27,8 +27,9 @@
 //!   E     segments = {A,B,C,D,E,X}                     write quorum 4/6 of it
 //!   E+1   segments = {A,B,C,D,E,X}, next = {A,B,C,D,E,N}
 //!         write quorum: 4/6 of the old six AND 4/6 of the new six (I/O never stops:
-//!         A..E alone satisfy both); read quorum: 3/6 of either; N is rebuilt from
-//!         peers meanwhile and gets every new record
+//!         A..E alone satisfy both); read quorum (recovery): 3/6 of the old six,
+//!         since what was acknowledged under E alone may be on only 3 of the new
+//!         six; N is rebuilt from peers meanwhile and gets every new record
 //!   E+2   segments = {A,B,C,D,E,N}    once N's SCL reached the PG's tail as of
 //!         the writer adopting E+1 (every record acknowledged under E alone)
 //! ```
@@ -164,16 +165,17 @@ impl Membership {
             .all(|set| count_in(set, acked) >= WRITE_QUORUM)
     }
 
-    /// Whether answers from `nodes` make a read quorum: 3 of either six.
+    /// Whether answers from `nodes` make a read quorum: 3 of the (old) six. Not 3 of
+    /// the new six during a replacement: a record acknowledged before the writer
+    /// adopted the transition sits on 4 of the old six only, which may leave just
+    /// 3 of the new six holding it, and the joining segment may not have it yet.
+    /// The old six cover everything: transitional writes need 4 of them too.
     pub fn read_quorum(&self, nodes: &[usize]) -> bool {
         let mask = nodes
             .iter()
             .filter(|n| **n < MAX_STORAGE_NODES)
             .fold(0u64, |m, n| m | 1 << n);
         count_in(&self.segments, mask) as usize >= READ_QUORUM
-            || self
-                .next
-                .is_some_and(|n| count_in(&n, mask) as usize >= READ_QUORUM)
     }
 
     /// Whether every member acked.

@@ -538,8 +538,8 @@ async fn recover(
         }
     }
     for pg in &pgs {
-        // A read quorum is 3 of the PG's six, or, during a segment replacement, 3
-        // of either six (a record at write quorum is on 4 of both).
+        // A read quorum is 3 of the PG's six (the old six during a segment
+        // replacement: see `Membership::read_quorum`).
         let from = got.get(pg).cloned().unwrap_or_default();
         if !placement.membership(*pg).read_quorum(&from) {
             return Err(unavailable(
