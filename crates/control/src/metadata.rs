@@ -144,6 +144,10 @@ pub struct ClusterMeta {
     pub default_next_segments: Vec<String>,
     #[serde(default)]
     pub replacement: Option<Replacement>,
+    /// Storage nodes retired by a replacement: their names are never reused (a
+    /// writer keeps per-node state by name).
+    #[serde(default)]
+    pub retired_nodes: Vec<String>,
     /// Name of the instance that is (or will be started as) the writer.
     pub writer: String,
     /// Reader instances the operator asked for with `--replicas`.
@@ -269,6 +273,7 @@ mod tests {
             default_membership_epoch: 0,
             default_next_segments: vec![],
             replacement: None,
+            retired_nodes: vec![],
             writer: "instance-1".into(),
             replicas_requested: 1,
             nodes: vec![NodeMeta {

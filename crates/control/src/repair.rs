@@ -53,7 +53,9 @@ fn default_name(meta: &ClusterMeta, az: &str, data_dir: &std::path::Path) -> Str
     let letter = az.strip_prefix("az-").unwrap_or(az);
     (1u32..)
         .map(|i| format!("storage-{letter}{i}"))
-        .find(|n| meta.node(n).is_none() && !data_dir.join(n).exists())
+        .find(|n| {
+            meta.node(n).is_none() && !meta.retired_nodes.contains(n) && !data_dir.join(n).exists()
+        })
         .unwrap_or_else(|| format!("storage-{letter}-new"))
 }
 
@@ -106,9 +108,12 @@ impl Cluster {
                     "invalid node name {new:?} (letters, digits, '-' and '_' only)"
                 )));
             }
-            if inner.meta.node(&new).is_some() || self.config.data_dir.join(&new).exists() {
+            if inner.meta.node(&new).is_some()
+                || inner.meta.retired_nodes.contains(&new)
+                || self.config.data_dir.join(&new).exists()
+            {
                 return Err(ActionError::Conflict(format!(
-                    "a node (or a data directory) named {new} already exists"
+                    "a node (or a data directory, or a retired node) named {new} already exists"
                 )));
             }
             let mut meta = inner.meta.clone();
@@ -205,6 +210,7 @@ impl Cluster {
                 }
             }
             meta.nodes.retain(|n| n.name != r.old);
+            meta.retired_nodes.push(r.old.clone());
             meta.replacement = None;
             if let Err(e) = self.store_meta(&meta) {
                 log::error!("replacement: cannot store the completed membership: {e}");

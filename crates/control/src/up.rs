@@ -131,6 +131,7 @@ fn new_meta(ports: Ports, replicas: u32) -> anyhow::Result<ClusterMeta> {
         default_membership_epoch: 0,
         default_next_segments: Vec::new(),
         replacement: None,
+        retired_nodes: Vec::new(),
         writer: WRITER_NAME.into(),
         replicas_requested: replicas,
         nodes,

@@ -438,6 +438,11 @@ impl<D: Disk> Node<D> {
                 }
             }
             seg.note_vdl_hint(local.vdl_hint());
+            // The writer sends a completeness claim once; one still waiting for
+            // the chain must survive the swap.
+            if let Some((last, to)) = local.pending_claim() {
+                seg.note_complete(last, to);
+            }
             if seg.note_membership(local.membership_epoch()) {
                 log.extend_from_slice(&membership_entry(seg.membership_epoch()));
             }

@@ -325,6 +325,17 @@ impl<'a> R<'a> {
         let n = self.len()?;
         Ok(self.take(n)?.to_vec())
     }
+    /// A byte string bounded only by the frame (snapshot chunks are up to a few MiB,
+    /// more than `MAX_LIST`; the frame itself is bounded by `MAX_FRAME_BYTES`).
+    fn chunk(&mut self) -> Result<Vec<u8>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > self.buf.len() - self.at {
+            return Err(ProtoError::Malformed(format!(
+                "chunk length {n} out of bounds"
+            )));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
     fn string(&mut self) -> Result<String, ProtoError> {
         String::from_utf8(self.bytes()?).map_err(|_| ProtoError::Malformed("invalid utf-8".into()))
     }
@@ -738,7 +749,7 @@ pub fn decode_response(body: &[u8]) -> Result<(u64, Response), ProtoError> {
             id: r.u64()?,
             total: r.u64()?,
             offset: r.u64()?,
-            bytes: r.bytes()?,
+            bytes: r.chunk()?,
         },
         kind::R_ERROR => {
             let code = r.u8()?;
@@ -878,6 +889,13 @@ mod tests {
                 total: 100,
                 offset: 10,
                 bytes: vec![4, 5],
+            },
+            Response::SnapshotChunk {
+                pg: PgId(1),
+                id: 9,
+                total: 8 << 20,
+                offset: 0,
+                bytes: vec![7; 4 << 20],
             },
         ];
         for (i, resp) in resps.iter().enumerate() {

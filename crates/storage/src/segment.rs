@@ -455,6 +455,12 @@ impl Segment {
         }
     }
 
+    /// A completeness claim waiting for the chain to reach its `pg_last`:
+    /// (pg_last, complete_to). A snapshot install carries it over.
+    pub fn pending_claim(&self) -> Option<(Lsn, Lsn)> {
+        self.claim
+    }
+
     /// The highest membership epoch any append for this segment carried.
     pub fn membership_epoch(&self) -> u64 {
         self.membership_epoch
