@@ -736,3 +736,99 @@ fn scrub_finds_a_flipped_byte_in_a_segment_file_and_repairs_it() {
         assert_eq!(got, model_page(&recs, p, Lsn(50)));
     }
 }
+
+/// The running node: a flipped byte in a segment file is found by the background
+/// scrub, shown in `/health`, and repaired from a peer by the gossip task; the node
+/// restarts with its whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_scrubs_and_repairs_a_flipped_byte_from_a_peer() {
+    use std::time::Duration;
+    let recs = records(200);
+    let start = |dir: &std::path::Path, name: &str, peers: Vec<std::net::SocketAddr>| {
+        let mut cfg = crate::NodeConfig::new(
+            dir.to_path_buf(),
+            name,
+            "az-a",
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        cfg.http = Some("127.0.0.1:0".parse().unwrap());
+        cfg.peers = peers;
+        cfg.scrub_interval = Duration::from_millis(10);
+        cfg.gossip_interval = Duration::from_millis(20);
+        crate::start(cfg)
+    };
+    let peer_dir = tempfile::tempdir().unwrap();
+    let peer = start(peer_dir.path(), "peer", vec![]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), "n", vec![peer.addr]).await.unwrap();
+    for addr in [peer.addr, node.addr] {
+        let mut c = crate::client::Client::connect(addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        c.call(&Request::InstallEpoch {
+            epoch: Epoch(1),
+            history: vec![],
+        })
+        .await
+        .unwrap();
+        let r = c.call(&append(1, &recs, Lsn(200))).await.unwrap();
+        assert!(matches!(r, Response::Appended { .. }), "{r:?}");
+    }
+    let file = dir.path().join(format!("segment-{:08}.log", PG.0));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        let at = 3000u64; // inside the records, well before the end of the log
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 0x01;
+        f.write_all_at(&b, at).unwrap();
+    }
+    let http = node.http_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        let (_, h) = borealis_common::http::get_json(http, "/health", Duration::from_secs(5))
+            .await
+            .unwrap();
+        if h["scrub"]["repairs_total"].as_u64() >= Some(1) {
+            break h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never repaired: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health["scrub"]["corruptions_total"], 1, "{health}");
+    assert!(health["scrub"]["last_corruption"]
+        .as_str()
+        .is_some_and(|s| s.contains("offset")));
+    node.kill().await;
+    // The whole log replays: nothing cut at the flipped byte.
+    let mut reopened = Node::open(
+        "n",
+        crate::disk::FileDisk::open(dir.path()).unwrap(),
+        NodeLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(reopened.stats.torn_tails_cut, 0);
+    assert_eq!(reopened.segment(PG).unwrap().max_lsn(), Lsn(200));
+    match reopened.handle(Request::GetPage {
+        pg: PG,
+        page: 2,
+        read_lsn: Lsn(200),
+    }) {
+        Handled::Reply(Response::Page { bytes }) => {
+            assert_eq!(
+                Page::from_bytes(&bytes).unwrap(),
+                model_page(&recs, 2, Lsn(200))
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    peer.kill().await;
+}
