@@ -113,12 +113,18 @@ pub struct Node<D: Disk> {
     scrub: ScrubState,
     /// Highest record LSN checked good in the current scrub pass over a log.
     scrub_last_good: Lsn,
-    /// Snapshots being read by rebuilding peers: PG -> (id, bytes). One per PG.
-    snapshots: BTreeMap<PgId, (u64, Vec<u8>)>,
+    /// Snapshots being read by rebuilding peers: PG -> (id, bytes, tick of the last
+    /// read). One per PG; dropped after its last chunk, or when left unread for
+    /// `SNAPSHOT_IDLE_TICKS` (a reader that died mid-transfer).
+    snapshots: BTreeMap<PgId, (u64, Vec<u8>, u64)>,
     next_snapshot_id: u64,
+    ticks: u64,
 }
 
 const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
+
+/// Ticks (200 ms each by default) an unread snapshot is kept.
+const SNAPSHOT_IDLE_TICKS: u64 = 50;
 
 fn encode_meta(epoch: Epoch, history: &[Truncation]) -> Vec<u8> {
     let mut out = Vec::with_capacity(24 + history.len() * 16);
@@ -224,6 +230,7 @@ impl<D: Disk> Node<D> {
             scrub_last_good: Lsn::ZERO,
             snapshots: BTreeMap::new(),
             next_snapshot_id: 1,
+            ticks: 0,
         })
     }
 
@@ -375,16 +382,19 @@ impl<D: Disk> Node<D> {
             };
             let id = self.next_snapshot_id;
             self.next_snapshot_id += 1;
-            self.snapshots.insert(pg, (id, seg.compacted_log()));
+            self.snapshots
+                .insert(pg, (id, seg.compacted_log(), self.ticks));
             self.stats.snapshots_served += 1;
         }
-        let Some((id, bytes)) = self.snapshots.get(&pg) else {
+        let ticks = self.ticks;
+        let Some((id, bytes, last_read)) = self.snapshots.get_mut(&pg) else {
             return Response::error(
                 ErrorCode::BadRequest,
                 0,
                 format!("no snapshot of {pg} in progress (start again at offset 0)"),
             );
         };
+        *last_read = ticks;
         let max = (max_bytes as usize).clamp(1, self.limits.max_chunk_bytes);
         let from = (offset as usize).min(bytes.len());
         let to = from.saturating_add(max).min(bytes.len());
@@ -924,8 +934,13 @@ impl<D: Disk> Node<D> {
         Ok(added)
     }
 
-    /// Background work: fold records below PGMRPL into page images, compact logs.
+    /// Background work: fold records below PGMRPL into page images, compact logs,
+    /// drop abandoned snapshots.
     pub fn tick(&mut self) {
+        self.ticks += 1;
+        let now = self.ticks;
+        self.snapshots
+            .retain(|_, (_, _, last)| now.saturating_sub(*last) <= SNAPSHOT_IDLE_TICKS);
         if self.failed.is_some() {
             return;
         }

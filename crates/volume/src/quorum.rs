@@ -332,6 +332,9 @@ impl Placement {
     }
 
     pub fn membership(&self, pg: PgId) -> Membership {
+        if self.explicit.is_empty() {
+            return self.default; // the common case, on the ack path
+        }
         self.explicit.get(&pg).copied().unwrap_or(self.default)
     }
 
