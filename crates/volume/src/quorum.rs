@@ -344,6 +344,11 @@ impl Placement {
         self.membership(pg).segments
     }
 
+    /// Whether `node` hosts any segment (old or new) of any PG.
+    pub fn hosts_segments(&self, node: usize) -> bool {
+        self.default.contains(node) || self.explicit.values().any(|m| m.contains(node))
+    }
+
     /// Whether `node` hosts a segment of `pg`, old or new.
     pub fn is_member(&self, pg: PgId, node: usize) -> bool {
         self.membership(pg).contains(node)

@@ -683,10 +683,22 @@ async fn node_task(
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
-        // The address as the latest topology has it.
-        let Some(addr) = shared.lock().placement.addrs.get(idx).copied() else {
-            return;
+        // The address as the latest topology has it; a node that hosts nothing (a
+        // retired one) is not connected to until a topology names it again.
+        let (addr, hosts) = {
+            let core = shared.lock();
+            (
+                core.placement.addrs.get(idx).copied(),
+                core.placement.hosts_segments(idx),
+            )
         };
+        let Some(addr) = addr else { return };
+        if !hosts {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.cfg.reconnect_backoff_max) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
         let result = tokio::select! {
             r = connection(&shared, idx, addr, &mut reads) => r,
             _ = shutdown.changed() => return,
