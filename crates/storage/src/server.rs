@@ -785,7 +785,7 @@ async fn fetch_snapshot(
     for _attempt in 0..3 {
         let mut bytes: Vec<u8> = Vec::new();
         let mut snapshot_id = None;
-        let restarted;
+        // Every exit from this loop but a return means "start over".
         loop {
             let req = crate::proto::Request::Snapshot {
                 pg,
@@ -804,8 +804,7 @@ async fn fetch_snapshot(
                         return Err(format!("snapshot of {total} bytes is over the limit"));
                     }
                     if snapshot_id.is_some_and(|s| s != id) || offset != bytes.len() as u64 {
-                        restarted = true;
-                        break;
+                        break; // replaced by another reader's snapshot
                     }
                     snapshot_id = Some(id);
                     if chunk.is_empty() && (bytes.len() as u64) < total {
@@ -818,14 +817,10 @@ async fn fetch_snapshot(
                 }
                 Response::Error { message, .. } if snapshot_id.is_some() => {
                     log::debug!("snapshot of {pg} restarted: {message}");
-                    restarted = true;
                     break;
                 }
                 other => return Err(format!("unexpected answer {other:?}")),
             }
-        }
-        if !restarted {
-            break;
         }
     }
     Err("snapshot kept changing under the reader".into())
