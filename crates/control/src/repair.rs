@@ -12,8 +12,8 @@
 //!     3. N rebuilds from its peers (snapshots of GC'd segments + record gossip) and
 //!        gets every new record from the writer
 //!   complete_replacements (this module's task, every 200 ms)
-//!     4. once N's segments of every PG the writer listed have an SCL at or beyond
-//!        the catch-up point: segments = next, membership epoch + 1 (stored); X is
+//!     4. once N's segments of every PG the writer listed have a durable SCL (as of
+//!        N's last fdatasync) at or beyond the catch-up point: segments = next, membership epoch + 1 (stored); X is
 //!        stopped and leaves the metadata, its directory moves to DATA/retired/
 //! ```
 //!
@@ -275,7 +275,7 @@ fn caught_up(writer: &Value, new_node: &Value, group: &Value, epoch: u64) -> boo
         segments
             .iter()
             .find(|s| s.get("pg").and_then(|p| p.as_u64()) == Some(pg))
-            .and_then(|s| s.get("scl"))
+            .and_then(|s| s.get("durable_scl"))
             .and_then(|s| s.as_u64())
     };
     t.get("pgs").and_then(|p| p.as_array()).is_some_and(|pgs| {
@@ -326,8 +326,10 @@ mod tests {
     fn completion_waits_for_the_writer_and_the_new_segments() {
         let writer = json!({"transitions": [{"group": null, "membership_epoch": 1,
             "catch_up_lsn": 100, "pgs": [0, 1]}]});
-        let behind = json!({"segments": [{"pg": 0, "scl": 150}, {"pg": 1, "scl": 99}]});
-        let ahead = json!({"segments": [{"pg": 0, "scl": 150}, {"pg": 1, "scl": 100}]});
+        let behind = json!({"segments": [{"pg": 0, "durable_scl": 150},
+            {"pg": 1, "scl": 100, "durable_scl": 99}]});
+        let ahead = json!({"segments": [{"pg": 0, "durable_scl": 150},
+            {"pg": 1, "durable_scl": 100}]});
         assert!(!caught_up(&writer, &behind, &Value::Null, 1));
         assert!(caught_up(&writer, &ahead, &Value::Null, 1));
         // The writer still on the previous membership: not yet.

@@ -1139,7 +1139,7 @@ impl Sim {
         if !status
             .pgs
             .iter()
-            .all(|pg| node.progress(*pg).0 >= status.catch_up_lsn)
+            .all(|pg| node.durable_scl(*pg) >= status.catch_up_lsn)
         {
             return;
         }

@@ -119,6 +119,12 @@ pub struct Node<D: Disk> {
     snapshots: BTreeMap<PgId, (u64, Vec<u8>, u64)>,
     next_snapshot_id: u64,
     ticks: u64,
+    /// Per segment: the SCL as of the last completed sync, i.e. what a crash now
+    /// would still find. The control plane completes a segment replacement on this,
+    /// not on the in-memory SCL (gossiped records are durable only at the next sync).
+    durable_scl: BTreeMap<PgId, Lsn>,
+    /// SCLs when the sync job in flight was taken; durable once it completes.
+    sync_scl: Vec<(PgId, Lsn)>,
 }
 
 const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
@@ -231,6 +237,8 @@ impl<D: Disk> Node<D> {
             snapshots: BTreeMap::new(),
             next_snapshot_id: 1,
             ticks: 0,
+            durable_scl: BTreeMap::new(),
+            sync_scl: Vec::new(),
         })
     }
 
@@ -470,8 +478,10 @@ impl<D: Disk> Node<D> {
             log.len(),
             seg.scl()
         );
+        // replace_log was durable: so is everything the new segment holds.
+        let scl = seg.scl();
         self.segments.insert(pg, seg);
-        self.dirty.remove(&pg);
+        self.note_durable_scl(pg, scl);
         if self.scrub.pg == Some(pg) {
             self.scrub.offset = 0;
         }
@@ -729,10 +739,18 @@ impl<D: Disk> Node<D> {
     }
 
     /// A job making every append so far durable, or `None` if nothing is dirty.
+    ///
+    /// Drivers call this only while no sync job is in flight, so with nothing dirty
+    /// every byte written is on disk and the current SCLs are durable.
     pub fn take_sync(&mut self) -> Option<SyncJob> {
+        let scls: Vec<(PgId, Lsn)> = self.segments.values().map(|s| (s.pg, s.scl())).collect();
         if self.dirty.is_empty() {
+            for (pg, scl) in scls {
+                self.note_durable_scl(pg, scl);
+            }
             return None;
         }
+        self.sync_scl = scls;
         let pgs: Vec<PgId> = std::mem::take(&mut self.dirty).into_iter().collect();
         match self.disk.sync_job(&pgs) {
             Ok(job) => Some(job),
@@ -768,9 +786,37 @@ impl<D: Disk> Node<D> {
         let s = took.as_secs_f64();
         self.stats.fsync_seconds_sum += s;
         self.stats.fsync_seconds_max = self.stats.fsync_seconds_max.max(s);
-        if let Err(e) = result {
-            self.fail("fdatasync", e);
+        match result {
+            Ok(()) => {
+                for (pg, scl) in std::mem::take(&mut self.sync_scl) {
+                    self.note_durable_scl(pg, scl);
+                }
+            }
+            Err(e) => {
+                self.sync_scl.clear();
+                self.fail("fdatasync", e);
+            }
         }
+    }
+
+    fn note_durable_scl(&mut self, pg: PgId, scl: Lsn) {
+        let d = self.durable_scl.entry(pg).or_default();
+        *d = (*d).max(scl);
+    }
+
+    /// The SCL of `pg`'s segment that a crash now would not take back: as of the
+    /// last completed sync, and never above the current one (a truncation lowers it).
+    pub fn durable_scl(&self, pg: PgId) -> Lsn {
+        let current = self
+            .segments
+            .get(&pg)
+            .map(Segment::scl)
+            .unwrap_or(Lsn::ZERO);
+        self.durable_scl
+            .get(&pg)
+            .copied()
+            .unwrap_or(Lsn::ZERO)
+            .min(current)
     }
 
     /// One bounded scrub step: re-reads the next stretch of the current segment's
@@ -997,6 +1043,7 @@ impl<D: Disk> Node<D> {
                 "pg": s.pg.0,
                 "membership_epoch": s.membership_epoch(),
                 "scl": s.scl().0,
+                "durable_scl": self.durable_scl(s.pg).0,
                 "gc_floor": s.gc_floor().0,
                 "vdl_hint": s.vdl_hint().0,
                 "records": s.record_count(),

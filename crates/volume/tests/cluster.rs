@@ -377,7 +377,7 @@ async fn wait_caught_up(http: SocketAddr, pgs: &[borealis_common::PgId], lsn: Ls
             let scl = |pg: u32| {
                 segs.iter()
                     .find(|s| s["pg"] == pg)
-                    .and_then(|s| s["scl"].as_u64())
+                    .and_then(|s| s["durable_scl"].as_u64())
                     .unwrap_or(0)
             };
             if pgs.iter().all(|pg| scl(pg.0) >= lsn.0) {

@@ -489,7 +489,7 @@ async fn replacement_under_load(
             let scl = |pg: u32| {
                 segs.iter()
                     .find(|s| s["pg"] == pg)
-                    .and_then(|s| s["scl"].as_u64())
+                    .and_then(|s| s["durable_scl"].as_u64())
                     .unwrap_or(0)
             };
             if pgs.iter().all(|pg| scl(pg.0) >= catch_up.0) {
