@@ -749,3 +749,54 @@ fn a_storage_node_gone_for_good_is_replaced_while_writes_continue() {
     assert!(!dir.join("storage-b1").exists());
     assert!(up.terminate());
 }
+
+/// A replacement is durable control-plane state: started while the writer is
+/// stopped (so it cannot complete), it survives a restart of the whole cluster,
+/// the writer recovers in the transitional membership, and the replacement
+/// completes afterwards with every committed row there.
+#[test]
+fn a_replacement_survives_a_cluster_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("cluster");
+    let port = free_base_port();
+    let mut up = Up::start(&dir, port);
+    up.wait_all_available();
+    ok(psql(port, "CREATE TABLE t (id int PRIMARY KEY)"));
+    ok(psql(
+        port,
+        "INSERT INTO t SELECT g FROM generate_series(1, 1000) g",
+    ));
+    ok(cli(&dir, &["node", "stop", "instance-1"]));
+    ok(cli(&dir, &["node", "stop", "storage-c1"]));
+    std::fs::remove_dir_all(dir.join("storage-c1")).expect("wipe storage-c1");
+    let out = ok(cli(
+        &dir,
+        &["node", "replace", "storage-c1", "--with", "storage-c9"],
+    ));
+    assert!(out.contains("storage-c9"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let s = up.status().expect("status");
+    assert_eq!(s["membership"]["replacement"]["new"], "storage-c9", "{s:#}");
+    assert!(ok(cli(&dir, &["status"])).contains("replacement: storage-c1 -> storage-c9"));
+    assert!(up.terminate());
+
+    let mut up = Up::start(&dir, port);
+    let s = up.wait_for("the replacement to complete after a restart", |s| {
+        s["membership"]["replacement"].is_null()
+            && all_nodes(s).iter().all(|n| n["state"] == "available")
+    });
+    assert!(all_nodes(&s).iter().all(|n| n["name"] != "storage-c1"));
+    assert_eq!(node(&s, "storage-c9")["az"], "az-c");
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM t")).trim(), "1000");
+    ok(psql(port, "INSERT INTO t VALUES (1001)"));
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM t")).trim(), "1001");
+    // A retired name is never handed out again.
+    refused(
+        cli(
+            &dir,
+            &["node", "replace", "storage-c9", "--with", "storage-c1"],
+        ),
+        "already exists",
+    );
+    assert!(up.terminate());
+}

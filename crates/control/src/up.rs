@@ -434,8 +434,14 @@ async fn start_in_order(
                 .map(|n| n.name.clone())
                 .collect()
         };
+        // A storage node being replaced is gone for good: it stays stopped (the
+        // replacement carries on without it after a restart of `up`).
+        let replaced = inner.meta.replacement.as_ref().map(|r| r.old.clone());
         vec![
-            ("storage nodes", names(&|n| n.kind == NodeKind::Storage)),
+            (
+                "storage nodes",
+                names(&|n| n.kind == NodeKind::Storage && Some(&n.name) != replaced.as_ref()),
+            ),
             (
                 "writer",
                 names(&|n| n.kind == NodeKind::Instance && n.role == Some(Role::Writer)),
