@@ -163,6 +163,17 @@ enum NodeAction {
         #[command(flatten)]
         dir: DataDir,
     },
+    /// Replace a storage node that is gone for good: a new storage node in the same
+    /// AZ takes over its segments through a membership change (writes continue);
+    /// the old node is retired once the new one has caught up.
+    Replace {
+        name: String,
+        /// Name of the new storage node (default: the next free storage-<az><n>).
+        #[arg(long)]
+        with: Option<String>,
+        #[command(flatten)]
+        dir: DataDir,
+    },
 }
 
 #[derive(Subcommand)]
@@ -309,16 +320,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Node { action } => {
-            let (name, verb, dir) = match action {
-                NodeAction::Kill { name, dir } => (name, "kill", dir),
-                NodeAction::Stop { name, dir } => (name, "stop", dir),
-                NodeAction::Start { name, dir } => (name, "start", dir),
+            let (name, verb, dir, body) = match action {
+                NodeAction::Kill { name, dir } => (name, "kill", dir, None),
+                NodeAction::Stop { name, dir } => (name, "stop", dir, None),
+                NodeAction::Start { name, dir } => (name, "start", dir, None),
+                NodeAction::Replace { name, with, dir } => {
+                    let body = match &with {
+                        Some(w) => json!({ "with": path_segment(w)? }),
+                        None => json!({}),
+                    };
+                    (name, "replace", dir, Some(body))
+                }
             };
             let v = call(
                 &dir.data_dir,
                 "POST",
                 &format!("/v1/nodes/{}/{verb}", path_segment(&name)?),
-                None,
+                body.as_ref(),
             )?;
             println!(
                 "{name}: {}",

@@ -86,6 +86,18 @@ pub fn table(status: &Value) -> String {
             "-".into(),
         );
     }
+    if let Some(r) = status
+        .get("membership")
+        .and_then(|m| m.get("replacement"))
+        .filter(|r| !r.is_null())
+    {
+        out.push_str(&format!(
+            "replacement: {} -> {} ({})\n",
+            s(r, "old"),
+            s(r, "new"),
+            s(r, "state")
+        ));
+    }
     for note in list("notes") {
         if let Some(note) = note.as_str() {
             out.push_str(&format!("note: {note}\n"));

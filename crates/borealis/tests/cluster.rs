@@ -573,3 +573,230 @@ fn committed_rows_survive_faults_and_a_cluster_restart() {
     assert_eq!(ok(psql(port + 1, "SELECT count(*) FROM e2e")).trim(), "4");
     assert!(up.terminate());
 }
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Under a write load, storage-b1 is wiped and stopped for good; `node replace`
+/// moves its segments to a new node through a membership change. Writes never
+/// stop, every acknowledged row is readable afterwards, and status shows the new
+/// node in place of the old one. Prints the rebuild rate and the commit latency
+/// before and during the transition.
+#[test]
+fn a_storage_node_gone_for_good_is_replaced_while_writes_continue() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("cluster");
+    let port = free_base_port();
+    let mut up = Up::start(&dir, port);
+    up.wait_all_available();
+    ok(psql(
+        port,
+        "CREATE TABLE ledger (id int PRIMARY KEY, note text)",
+    ));
+    // Some volume for the replacement to rebuild.
+    ok(psql(
+        port,
+        "CREATE TABLE bulk (id int PRIMARY KEY, pad text)",
+    ));
+    let pad = "x".repeat(400);
+    ok(psql(
+        port,
+        &format!("INSERT INTO bulk SELECT g, '{pad}' FROM generate_series(1, 20000) g"),
+    ));
+
+    // The load: one client, one commit at a time, each acknowledged before the
+    // next (the ledger of acknowledged commits).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<_, String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let conn = format!(
+                    "host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname=postgres connect_timeout=20"
+                );
+                let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                tokio::spawn(connection);
+                let t0 = Instant::now();
+                // (id, acknowledged at seconds since t0, latency ms)
+                let mut acked: Vec<(u32, f64, f64)> = Vec::new();
+                let mut id = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && id < 1_000_000 {
+                    let sent = Instant::now();
+                    let sql = format!("INSERT INTO ledger VALUES ({id}, 'row {id}')");
+                    match tokio::time::timeout(Duration::from_secs(30), client.batch_execute(&sql)).await {
+                        Ok(Ok(())) => {
+                            acked.push((
+                                id,
+                                t0.elapsed().as_secs_f64(),
+                                sent.elapsed().as_secs_f64() * 1e3,
+                            ));
+                            id += 1;
+                        }
+                        Ok(Err(e)) => return Err(format!("insert {id}: {e}")),
+                        Err(_) => return Err(format!("insert {id}: no answer within 30 s")),
+                    }
+                }
+                Ok((t0, acked))
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+
+    // storage-b1 is gone for good: stopped, its disk wiped.
+    ok(cli(&dir, &["node", "stop", "storage-b1"]));
+    std::fs::remove_dir_all(dir.join("storage-b1")).expect("wipe storage-b1");
+    std::thread::sleep(Duration::from_secs(1));
+    let replace_at = Instant::now();
+    let out = ok(cli(&dir, &["node", "replace", "storage-b1"]));
+    assert!(out.contains("storage-b3"), "{out}");
+    // A second replacement while one runs is refused; so is an unknown node.
+    refused(cli(&dir, &["node", "replace", "storage-a1"]), "in progress");
+    refused(
+        cli(&dir, &["node", "replace", "storage-z9"]),
+        "unknown node",
+    );
+
+    let s = up.wait_for("the replacement to complete", |s| {
+        s["membership"]["replacement"].is_null()
+            && all_nodes(s).iter().all(|n| n["name"] != "storage-b1")
+            && all_nodes(s)
+                .iter()
+                .any(|n| n["name"] == "storage-b3" && n["state"] == "available")
+    });
+    let transition_s = replace_at.elapsed().as_secs_f64();
+    let b3 = node(&s, "storage-b3");
+    assert_eq!(b3["az"], "az-b");
+    assert!(b3["addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("127.0.0.1:")));
+    assert_eq!(s["storage_nodes"].as_array().map(Vec::len), Some(6));
+    let segments = &s["membership"]["default"]["segments"];
+    assert!(
+        segments.as_array().is_some_and(
+            |a| a.iter().any(|n| n == "storage-b3") && !a.iter().any(|n| n == "storage-b1")
+        ),
+        "{s:#}"
+    );
+    assert!(s["membership"]["default"]["membership_epoch"].as_u64() >= Some(2));
+    let rebuilt_bytes: u64 = b3["health"]["segments"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|x| x["log_bytes"].as_u64()).sum())
+        .unwrap_or(0);
+
+    // A few more commits on the new six, then the load stops.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (t0, acked) = loader
+        .join()
+        .expect("loader thread")
+        .unwrap_or_else(|e| panic!("the write load failed: {e}\n{}", up.output()));
+    assert!(acked.len() > 20, "only {} commits", acked.len());
+
+    // Writes never stopped: no gap between two acknowledgements longer than 5 s.
+    let gap = acked
+        .windows(2)
+        .map(|w| w[1].1 - w[0].1)
+        .fold(0.0f64, f64::max);
+    assert!(gap < 5.0, "writes stalled for {gap:.1} s");
+    // Every acknowledged row is readable.
+    let n = acked.len();
+    let count = ok(psql(port, "SELECT count(*), min(id), max(id) FROM ledger"));
+    assert_eq!(count.trim(), format!("{n}|0|{}", n - 1));
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM bulk")).trim(), "20000");
+
+    // Latency before vs during the transition.
+    let replace_t = replace_at.duration_since(t0).as_secs_f64();
+    let mut before: Vec<f64> = acked
+        .iter()
+        .filter(|a| a.1 < replace_t - 1.0)
+        .map(|a| a.2)
+        .collect();
+    let mut during: Vec<f64> = acked
+        .iter()
+        .filter(|a| a.1 >= replace_t && a.1 <= replace_t + transition_s)
+        .map(|a| a.2)
+        .collect();
+    before.sort_by(f64::total_cmp);
+    during.sort_by(f64::total_cmp);
+    eprintln!(
+        "replacement: {:.2} s from `node replace` to completion (status), new node holds {:.1} MB ({:.1} MB/s); \
+         commit latency p50/p99 before {:.2}/{:.2} ms ({} commits), during {:.2}/{:.2} ms ({} commits); longest gap {:.0} ms",
+        transition_s,
+        rebuilt_bytes as f64 / 1e6,
+        rebuilt_bytes as f64 / 1e6 / transition_s,
+        percentile(&before, 0.5),
+        percentile(&before, 0.99),
+        before.len(),
+        percentile(&during, 0.5),
+        percentile(&during, 0.99),
+        during.len(),
+        gap * 1e3
+    );
+    assert!(!during.is_empty(), "no commit during the transition");
+
+    // The retired node is gone from the API too; its data moved aside.
+    refused(cli(&dir, &["node", "start", "storage-b1"]), "unknown node");
+    assert!(!dir.join("storage-b1").exists());
+    assert!(up.terminate());
+}
+
+/// A replacement is durable control-plane state: started while the writer is
+/// stopped (so it cannot complete), it survives a restart of the whole cluster,
+/// the writer recovers in the transitional membership, and the replacement
+/// completes afterwards with every committed row there.
+#[test]
+fn a_replacement_survives_a_cluster_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("cluster");
+    let port = free_base_port();
+    let mut up = Up::start(&dir, port);
+    up.wait_all_available();
+    ok(psql(port, "CREATE TABLE t (id int PRIMARY KEY)"));
+    ok(psql(
+        port,
+        "INSERT INTO t SELECT g FROM generate_series(1, 1000) g",
+    ));
+    ok(cli(&dir, &["node", "stop", "instance-1"]));
+    ok(cli(&dir, &["node", "stop", "storage-c1"]));
+    std::fs::remove_dir_all(dir.join("storage-c1")).expect("wipe storage-c1");
+    let out = ok(cli(
+        &dir,
+        &["node", "replace", "storage-c1", "--with", "storage-c9"],
+    ));
+    assert!(out.contains("storage-c9"), "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let s = up.status().expect("status");
+    assert_eq!(s["membership"]["replacement"]["new"], "storage-c9", "{s:#}");
+    assert!(ok(cli(&dir, &["status"])).contains("replacement: storage-c1 -> storage-c9"));
+    assert!(up.terminate());
+
+    let mut up = Up::start(&dir, port);
+    let s = up.wait_for("the replacement to complete after a restart", |s| {
+        s["membership"]["replacement"].is_null()
+            && all_nodes(s).iter().all(|n| n["state"] == "available")
+    });
+    assert!(all_nodes(&s).iter().all(|n| n["name"] != "storage-c1"));
+    assert_eq!(node(&s, "storage-c9")["az"], "az-c");
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM t")).trim(), "1000");
+    ok(psql(port, "INSERT INTO t VALUES (1001)"));
+    assert_eq!(ok(psql(port, "SELECT count(*) FROM t")).trim(), "1001");
+    // A retired name is never handed out again.
+    refused(
+        cli(
+            &dir,
+            &["node", "replace", "storage-c9", "--with", "storage-c1"],
+        ),
+        "already exists",
+    );
+    assert!(up.terminate());
+}

@@ -9,6 +9,7 @@
 //! | GET | `/v1/volume/topology` | `borealis_volume::Topology` |
 //! | GET | `/v1/endpoints` | where the writer and the readers are, for proxies |
 //! | POST | `/v1/nodes/{name}/{kill,stop,start}` | one node |
+//! | POST | `/v1/nodes/{name}/replace` | body `{"with": "storage-b3"}` or `{}`: move the storage node's segments to a new node (see `repair.rs`) |
 //! | POST | `/v1/azs/{az}/{stop,start}` | every node of an AZ |
 //! | POST | `/v1/failover` | body `{"to": "instance-2"}` or `{}` |
 //!
@@ -29,6 +30,7 @@ pub async fn handle(cluster: Arc<Cluster>, req: Request) -> Response {
         ("GET", ["v1", "status"]) => Response::json(200, &status(&cluster)),
         ("GET", ["v1", "volume", "topology"]) => Response::json(200, &topology(&cluster)),
         ("GET", ["v1", "endpoints"]) => Response::json(200, &endpoints(&cluster)),
+        ("POST", ["v1", "nodes", name, "replace"]) => replace(&cluster, name, &req.body),
         ("POST", ["v1", "nodes", name, action]) => node_action(&cluster, name, action).await,
         ("POST", ["v1", "azs", az, action]) => az_action(&cluster, az, action).await,
         ("POST", ["v1", "failover"]) => failover(&cluster, &req.body).await,
@@ -94,6 +96,28 @@ async fn node_action(cluster: &Arc<Cluster>, name: &str, action: &str) -> Respon
             200,
             &json!({"node": name, "action": action, "result": message}),
         ),
+        Err(e) => action_error(e),
+    }
+}
+
+fn replace(cluster: &Arc<Cluster>, name: &str, body: &[u8]) -> Response {
+    let with: Option<String> = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(v) => v.get("with").and_then(|t| t.as_str()).map(str::to_string),
+            Err(e) => return Response::error(400, format!("bad replace request: {e}")),
+        }
+    };
+    match cluster.replace_node(name, with.as_deref()) {
+        Ok(new) => {
+            let epoch = cluster.lock().meta.default_membership_epoch;
+            Response::json(
+                200,
+                &json!({"node": name, "action": "replace", "new": new, "membership_epoch": epoch,
+                    "result": format!("replacing with {new} (membership epoch {epoch}); writes continue on both segment sets until {new} has caught up, then {name} is retired")}),
+            )
+        }
         Err(e) => action_error(e),
     }
 }
@@ -242,6 +266,7 @@ pub fn status(cluster: &Cluster) -> Value {
         "cluster_id": meta.cluster_id,
         "data_dir": cluster.config.data_dir.display().to_string(),
         "replicas_requested": meta.replicas_requested,
+        "membership": crate::repair::membership_json(meta),
         "notes": notes,
     })
 }
@@ -268,9 +293,12 @@ pub fn topology(cluster: &Cluster) -> Value {
                 pg: borealis_common::PgId(p.pg),
                 membership_epoch: p.membership_epoch,
                 segments: p.segments.clone(),
+                next_segments: p.next_segments.clone(),
             })
             .collect(),
         default_segments: meta.default_segments.clone(),
+        default_membership_epoch: meta.default_membership_epoch,
+        default_next_segments: meta.default_next_segments.clone(),
     };
     let mut value =
         serde_json::to_value(&topology).unwrap_or_else(|e| json!({"error": e.to_string()}));

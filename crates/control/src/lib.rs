@@ -9,5 +9,6 @@ pub mod api;
 pub mod client;
 pub mod datadir;
 pub mod metadata;
+pub mod repair;
 pub mod supervisor;
 pub mod up;

@@ -106,6 +106,19 @@ pub struct PgMembership {
     pub pg: u32,
     pub membership_epoch: u64,
     pub segments: Vec<String>,
+    /// During a segment replacement: the six it is moving to (empty otherwise).
+    #[serde(default)]
+    pub next_segments: Vec<String>,
+}
+
+/// A segment replacement in progress (`borealis node replace`): every segment on
+/// `old` moves to `new`. Recorded durably so that a restarted control plane
+/// finishes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replacement {
+    pub old: String,
+    pub new: String,
+    pub started_unix: u64,
 }
 
 /// The whole metadata document.
@@ -122,6 +135,19 @@ pub struct ClusterMeta {
     /// Explicit PG placements; PGs not listed live on `default_segments`.
     pub protection_groups: Vec<PgMembership>,
     pub default_segments: Vec<String>,
+    /// Membership epoch of the default segments (bumped at each step of a segment
+    /// replacement). Absent in older metadata: 0.
+    #[serde(default)]
+    pub default_membership_epoch: u64,
+    /// During a segment replacement: the six the default segments move to.
+    #[serde(default)]
+    pub default_next_segments: Vec<String>,
+    #[serde(default)]
+    pub replacement: Option<Replacement>,
+    /// Storage nodes retired by a replacement: their names are never reused (a
+    /// writer keeps per-node state by name).
+    #[serde(default)]
+    pub retired_nodes: Vec<String>,
     /// Name of the instance that is (or will be started as) the writer.
     pub writer: String,
     /// Reader instances the operator asked for with `--replicas`.
@@ -244,6 +270,10 @@ mod tests {
             volume_epoch: 3,
             protection_groups: vec![],
             default_segments: vec!["storage-a1".into()],
+            default_membership_epoch: 0,
+            default_next_segments: vec![],
+            replacement: None,
+            retired_nodes: vec![],
             writer: "instance-1".into(),
             replicas_requested: 1,
             nodes: vec![NodeMeta {

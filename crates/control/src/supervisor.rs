@@ -210,6 +210,46 @@ impl Cluster {
             .join(format!("{name}.log"))
     }
 
+    /// Stores the metadata durably (under the caller's lock: nobody sees a change
+    /// that is not on disk yet).
+    pub(crate) fn store_meta(&self, meta: &ClusterMeta) -> Result<(), MetaError> {
+        self.store.store(meta)
+    }
+
+    /// Supervises a node just added to the metadata (a replacement storage node).
+    pub(crate) fn add_node(self: &Arc<Self>, name: &str, desired: Desired) {
+        {
+            let mut inner = self.lock();
+            if inner.nodes.contains_key(name) {
+                return;
+            }
+            inner.nodes.insert(
+                name.to_string(),
+                NodeRuntime {
+                    desired,
+                    state: NodeState::Stopped,
+                    pid: None,
+                    restarts: 0,
+                    last_exit: None,
+                    health: None,
+                    state_since: Instant::now(),
+                    notify: Arc::new(Notify::new()),
+                },
+            );
+        }
+        let cluster = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move { cluster.supervise(name).await });
+    }
+
+    /// Forgets a stopped node that left the metadata; its task ends.
+    pub(crate) fn remove_node(&self, name: &str) {
+        let mut inner = self.lock();
+        if let Some(rt) = inner.nodes.remove(name) {
+            rt.notify.notify_one();
+        }
+    }
+
     /// Starts one supervision task per node (all initially stopped).
     pub fn spawn_tasks(self: &Arc<Self>) {
         let names: Vec<String> = self.lock().nodes.keys().cloned().collect();
@@ -492,6 +532,9 @@ impl Cluster {
         loop {
             if *shutdown.borrow() {
                 return;
+            }
+            if !self.lock().nodes.contains_key(&name) {
+                return; // removed (a replaced storage node)
             }
             if self.desired(&name) == Desired::Stopped {
                 self.set_state(&name, NodeState::Stopped);

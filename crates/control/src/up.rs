@@ -128,6 +128,10 @@ fn new_meta(ports: Ports, replicas: u32) -> anyhow::Result<ClusterMeta> {
         volume_epoch: 0,
         protection_groups: Vec::new(),
         default_segments: STORAGE_NODES.iter().map(|(n, _)| n.to_string()).collect(),
+        default_membership_epoch: 0,
+        default_next_segments: Vec::new(),
+        replacement: None,
+        retired_nodes: Vec::new(),
         writer: WRITER_NAME.into(),
         replicas_requested: replicas,
         nodes,
@@ -344,9 +348,11 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
         term: signals_term,
         hup: signals_hup,
     };
+    let repair = tokio::spawn(crate::repair::complete_replacements(cluster.clone()));
     let started = start_in_order(&cluster, &opts, &mut signals).await;
     if let Err(e) = started {
         say!("stopping the processes started so far...");
+        repair.abort();
         cluster.shutdown().await;
         api.abort();
         return Err(e);
@@ -386,6 +392,7 @@ pub async fn run_up(opts: UpOptions) -> anyhow::Result<()> {
     let events = tokio::spawn(print_state_changes(cluster.clone()));
     let which = signals.next().await;
     events.abort();
+    repair.abort();
     say!("{which}: stopping the cluster...");
     log::info!("up: {which}, shutting down");
     cluster.shutdown().await;
@@ -427,8 +434,14 @@ async fn start_in_order(
                 .map(|n| n.name.clone())
                 .collect()
         };
+        // A storage node being replaced is gone for good: it stays stopped (the
+        // replacement carries on without it after a restart of `up`).
+        let replaced = inner.meta.replacement.as_ref().map(|r| r.old.clone());
         vec![
-            ("storage nodes", names(&|n| n.kind == NodeKind::Storage)),
+            (
+                "storage nodes",
+                names(&|n| n.kind == NodeKind::Storage && Some(&n.name) != replaced.as_ref()),
+            ),
             (
                 "writer",
                 names(&|n| n.kind == NodeKind::Instance && n.role == Some(Role::Writer)),

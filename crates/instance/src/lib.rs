@@ -59,6 +59,10 @@ const MIN_READ_POINT_INTERVAL: Duration = Duration::from_millis(500);
 /// Bounded wait for the control plane at start-up.
 const CONTROL_WAIT: Duration = Duration::from_secs(30);
 
+/// How often a running writer asks the control plane for the topology, to learn
+/// membership changes (segment replacements) without a restart.
+const TOPOLOGY_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
 async fn fetch_topology(control: SocketAddr) -> Result<Topology, InstanceError> {
     let deadline = Instant::now() + CONTROL_WAIT;
     loop {
@@ -120,6 +124,14 @@ async fn health_json(
         v["applied_lsn"] = json!(st.vdl.0);
         v["last_lsn"] = json!(st.last_lsn.0);
         v["protection_groups"] = json!(st.protection_groups);
+        // Segment replacements as this writer sees them: the control plane
+        // completes one once the new segments reached `catch_up_lsn`.
+        v["transitions"] = json!(vol.transitions());
+        v["membership_epochs"] = json!(vol
+            .membership_epochs()
+            .into_iter()
+            .map(|(g, e)| json!({"group": g.map(|p| p.0), "membership_epoch": e}))
+            .collect::<Vec<_>>());
     }
     if let Some(db) = db {
         let s = db.engine().stats().await;
@@ -283,6 +295,39 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
             loop {
                 tick.tick().await;
                 volume.set_min_read_point(db.engine().min_read_point().await);
+            }
+        });
+    }
+    // Follow membership changes: the control plane changes the topology during a
+    // segment replacement and the writer must adopt it without restarting.
+    {
+        let (volume, control) = (volume.clone(), config.control);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TOPOLOGY_POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let answer =
+                    http::get_json(control, "/v1/volume/topology", Duration::from_secs(2)).await;
+                let topology = match answer {
+                    Ok((200, v)) => serde_json::from_value::<Topology>(v),
+                    Ok((status, _)) => {
+                        log::debug!("topology poll: control plane answered {status}");
+                        continue;
+                    }
+                    Err(e) => {
+                        log::debug!("topology poll: {e}");
+                        continue;
+                    }
+                };
+                match topology {
+                    Ok(t) => match volume.update_topology(&t) {
+                        Ok(true) => log::info!("adopted a new volume topology"),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("refusing a topology from the control plane: {e}"),
+                    },
+                    Err(e) => log::warn!("malformed topology from the control plane: {e}"),
+                }
             }
         });
     }

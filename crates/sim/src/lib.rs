@@ -25,6 +25,17 @@
 //! A dropped message breaks its connection, as with TCP: both sides reset and the
 //! writer re-sends what was not acknowledged after reconnecting.
 //!
+//! It also replaces segments, as the control plane does for a node gone for good:
+//! a new node joins in the victim's AZ, the default membership moves to a
+//! transitional epoch (write quorum over the old six and the new six), the active
+//! writer adopts it after a random delay (as the real one polls the topology), the
+//! new segment is rebuilt by gossip and snapshots, and once its SCL reaches the
+//! writer's catch-up point the membership moves to the new six and the victim is
+//! destroyed. The victim is either dead from the start (gone for good) or still
+//! serving until the end (a planned move); replacements start at random, and also
+//! right when an AZ partition begins, so some run entirely under a partition, with
+//! crashes, zombie writers and recoveries in the middle of them.
+//!
 //! # What it checks
 //!
 //! * VDL never goes backward, within a writer and across recoveries: a new writer's
@@ -36,6 +47,11 @@
 //! * A writer with an old epoch never gets a write accepted by a write quorum after a
 //!   newer writer has recovered (its VDL never passes the new writer's recovery point
 //!   and none of its later records reaches 4 acks).
+//! * No segment accepts an append carrying an older membership epoch than one it
+//!   has already seen.
+//!
+//! `SimConfig::transition_quorum = NewSetOnly` (counting only the new six during a
+//! replacement) is deliberately broken; `tests/sim.rs` checks that some seed fails.
 //!
 //! Failures are returned as `Err` with the seed in the message; `cargo test` runs a
 //! bounded number of seeds, `SIM_SEEDS=1000` more (see `tests/sim.rs`).
@@ -45,7 +61,10 @@ use borealis_redo::{apply, Op, Page, Record};
 use borealis_storage::disk::MemDisk;
 use borealis_storage::node::{merge_history, Handled, Node, NodeLimits};
 use borealis_storage::proto::{self, Request, Response, Truncation};
-use borealis_volume::quorum::{Placement, QuorumConfig, WriterCore, SEGMENTS, WRITE_QUORUM};
+use borealis_volume::quorum::{
+    Membership, Placement, QuorumConfig, TransitionQuorum, WriterCore, READ_QUORUM, SEGMENTS,
+    WRITE_QUORUM,
+};
 use borealis_volume::recovery::{plan, TailAnswer};
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 
@@ -92,6 +111,16 @@ pub struct SimConfig {
     pub writer_crash_per_mille: u64,
     pub append_per_mille: u64,
     pub read_per_mille: u64,
+    /// Chance per step of starting a segment replacement (when none is running).
+    pub replace_per_mille: u64,
+    /// Replacements per run at most (each adds a node).
+    pub max_replacements: usize,
+    /// The writers' rule during a replacement (`NewSetOnly` is the broken one).
+    pub transition_quorum: TransitionQuorum,
+    /// A replacement is not completed before a random number of steps up to this.
+    pub transition_min_steps_max: u64,
+    /// Extra message loss on the link of a replacement's victim while it serves.
+    pub victim_drop_per_mille: u64,
 }
 
 impl Default for SimConfig {
@@ -112,6 +141,11 @@ impl Default for SimConfig {
             writer_crash_per_mille: 2,
             append_per_mille: 500,
             read_per_mille: 150,
+            replace_per_mille: 4,
+            max_replacements: 3,
+            transition_quorum: TransitionQuorum::BothSets,
+            transition_min_steps_max: 300,
+            victim_drop_per_mille: 200,
         }
     }
 }
@@ -126,6 +160,10 @@ pub struct SimStats {
     pub reads_checked: u64,
     pub messages: u64,
     pub dropped: u64,
+    pub replacements_started: u64,
+    pub replacements_completed: u64,
+    pub replacements_under_partition: u64,
+    pub snapshots_installed: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -162,6 +200,8 @@ type Pending = (usize, u64, u64, Response);
 
 struct SimNode {
     az: usize,
+    /// Gone for good (a replaced segment's node): never restarts.
+    retired: bool,
     disk: MemDisk,
     node: Option<Node<MemDisk>>,
     incarnation: u64,
@@ -181,8 +221,24 @@ struct SimWriter {
     max_vdl: Lsn,
 }
 
+/// A segment replacement in progress (the simulated control plane's state).
+#[derive(Debug, Clone, Copy)]
+struct Transition {
+    victim: usize,
+    new: usize,
+    /// The transitional membership epoch.
+    epoch: u64,
+    /// The control plane looks at the new segment's progress only from here on
+    /// (its polls are slow; a rebuild takes a while): transitions last long enough
+    /// to meet crashes, partitions and recoveries.
+    not_before: u64,
+}
+
 pub struct Sim {
     seed: u64,
+    transition: Option<Transition>,
+    /// When the active writer adopts the control plane's placement.
+    adopt_at: u64,
     cfg: SimConfig,
     rng: Rng,
     now: u64,
@@ -223,6 +279,7 @@ impl Sim {
                     Node::open(&format!("storage-{i}"), disk.clone(), NodeLimits::default()).ok();
                 SimNode {
                     az: i / 2,
+                    retired: false,
                     disk,
                     node,
                     incarnation: 0,
@@ -234,6 +291,8 @@ impl Sim {
             .collect();
         Sim {
             seed,
+            transition: None,
+            adopt_at: 0,
             rng: Rng::new(seed),
             cfg,
             now: 0,
@@ -261,11 +320,20 @@ impl Sim {
 
     fn reachable(&self, node: usize) -> bool {
         let n = &self.nodes[node];
-        n.node.is_some() && self.partition.is_none_or(|(az, _)| az != n.az)
+        n.node.is_some() && !n.retired && self.partition.is_none_or(|(az, _)| az != n.az)
     }
 
+    /// Members of the current segment sets (old and new) that cannot answer.
     fn unavailable_count(&self) -> usize {
-        (0..SEGMENTS).filter(|i| !self.reachable(*i)).count()
+        let m = self.placement.default_membership();
+        m.members().filter(|i| !self.reachable(*i)).count()
+    }
+
+    /// Nodes that exist (not retired).
+    fn live_nodes(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| !self.nodes[*i].retired)
+            .collect()
     }
 
     /// Breaks the (writer, node) connection: both sides forget in-flight state.
@@ -284,7 +352,11 @@ impl Sim {
     fn send(&mut self, mut msg: Msg) {
         self.stats.messages += 1;
         let node_ok = self.reachable(msg.node);
-        if !node_ok || self.rng.chance(self.cfg.drop_per_mille) {
+        // A node being replaced while it still serves is often a flaky one: its
+        // link drops far more, so it lags (and tests quorums that lean on it).
+        let flaky = self.transition.is_some_and(|t| t.victim == msg.node)
+            && self.rng.chance(self.cfg.victim_drop_per_mille);
+        if !node_ok || flaky || self.rng.chance(self.cfg.drop_per_mille) {
             // Lost: TCP would surface this as a reset connection.
             self.stats.dropped += 1;
             self.break_conn(msg.writer, msg.node);
@@ -305,7 +377,9 @@ impl Sim {
     /// each PG is required, the epoch must land on a write quorum).
     fn recover(&mut self) -> Result<bool, String> {
         let epoch = Epoch(self.next_epoch);
-        let up: Vec<usize> = (0..SEGMENTS).filter(|i| self.reachable(*i)).collect();
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.reachable(*i))
+            .collect();
         if up.len() < WRITE_QUORUM as usize {
             return Ok(false);
         }
@@ -347,14 +421,51 @@ impl Sim {
                 fenced.push(i);
             }
         }
-        if fenced.len() < WRITE_QUORUM as usize {
+        // The epoch must be on a write quorum of every segment set (both sets of a
+        // replacement: a stale writer may count either).
+        let groups = self.placement.groups();
+        let quorum_everywhere = |nodes: &[usize]| {
+            groups
+                .iter()
+                .all(|g| g.iter().filter(|n| nodes.contains(n)).count() >= WRITE_QUORUM as usize)
+        };
+        if !quorum_everywhere(&fenced) {
             return Ok(false);
         }
         self.next_epoch += 1;
-        // Read exactly a read quorum (3 random fenced segments): that is all the
-        // protocol promises to need, so the simulation must not be kinder.
-        let mut readers = fenced.clone();
-        while readers.len() > borealis_volume::quorum::READ_QUORUM {
+        // Read exactly a read quorum: 3 fenced segments of the (old) six, at random
+        // or adversarially. That is all the protocol promises to need, so the
+        // simulation must not be kinder. (3 of the new six during a replacement
+        // would not do: see `Membership::read_quorum`.)
+        let m = self.placement.default_membership();
+        let mut readers: Vec<usize> = fenced
+            .iter()
+            .copied()
+            .filter(|n| m.segments.contains(n))
+            .collect();
+        if readers.len() < READ_QUORUM {
+            return fail(self.seed, format!("no read quorum among fenced {fenced:?}"));
+        }
+        if self.rng.chance(500) {
+            // Adversarial: the least complete segments of the set (by the records
+            // they hold), the quorum most likely to miss something.
+            let held = |n: &usize| -> u64 {
+                self.nodes[*n]
+                    .node
+                    .as_ref()
+                    .map(|node| {
+                        node.pgs()
+                            .iter()
+                            .filter_map(|pg| node.segment(*pg))
+                            .map(|s| s.record_count() as u64 + s.scl().0)
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            };
+            readers.sort_by_key(held);
+            readers.truncate(READ_QUORUM);
+        }
+        while readers.len() > READ_QUORUM {
             let k = self.rng.below(readers.len() as u64) as usize;
             readers.remove(k);
         }
@@ -462,9 +573,9 @@ impl Sim {
                 installed += 1;
             }
         }
-        if installed < WRITE_QUORUM {
-            return Ok(false);
-        }
+        let _ = installed;
+        // Installation is what fencing did already (same nodes, same epoch); the
+        // history it adds only truncates.
         self.stats.recoveries += 1;
         // The log is what recovery kept.
         let vdl = recovered.vdl;
@@ -485,6 +596,7 @@ impl Sim {
             max_batch_records: 16,
             max_inflight_batches: 8,
             retain_acked_records: 1 << 20,
+            transition_quorum: self.cfg.transition_quorum,
             ..QuorumConfig::default()
         };
         let core = WriterCore::new(
@@ -498,7 +610,7 @@ impl Sim {
         self.check_model_chain()?;
         self.writers.push(SimWriter {
             core,
-            conns: vec![(ConnState::Down, 0); SEGMENTS],
+            conns: vec![(ConnState::Down, 0); self.nodes.len()],
             zombie: false,
             fenced_after: None,
             fence_vdl: Lsn::ZERO,
@@ -584,7 +696,7 @@ impl Sim {
 
     fn pump(&mut self) {
         for w in 0..self.writers.len() {
-            for node in 0..SEGMENTS {
+            for node in 0..self.writers[w].conns.len() {
                 let (state, gen) = self.writers[w].conns[node];
                 match state {
                     ConnState::Down => {
@@ -676,11 +788,7 @@ impl Sim {
             // A fenced writer: nothing it wrote after being fenced may reach quorum.
             let writer = &self.writers[w];
             for l in fence.0 + 1..=writer.core.last_lsn().0 {
-                if writer
-                    .core
-                    .acks_of(Lsn(l))
-                    .is_some_and(|a| a >= WRITE_QUORUM)
-                {
+                if writer.core.at_write_quorum(Lsn(l)) {
                     return fail(
                         self.seed,
                         format!(
@@ -723,7 +831,31 @@ impl Sim {
         let Some(node) = self.nodes[msg.node].node.as_mut() else {
             return Ok(());
         };
-        match node.handle(req) {
+        // An append carrying an older membership epoch than its segment has seen
+        // must be refused.
+        let stale = match &req {
+            Request::Append(a) => a.pgs.iter().find_map(|b| {
+                let seen = node
+                    .segment(b.pg)
+                    .map(|s| s.membership_epoch())
+                    .unwrap_or(0);
+                (b.membership_epoch < seen).then_some((b.pg, b.membership_epoch, seen))
+            }),
+            _ => None,
+        };
+        let handled = node.handle(req);
+        if let (Some((pg, theirs, seen)), Handled::AfterSync(Response::Appended { .. })) =
+            (stale, &handled)
+        {
+            return fail(
+                self.seed,
+                format!(
+                    "storage-{} accepted an append of {pg} at membership epoch {theirs} after seeing {seen}",
+                    msg.node
+                ),
+            );
+        }
+        match handled {
             Handled::Reply(resp) => {
                 let frame = proto::encode_response(id, &resp);
                 self.send(Msg {
@@ -834,7 +966,7 @@ impl Sim {
         if !self.reachable(i) {
             return;
         }
-        let peers: Vec<usize> = (0..SEGMENTS)
+        let peers: Vec<usize> = (0..self.nodes.len())
             .filter(|j| *j != i && self.reachable(*j))
             .collect();
         if peers.is_empty() {
@@ -850,6 +982,37 @@ impl Sim {
                 return;
             };
             let (peer_scl, _) = peer.progress(pg);
+            let peer_floor = peer.segment(pg).map(|s| s.gc_floor()).unwrap_or(Lsn::ZERO);
+            if me.needs_snapshot(pg, peer_floor) {
+                // Rebuilding past the peer's GC floor: take its snapshot, in chunks.
+                let mut bytes = Vec::new();
+                let Some(peer) = self.nodes[j].node.as_mut() else {
+                    return;
+                };
+                for _ in 0..100_000 {
+                    match peer.handle(Request::Snapshot {
+                        pg,
+                        offset: bytes.len() as u64,
+                        max_bytes: 4096,
+                    }) {
+                        Handled::Reply(Response::SnapshotChunk {
+                            total, bytes: b, ..
+                        }) => {
+                            bytes.extend_from_slice(&b);
+                            if bytes.len() as u64 >= total {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                if let Some(me) = self.nodes[i].node.as_mut() {
+                    if me.install_snapshot(pg, &bytes).is_ok() {
+                        self.stats.snapshots_installed += 1;
+                    }
+                }
+                continue;
+            }
             let Some(my_last) = me.gossip_from(pg, peer_scl) else {
                 continue;
             };
@@ -868,6 +1031,144 @@ impl Sim {
             }
         }
         self.maybe_start_sync(i);
+    }
+
+    // ---- segment replacement ----------------------------------------------------------
+
+    /// The control plane starts replacing one segment of the default set: a new
+    /// node joins in the victim's AZ and the membership enters its transitional
+    /// epoch (old six and new six). The victim is gone for good now, or keeps
+    /// serving until the replacement completes (a planned move).
+    fn start_replacement(&mut self) {
+        if self.transition.is_some()
+            || self.stats.replacements_started as usize >= self.cfg.max_replacements
+        {
+            return;
+        }
+        let m = self.placement.default_membership();
+        let victim = m.segments[self.rng.below(SEGMENTS as u64) as usize];
+        let az = self.nodes[victim].az;
+        let new = self.nodes.len();
+        let name = format!("storage-{new}");
+        let disk = MemDisk::new();
+        let node = Node::open(&name, disk.clone(), NodeLimits::default()).ok();
+        self.nodes.push(SimNode {
+            az,
+            retired: false,
+            disk,
+            node,
+            incarnation: 0,
+            down_until: 0,
+            waiting: Vec::new(),
+            syncing: None,
+        });
+        for w in self.writers.iter_mut() {
+            w.conns.push((ConnState::Down, 0));
+        }
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 7000 + new as u16));
+        self.placement
+            .add_node(name, borealis_common::AZS[az].to_string(), addr);
+        let mut next = m.segments;
+        for n in next.iter_mut() {
+            if *n == victim {
+                *n = new;
+            }
+        }
+        let epoch = m.epoch + 1;
+        self.placement.set_default_membership(Membership {
+            epoch,
+            segments: m.segments,
+            next: Some(next),
+        });
+        self.transition = Some(Transition {
+            victim,
+            new,
+            epoch,
+            not_before: self.now + self.rng.below(self.cfg.transition_min_steps_max + 1),
+        });
+        self.stats.replacements_started += 1;
+        if self.partition.is_some() {
+            self.stats.replacements_under_partition += 1;
+        }
+        if self.rng.chance(500) {
+            self.retire(victim);
+        }
+        self.adopt_at = self.now + self.rng.below(40);
+        if std::env::var("SIM_DEBUG_MEMBERSHIP").is_ok() {
+            eprintln!(
+                "t={} replace storage-{victim} by storage-{new} at membership epoch {epoch}",
+                self.now
+            );
+        }
+    }
+
+    /// The victim of a replacement is destroyed: it never comes back.
+    fn retire(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        n.retired = true;
+        n.node = None;
+        n.incarnation += 1;
+        n.waiting.clear();
+        n.syncing = None;
+        for w in 0..self.writers.len() {
+            self.break_conn(w, i);
+        }
+    }
+
+    /// The active writer adopts the control plane's placement once its poll comes
+    /// round; the control plane completes a replacement once the new segment caught
+    /// up with what the writer reported when it adopted the transition.
+    fn step_replacement(&mut self) {
+        if let Some(w) = self.active {
+            if self.now >= self.adopt_at && self.writers[w].core.placement != self.placement {
+                let wake = self.writers[w]
+                    .core
+                    .update_placement(self.placement.clone());
+                let _ = wake;
+            }
+        }
+        let Some(t) = self.transition else { return };
+        let Some(w) = self.active else { return };
+        if self.now < t.not_before {
+            return;
+        }
+        let Some(status) = self.writers[w]
+            .core
+            .transitions()
+            .into_iter()
+            .find(|s| s.group.is_none() && s.membership_epoch == t.epoch)
+        else {
+            return;
+        };
+        let Some(node) = self.nodes[t.new].node.as_ref() else {
+            return;
+        };
+        if !status
+            .pgs
+            .iter()
+            .all(|pg| node.durable_scl(*pg) >= status.catch_up_lsn)
+        {
+            return;
+        }
+        let m = self.placement.default_membership();
+        let Some(next) = m.next else { return };
+        self.placement
+            .set_default_membership(Membership::stable(t.epoch + 1, next));
+        self.transition = None;
+        self.stats.replacements_completed += 1;
+        if !self.nodes[t.victim].retired {
+            self.retire(t.victim);
+        }
+        self.adopt_at = self.now + self.rng.below(40);
+        if std::env::var("SIM_DEBUG_MEMBERSHIP").is_ok() {
+            eprintln!(
+                "t={} replacement of storage-{} done at catch-up {} (epoch {})",
+                self.now,
+                t.victim,
+                status.catch_up_lsn,
+                t.epoch + 1
+            );
+        }
     }
 
     // ---- checks ---------------------------------------------------------------------
@@ -936,15 +1237,19 @@ impl Sim {
         }
         let at = Lsn(self.pgmrpl.0 + self.rng.below(vdl.0 - self.pgmrpl.0 + 1));
         let page = self.rng.below(self.cfg.pages);
-        let i = self.rng.below(SEGMENTS as u64) as usize;
+        let live = self.live_nodes();
+        let i = live[self.rng.below(live.len() as u64) as usize];
         self.check_read(i, page, at).map(|_| ())
     }
 
     // ---- the loop -------------------------------------------------------------------
 
     fn step_faults(&mut self) -> Result<(), String> {
-        for i in 0..SEGMENTS {
-            if self.nodes[i].node.is_none() && self.now >= self.nodes[i].down_until {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].node.is_none()
+                && !self.nodes[i].retired
+                && self.now >= self.nodes[i].down_until
+            {
                 self.restart_node(i)?;
             }
         }
@@ -952,7 +1257,8 @@ impl Sim {
             self.partition = None;
         }
         if self.unavailable_count() < 2 && self.rng.chance(self.cfg.crash_per_mille) {
-            let i = self.rng.below(SEGMENTS as u64) as usize;
+            let live = self.live_nodes();
+            let i = live[self.rng.below(live.len() as u64) as usize];
             if self.nodes[i].node.is_some() {
                 self.crash_node(i);
             }
@@ -964,14 +1270,22 @@ impl Sim {
             let az = self.rng.below(3) as usize;
             self.partition = Some((az, self.now + 20 + self.rng.below(150)));
             self.stats.partitions += 1;
-            for i in 0..SEGMENTS {
+            for i in 0..self.nodes.len() {
                 if self.nodes[i].az == az {
                     for w in 0..self.writers.len() {
                         self.break_conn(w, i);
                     }
                 }
             }
+            // A membership change during an AZ partition.
+            if self.transition.is_none() && self.rng.chance(500) {
+                self.start_replacement();
+            }
         }
+        if self.transition.is_none() && self.rng.chance(self.cfg.replace_per_mille) {
+            self.start_replacement();
+        }
+        self.step_replacement();
         if self.rng.chance(self.cfg.writer_crash_per_mille) {
             if let Some(w) = self.active.take() {
                 // The old writer lives on as a zombie that keeps sending.
@@ -992,13 +1306,14 @@ impl Sim {
             }
         }
         if self.rng.chance(100) {
-            let i = self.rng.below(SEGMENTS as u64) as usize;
+            let live = self.live_nodes();
+            let i = live[self.rng.below(live.len() as u64) as usize];
             self.gossip(i);
         }
         if self.rng.chance(30) {
             if std::env::var("SIM_DEBUG_GC").is_ok() {
                 let cur = self.active.map(|w| self.writers[w].core.epoch());
-                for i in 0..SEGMENTS {
+                for i in 0..self.nodes.len() {
                     let Some(node) = self.nodes[i].node.as_ref() else {
                         continue;
                     };
@@ -1038,7 +1353,7 @@ impl Sim {
                 }
             }
             if std::env::var("SIM_DEBUG_GC").is_ok() {
-                for i in 0..SEGMENTS {
+                for i in 0..self.nodes.len() {
                     let Some(node) = self.nodes[i].node.as_ref() else {
                         continue;
                     };
@@ -1107,7 +1422,7 @@ impl Sim {
     /// durable and every page readable at the final VDL.
     fn heal_and_check(mut self) -> Result<SimStats, String> {
         self.partition = None;
-        for i in 0..SEGMENTS {
+        for i in self.live_nodes() {
             if self.nodes[i].node.is_none() {
                 self.restart_node(i)?;
             }
@@ -1130,7 +1445,8 @@ impl Sim {
         self.writers[w].core.request_flush(last);
         while self.now < end {
             self.pump();
-            for i in 0..SEGMENTS {
+            self.step_replacement();
+            for i in self.live_nodes() {
                 self.gossip(i);
             }
             let t = self.now + 1;
@@ -1138,8 +1454,8 @@ impl Sim {
             let core = &self.writers[w].core;
             let settled = core.vdl() == core.last_lsn()
                 && self.queue.is_empty()
-                && (0..SEGMENTS).all(|i| self.nodes[i].syncing.is_none())
-                && (0..SEGMENTS).all(|i| {
+                && (0..self.nodes.len()).all(|i| self.nodes[i].syncing.is_none())
+                && self.live_nodes().into_iter().all(|i| {
                     let n = &self.nodes[i];
                     n.node
                         .as_ref()
@@ -1166,7 +1482,7 @@ impl Sim {
         self.acked_vdl = self.acked_vdl.max(vdl);
         for page in 0..self.cfg.pages {
             let mut served = 0;
-            for i in 0..SEGMENTS {
+            for i in self.live_nodes() {
                 if self.check_read(i, page, vdl)? {
                     served += 1;
                 }
@@ -1178,7 +1494,7 @@ impl Sim {
                     .iter()
                     .map(|n| n.node.as_ref().map(|n| (n.progress(pg), n.epoch())))
                     .collect();
-                for i in 0..SEGMENTS {
+                for i in 0..self.nodes.len() {
                     if let Some(seg) = self.nodes[i].node.as_ref().and_then(|n| n.segment(pg)) {
                         let from = Lsn(seg.scl_record().0.saturating_sub(3));
                         eprintln!(
@@ -1197,7 +1513,7 @@ impl Sim {
                     if self.cfg.geometry.pg_of(rec.page) != pg {
                         continue;
                     }
-                    let held = (0..SEGMENTS)
+                    let held = (0..self.nodes.len())
                         .filter(|i| {
                             self.nodes[*i]
                                 .node

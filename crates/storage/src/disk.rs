@@ -24,6 +24,9 @@ pub type SyncJob = Box<dyn FnOnce() -> io::Result<()> + Send>;
 pub trait Disk: Send {
     fn list_segments(&mut self) -> io::Result<Vec<PgId>>;
     fn read_log(&mut self, pg: PgId) -> io::Result<Vec<u8>>;
+    /// Up to `max` bytes of a log from `offset` (fewer at the end of the file):
+    /// scrubbing re-reads logs a stretch at a time.
+    fn read_log_at(&mut self, pg: PgId, offset: u64, max: usize) -> io::Result<Vec<u8>>;
     fn append_log(&mut self, pg: PgId, bytes: &[u8]) -> io::Result<()>;
     /// Cuts a log to `len` bytes (a torn tail found on restart) and syncs that.
     fn truncate_log(&mut self, pg: PgId, len: u64) -> io::Result<()>;
@@ -190,6 +193,39 @@ impl FileDisk {
         self.logs
             .get_mut(&pg)
             .ok_or_else(|| io::Error::other("log vanished"))
+    }
+
+    /// Lays journaled bytes not yet written to `pg`'s file, then appends not yet
+    /// handed to a sync job, over `buf` (the file's bytes from `offset`), growing it
+    /// up to `max` bytes: the log as the node has written it.
+    fn overlay_unwritten(&self, pg: PgId, offset: u64, buf: &mut Vec<u8>, max: usize) {
+        let current = self.incarnation.get(&pg).copied().unwrap_or(0);
+        let mut pieces: Vec<(u64, Vec<u8>)> = Vec::new();
+        {
+            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = j.unwritten.get(&pg).filter(|w| w.incarnation == current) {
+                pieces.push((w.offset, w.bytes.clone()));
+            }
+        }
+        pieces.extend(
+            self.pending
+                .iter()
+                .filter(|w| w.pg == pg && w.incarnation == current)
+                .map(|w| (w.offset, w.bytes.clone())),
+        );
+        let limit = offset.saturating_add(max as u64);
+        for (at, bytes) in pieces {
+            let end = at + bytes.len() as u64;
+            let (from, to) = (at.max(offset), end.min(limit));
+            if from >= to {
+                continue;
+            }
+            let (dst_from, dst_to) = ((from - offset) as usize, (to - offset) as usize);
+            if buf.len() < dst_to {
+                buf.resize(dst_to, 0);
+            }
+            buf[dst_from..dst_to].copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
+        }
     }
 
     /// Before `pg`'s file is cut or replaced: everything appended so far to other
@@ -437,30 +473,32 @@ impl Disk for FileDisk {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        // Journaled bytes not yet in the file, then appends not yet handed to a
-        // sync job, live only in memory.
-        let unwritten: Vec<(u64, Vec<u8>)> = {
-            let j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
-            let current = self.incarnation.get(&pg).copied().unwrap_or(0);
-            j.unwritten
-                .get(&pg)
-                .filter(|w| w.incarnation == current)
-                .map(|w| (w.offset, w.bytes.clone()))
-                .into_iter()
-                .collect()
+        self.overlay_unwritten(pg, 0, &mut buf, usize::MAX);
+        Ok(buf)
+    }
+
+    fn read_log_at(&mut self, pg: PgId, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        // A fresh descriptor: reads what is on disk (through the page cache), the
+        // same bytes a restart would replay.
+        let f = match File::open(self.log_path(pg)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
         };
-        let pending = self
-            .pending
-            .iter()
-            .filter(|w| w.pg == pg)
-            .map(|w| (w.offset, w.bytes.clone()));
-        for (offset, bytes) in unwritten.into_iter().chain(pending) {
-            let end = offset as usize + bytes.len();
-            if buf.len() < end {
-                buf.resize(end, 0);
+        let mut buf = vec![0u8; max];
+        let mut got = 0usize;
+        while got < max {
+            let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+            if n == 0 {
+                break;
             }
-            buf[offset as usize..end].copy_from_slice(&bytes);
+            got += n;
         }
+        buf.truncate(got);
+        // Bytes still in the journal's buffers are part of the log as a restart would
+        // replay it (from the journal).
+        self.overlay_unwritten(pg, offset, &mut buf, max);
         Ok(buf)
     }
 
@@ -651,6 +689,18 @@ impl Disk for MemDisk {
             .get(&pg)
             .map(|f| [&f.durable[..], &f.volatile[..]].concat())
             .unwrap_or_default())
+    }
+
+    fn read_log_at(&mut self, pg: PgId, offset: u64, max: usize) -> io::Result<Vec<u8>> {
+        let st = self.lock();
+        Self::check(&st)?;
+        let Some(f) = st.logs.get(&pg) else {
+            return Ok(Vec::new());
+        };
+        let all = [&f.durable[..], &f.volatile[..]].concat();
+        let from = (offset as usize).min(all.len());
+        let to = from.saturating_add(max).min(all.len());
+        Ok(all[from..to].to_vec())
     }
 
     fn append_log(&mut self, pg: PgId, bytes: &[u8]) -> io::Result<()> {

@@ -23,7 +23,9 @@ use crate::disk::{Disk, SyncJob};
 use crate::proto::{
     Append, ErrorCode, PgAck, Request, Response, SegmentInfo, Truncation, MAX_HISTORY,
 };
-use crate::segment::{record_entry, vdl_hint_entry, Inserted, ReadError, Segment};
+use crate::segment::{
+    membership_entry, record_entry, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
+};
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -36,8 +38,11 @@ pub struct NodeLimits {
     pub coalesce_per_tick: usize,
     /// Compact a log once it exceeds this many bytes and twice its live data.
     pub compact_min_bytes: u64,
-    /// Largest ReadLog/Tail chunk served.
+    /// Largest ReadLog/Tail/Snapshot chunk served.
     pub max_chunk_bytes: usize,
+    /// Log bytes re-read and CRC-checked per scrub step (bounds the step's time on
+    /// the node loop; must exceed the largest entry).
+    pub scrub_step_bytes: usize,
 }
 
 impl Default for NodeLimits {
@@ -46,6 +51,7 @@ impl Default for NodeLimits {
             coalesce_per_tick: 10_000,
             compact_min_bytes: 64 << 20,
             max_chunk_bytes: 4 << 20,
+            scrub_step_bytes: 1 << 20,
         }
     }
 }
@@ -68,6 +74,26 @@ pub struct NodeStats {
     pub fsync_seconds_max: f64,
     pub torn_tails_cut: u64,
     pub fenced_requests: u64,
+    pub stale_membership_requests: u64,
+    pub scrub_bytes_total: u64,
+    pub scrub_passes_total: u64,
+    pub scrub_corruptions_total: u64,
+    pub scrub_repairs_total: u64,
+    /// The last damage scrubbing found, for `/health`.
+    pub scrub_last_corruption: Option<String>,
+    pub snapshots_served: u64,
+    pub snapshots_installed: u64,
+}
+
+/// Background scrub position and the repairs it asked for.
+#[derive(Default)]
+struct ScrubState {
+    /// The segment being scrubbed and the offset of the next entry to check.
+    pg: Option<PgId>,
+    offset: u64,
+    /// Damaged logs waiting for a repair: PG -> last record LSN known good before
+    /// the damage (the repair asks a peer for the records after it).
+    pending: BTreeMap<PgId, Lsn>,
 }
 
 pub struct Node<D: Disk> {
@@ -84,9 +110,27 @@ pub struct Node<D: Disk> {
     /// Gossip peers as the writer last told us (the driver merges them with its
     /// configured ones).
     pub peers: Vec<std::net::SocketAddr>,
+    scrub: ScrubState,
+    /// Highest record LSN checked good in the current scrub pass over a log.
+    scrub_last_good: Lsn,
+    /// Snapshots being read by rebuilding peers: PG -> (id, bytes, tick of the last
+    /// read). One per PG; dropped after its last chunk, or when left unread for
+    /// `SNAPSHOT_IDLE_TICKS` (a reader that died mid-transfer).
+    snapshots: BTreeMap<PgId, (u64, Vec<u8>, u64)>,
+    next_snapshot_id: u64,
+    ticks: u64,
+    /// Per segment: the SCL as of the last completed sync, i.e. what a crash now
+    /// would still find. The control plane completes a segment replacement on this,
+    /// not on the in-memory SCL (gossiped records are durable only at the next sync).
+    durable_scl: BTreeMap<PgId, Lsn>,
+    /// SCLs when the sync job in flight was taken; durable once it completes.
+    sync_scl: Vec<(PgId, Lsn)>,
 }
 
 const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
+
+/// Ticks (200 ms each by default) an unread snapshot is kept.
+const SNAPSHOT_IDLE_TICKS: u64 = 50;
 
 fn encode_meta(epoch: Epoch, history: &[Truncation]) -> Vec<u8> {
     let mut out = Vec::with_capacity(24 + history.len() * 16);
@@ -188,6 +232,13 @@ impl<D: Disk> Node<D> {
             limits,
             stats,
             peers: Vec::new(),
+            scrub: ScrubState::default(),
+            scrub_last_good: Lsn::ZERO,
+            snapshots: BTreeMap::new(),
+            next_snapshot_id: 1,
+            ticks: 0,
+            durable_scl: BTreeMap::new(),
+            sync_scl: Vec::new(),
         })
     }
 
@@ -317,7 +368,125 @@ impl<D: Disk> Node<D> {
                     },
                 })
             }
+            Request::Snapshot {
+                pg,
+                offset,
+                max_bytes,
+            } => Handled::Reply(self.snapshot_chunk(pg, offset, max_bytes)),
         }
+    }
+
+    /// Serves a chunk of a consistent snapshot of `pg`'s segment (see
+    /// [`Request::Snapshot`]). Memory is bounded by one snapshot per PG, dropped once
+    /// its last chunk has been read.
+    fn snapshot_chunk(&mut self, pg: PgId, offset: u64, max_bytes: u32) -> Response {
+        if offset == 0 {
+            let Some(seg) = self.segments.get(&pg) else {
+                return Response::error(
+                    ErrorCode::NoSegment,
+                    0,
+                    format!("no segment of {pg} here"),
+                );
+            };
+            let id = self.next_snapshot_id;
+            self.next_snapshot_id += 1;
+            self.snapshots
+                .insert(pg, (id, seg.compacted_log(), self.ticks));
+            self.stats.snapshots_served += 1;
+        }
+        let ticks = self.ticks;
+        let Some((id, bytes, last_read)) = self.snapshots.get_mut(&pg) else {
+            return Response::error(
+                ErrorCode::BadRequest,
+                0,
+                format!("no snapshot of {pg} in progress (start again at offset 0)"),
+            );
+        };
+        *last_read = ticks;
+        let max = (max_bytes as usize).clamp(1, self.limits.max_chunk_bytes);
+        let from = (offset as usize).min(bytes.len());
+        let to = from.saturating_add(max).min(bytes.len());
+        let chunk = Response::SnapshotChunk {
+            pg,
+            id: *id,
+            total: bytes.len() as u64,
+            offset: from as u64,
+            bytes: bytes[from..to].to_vec(),
+        };
+        if to == bytes.len() {
+            self.snapshots.remove(&pg);
+        }
+        chunk
+    }
+
+    /// Whether rebuilding `pg` needs a snapshot from a peer whose GC floor is
+    /// `peer_floor`: the records after the end of our chain were folded into page
+    /// images there, so record gossip alone would leave a hole forever.
+    pub fn needs_snapshot(&self, pg: PgId, peer_floor: Lsn) -> bool {
+        if peer_floor == Lsn::ZERO || self.failed.is_some() {
+            return false;
+        }
+        match self.segments.get(&pg) {
+            None => true,
+            Some(s) => s.scl_record() < peer_floor && s.gc_floor() < peer_floor,
+        }
+    }
+
+    /// Installs a peer's snapshot of `pg` (the bytes of a compacted log): replays
+    /// it (every entry CRC-checked), adds the records this segment already held on
+    /// top, and replaces the log durably. Returns the records the segment now holds.
+    pub fn install_snapshot(&mut self, pg: PgId, bytes: &[u8]) -> Result<usize, String> {
+        if self.failed.is_some() {
+            return Err("node is unhealthy".into());
+        }
+        let replayed = Segment::replay(pg, bytes, &self.history);
+        if let Some(why) = replayed.torn {
+            return Err(format!("snapshot of {pg} is damaged: {why}"));
+        }
+        let mut seg = replayed.segment;
+        let mut log = bytes[..replayed.valid_len].to_vec();
+        if let Some(local) = self.segments.get(&pg) {
+            if !self.needs_snapshot(pg, seg.gc_floor()) {
+                return Ok(local.record_count()); // caught up meanwhile
+            }
+            let (held, _) = local.read_log(Lsn::ZERO, usize::MAX);
+            for r in held {
+                if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
+                    log.extend_from_slice(&record_entry(r.epoch, &r.bytes));
+                }
+            }
+            seg.note_vdl_hint(local.vdl_hint());
+            // The writer sends a completeness claim once; one still waiting for
+            // the chain must survive the swap.
+            if let Some((last, to)) = local.pending_claim() {
+                seg.note_complete(last, to);
+            }
+            if seg.note_membership(local.membership_epoch()) {
+                log.extend_from_slice(&membership_entry(seg.membership_epoch()));
+            }
+        }
+        if let Err(e) = self.disk.replace_log(pg, &log) {
+            self.fail("installing a snapshot", &e);
+            return Err(e.to_string());
+        }
+        seg.log_bytes = log.len() as u64;
+        let n = seg.record_count();
+        log::info!(
+            "{}: {pg}: installed a peer's snapshot (floor {}, {} bytes, SCL {})",
+            self.name,
+            seg.gc_floor(),
+            log.len(),
+            seg.scl()
+        );
+        // replace_log was durable: so is everything the new segment holds.
+        let scl = seg.scl();
+        self.segments.insert(pg, seg);
+        self.note_durable_scl(pg, scl);
+        if self.scrub.pg == Some(pg) {
+            self.scrub.offset = 0;
+        }
+        self.stats.snapshots_installed += 1;
+        Ok(n)
     }
 
     /// Whether gossip with a peer whose SCL for `pg` is `peer_scl` can help, and if
@@ -431,6 +600,26 @@ impl<D: Disk> Node<D> {
         if let Some(r) = self.check_epoch(a.epoch) {
             return Handled::Reply(r);
         }
+        // Membership first, before anything is written: a stale batch refuses the
+        // whole append so that no part of it is acknowledged.
+        for batch in &a.pgs {
+            let ours = self
+                .segments
+                .get(&batch.pg)
+                .map(Segment::membership_epoch)
+                .unwrap_or(0);
+            if batch.membership_epoch < ours {
+                self.stats.stale_membership_requests += 1;
+                return Handled::Reply(Response::error(
+                    ErrorCode::StaleMembership,
+                    ours,
+                    format!(
+                        "{}: membership epoch {} is older than the segment's {ours}",
+                        batch.pg, batch.membership_epoch
+                    ),
+                ));
+            }
+        }
         self.stats.appends += 1;
         self.pgmrpl = self.pgmrpl.max(a.pgmrpl);
         let mut acks = Vec::with_capacity(a.pgs.len());
@@ -441,6 +630,12 @@ impl<D: Disk> Node<D> {
                 .or_insert_with(|| Segment::new(batch.pg));
             let mut lsns = Vec::with_capacity(batch.records.len());
             let mut out = Vec::new();
+            // Durable with this batch (it syncs before the ack), so a restart keeps
+            // refusing older memberships.
+            let membership_moved = seg.note_membership(batch.membership_epoch);
+            if membership_moved {
+                out.extend_from_slice(&membership_entry(batch.membership_epoch));
+            }
             for bytes in &batch.records {
                 match seg.insert(a.epoch, bytes) {
                     Ok(inserted) => {
@@ -482,7 +677,7 @@ impl<D: Disk> Node<D> {
             // Even an all-duplicate batch is acked after the next sync: the earlier
             // copy may itself still be waiting for its fdatasync. A batch without
             // records (a completeness claim only) has nothing to make durable.
-            if !batch.records.is_empty() {
+            if !batch.records.is_empty() || membership_moved {
                 self.dirty.insert(batch.pg);
             }
             acks.push(PgAck {
@@ -544,10 +739,18 @@ impl<D: Disk> Node<D> {
     }
 
     /// A job making every append so far durable, or `None` if nothing is dirty.
+    ///
+    /// Drivers call this only while no sync job is in flight, so with nothing dirty
+    /// every byte written is on disk and the current SCLs are durable.
     pub fn take_sync(&mut self) -> Option<SyncJob> {
+        let scls: Vec<(PgId, Lsn)> = self.segments.values().map(|s| (s.pg, s.scl())).collect();
         if self.dirty.is_empty() {
+            for (pg, scl) in scls {
+                self.note_durable_scl(pg, scl);
+            }
             return None;
         }
+        self.sync_scl = scls;
         let pgs: Vec<PgId> = std::mem::take(&mut self.dirty).into_iter().collect();
         match self.disk.sync_job(&pgs) {
             Ok(job) => Some(job),
@@ -583,13 +786,207 @@ impl<D: Disk> Node<D> {
         let s = took.as_secs_f64();
         self.stats.fsync_seconds_sum += s;
         self.stats.fsync_seconds_max = self.stats.fsync_seconds_max.max(s);
-        if let Err(e) = result {
-            self.fail("fdatasync", e);
+        match result {
+            Ok(()) => {
+                for (pg, scl) in std::mem::take(&mut self.sync_scl) {
+                    self.note_durable_scl(pg, scl);
+                }
+            }
+            Err(e) => {
+                self.sync_scl.clear();
+                self.fail("fdatasync", e);
+            }
         }
     }
 
-    /// Background work: fold records below PGMRPL into page images, compact logs.
+    fn note_durable_scl(&mut self, pg: PgId, scl: Lsn) {
+        let d = self.durable_scl.entry(pg).or_default();
+        *d = (*d).max(scl);
+    }
+
+    /// The SCL of `pg`'s segment that a crash now would not take back: as of the
+    /// last completed sync, and never above the current one (a truncation lowers it).
+    pub fn durable_scl(&self, pg: PgId) -> Lsn {
+        let current = self
+            .segments
+            .get(&pg)
+            .map(Segment::scl)
+            .unwrap_or(Lsn::ZERO);
+        self.durable_scl
+            .get(&pg)
+            .copied()
+            .unwrap_or(Lsn::ZERO)
+            .min(current)
+    }
+
+    /// One bounded scrub step: re-reads the next stretch of the current segment's
+    /// log file and checks every entry's CRC (records, page images, hints). Damage is
+    /// counted, logged, shown in `/health` and `/metrics`, and queued for
+    /// [`Node::repair`]; the position moves on to the next segment at the end of a
+    /// log. The in-memory state was CRC-checked when it was loaded or received, so
+    /// it (plus a peer's copy of the damaged range) is what a repair rewrites from.
+    pub fn scrub_step(&mut self) {
+        if self.failed.is_some() || self.segments.is_empty() {
+            return;
+        }
+        let pg = match self.scrub.pg {
+            Some(pg)
+                if self.segments.contains_key(&pg) && !self.scrub.pending.contains_key(&pg) =>
+            {
+                pg
+            }
+            _ => {
+                self.scrub_next_segment();
+                match self.scrub.pg {
+                    Some(pg) if !self.scrub.pending.contains_key(&pg) => pg,
+                    _ => return,
+                }
+            }
+        };
+        let written = self.segments.get(&pg).map(|s| s.log_bytes).unwrap_or(0);
+        if self.scrub.offset >= written {
+            self.scrub_next_segment();
+            return;
+        }
+        let min_step = crate::segment::MAX_ENTRY_BYTES + 8;
+        let want = (self.limits.scrub_step_bytes.max(min_step) as u64)
+            .min(written - self.scrub.offset) as usize;
+        let buf = match self.disk.read_log_at(pg, self.scrub.offset, want) {
+            Ok(b) => b,
+            Err(e) => {
+                self.fail("scrub read", &e);
+                return;
+            }
+        };
+        self.stats.scrub_bytes_total += buf.len() as u64;
+        let reaches_end = self.scrub.offset + want as u64 >= written;
+        let scan = if buf.len() < want {
+            crate::segment::LogScan {
+                valid_len: 0,
+                last_record: Lsn::ZERO,
+                damage: Some((
+                    buf.len(),
+                    format!("log file ends before its written length {written}"),
+                )),
+            }
+        } else {
+            scan_log(&buf, reaches_end)
+        };
+        match scan.damage {
+            Some((at, why)) => {
+                let offset = self.scrub.offset + at as u64;
+                let msg = format!("{pg}: {why} at log offset {offset}");
+                log::error!(
+                    "{}: scrub found corruption: {msg}; repairing from a peer",
+                    self.name
+                );
+                self.stats.scrub_corruptions_total += 1;
+                self.stats.scrub_last_corruption = Some(msg);
+                // Records after the last good one before the damage are what a peer
+                // is asked for.
+                let good = self.scrub_last_good.max(scan.last_record);
+                self.scrub.pending.insert(pg, good);
+                self.scrub_next_segment();
+            }
+            None if scan.valid_len == 0 => {
+                // Cannot happen with a step larger than any entry; move on rather
+                // than spin.
+                self.scrub_next_segment();
+            }
+            None => {
+                self.scrub_last_good = self.scrub_last_good.max(scan.last_record);
+                self.scrub.offset += scan.valid_len as u64;
+            }
+        }
+    }
+
+    fn scrub_next_segment(&mut self) {
+        let next = match self.scrub.pg {
+            Some(cur) => self
+                .segments
+                .range(PgId(cur.0.saturating_add(1))..)
+                .next()
+                .map(|(p, _)| *p),
+            None => None,
+        };
+        let next = next.or_else(|| {
+            self.stats.scrub_passes_total += 1;
+            self.segments.keys().next().copied()
+        });
+        self.scrub.pg = next;
+        self.scrub.offset = 0;
+        self.scrub_last_good = Lsn::ZERO;
+    }
+
+    /// Damaged segment logs waiting for a repair: (PG, last good record before the
+    /// damage).
+    pub fn pending_repairs(&self) -> Vec<(PgId, Lsn)> {
+        self.scrub.pending.iter().map(|(p, l)| (*p, *l)).collect()
+    }
+
+    /// Repairs a damaged log: takes the records a peer sent for the damaged range
+    /// (`chunks`, LogChunks; CRC-checked like any gossip, completeness claims
+    /// ignored) into the segment, then rewrites the whole log from the segment
+    /// durably (write, fsync, rename), which also replaces the damaged bytes.
+    /// Returns how many records the peer added.
+    pub fn repair(&mut self, pg: PgId, chunks: &[Response]) -> Result<usize, String> {
+        if self.failed.is_some() {
+            return Err("node is unhealthy".into());
+        }
+        let history = &self.history;
+        let Some(seg) = self.segments.get_mut(&pg) else {
+            self.scrub.pending.remove(&pg);
+            return Ok(0);
+        };
+        let mut added = 0;
+        for chunk in chunks {
+            let Response::LogChunk {
+                pg: cpg, records, ..
+            } = chunk
+            else {
+                continue;
+            };
+            if *cpg != pg {
+                continue;
+            }
+            for r in records {
+                let Ok(h) = borealis_redo::decode_header(&r.bytes) else {
+                    continue;
+                };
+                if !crate::proto::record_survives(history, r.epoch, h.lsn) {
+                    continue;
+                }
+                if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
+                    added += 1;
+                }
+            }
+        }
+        let bytes = seg.compacted_log();
+        if let Err(e) = self.disk.replace_log(pg, &bytes) {
+            self.fail("rewriting a damaged log", &e);
+            return Err(e.to_string());
+        }
+        seg.log_bytes = bytes.len() as u64;
+        self.scrub.pending.remove(&pg);
+        if self.scrub.pg == Some(pg) {
+            self.scrub.offset = 0;
+        }
+        self.stats.scrub_repairs_total += 1;
+        log::warn!(
+            "{}: {pg}: damaged log rewritten ({} bytes; {added} records from a peer)",
+            self.name,
+            bytes.len()
+        );
+        Ok(added)
+    }
+
+    /// Background work: fold records below PGMRPL into page images, compact logs,
+    /// drop abandoned snapshots.
     pub fn tick(&mut self) {
+        self.ticks += 1;
+        let now = self.ticks;
+        self.snapshots
+            .retain(|_, (_, _, last)| now.saturating_sub(*last) <= SNAPSHOT_IDLE_TICKS);
         if self.failed.is_some() {
             return;
         }
@@ -615,6 +1012,9 @@ impl<D: Disk> Node<D> {
                         bytes.len()
                     );
                     seg.log_bytes = bytes.len() as u64;
+                    if self.scrub.pg == Some(pg) {
+                        self.scrub.offset = 0; // offsets of the old file mean nothing now
+                    }
                 }
                 Err(e) => {
                     self.fail("compaction", &e);
@@ -630,9 +1030,20 @@ impl<D: Disk> Node<D> {
             "state": if self.failed.is_none() { "available" } else { "failed" },
             "error": self.failed,
             "epoch": self.epoch.0,
+            "scrub": {
+                "bytes_total": self.stats.scrub_bytes_total,
+                "passes_total": self.stats.scrub_passes_total,
+                "corruptions_total": self.stats.scrub_corruptions_total,
+                "repairs_total": self.stats.scrub_repairs_total,
+                "pending_repairs": self.scrub.pending.len(),
+                "last_corruption": self.stats.scrub_last_corruption,
+            },
+            "snapshots_installed": self.stats.snapshots_installed,
             "segments": self.segments.values().map(|s| serde_json::json!({
                 "pg": s.pg.0,
+                "membership_epoch": s.membership_epoch(),
                 "scl": s.scl().0,
+                "durable_scl": self.durable_scl(s.pg).0,
                 "gc_floor": s.gc_floor().0,
                 "vdl_hint": s.vdl_hint().0,
                 "records": s.record_count(),
@@ -677,6 +1088,27 @@ impl<D: Disk> Node<D> {
             "# TYPE borealis_storage_epoch gauge\nborealis_storage_epoch{{node=\"{n}\"}} {}",
             self.epoch.0
         );
+        for (metric, v) in [
+            ("borealis_storage_scrub_bytes_total", st.scrub_bytes_total),
+            (
+                "borealis_storage_scrub_corruptions_total",
+                st.scrub_corruptions_total,
+            ),
+            (
+                "borealis_storage_scrub_repairs_total",
+                st.scrub_repairs_total,
+            ),
+            (
+                "borealis_storage_stale_membership_requests_total",
+                st.stale_membership_requests,
+            ),
+            (
+                "borealis_storage_snapshots_installed_total",
+                st.snapshots_installed,
+            ),
+        ] {
+            let _ = writeln!(out, "# TYPE {metric} counter\n{metric}{{node=\"{n}\"}} {v}");
+        }
         let _ = writeln!(
             out,
             "# TYPE borealis_storage_healthy gauge\nborealis_storage_healthy{{node=\"{n}\"}} {}",

@@ -46,6 +46,11 @@ pub fn record_survives(history: &[Truncation], epoch: Epoch, lsn: Lsn) -> bool {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PgBatch {
     pub pg: PgId,
+    /// The PG's membership epoch as the writer knows it (bumped by the control plane
+    /// at each step of a segment replacement). A segment that has seen a newer one
+    /// refuses the whole append with [`ErrorCode::StaleMembership`]: a writer still
+    /// counting acks against an old segment set must not get writes accepted.
+    pub membership_epoch: u64,
     pub complete_to: Lsn,
     pub pg_last: Lsn,
     /// Encoded redo records (each CRC-protected), in LSN order.
@@ -104,6 +109,17 @@ pub enum Request {
         after: Lsn,
         max_bytes: u32,
     },
+    /// Rebuild: a consistent snapshot of the sender's segment of `pg` in the segment
+    /// log format (FLOOR, page images, live records; see `segment.rs`), read in
+    /// chunks. `offset == 0` takes a fresh snapshot; later offsets read the same one
+    /// (one kept per PG, replaced by the next offset-0 request). Needed because a
+    /// peer that garbage-collected its log can no longer hand out the records below
+    /// its GC floor, only the page images they were folded into.
+    Snapshot {
+        pg: PgId,
+        offset: u64,
+        max_bytes: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +157,9 @@ pub enum ErrorCode {
     BadRequest = 7,
     /// The node does not host a segment of that PG.
     NoSegment = 8,
+    /// The append carried an older membership epoch for a PG than the segment has
+    /// seen (`detail` = the segment's): the writer must refresh its placement.
+    StaleMembership = 9,
 }
 
 impl ErrorCode {
@@ -154,6 +173,7 @@ impl ErrorCode {
             6 => ErrorCode::Corrupt,
             7 => ErrorCode::BadRequest,
             8 => ErrorCode::NoSegment,
+            9 => ErrorCode::StaleMembership,
             _ => return None,
         })
     }
@@ -202,6 +222,15 @@ pub enum Response {
     },
     /// Acknowledges a request that returns nothing (SetPeers).
     Done,
+    /// A chunk of a segment snapshot: `bytes` at `offset` of `total`; `id` names the
+    /// snapshot so a reader notices when it was replaced between chunks.
+    SnapshotChunk {
+        pg: PgId,
+        id: u64,
+        total: u64,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
 }
 
 impl Response {
@@ -296,6 +325,17 @@ impl<'a> R<'a> {
         let n = self.len()?;
         Ok(self.take(n)?.to_vec())
     }
+    /// A byte string bounded only by the frame (snapshot chunks are up to a few MiB,
+    /// more than `MAX_LIST`; the frame itself is bounded by `MAX_FRAME_BYTES`).
+    fn chunk(&mut self) -> Result<Vec<u8>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > self.buf.len() - self.at {
+            return Err(ProtoError::Malformed(format!(
+                "chunk length {n} out of bounds"
+            )));
+        }
+        Ok(self.take(n)?.to_vec())
+    }
     fn string(&mut self) -> Result<String, ProtoError> {
         String::from_utf8(self.bytes()?).map_err(|_| ProtoError::Malformed("invalid utf-8".into()))
     }
@@ -344,6 +384,8 @@ mod kind {
     pub const GET_PAGE: u8 = 5;
     pub const READ_LOG: u8 = 6;
     pub const SET_PEERS: u8 = 7;
+    pub const SNAPSHOT: u8 = 8;
+    pub const R_SNAPSHOT_CHUNK: u8 = 109;
     pub const R_DONE: u8 = 108;
     pub const R_APPENDED: u8 = 101;
     pub const R_EPOCH_INSTALLED: u8 = 102;
@@ -380,6 +422,7 @@ pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
             w.u32(a.pgs.len() as u32);
             for b in &a.pgs {
                 w.u32(b.pg.0);
+                w.u64(b.membership_epoch);
                 w.u64(b.complete_to.0);
                 w.u64(b.pg_last.0);
                 w.u32(b.records.len() as u32);
@@ -427,6 +470,16 @@ pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
             w = start_frame(id, kind::READ_LOG);
             w.u32(pg.0);
             w.u64(after.0);
+            w.u32(*max_bytes);
+        }
+        Request::Snapshot {
+            pg,
+            offset,
+            max_bytes,
+        } => {
+            w = start_frame(id, kind::SNAPSHOT);
+            w.u32(pg.0);
+            w.u64(*offset);
             w.u32(*max_bytes);
         }
     }
@@ -508,6 +561,20 @@ pub fn encode_response(id: u64, resp: &Response) -> Vec<u8> {
             w.u8(*more as u8);
         }
         Response::Done => w = start_frame(id, kind::R_DONE),
+        Response::SnapshotChunk {
+            pg,
+            id: snap,
+            total,
+            offset,
+            bytes,
+        } => {
+            w = start_frame(id, kind::R_SNAPSHOT_CHUNK);
+            w.u32(pg.0);
+            w.u64(*snap);
+            w.u64(*total);
+            w.u64(*offset);
+            w.bytes(bytes);
+        }
         Response::Error {
             code,
             detail,
@@ -544,6 +611,7 @@ pub fn decode_request(body: &[u8]) -> Result<(u64, Request), ProtoError> {
             let mut pgs = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
                 let pg = PgId(r.u32()?);
+                let membership_epoch = r.u64()?;
                 let complete_to = Lsn(r.u64()?);
                 let pg_last = Lsn(r.u64()?);
                 let m = r.len()?;
@@ -553,6 +621,7 @@ pub fn decode_request(body: &[u8]) -> Result<(u64, Request), ProtoError> {
                 }
                 pgs.push(PgBatch {
                     pg,
+                    membership_epoch,
                     complete_to,
                     pg_last,
                     records,
@@ -584,6 +653,11 @@ pub fn decode_request(body: &[u8]) -> Result<(u64, Request), ProtoError> {
         kind::READ_LOG => Request::ReadLog {
             pg: PgId(r.u32()?),
             after: Lsn(r.u64()?),
+            max_bytes: r.u32()?,
+        },
+        kind::SNAPSHOT => Request::Snapshot {
+            pg: PgId(r.u32()?),
+            offset: r.u64()?,
             max_bytes: r.u32()?,
         },
         kind::SET_PEERS => {
@@ -670,6 +744,13 @@ pub fn decode_response(body: &[u8]) -> Result<(u64, Response), ProtoError> {
             more: r.u8()? != 0,
         },
         kind::R_DONE => Response::Done,
+        kind::R_SNAPSHOT_CHUNK => Response::SnapshotChunk {
+            pg: PgId(r.u32()?),
+            id: r.u64()?,
+            total: r.u64()?,
+            offset: r.u64()?,
+            bytes: r.chunk()?,
+        },
         kind::R_ERROR => {
             let code = r.u8()?;
             let code = ErrorCode::from_u8(code)
@@ -714,6 +795,7 @@ mod tests {
                 pgmrpl: Lsn(2),
                 pgs: vec![PgBatch {
                     pg: PgId(1),
+                    membership_epoch: 2,
                     complete_to: Lsn(9),
                     pg_last: Lsn(8),
                     records: vec![vec![1, 2, 3]],
@@ -745,6 +827,11 @@ mod tests {
             },
             Request::SetPeers {
                 peers: vec!["127.0.0.1:1".into()],
+            },
+            Request::Snapshot {
+                pg: PgId(3),
+                offset: 77,
+                max_bytes: 5,
             },
         ];
         for (i, req) in reqs.iter().enumerate() {
@@ -794,7 +881,22 @@ mod tests {
                 more: false,
             },
             Response::error(ErrorCode::Fenced, 5, "fenced"),
+            Response::error(ErrorCode::StaleMembership, 3, "stale membership"),
             Response::Done,
+            Response::SnapshotChunk {
+                pg: PgId(1),
+                id: 9,
+                total: 100,
+                offset: 10,
+                bytes: vec![4, 5],
+            },
+            Response::SnapshotChunk {
+                pg: PgId(1),
+                id: 9,
+                total: 8 << 20,
+                offset: 0,
+                bytes: vec![7; 4 << 20],
+            },
         ];
         for (i, resp) in resps.iter().enumerate() {
             let frame = encode_response(i as u64, resp);

@@ -10,6 +10,7 @@
 //!   type 2 VDL_HINT   lsn:u64           (the writer's VDL, bounds recovery's tail scan)
 //!   type 3 PAGE_IMAGE page:u64 | 8192 bytes      (written only by compaction)
 //!   type 4 FLOOR      gc_floor:u64 | chain_anchor:u64 | scl:u64   (compaction header)
+//!   type 5 MEMBERSHIP membership_epoch:u64   (the PG's segment-set version, see below)
 //! ```
 //!
 //! Replay reads entries until the first one that is short or fails its CRC: that is
@@ -36,6 +37,21 @@
 //! every epoch install and on replay, so a record is dropped iff some later epoch's
 //! recovery truncated above it, even if this node slept through that recovery.
 //!
+//! # Membership epochs
+//!
+//! A PG's segment set changes when a segment is replaced (the control plane bumps
+//! the PG's membership epoch at each step). Appends carry the writer's view of it;
+//! the segment keeps the highest it has seen (durably, as a MEMBERSHIP entry written
+//! with the append that raised it) and the node refuses appends below it, as it
+//! refuses an older volume epoch.
+//!
+//! # Scrubbing
+//!
+//! [`scan_log`] re-reads a stretch of the log file and checks every entry's CRC; the
+//! node runs it in the background over all segments ([`crate::node::Node::scrub_step`])
+//! and rewrites a damaged log from its in-memory state plus what a peer holds for
+//! the damaged range.
+//!
 //! # Pages and GC
 //!
 //! Records at or below `gc_floor` (min of PGMRPL, SCL and the VDL hint) are folded into
@@ -52,8 +68,9 @@ const ENTRY_RECORD: u8 = 1;
 const ENTRY_VDL_HINT: u8 = 2;
 const ENTRY_PAGE_IMAGE: u8 = 3;
 const ENTRY_FLOOR: u8 = 4;
+const ENTRY_MEMBERSHIP: u8 = 5;
 /// Largest payload of one log entry (a page image or a maximal record).
-const MAX_ENTRY_BYTES: usize = borealis_redo::record::MAX_RECORD_BYTES + 64;
+pub const MAX_ENTRY_BYTES: usize = borealis_redo::record::MAX_RECORD_BYTES + 64;
 
 #[derive(Clone, Debug)]
 struct Stored {
@@ -102,6 +119,7 @@ pub struct Segment {
     cache: std::cell::RefCell<ImageCache>,
     live_bytes: u64,
     pub corrupt_records: u64,
+    membership_epoch: u64,
 }
 
 /// Page images per segment kept by the materialization cache.
@@ -177,6 +195,66 @@ pub fn vdl_hint_entry(lsn: Lsn) -> Vec<u8> {
     entry(ENTRY_VDL_HINT, &[&lsn.0.to_le_bytes()])
 }
 
+pub fn membership_entry(epoch: u64) -> Vec<u8> {
+    entry(ENTRY_MEMBERSHIP, &[&epoch.to_le_bytes()])
+}
+
+/// What a scrub pass over a stretch of a log file found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogScan {
+    /// Bytes of whole, CRC-valid entries from the start of the stretch.
+    pub valid_len: usize,
+    /// The highest record LSN among those entries.
+    pub last_record: Lsn,
+    /// The first entry that failed its checks before `limit`: (offset, why).
+    pub damage: Option<(usize, String)>,
+}
+
+/// Checks every entry of `buf`, a stretch of a log file's written part that starts
+/// at an entry boundary. `reaches_end`: the stretch ends where the written log ends,
+/// so an entry cut off by it is damage (a corrupted length), not the next stretch's.
+/// Never panics on arbitrary bytes.
+pub fn scan_log(buf: &[u8], reaches_end: bool) -> LogScan {
+    let mut at = 0usize;
+    let mut last_record = Lsn::ZERO;
+    let damage = loop {
+        if at >= buf.len() {
+            break None;
+        }
+        let Some(h) = buf.get(at..at + 8) else {
+            if reaches_end {
+                break Some((at, "short entry header at the end of the log".into()));
+            }
+            break None; // the header straddles the stretch: next time
+        };
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        if len == 0 || len > MAX_ENTRY_BYTES {
+            break Some((at, format!("entry length {len} out of range")));
+        }
+        let Some(body) = buf.get(at + 8..at + 8 + len) else {
+            if reaches_end {
+                break Some((at, "entry runs past the written end of the log".into()));
+            }
+            break None;
+        };
+        let stored = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        if crc32c::crc32c(body) != stored {
+            break Some((at, "entry CRC mismatch".into()));
+        }
+        if body[0] == ENTRY_RECORD {
+            if let Some(Ok(rh)) = body.get(9..).map(decode_header) {
+                last_record = last_record.max(rh.lsn);
+            }
+        }
+        at += 8 + len;
+    };
+    LogScan {
+        valid_len: at,
+        last_record,
+        damage,
+    }
+}
+
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     let s = b.get(at..at + 8)?;
     let mut a = [0u8; 8];
@@ -211,6 +289,7 @@ impl Segment {
             cache: std::cell::RefCell::new(ImageCache::default()),
             live_bytes: 0,
             corrupt_records: 0,
+            membership_epoch: 0,
         }
     }
 
@@ -283,6 +362,10 @@ impl Segment {
                 seg.scl_record = seg.scl_record.max(anchor);
                 seg.scl = seg.scl.max(scl).max(anchor);
                 seg.advance_chain();
+            }
+            ENTRY_MEMBERSHIP => {
+                let e = u64_at(payload, 0).ok_or("short membership entry")?;
+                seg.membership_epoch = seg.membership_epoch.max(e);
             }
             other => return Err(format!("unknown entry type {other}")),
         }
@@ -369,6 +452,27 @@ impl Segment {
             // gossip will fill): keep the strongest one and apply it when the chain
             // gets there.
             self.claim = Some((pg_last, complete_to));
+        }
+    }
+
+    /// A completeness claim waiting for the chain to reach its `pg_last`:
+    /// (pg_last, complete_to). A snapshot install carries it over.
+    pub fn pending_claim(&self) -> Option<(Lsn, Lsn)> {
+        self.claim
+    }
+
+    /// The highest membership epoch any append for this segment carried.
+    pub fn membership_epoch(&self) -> u64 {
+        self.membership_epoch
+    }
+
+    /// Raises the membership epoch; true if it moved (the caller logs it).
+    pub fn note_membership(&mut self, epoch: u64) -> bool {
+        if epoch > self.membership_epoch {
+            self.membership_epoch = epoch;
+            true
+        } else {
+            false
         }
     }
 
@@ -651,6 +755,9 @@ impl Segment {
             ));
         }
         out.extend_from_slice(&vdl_hint_entry(self.vdl_hint));
+        if self.membership_epoch > 0 {
+            out.extend_from_slice(&membership_entry(self.membership_epoch));
+        }
         for s in self.records.values() {
             out.extend_from_slice(&record_entry(s.epoch, &s.bytes));
         }

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub gossip_interval: Duration,
     /// Bytes asked for per gossip ReadLog.
     pub gossip_chunk_bytes: u32,
+    /// Pause between two background scrub steps (each re-reads at most
+    /// `limits.scrub_step_bytes` of one segment log and checks its CRCs).
+    pub scrub_interval: Duration,
 }
 
 impl NodeConfig {
@@ -75,6 +78,7 @@ impl NodeConfig {
             listen_addr: None,
             gossip_interval: Duration::from_millis(200),
             gossip_chunk_bytes: 4 << 20,
+            scrub_interval: Duration::from_millis(100),
             limits: NodeLimits::default(),
         }
     }
@@ -149,6 +153,26 @@ enum Incoming {
     Absorb {
         chunk: Response,
         reply: oneshot::Sender<usize>,
+    },
+    /// Rebuild: does `pg` need a snapshot from a peer with this GC floor?
+    NeedsSnapshot {
+        pg: borealis_common::PgId,
+        peer_floor: borealis_common::Lsn,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Rebuild: a peer's whole snapshot of `pg` to install.
+    InstallSnapshot {
+        pg: borealis_common::PgId,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    /// Scrub: the damaged logs waiting for a repair.
+    PendingRepairs(oneshot::Sender<Vec<(borealis_common::PgId, borealis_common::Lsn)>>),
+    /// Scrub: rewrite a damaged log, with a peer's records for the damaged range.
+    Repair {
+        pg: borealis_common::PgId,
+        chunks: Vec<Response>,
+        reply: oneshot::Sender<Result<usize, String>>,
     },
 }
 
@@ -400,6 +424,8 @@ async fn node_loop(
     let mut waiting: Vec<(Arc<Conn>, u64, Response)> = Vec::new();
     let mut tick = tokio::time::interval(config.tick_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scrub = tokio::time::interval(config.scrub_interval);
+    scrub.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -414,6 +440,7 @@ async fn node_loop(
                 }
             }
             _ = tick.tick() => node.tick(),
+            _ = scrub.tick() => node.scrub_step(),
             _ = shutdown.changed() => return,
         }
         if let Some(job) = node.take_sync() {
@@ -470,6 +497,22 @@ fn handle(node: &mut Node<FileDisk>, msg: Incoming, waiting: &mut Vec<(Arc<Conn>
         Incoming::Absorb { chunk, reply } => {
             let _ = reply.send(node.absorb(&chunk));
         }
+        Incoming::NeedsSnapshot {
+            pg,
+            peer_floor,
+            reply,
+        } => {
+            let _ = reply.send(node.needs_snapshot(pg, peer_floor));
+        }
+        Incoming::InstallSnapshot { pg, bytes, reply } => {
+            let _ = reply.send(node.install_snapshot(pg, &bytes));
+        }
+        Incoming::PendingRepairs(reply) => {
+            let _ = reply.send(node.pending_repairs());
+        }
+        Incoming::Repair { pg, chunks, reply } => {
+            let _ = reply.send(node.repair(pg, &chunks));
+        }
     }
 }
 
@@ -513,6 +556,15 @@ async fn gossip_loop(
             clients = peers.iter().map(|_| None).collect();
         }
         let mut fetched = 0usize;
+        // Damaged logs found by scrubbing: repaired from the first peer that hosts
+        // the PG, or from our own state alone when no peer answers.
+        let mut repairs: Vec<(borealis_common::PgId, borealis_common::Lsn)> = {
+            let (otx, orx) = oneshot::channel();
+            if tx.send(Incoming::PendingRepairs(otx)).await.is_err() {
+                return;
+            }
+            orx.await.unwrap_or_default()
+        };
         for (i, addr) in peers.iter().enumerate() {
             if clients[i].is_none() {
                 clients[i] = Client::connect(*addr, timeout).await.ok();
@@ -527,7 +579,89 @@ async fn gossip_loop(
                     continue;
                 }
             };
+            let mut repaired = Vec::new();
+            for (pg, good) in &repairs {
+                if !segments.iter().any(|s| s.pg == *pg) {
+                    continue;
+                }
+                let chunks = read_log_range(c, *pg, *good, config.gossip_chunk_bytes).await;
+                let (otx, orx) = oneshot::channel();
+                if tx
+                    .send(Incoming::Repair {
+                        pg: *pg,
+                        chunks,
+                        reply: otx,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                match orx.await {
+                    Ok(Ok(_)) => repaired.push(*pg),
+                    Ok(Err(e)) => log::warn!("{}: repair of {pg} failed: {e}", config.name),
+                    Err(_) => return,
+                }
+            }
+            repairs.retain(|(pg, _)| !repaired.contains(pg));
             let mut broken = false;
+            for seg in &segments {
+                let (otx, orx) = oneshot::channel();
+                let ask = Incoming::NeedsSnapshot {
+                    pg: seg.pg,
+                    peer_floor: seg.gc_floor,
+                    reply: otx,
+                };
+                if tx.send(ask).await.is_err() {
+                    return;
+                }
+                if orx.await.unwrap_or(false) {
+                    match fetch_snapshot(c, seg.pg, config.gossip_chunk_bytes).await {
+                        Ok(bytes) => {
+                            let started = Instant::now();
+                            let len = bytes.len();
+                            let (otx, orx) = oneshot::channel();
+                            let install = Incoming::InstallSnapshot {
+                                pg: seg.pg,
+                                bytes,
+                                reply: otx,
+                            };
+                            if tx.send(install).await.is_err() {
+                                return;
+                            }
+                            match orx.await {
+                                Ok(Ok(n)) => {
+                                    fetched += n.max(1);
+                                    log::info!(
+                                        "{}: {}: rebuilt from a snapshot of {addr} ({len} bytes, installed in {:?})",
+                                        config.name,
+                                        seg.pg,
+                                        started.elapsed()
+                                    );
+                                }
+                                Ok(Err(e)) => log::warn!(
+                                    "{}: {}: snapshot from {addr} refused: {e}",
+                                    config.name,
+                                    seg.pg
+                                ),
+                                Err(_) => return,
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("{}: {}: snapshot from {addr}: {e}", config.name, seg.pg);
+                            broken = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if broken {
+                clients[i] = None;
+                continue;
+            }
+            let Some(c) = clients[i].as_mut() else {
+                continue;
+            };
             for seg in segments {
                 let Some(prev) = seen.insert((*addr, seg.pg), seg.scl) else {
                     continue; // first sight of this peer's segment
@@ -591,6 +725,20 @@ async fn gossip_loop(
                 clients[i] = None;
             }
         }
+        for (pg, _) in repairs {
+            // No reachable peer hosts it: rewrite the log from our own state, which
+            // is all the damaged bytes held (it was checked when it was loaded).
+            let (otx, orx) = oneshot::channel();
+            let repair = Incoming::Repair {
+                pg,
+                chunks: Vec::new(),
+                reply: otx,
+            };
+            if tx.send(repair).await.is_err() {
+                return;
+            }
+            let _ = orx.await;
+        }
         // Keep going without a pause only while catching up on a lot (a rebuild).
         if fetched < REBUILD_RECORDS_PER_ROUND {
             tokio::select! {
@@ -601,4 +749,92 @@ async fn gossip_loop(
             return;
         }
     }
+}
+
+/// Records of `pg` after `after` from a peer, for a scrub repair (bounded chunks).
+async fn read_log_range(
+    c: &mut crate::client::Client,
+    pg: borealis_common::PgId,
+    mut after: borealis_common::Lsn,
+    chunk_bytes: u32,
+) -> Vec<Response> {
+    let mut out = Vec::new();
+    for _ in 0..256 {
+        let req = crate::proto::Request::ReadLog {
+            pg,
+            after,
+            max_bytes: chunk_bytes,
+        };
+        let Ok(chunk @ Response::LogChunk { .. }) = c.call(&req).await else {
+            break;
+        };
+        let Response::LogChunk { records, more, .. } = &chunk else {
+            break;
+        };
+        let last = records
+            .last()
+            .and_then(|r| borealis_redo::decode_header(&r.bytes).ok())
+            .map(|h| h.lsn);
+        let more = *more;
+        out.push(chunk);
+        match last {
+            Some(l) if more => after = l,
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Largest snapshot a rebuild accepts (a PG's page images plus its live records).
+const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
+
+/// Reads a whole snapshot of `pg` from a peer, chunk by chunk; starts over (a
+/// bounded number of times) if the peer replaced the snapshot meanwhile.
+async fn fetch_snapshot(
+    c: &mut crate::client::Client,
+    pg: borealis_common::PgId,
+    chunk_bytes: u32,
+) -> Result<Vec<u8>, String> {
+    for _attempt in 0..3 {
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut snapshot_id = None;
+        // Every exit from this loop but a return means "start over".
+        loop {
+            let req = crate::proto::Request::Snapshot {
+                pg,
+                offset: bytes.len() as u64,
+                max_bytes: chunk_bytes,
+            };
+            match c.call(&req).await.map_err(|e| e.to_string())? {
+                Response::SnapshotChunk {
+                    id,
+                    total,
+                    offset,
+                    bytes: chunk,
+                    ..
+                } => {
+                    if total > MAX_SNAPSHOT_BYTES {
+                        return Err(format!("snapshot of {total} bytes is over the limit"));
+                    }
+                    if snapshot_id.is_some_and(|s| s != id) || offset != bytes.len() as u64 {
+                        break; // replaced by another reader's snapshot
+                    }
+                    snapshot_id = Some(id);
+                    if chunk.is_empty() && (bytes.len() as u64) < total {
+                        return Err("empty snapshot chunk".into());
+                    }
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() as u64 >= total {
+                        return Ok(bytes);
+                    }
+                }
+                Response::Error { message, .. } if snapshot_id.is_some() => {
+                    log::debug!("snapshot of {pg} restarted: {message}");
+                    break;
+                }
+                other => return Err(format!("unexpected answer {other:?}")),
+            }
+        }
+    }
+    Err("snapshot kept changing under the reader".into())
 }

@@ -49,6 +49,7 @@ fn append(epoch: u64, recs: &[Record], complete_to: Lsn) -> Request {
         pgmrpl: Lsn::ZERO,
         pgs: vec![PgBatch {
             pg: PG,
+            membership_epoch: 0,
             complete_to,
             pg_last: recs.last().map(|r| r.lsn).unwrap_or(Lsn::ZERO),
             records: recs.iter().map(Record::encode).collect(),
@@ -574,4 +575,334 @@ fn file_disk_journal_restores_lost_segment_writes() {
     drop(d);
     std::fs::write(dir.path().join("journal.log"), b"not a journal at all").unwrap();
     assert!(FileDisk::open(dir.path()).is_err());
+}
+
+fn with_membership(mut req: Request, membership_epoch: u64) -> Request {
+    if let Request::Append(a) = &mut req {
+        for b in &mut a.pgs {
+            b.membership_epoch = membership_epoch;
+        }
+    }
+    req
+}
+
+#[test]
+fn stale_membership_epochs_are_refused_even_after_a_restart() {
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(6);
+    acked(node.handle(with_membership(append(1, &recs[..3], Lsn(3)), 2)));
+    sync(&mut node);
+    // The same writer epoch, an older segment set: refused whole, nothing written.
+    let r = node.handle(with_membership(append(1, &recs[3..], Lsn(6)), 1));
+    assert!(
+        matches!(
+            r,
+            Handled::Reply(Response::Error {
+                code: ErrorCode::StaleMembership,
+                detail: 2,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(node.segment(PG).unwrap().max_lsn(), Lsn(3));
+    // Durable: a restarted node still refuses it.
+    drop(node);
+    let mut node = open(&disk);
+    assert_eq!(node.segment(PG).unwrap().membership_epoch(), 2);
+    let r = node.handle(with_membership(append(1, &recs[3..], Lsn(6)), 1));
+    assert!(matches!(
+        r,
+        Handled::Reply(Response::Error {
+            code: ErrorCode::StaleMembership,
+            ..
+        })
+    ));
+    // The current (or a newer) membership is accepted.
+    acked(node.handle(with_membership(append(1, &recs[3..], Lsn(6)), 3)));
+    assert_eq!(node.segment(PG).unwrap().membership_epoch(), 3);
+}
+
+/// A peer that folded its records into page images rebuilds a fresh segment only
+/// through a snapshot; records the new segment got meanwhile are kept.
+#[test]
+fn a_fresh_segment_is_rebuilt_from_a_gc_ed_peer_by_snapshot() {
+    let peer_disk = MemDisk::new();
+    let mut peer = open(&peer_disk);
+    install(&mut peer, 1, &[]);
+    let recs = records(40);
+    let mut req = append(1, &recs[..30], Lsn(30));
+    if let Request::Append(a) = &mut req {
+        a.vdl_hint = Lsn(30);
+        a.pgmrpl = Lsn(25);
+    }
+    peer.handle(req);
+    sync(&mut peer);
+    peer.tick();
+    let floor = peer.segment(PG).unwrap().gc_floor();
+    assert_eq!(floor, Lsn(25));
+
+    // The replacement got the newest records from the writer already.
+    let disk = MemDisk::new();
+    let mut fresh = open(&disk);
+    install(&mut fresh, 1, &[]);
+    acked(fresh.handle(append(1, &recs[30..], Lsn(40))));
+    sync(&mut fresh);
+    assert!(fresh.needs_snapshot(PG, floor));
+    let mut bytes = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        match peer.handle(Request::Snapshot {
+            pg: PG,
+            offset,
+            max_bytes: 4096,
+        }) {
+            Handled::Reply(Response::SnapshotChunk {
+                total, bytes: b, ..
+            }) => {
+                bytes.extend_from_slice(&b);
+                offset = bytes.len() as u64;
+                if offset >= total {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    fresh.install_snapshot(PG, &bytes).unwrap();
+    // Records 31..40 were already here; 26..30 come from the snapshot's records.
+    fresh.handle(append(1, &[], Lsn(40)));
+    for p in 0..3 {
+        for at in [25, 30, 40] {
+            assert_eq!(
+                page(&mut fresh, p, Lsn(at)).unwrap(),
+                model_page(&recs, p, Lsn(at)),
+                "page {p} at {at}"
+            );
+        }
+    }
+    assert!(!fresh.needs_snapshot(PG, floor));
+    // And all of it is durable in the replaced log.
+    drop(fresh);
+    let mut fresh = open(&disk);
+    assert_eq!(
+        page(&mut fresh, 1, Lsn(40)).unwrap(),
+        model_page(&recs, 1, Lsn(40))
+    );
+}
+
+/// Bit rot in a segment file: the scrubber finds it, reports it in health and
+/// metrics, repairs it (here with a peer's copy of the range) and the log replays
+/// whole afterwards. Without the repair, a restart would cut the log at the flipped
+/// byte and lose every record after it.
+#[test]
+fn scrub_finds_a_flipped_byte_in_a_segment_file_and_repairs_it() {
+    use crate::disk::FileDisk;
+    let dir = tempfile::tempdir().unwrap();
+    let recs = records(50);
+    let limits = NodeLimits::default();
+    let open_file =
+        || Node::open("f", FileDisk::open(dir.path()).unwrap(), limits.clone()).unwrap();
+    let mut node = open_file();
+    let handle = |node: &mut Node<FileDisk>, req: Request| match node.handle(req) {
+        Handled::Reply(r) | Handled::AfterSync(r) => r,
+    };
+    handle(
+        &mut node,
+        Request::InstallEpoch {
+            epoch: Epoch(1),
+            history: vec![],
+        },
+    );
+    handle(&mut node, append(1, &recs, Lsn(50)));
+    if let Some(job) = node.take_sync() {
+        node.sync_done(&job(), std::time::Duration::ZERO);
+    }
+    // The records are durable in the node journal; reopening writes them into the
+    // segment file (journal replay), which is what scrubbing reads.
+    drop(node);
+    let mut node = open_file();
+    // A clean pass finds nothing.
+    for _ in 0..4 {
+        node.scrub_step();
+    }
+    assert_eq!(node.stats.scrub_corruptions_total, 0);
+    assert!(node.stats.scrub_bytes_total > 0);
+    // Flip one byte in the middle of the file.
+    let file = dir.path().join(format!("segment-{:08}.log", PG.0));
+    let written = node.segment(PG).unwrap().log_bytes as usize;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, (written / 2) as u64).unwrap();
+        b[0] ^= 0x10;
+        f.write_all_at(&b, (written / 2) as u64).unwrap();
+    }
+    for _ in 0..4 {
+        node.scrub_step();
+    }
+    assert_eq!(node.stats.scrub_corruptions_total, 1);
+    let repairs = node.pending_repairs();
+    assert_eq!(repairs.len(), 1, "{repairs:?}");
+    let (pg, good) = repairs[0];
+    assert!(
+        good > Lsn::ZERO && good < Lsn(50),
+        "last good record {good}"
+    );
+    let health = node.health();
+    assert!(
+        health["scrub"]["last_corruption"]
+            .as_str()
+            .is_some_and(|s| s.contains("CRC")),
+        "{health}"
+    );
+    assert!(node
+        .metrics()
+        .contains("borealis_storage_scrub_corruptions_total{node=\"f\"} 1"));
+    // A peer's copy of the damaged range.
+    let peer_disk = MemDisk::new();
+    let mut peer = open(&peer_disk);
+    install(&mut peer, 1, &[]);
+    peer.handle(append(1, &recs, Lsn(50)));
+    sync(&mut peer);
+    let chunk = match peer.handle(Request::ReadLog {
+        pg,
+        after: good,
+        max_bytes: 1 << 20,
+    }) {
+        Handled::Reply(r) => r,
+        other => panic!("{other:?}"),
+    };
+    node.repair(pg, &[chunk]).unwrap();
+    assert!(node.pending_repairs().is_empty());
+    assert_eq!(node.stats.scrub_repairs_total, 1);
+    for _ in 0..4 {
+        node.scrub_step();
+    }
+    assert_eq!(
+        node.stats.scrub_corruptions_total, 1,
+        "the rewrite is clean"
+    );
+    drop(node);
+    let mut node = open_file();
+    assert_eq!(node.stats.torn_tails_cut, 0);
+    assert_eq!(node.segment(PG).unwrap().scl(), Lsn(50));
+    for p in 0..3 {
+        let got = match node.handle(Request::GetPage {
+            pg: PG,
+            page: p,
+            read_lsn: Lsn(50),
+        }) {
+            Handled::Reply(Response::Page { bytes }) => Page::from_bytes(&bytes).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, model_page(&recs, p, Lsn(50)));
+    }
+}
+
+/// The running node: a flipped byte in a segment file is found by the background
+/// scrub, shown in `/health`, and repaired from a peer by the gossip task; the node
+/// restarts with its whole log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_node_scrubs_and_repairs_a_flipped_byte_from_a_peer() {
+    use std::time::Duration;
+    let recs = records(200);
+    let start = |dir: &std::path::Path, name: &str, peers: Vec<std::net::SocketAddr>| {
+        let mut cfg = crate::NodeConfig::new(
+            dir.to_path_buf(),
+            name,
+            "az-a",
+            "127.0.0.1:0".parse().unwrap(),
+        );
+        cfg.http = Some("127.0.0.1:0".parse().unwrap());
+        cfg.peers = peers;
+        cfg.scrub_interval = Duration::from_millis(10);
+        cfg.gossip_interval = Duration::from_millis(20);
+        crate::start(cfg)
+    };
+    let peer_dir = tempfile::tempdir().unwrap();
+    let peer = start(peer_dir.path(), "peer", vec![]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path(), "n", vec![peer.addr]).await.unwrap();
+    for addr in [peer.addr, node.addr] {
+        let mut c = crate::client::Client::connect(addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        c.call(&Request::InstallEpoch {
+            epoch: Epoch(1),
+            history: vec![],
+        })
+        .await
+        .unwrap();
+        let r = c.call(&append(1, &recs, Lsn(200))).await.unwrap();
+        assert!(matches!(r, Response::Appended { .. }), "{r:?}");
+    }
+    // The records are durable in the node journal; a restart writes them into the
+    // segment file (journal replay), which is what scrubbing reads.
+    node.kill().await;
+    let node = start(dir.path(), "n", vec![peer.addr]).await.unwrap();
+    let file = dir.path().join(format!("segment-{:08}.log", PG.0));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&file)
+            .unwrap();
+        let at = 3000u64; // inside the records, well before the end of the log
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 0x01;
+        f.write_all_at(&b, at).unwrap();
+    }
+    let http = node.http_addr.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        let (_, h) = borealis_common::http::get_json(http, "/health", Duration::from_secs(5))
+            .await
+            .unwrap();
+        if h["scrub"]["repairs_total"].as_u64() >= Some(1) {
+            break h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never repaired: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health["scrub"]["corruptions_total"], 1, "{health}");
+    assert!(health["scrub"]["last_corruption"]
+        .as_str()
+        .is_some_and(|s| s.contains("offset")));
+    node.kill().await;
+    // The whole log replays: nothing cut at the flipped byte.
+    let mut reopened = Node::open(
+        "n",
+        crate::disk::FileDisk::open(dir.path()).unwrap(),
+        NodeLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(reopened.stats.torn_tails_cut, 0);
+    assert_eq!(reopened.segment(PG).unwrap().max_lsn(), Lsn(200));
+    match reopened.handle(Request::GetPage {
+        pg: PG,
+        page: 2,
+        read_lsn: Lsn(200),
+    }) {
+        Handled::Reply(Response::Page { bytes }) => {
+            assert_eq!(
+                Page::from_bytes(&bytes).unwrap(),
+                model_page(&recs, 2, Lsn(200))
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    peer.kill().await;
 }

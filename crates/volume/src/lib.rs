@@ -50,7 +50,7 @@ use borealis_redo::{Op, Page, Record};
 use std::sync::Arc;
 
 pub use memory::MemoryVolume;
-pub use quorum::QuorumConfig;
+pub use quorum::{QuorumConfig, TransitionStatus};
 pub use remote::RemoteVolume;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -190,6 +190,33 @@ impl Volume {
         self.status().vdl
     }
 
+    /// Adopts a newer topology from the control plane without a restart (a
+    /// membership change: a segment being replaced, or a replacement completing).
+    /// Returns whether anything changed. An in-memory volume has no placement.
+    pub fn update_topology(&self, topology: &Topology) -> Result<bool, VolumeError> {
+        match &*self.backend {
+            Backend::Memory(_) => Ok(false),
+            Backend::Remote(r) => r.update_topology(topology),
+        }
+    }
+
+    /// Segment replacements in progress as the writer sees them (for the control
+    /// plane, which completes a replacement once the new segments caught up).
+    pub fn transitions(&self) -> Vec<TransitionStatus> {
+        match &*self.backend {
+            Backend::Memory(_) => Vec::new(),
+            Backend::Remote(r) => r.transitions(),
+        }
+    }
+
+    /// Membership epochs the writer uses, by group (`None`: the default segments).
+    pub fn membership_epochs(&self) -> Vec<(Option<borealis_common::PgId>, u64)> {
+        match &*self.backend {
+            Backend::Memory(_) => Vec::new(),
+            Backend::Remote(r) => r.membership_epochs(),
+        }
+    }
+
     pub fn status(&self) -> VolumeStatus {
         match &*self.backend {
             Backend::Memory(m) => m.status(),
@@ -208,6 +235,14 @@ pub struct Topology {
     pub protection_groups: Vec<PgPlacement>,
     /// Node names (6, two per AZ) for PGs without an explicit placement.
     pub default_segments: Vec<String>,
+    /// Membership epoch of the default segments (bumped at each step of a segment
+    /// replacement, like a [`PgPlacement`]'s).
+    #[serde(default)]
+    pub default_membership_epoch: u64,
+    /// During a segment replacement: the six the default segments are moving to
+    /// (empty otherwise). Writes need a write quorum of both sets meanwhile.
+    #[serde(default)]
+    pub default_next_segments: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -224,4 +259,7 @@ pub struct PgPlacement {
     pub membership_epoch: u64,
     /// Node names hosting the PG's 6 segments.
     pub segments: Vec<String>,
+    /// During a segment replacement: the six it is moving to (empty otherwise).
+    #[serde(default)]
+    pub next_segments: Vec<String>,
 }

@@ -17,6 +17,26 @@
 //! no consensus on the I/O path (invariant 5), storage nodes never vote.
 //! The writer never allocates beyond VDL + LAL, which is also what bounds the tail
 //! recovery must scan above the VDL hint the segments persist (invariant 8).
+//!
+//! # Segment replacement (membership epochs)
+//!
+//! A PG's segment set is a [`Membership`]: six nodes and a membership epoch. To
+//! replace a segment the control plane moves the PG through two epochs:
+//!
+//! ```text
+//!   E     segments = {A,B,C,D,E,X}                     write quorum 4/6 of it
+//!   E+1   segments = {A,B,C,D,E,X}, next = {A,B,C,D,E,N}
+//!         write quorum: 4/6 of the old six AND 4/6 of the new six (I/O never stops:
+//!         A..E alone satisfy both); read quorum (recovery): 3/6 of the old six,
+//!         since what was acknowledged under E alone may be on only 3 of the new
+//!         six; N is rebuilt from peers meanwhile and gets every new record
+//!   E+2   segments = {A,B,C,D,E,N}    once N's SCL reached the PG's tail as of
+//!         the writer adopting E+1 (every record acknowledged under E alone)
+//! ```
+//!
+//! Acks are kept per node index (not per slot), so a record's quorum can be judged
+//! against whichever membership is current when its acks arrive. Every append
+//! carries the PG's membership epoch and segments refuse older ones.
 
 use crate::{Topology, VolumeError};
 use borealis_common::{Epoch, Geometry, Lsn, PageNo, PgId};
@@ -61,6 +81,20 @@ pub struct QuorumConfig {
     /// instead of one network round and one fdatasync per statement per node.
     pub auto_flush_bytes: usize,
     pub auto_flush_records: u64,
+    /// How a PG in a segment replacement counts its write quorum. Always
+    /// [`TransitionQuorum::BothSets`] outside tests.
+    pub transition_quorum: TransitionQuorum,
+}
+
+/// Write quorum of a PG whose membership is in transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionQuorum {
+    /// 4/6 of the old six and 4/6 of the new six: correct.
+    BothSets,
+    /// 4/6 of the new six only. Deliberately wrong (a record can then sit on only 3
+    /// of the old six, and a read quorum of the old six misses it); exists so the
+    /// simulation can show that its invariants catch a broken transition.
+    NewSetOnly,
 }
 
 impl Default for QuorumConfig {
@@ -80,57 +114,194 @@ impl Default for QuorumConfig {
             read_queue_depth: 1024,
             auto_flush_bytes: 256 << 10,
             auto_flush_records: 2048,
+            transition_quorum: TransitionQuorum::BothSets,
         }
     }
 }
 
+/// Most storage nodes a writer tracks (acks are a bitmask over node indices).
+pub const MAX_STORAGE_NODES: usize = 64;
+
+/// A PG's segment set, versioned by its membership epoch. During a segment
+/// replacement `next` is the set being moved to; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub epoch: u64,
+    pub segments: [usize; SEGMENTS],
+    pub next: Option<[usize; SEGMENTS]>,
+}
+
+impl Membership {
+    pub fn stable(epoch: u64, segments: [usize; SEGMENTS]) -> Membership {
+        Membership {
+            epoch,
+            segments,
+            next: None,
+        }
+    }
+
+    /// Every node that must get the PG's records: the old six and the new six.
+    pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
+        let segments = self.segments;
+        self.segments.into_iter().chain(
+            self.next
+                .into_iter()
+                .flatten()
+                .filter(move |n| !segments.contains(n)),
+        )
+    }
+
+    pub fn contains(&self, node: usize) -> bool {
+        self.segments.contains(&node) || self.next.is_some_and(|n| n.contains(&node))
+    }
+
+    /// The segment sets each of which must hold a write quorum (one, or two during
+    /// a replacement) under `rule`.
+    fn write_sets(&self, rule: TransitionQuorum) -> [Option<&[usize; SEGMENTS]>; 2] {
+        match (&self.next, rule) {
+            (None, _) => [Some(&self.segments), None],
+            (Some(next), TransitionQuorum::BothSets) => [Some(&self.segments), Some(next)],
+            (Some(next), TransitionQuorum::NewSetOnly) => [Some(next), None],
+        }
+    }
+
+    /// Whether the nodes in the `acked` bitmask make a write quorum.
+    pub fn write_quorum(&self, acked: u64, rule: TransitionQuorum) -> bool {
+        self.write_sets(rule)
+            .into_iter()
+            .flatten()
+            .all(|set| count_in(set, acked) >= WRITE_QUORUM)
+    }
+
+    /// Whether answers from `nodes` make a read quorum: 3 of the (old) six. Not 3 of
+    /// the new six during a replacement: a record acknowledged before the writer
+    /// adopted the transition sits on 4 of the old six only, which may leave just
+    /// 3 of the new six holding it, and the joining segment may not have it yet.
+    /// The old six cover everything: transitional writes need 4 of them too.
+    pub fn read_quorum(&self, nodes: &[usize]) -> bool {
+        let mask = nodes
+            .iter()
+            .filter(|n| **n < MAX_STORAGE_NODES)
+            .fold(0u64, |m, n| m | 1 << n);
+        count_in(&self.segments, mask) as usize >= READ_QUORUM
+    }
+
+    /// Whether every member acked.
+    fn all_acked(&self, acked: u64) -> bool {
+        self.members().all(|n| acked & (1 << n) != 0)
+    }
+}
+
+fn count_in(set: &[usize; SEGMENTS], acked: u64) -> u32 {
+    set.iter().filter(|n| acked & (1u64 << **n) != 0).count() as u32
+}
+
 /// Topology resolved to node indices.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     pub names: Vec<String>,
     pub azs: Vec<String>,
     pub addrs: Vec<SocketAddr>,
-    default: [usize; SEGMENTS],
-    explicit: HashMap<PgId, [usize; SEGMENTS]>,
+    default: Membership,
+    explicit: HashMap<PgId, Membership>,
 }
 
 impl Placement {
     pub fn from_topology(t: &Topology) -> Result<Placement, VolumeError> {
-        let index: HashMap<&str, usize> = t
-            .nodes
+        Self::from_topology_keeping(t, None)
+    }
+
+    /// Resolves `t`, keeping the node indices of `previous` (a writer that learns a
+    /// new topology keeps its per-node state; new nodes are appended, nodes that
+    /// left keep their index and simply host nothing).
+    pub fn from_topology_keeping(
+        t: &Topology,
+        previous: Option<&Placement>,
+    ) -> Result<Placement, VolumeError> {
+        let bad = |why: String| VolumeError::Unavailable {
+            pg: PgId(0),
+            why: format!("topology: {why}"),
+        };
+        let (mut names, mut azs, mut addrs) = match previous {
+            Some(p) => (p.names.clone(), p.azs.clone(), p.addrs.clone()),
+            None => (Vec::new(), Vec::new(), Vec::new()),
+        };
+        for n in &t.nodes {
+            match names.iter().position(|x| *x == n.name) {
+                Some(i) => {
+                    azs[i] = n.az.clone();
+                    addrs[i] = n.addr;
+                }
+                None => {
+                    names.push(n.name.clone());
+                    azs.push(n.az.clone());
+                    addrs.push(n.addr);
+                }
+            }
+        }
+        if names.len() > MAX_STORAGE_NODES {
+            return Err(bad(format!(
+                "{} storage nodes, at most {MAX_STORAGE_NODES}",
+                names.len()
+            )));
+        }
+        let index: HashMap<&str, usize> = names
             .iter()
             .enumerate()
-            .map(|(i, n)| (n.name.as_str(), i))
+            .map(|(i, n)| (n.as_str(), i))
             .collect();
         let resolve = |names: &[String], what: &str| -> Result<[usize; SEGMENTS], VolumeError> {
-            let bad = |why: String| VolumeError::Unavailable {
-                pg: PgId(0),
-                why: format!("topology: {what}: {why}"),
-            };
             if names.len() != SEGMENTS {
-                return Err(bad(format!("{} segments, need {SEGMENTS}", names.len())));
+                return Err(bad(format!(
+                    "{what}: {} segments, need {SEGMENTS}",
+                    names.len()
+                )));
             }
             let mut out = [0usize; SEGMENTS];
             for (i, n) in names.iter().enumerate() {
                 out[i] = *index
                     .get(n.as_str())
-                    .ok_or_else(|| bad(format!("unknown node {n}")))?;
+                    .ok_or_else(|| bad(format!("{what}: unknown node {n}")))?;
             }
             let distinct: BTreeSet<usize> = out.iter().copied().collect();
             if distinct.len() != SEGMENTS {
-                return Err(bad("segments must be on 6 distinct nodes".into()));
+                return Err(bad(format!("{what}: segments must be on 6 distinct nodes")));
             }
             Ok(out)
         };
-        let default = resolve(&t.default_segments, "default_segments")?;
+        let membership = |epoch: u64, segments: &[String], next: &[String], what: &str| {
+            Ok::<_, VolumeError>(Membership {
+                epoch,
+                segments: resolve(segments, what)?,
+                next: if next.is_empty() {
+                    None
+                } else {
+                    Some(resolve(next, what)?)
+                },
+            })
+        };
+        let default = membership(
+            t.default_membership_epoch,
+            &t.default_segments,
+            &t.default_next_segments,
+            "default_segments",
+        )?;
         let mut explicit = HashMap::new();
         for p in &t.protection_groups {
-            explicit.insert(p.pg, resolve(&p.segments, &p.pg.to_string())?);
+            explicit.insert(
+                p.pg,
+                membership(
+                    p.membership_epoch,
+                    &p.segments,
+                    &p.next_segments,
+                    &p.pg.to_string(),
+                )?,
+            );
         }
         Ok(Placement {
-            names: t.nodes.iter().map(|n| n.name.clone()).collect(),
-            azs: t.nodes.iter().map(|n| n.az.clone()).collect(),
-            addrs: t.nodes.iter().map(|n| n.addr).collect(),
+            names,
+            azs,
+            addrs,
             default,
             explicit,
         })
@@ -142,35 +313,111 @@ impl Placement {
             names,
             azs,
             addrs,
-            default: [0, 1, 2, 3, 4, 5],
+            default: Membership::stable(0, [0, 1, 2, 3, 4, 5]),
             explicit: HashMap::new(),
         }
+    }
+
+    /// Adds a node (the simulation's control plane); returns its index.
+    pub fn add_node(&mut self, name: String, az: String, addr: SocketAddr) -> usize {
+        self.names.push(name);
+        self.azs.push(az);
+        self.addrs.push(addr);
+        self.names.len() - 1
+    }
+
+    pub fn default_membership(&self) -> Membership {
+        self.default
+    }
+
+    /// Replaces the membership PGs without an explicit placement use.
+    pub fn set_default_membership(&mut self, m: Membership) {
+        self.default = m;
     }
 
     pub fn node_count(&self) -> usize {
         self.names.len()
     }
 
-    /// The nodes hosting `pg`'s six segments: its explicit placement, or the default
-    /// segments (a PG grows into existence there on its first record).
-    pub fn segments(&self, pg: PgId) -> [usize; SEGMENTS] {
+    pub fn membership(&self, pg: PgId) -> Membership {
+        if self.explicit.is_empty() {
+            return self.default; // the common case, on the ack path
+        }
         self.explicit.get(&pg).copied().unwrap_or(self.default)
     }
 
-    pub fn slot(&self, pg: PgId, node: usize) -> Option<usize> {
-        self.segments(pg).iter().position(|&n| n == node)
+    /// The nodes hosting `pg`'s six (current) segments: its explicit placement, or
+    /// the default segments (a PG grows into existence there on its first record).
+    pub fn segments(&self, pg: PgId) -> [usize; SEGMENTS] {
+        self.membership(pg).segments
     }
 
-    /// Every distinct segment set (the default one and each explicit placement).
+    /// Whether `node` hosts any segment (old or new) of any PG.
+    pub fn hosts_segments(&self, node: usize) -> bool {
+        self.default.contains(node) || self.explicit.values().any(|m| m.contains(node))
+    }
+
+    /// Whether `node` hosts a segment of `pg`, old or new.
+    pub fn is_member(&self, pg: PgId, node: usize) -> bool {
+        self.membership(pg).contains(node)
+    }
+
+    /// Every node that must get `pg`'s records (up to 12 during a replacement).
+    pub fn members(&self, pg: PgId) -> impl Iterator<Item = usize> {
+        let m = self.membership(pg);
+        let segments = m.segments;
+        m.segments.into_iter().chain(
+            m.next
+                .into_iter()
+                .flatten()
+                .filter(move |n| !segments.contains(n)),
+        )
+    }
+
+    /// Every distinct segment set (the default one and each explicit placement, old
+    /// and new sets of those in transition): recovery needs its quorums in each.
     pub fn groups(&self) -> Vec<[usize; SEGMENTS]> {
-        let mut v: Vec<[usize; SEGMENTS]> = vec![self.default];
-        for s in self.explicit.values() {
-            if !v.contains(s) {
-                v.push(*s);
+        let mut v: Vec<[usize; SEGMENTS]> = Vec::new();
+        for m in std::iter::once(&self.default).chain(self.explicit.values()) {
+            for s in std::iter::once(m.segments).chain(m.next) {
+                if !v.contains(&s) {
+                    v.push(s);
+                }
             }
         }
         v
     }
+
+    /// Memberships by group: `None` is the default one.
+    pub fn memberships(&self) -> Vec<(Option<PgId>, Membership)> {
+        let mut v = vec![(None, self.default)];
+        let mut explicit: Vec<_> = self.explicit.iter().map(|(p, m)| (Some(*p), *m)).collect();
+        explicit.sort_by_key(|(p, _)| *p);
+        v.extend(explicit);
+        v
+    }
+
+    /// The group `pg` belongs to: its own explicit placement, or the default.
+    pub fn group_of(&self, pg: PgId) -> Option<PgId> {
+        self.explicit.contains_key(&pg).then_some(pg)
+    }
+}
+
+/// A segment replacement as the writer sees it, for the control plane: the
+/// replacement may complete once every joining node's segment of each of `pgs`
+/// has an SCL of at least `catch_up_lsn`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TransitionStatus {
+    /// The explicit placement's PG, or `None` for the default segments.
+    pub group: Option<PgId>,
+    pub membership_epoch: u64,
+    /// Nodes in the new set but not the old one.
+    pub joining: Vec<String>,
+    /// The writer's last LSN when it adopted this membership: every record
+    /// acknowledged under the old set alone is at or below it.
+    pub catch_up_lsn: Lsn,
+    /// PGs of the group that have records.
+    pub pgs: Vec<PgId>,
 }
 
 #[derive(Debug, Clone)]
@@ -178,8 +425,9 @@ struct Pending {
     pg: PgId,
     bytes: Vec<u8>,
     cpl: bool,
-    /// Bit i: acked by the PG's segment in slot i.
-    acked: u8,
+    /// Bit n: acked by node n (a node index of the placement, not a slot, so that
+    /// a membership change does not reinterpret acks already counted).
+    acked: u64,
 }
 
 #[derive(Debug, Default)]
@@ -202,6 +450,9 @@ pub struct AckEffect {
     pub fenced: bool,
     /// The node needs the epoch (re)installed: reset its connection.
     pub reset_node: bool,
+    /// A segment has seen a newer membership epoch than ours: the writer must learn
+    /// the new placement (the driver asks whoever owns the topology).
+    pub stale_membership: bool,
 }
 
 pub struct WriterCore {
@@ -233,6 +484,8 @@ pub struct WriterCore {
     nodes: Vec<NodeSend>,
     fenced: Option<Epoch>,
     cfg: QuorumConfig,
+    /// Memberships in transition: group -> (membership epoch, catch-up LSN).
+    catch_up: HashMap<Option<PgId>, (u64, Lsn)>,
 }
 
 /// Where recovery left the volume: the writer starts from here.
@@ -278,7 +531,9 @@ impl WriterCore {
             nodes: (0..n).map(|_| NodeSend::default()).collect(),
             fenced: None,
             cfg,
+            catch_up: HashMap::new(),
         };
+        core.note_transitions();
         for (pg, lsn, bytes) in rec.replicate {
             let cpl = borealis_redo::decode_header(&bytes)
                 .map(|h| h.is_cpl())
@@ -293,7 +548,7 @@ impl WriterCore {
                 },
             );
             core.rereplicating.insert(lsn);
-            for node in core.placement.segments(pg) {
+            for node in core.placement.members(pg) {
                 core.nodes[node].queue.push_back(lsn);
             }
         }
@@ -383,7 +638,7 @@ impl WriterCore {
                     acked: 0,
                 },
             );
-            for node in self.placement.segments(pg) {
+            for node in self.placement.members(pg) {
                 self.nodes[node].queue.push_back(lsn);
             }
             out.push(record);
@@ -412,7 +667,7 @@ impl WriterCore {
         for (l, p) in self.outstanding.range(from.next()..=to) {
             self.unflushed_bytes = self.unflushed_bytes.saturating_sub(p.bytes.len());
             self.pg_tail_flushed.insert(p.pg, *l);
-            wake.extend(self.placement.segments(p.pg));
+            wake.extend(self.placement.members(p.pg));
         }
         self.flush_lsn = to;
         if to == self.last_lsn {
@@ -444,12 +699,97 @@ impl WriterCore {
         ns.sent_complete.clear();
         ns.queue.clear();
         for (lsn, p) in &self.outstanding {
-            if let Some(slot) = self.placement.slot(p.pg, node) {
-                if p.acked & (1 << slot) == 0 {
+            if self.placement.is_member(p.pg, node) && p.acked & (1 << node) == 0 {
+                ns.queue.push_back(*lsn);
+            }
+        }
+    }
+
+    /// Adopts a new placement (a membership change from the control plane). Node
+    /// indices must be kept (see [`Placement::from_topology_keeping`]). Nodes that
+    /// joined a PG get its outstanding records; a PG entering a transition records
+    /// its catch-up point. Returns the nodes to wake (their queues changed).
+    pub fn update_placement(&mut self, placement: Placement) -> BTreeSet<usize> {
+        let old = std::mem::replace(&mut self.placement, placement);
+        while self.nodes.len() < self.placement.node_count() {
+            self.nodes.push(NodeSend::default());
+        }
+        let changed: BTreeSet<usize> = (0..self.placement.node_count())
+            .filter(|n| {
+                self.pg_tail
+                    .keys()
+                    .any(|pg| old.is_member(*pg, *n) != self.placement.is_member(*pg, *n))
+                    || old.default_membership().contains(*n)
+                        != self.placement.default_membership().contains(*n)
+            })
+            .collect();
+        for &n in &changed {
+            // Re-queue from scratch in LSN order: whatever it holds is re-sent at
+            // worst (segments ack duplicates), and completeness claims go out again.
+            let Some(ns) = self.nodes.get_mut(n) else {
+                continue;
+            };
+            ns.queue.clear();
+            ns.sent_complete.clear();
+            for (lsn, p) in &self.outstanding {
+                if self.placement.is_member(p.pg, n) && p.acked & (1 << n) == 0 {
                     ns.queue.push_back(*lsn);
                 }
             }
         }
+        self.note_transitions();
+        // Acks already counted may make a quorum under the new membership.
+        self.advance();
+        changed
+    }
+
+    /// Records the catch-up point of memberships that entered a transition (or a
+    /// newer transitional epoch), and forgets those that left it.
+    fn note_transitions(&mut self) {
+        let mut live = HashMap::new();
+        for (group, m) in self.placement.memberships() {
+            if m.next.is_none() {
+                continue;
+            }
+            let point = match self.catch_up.get(&group) {
+                Some((e, l)) if *e == m.epoch => *l,
+                _ => self.last_lsn,
+            };
+            live.insert(group, (m.epoch, point));
+        }
+        self.catch_up = live;
+    }
+
+    /// Segment replacements in progress, for the control plane (see
+    /// [`TransitionStatus`]).
+    pub fn transitions(&self) -> Vec<TransitionStatus> {
+        let mut out = Vec::new();
+        for (group, m) in self.placement.memberships() {
+            let (Some(next), Some((epoch, lsn))) = (m.next, self.catch_up.get(&group)) else {
+                continue;
+            };
+            if *epoch != m.epoch {
+                continue;
+            }
+            let pgs = self
+                .pg_tail
+                .keys()
+                .copied()
+                .filter(|pg| self.placement.group_of(*pg) == group)
+                .collect();
+            out.push(TransitionStatus {
+                group,
+                membership_epoch: m.epoch,
+                joining: next
+                    .iter()
+                    .filter(|n| !m.segments.contains(n))
+                    .filter_map(|n| self.placement.names.get(*n).cloned())
+                    .collect(),
+                catch_up_lsn: *lsn,
+                pgs,
+            });
+        }
+        out
     }
 
     /// The next append batch for `node`, if it is ready, has room in flight and there
@@ -494,7 +834,7 @@ impl WriterCore {
             .collect();
         let mut pgs = Vec::new();
         for (pg, tail) in &self.pg_tail_flushed {
-            if !self.placement.segments(*pg).contains(&node) {
+            if !self.placement.is_member(*pg, node) {
                 continue;
             }
             let records = per_pg.remove(pg).unwrap_or_default();
@@ -515,6 +855,7 @@ impl WriterCore {
             ns.sent_complete.insert(*pg, complete_to);
             pgs.push(PgBatch {
                 pg: *pg,
+                membership_epoch: self.placement.membership(*pg).epoch,
                 complete_to,
                 pg_last,
                 records: records.into_iter().map(|(_, b)| b).collect(),
@@ -548,10 +889,12 @@ impl WriterCore {
                 if *epoch != self.epoch {
                     return fx;
                 }
+                let rule = self.cfg.transition_quorum;
                 for ack in pgs {
-                    let Some(slot) = self.placement.slot(ack.pg, node) else {
+                    if !self.placement.is_member(ack.pg, node) {
                         continue;
-                    };
+                    }
+                    let membership = self.placement.membership(ack.pg);
                     if let Some(ns) = self.nodes.get_mut(node) {
                         let s = ns.scl.entry(ack.pg).or_default();
                         *s = (*s).max(ack.scl);
@@ -559,8 +902,8 @@ impl WriterCore {
                     for lsn in &ack.lsns {
                         if let Some(p) = self.outstanding.get_mut(lsn) {
                             if p.pg == ack.pg {
-                                p.acked |= 1 << slot;
-                                if p.acked.count_ones() >= WRITE_QUORUM {
+                                p.acked |= 1 << node;
+                                if membership.write_quorum(p.acked, rule) {
                                     self.rereplicating.remove(lsn);
                                 }
                             }
@@ -580,6 +923,22 @@ impl WriterCore {
                 );
                 self.fenced = Some(Epoch(*detail));
                 fx.fenced = true;
+            }
+            Response::Error {
+                code: ErrorCode::StaleMembership,
+                detail,
+                message,
+            } => {
+                log::warn!(
+                    "storage node {} has membership epoch {detail}, newer than ours: {message}",
+                    self.placement
+                        .names
+                        .get(node)
+                        .map(String::as_str)
+                        .unwrap_or("?")
+                );
+                fx.stale_membership = true;
+                fx.reset_node = true;
             }
             Response::Error { code, message, .. } => {
                 log::warn!(
@@ -602,8 +961,9 @@ impl WriterCore {
     fn advance(&mut self) -> bool {
         let before = self.vdl;
         if self.rereplicating.is_empty() {
+            let rule = self.cfg.transition_quorum;
             while let Some(p) = self.outstanding.get(&self.vcl.next()) {
-                if p.acked.count_ones() < WRITE_QUORUM {
+                if !self.placement.membership(p.pg).write_quorum(p.acked, rule) {
                     break;
                 }
                 self.vcl = self.vcl.next();
@@ -618,7 +978,7 @@ impl WriterCore {
         let done: Vec<Lsn> = self
             .outstanding
             .range(..=vdl)
-            .filter(|(_, p)| p.acked.count_ones() as usize == SEGMENTS)
+            .filter(|(_, p)| self.placement.membership(p.pg).all_acked(p.acked))
             .map(|(l, _)| *l)
             .take(self.cfg.max_batch_records * 4)
             .collect();
@@ -640,7 +1000,7 @@ impl WriterCore {
     /// Nodes to read `pg` at `read_lsn` from, best first: segments whose reported SCL
     /// covers the read point, then the rest of the PG's segments.
     pub fn read_candidates(&self, pg: PgId, read_lsn: Lsn) -> Vec<usize> {
-        let segs = self.placement.segments(pg);
+        let segs: Vec<usize> = self.placement.members(pg).collect();
         let scl = |n: usize| {
             self.nodes
                 .get(n)
@@ -664,6 +1024,15 @@ impl WriterCore {
     /// simulation uses it to check that a fenced writer never reaches write quorum.
     pub fn acks_of(&self, lsn: Lsn) -> Option<u32> {
         self.outstanding.get(&lsn).map(|p| p.acked.count_ones())
+    }
+
+    /// Whether `lsn` is tracked and at write quorum under the current membership.
+    pub fn at_write_quorum(&self, lsn: Lsn) -> bool {
+        self.outstanding.get(&lsn).is_some_and(|p| {
+            self.placement
+                .membership(p.pg)
+                .write_quorum(p.acked, self.cfg.transition_quorum)
+        })
     }
 
     /// Segment SCLs as the writer knows them, for status.

@@ -13,7 +13,8 @@
 //! waiters share one `watch` channel of VDL: no task or thread per transaction.
 
 use crate::quorum::{
-    Placement, QuorumConfig, Recovered, WriterCore, READ_QUORUM, SEGMENTS, WRITE_QUORUM,
+    Placement, QuorumConfig, Recovered, TransitionStatus, WriterCore, MAX_STORAGE_NODES,
+    READ_QUORUM, SEGMENTS, WRITE_QUORUM,
 };
 use crate::recovery::{plan, TailAnswer};
 use crate::{Topology, VolumeConfig, VolumeError, VolumeStatus};
@@ -43,10 +44,15 @@ struct Shared {
     core: Mutex<WriterCore>,
     /// (VDL, fenced) for waiters.
     vdl: watch::Sender<(Lsn, bool)>,
+    /// One per possible node index (`MAX_STORAGE_NODES`), so that nodes joining
+    /// through a membership change need no resizing on the hot path; a node's task
+    /// is started when the placement first names it.
     nodes: Vec<NodeConn>,
     /// Signalled when records become unflushed: the flusher sends them after
     /// `FLUSH_DELAY` if no commit asked for them first.
     unflushed: Notify,
+    /// Read-queue receivers of nodes whose task has not started yet.
+    idle_reads: Mutex<Vec<Option<mpsc::Receiver<PageReq>>>>,
     cfg: QuorumConfig,
 }
 
@@ -81,6 +87,7 @@ pub struct RemoteVolume {
     shared: Arc<Shared>,
     /// Dropping the volume stops every node task.
     _shutdown: watch::Sender<()>,
+    shutdown_rx: watch::Receiver<()>,
 }
 
 fn unavailable(pg: PgId, why: impl Into<String>) -> VolumeError {
@@ -132,31 +139,24 @@ impl RemoteVolume {
         let (shutdown_tx, shutdown_rx) = watch::channel(());
         let mut nodes = Vec::new();
         let mut read_rxs = Vec::new();
-        for _ in 0..placement.node_count() {
+        for _ in 0..MAX_STORAGE_NODES {
             let (tx, rx) = mpsc::channel(qcfg.read_queue_depth);
             nodes.push(NodeConn {
                 wake: Notify::new(),
                 reads: tx,
             });
-            read_rxs.push(rx);
+            read_rxs.push(Some(rx));
         }
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             vdl: vdl_tx,
             nodes,
             unflushed: Notify::new(),
+            idle_reads: Mutex::new(read_rxs),
             cfg: qcfg.clone(),
         });
         tokio::spawn(flusher(shared.clone(), shutdown_rx.clone()));
-        for (i, rx) in read_rxs.into_iter().enumerate() {
-            tokio::spawn(node_task(
-                shared.clone(),
-                i,
-                placement.addrs[i],
-                rx,
-                shutdown_rx.clone(),
-            ));
-        }
+        start_node_tasks(&shared, placement.node_count(), &shutdown_rx);
         // Serve only once the recovered tail is at write quorum under our epoch:
         // otherwise a crash now could lose what we are about to build on.
         let mut rx = shared.vdl.subscribe();
@@ -184,7 +184,56 @@ impl RemoteVolume {
         Ok(RemoteVolume {
             shared,
             _shutdown: shutdown_tx,
+            shutdown_rx,
         })
+    }
+
+    /// See [`crate::Volume::update_topology`].
+    pub fn update_topology(&self, topology: &Topology) -> Result<bool, VolumeError> {
+        let (count, wake) = {
+            let mut core = self.shared.lock();
+            let placement = Placement::from_topology_keeping(topology, Some(&core.placement))?;
+            if placement == core.placement {
+                return Ok(false);
+            }
+            for (group, m) in placement.memberships() {
+                log::info!(
+                    "volume: adopting membership epoch {} of {} ({} -> {})",
+                    m.epoch,
+                    group
+                        .map(|g| g.to_string())
+                        .unwrap_or_else(|| "the default segments".into()),
+                    names(&placement, &m.segments),
+                    m.next
+                        .map(|n| names(&placement, &n))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+            let wake = core.update_placement(placement);
+            self.shared.publish(&core);
+            (core.placement.node_count(), wake)
+        };
+        start_node_tasks(&self.shared, count, &self.shutdown_rx);
+        for n in wake {
+            if let Some(c) = self.shared.nodes.get(n) {
+                c.wake.notify_one();
+            }
+        }
+        Ok(true)
+    }
+
+    pub fn transitions(&self) -> Vec<TransitionStatus> {
+        self.shared.lock().transitions()
+    }
+
+    pub fn membership_epochs(&self) -> Vec<(Option<PgId>, u64)> {
+        self.shared
+            .lock()
+            .placement
+            .memberships()
+            .into_iter()
+            .map(|(g, m)| (g, m.epoch))
+            .collect()
     }
 
     pub fn geometry(&self) -> borealis_common::Geometry {
@@ -292,6 +341,23 @@ impl RemoteVolume {
             vdl: core.vdl(),
             last_lsn: core.last_lsn(),
             protection_groups: core.pg_count() as u32,
+        }
+    }
+}
+
+fn names(p: &Placement, set: &[usize; SEGMENTS]) -> String {
+    set.iter()
+        .map(|n| p.names.get(*n).map(String::as_str).unwrap_or("?"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Starts the connection tasks of nodes `0..count` that have none yet.
+fn start_node_tasks(shared: &Arc<Shared>, count: usize, shutdown: &watch::Receiver<()>) {
+    let mut idle = shared.idle_reads.lock().unwrap_or_else(|p| p.into_inner());
+    for (i, slot) in idle.iter_mut().enumerate().take(count) {
+        if let Some(rx) = slot.take() {
+            tokio::spawn(node_task(shared.clone(), i, rx, shutdown.clone()));
         }
     }
 }
@@ -481,7 +547,7 @@ async fn recover(
         let mine: Vec<PgId> = pgs
             .iter()
             .copied()
-            .filter(|pg| placement.segments(*pg).contains(&i))
+            .filter(|pg| placement.is_member(*pg, i))
             .collect();
         let (history, chunk) = (history.clone(), cfg.tail_chunk_bytes);
         set.spawn(async move {
@@ -490,14 +556,14 @@ async fn recover(
         });
     }
     let mut answers = Vec::new();
-    let mut got: BTreeMap<PgId, usize> = BTreeMap::new();
+    let mut got: BTreeMap<PgId, Vec<usize>> = BTreeMap::new();
     while let Some(joined) = set.join_next().await {
         let Ok((i, c, tails)) = joined else { continue };
         clients[i] = Some(c);
         for (pg, answer) in tails {
             match answer {
                 Ok(a) => {
-                    *got.entry(pg).or_default() += 1;
+                    got.entry(pg).or_default().push(i);
                     answers.push(a);
                 }
                 Err(e) => log::warn!("recovery: tail of {pg} from {}: {e}", placement.names[i]),
@@ -505,11 +571,16 @@ async fn recover(
         }
     }
     for pg in &pgs {
-        let n = got.get(pg).copied().unwrap_or(0);
-        if n < READ_QUORUM {
+        // A read quorum is 3 of the PG's six (the old six during a segment
+        // replacement: see `Membership::read_quorum`).
+        let from = got.get(pg).cloned().unwrap_or_default();
+        if !placement.membership(*pg).read_quorum(&from) {
             return Err(unavailable(
                 *pg,
-                format!("only {n} tails, need {READ_QUORUM}"),
+                format!(
+                    "only {} tails, need {READ_QUORUM} of one segment set",
+                    from.len()
+                ),
             ));
         }
     }
@@ -657,12 +728,27 @@ async fn flusher(shared: Arc<Shared>, mut shutdown: watch::Receiver<()>) {
 async fn node_task(
     shared: Arc<Shared>,
     idx: usize,
-    addr: std::net::SocketAddr,
     mut reads: mpsc::Receiver<PageReq>,
     mut shutdown: watch::Receiver<()>,
 ) {
     let mut backoff = Duration::from_millis(10);
     loop {
+        // The address as the latest topology has it; a node that hosts nothing (a
+        // retired one) is not connected to until a topology names it again.
+        let (addr, hosts) = {
+            let core = shared.lock();
+            (
+                core.placement.addrs.get(idx).copied(),
+                core.placement.hosts_segments(idx),
+            )
+        };
+        let Some(addr) = addr else { return };
+        if !hosts {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.cfg.reconnect_backoff_max) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
         let result = tokio::select! {
             r = connection(&shared, idx, addr, &mut reads) => r,
             _ = shutdown.changed() => return,

@@ -99,6 +99,8 @@ impl Cluster {
             default_segments: nodes.iter().map(|n| n.name.clone()).collect(),
             nodes,
             protection_groups: Vec::new(),
+            default_membership_epoch: 0,
+            default_next_segments: Vec::new(),
         }
     }
 }
@@ -358,6 +360,172 @@ async fn a_node_that_lost_its_disk_is_rebuilt_from_peers_by_gossip() {
         "{metrics}"
     );
     drop(w);
+    for i in 0..6 {
+        cluster.kill(i).await;
+    }
+}
+
+/// Polls a storage node's `/health` until its segments of `pgs` are complete to
+/// `lsn`; returns the bytes of its logs then.
+async fn wait_caught_up(http: SocketAddr, pgs: &[borealis_common::PgId], lsn: Lsn) -> u64 {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        if let Ok((200, h)) =
+            borealis_common::http::get_json(http, "/health", Duration::from_secs(5)).await
+        {
+            let segs = h["segments"].as_array().cloned().unwrap_or_default();
+            let scl = |pg: u32| {
+                segs.iter()
+                    .find(|s| s["pg"] == pg)
+                    .and_then(|s| s["durable_scl"].as_u64())
+                    .unwrap_or(0)
+            };
+            if pgs.iter().all(|pg| scl(pg.0) >= lsn.0) {
+                return segs.iter().filter_map(|s| s["log_bytes"].as_u64()).sum();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new segments never caught up to {lsn}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// storage-b1 is gone for good: storage-b3 replaces it through a membership
+/// transition (both write quorums meanwhile), is rebuilt from peers that already
+/// garbage-collected their logs (snapshot + gossip), and after the transition the
+/// volume recovers from the new six alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_segment_is_replaced_through_a_membership_transition() {
+    use borealis_storage::client::Client;
+    use borealis_storage::proto::{Append, ErrorCode, PgBatch, Request, Response};
+    let _ = borealis_common::logging::init("volume-test", None);
+    let mut cluster = Cluster::start().await;
+    let (vcfg, qcfg) = config();
+    let topo = cluster.topology(vcfg.geometry);
+    let model = Volume::in_memory(vcfg.clone());
+    let mut touched = std::collections::HashSet::new();
+    let w = bounded(
+        "open writer",
+        Volume::open_writer_with(topo.clone(), Epoch(1), vcfg.clone(), qcfg.clone()),
+    )
+    .await
+    .expect("open");
+    let l1 = write_batch(&w, &model, 0..80, &mut touched).await;
+    // Let the segments fold records into page images (PGMRPL moves with appends).
+    w.set_min_read_point(l1);
+    write_batch(&w, &model, 80..84, &mut touched).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    write_batch(&w, &model, 84..88, &mut touched).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // storage-b1 is gone for good; storage-b3 (az-b, empty) is its replacement.
+    cluster.kill(2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = NodeConfig::new(
+        dir.path().to_path_buf(),
+        "storage-b3",
+        "az-b",
+        "127.0.0.1:0".parse().unwrap(),
+    );
+    cfg.gossip_interval = Duration::from_millis(20);
+    cfg.http = Some("127.0.0.1:0".parse().unwrap());
+    let b3 = borealis_storage::start(cfg)
+        .await
+        .expect("start storage-b3");
+    let b3_http = b3.http_addr.expect("http");
+    let b3_addr = b3.addr;
+    let mut transitional = topo.clone();
+    transitional.nodes.push(StorageNodeInfo {
+        name: "storage-b3".into(),
+        az: "az-b".into(),
+        addr: b3_addr,
+    });
+    transitional.default_membership_epoch = 1;
+    transitional.default_next_segments = topo
+        .default_segments
+        .iter()
+        .map(|n| {
+            if n == "storage-b1" {
+                "storage-b3".into()
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    assert!(w.update_topology(&transitional).expect("adopt"));
+    assert!(
+        !w.update_topology(&transitional).expect("again"),
+        "idempotent"
+    );
+    let t = w.transitions();
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0].joining, vec!["storage-b3".to_string()]);
+    assert_eq!(t[0].membership_epoch, 1);
+    let catch_up = t[0].catch_up_lsn;
+    assert!(catch_up >= l1);
+
+    // Writes never stop: 5 of the old six and 5 of the new six answer.
+    let l3 = write_batch(&w, &model, 88..130, &mut touched).await;
+    let bytes = wait_caught_up(b3_http, &t[0].pgs, catch_up).await;
+    let took = started.elapsed();
+    eprintln!(
+        "storage-b3 caught up with {} PGs ({bytes} log bytes) {:.1} ms after the transition began",
+        t[0].pgs.len(),
+        took.as_secs_f64() * 1e3
+    );
+
+    // The transition completes: storage-b1 leaves the topology.
+    let mut done = transitional.clone();
+    done.default_membership_epoch = 2;
+    done.default_segments = transitional.default_next_segments.clone();
+    done.default_next_segments = Vec::new();
+    done.nodes.retain(|n| n.name != "storage-b1");
+    assert!(w.update_topology(&done).expect("complete"));
+    assert!(w.transitions().is_empty());
+    let l4 = write_batch(&w, &model, 130..160, &mut touched).await;
+    assert!(l4 > l3);
+    check_pages(&w, &model, l4).await;
+
+    // A writer still on the old membership is refused by the new segment.
+    let mut c = Client::connect(b3_addr, Duration::from_secs(2))
+        .await
+        .expect("connect");
+    let stale = Request::Append(Append {
+        epoch: Epoch(1),
+        vdl_hint: Lsn::ZERO,
+        pgmrpl: Lsn::ZERO,
+        pgs: vec![PgBatch {
+            pg: t[0].pgs[0],
+            membership_epoch: 1,
+            complete_to: Lsn::ZERO,
+            pg_last: Lsn::ZERO,
+            records: Vec::new(),
+        }],
+    });
+    match c.call(&stale).await.expect("call") {
+        Response::Error {
+            code: ErrorCode::StaleMembership,
+            detail: 2,
+            ..
+        } => {}
+        other => panic!("stale membership accepted: {other:?}"),
+    }
+
+    // A new writer recovers from the new six alone (storage-b1 never returns).
+    drop(w);
+    let w2 = bounded(
+        "recover on the new six",
+        Volume::open_writer_with(done, Epoch(2), vcfg, qcfg),
+    )
+    .await
+    .expect("recover");
+    assert!(w2.vdl() >= l4);
+    check_pages(&w2, &model, l4).await;
+    drop(w2);
+    b3.kill().await;
     for i in 0..6 {
         cluster.kill(i).await;
     }

@@ -3,8 +3,9 @@
 //!
 //! Reports, in one run: the physical floor (raw fdatasync + loopback round trip),
 //! commit latency p50/p99 with one committer, throughput with 1 and 8 committers
-//! (records/s, MB/s of redo), and the rate at which a replacement node rebuilds its
-//! segments from a peer by gossip.
+//! (records/s, MB/s of redo), the rate at which a replacement node rebuilds its
+//! segments from a peer by gossip, and a segment replacement through a membership
+//! transition under load (rebuild rate, commit latency before/during/after).
 //!
 //!   cargo run --release -p borealis-sim --bin storage-bench [-- --seconds N --dir DIR]
 
@@ -235,6 +236,8 @@ async fn main() {
         default_segments: infos.iter().map(|n| n.name.clone()).collect(),
         nodes: infos.clone(),
         protection_groups: Vec::new(),
+        default_membership_epoch: 0,
+        default_next_segments: Vec::new(),
     };
     let vcfg = VolumeConfig {
         geometry,
@@ -285,6 +288,8 @@ async fn main() {
         default_segments: infos.iter().map(|n| n.name.clone()).collect(),
         nodes: infos.clone(),
         protection_groups: Vec::new(),
+        default_membership_epoch: 0,
+        default_next_segments: Vec::new(),
     };
     let vcfg2 = VolumeConfig {
         geometry,
@@ -377,10 +382,176 @@ async fn main() {
         status.protection_groups,
         src_bytes as f64 / 1e6
     );
+    replacement_under_load(&vol, &mut nodes, &infos, geometry, tmp.path(), seconds).await;
     drop(vol);
     for n in nodes {
         n.kill().await;
     }
+}
+
+/// Commits (MTRs of 8 records) until `stop`; returns (seconds since `t0`, latency
+/// ms) per commit.
+async fn stamped_committer(
+    vol: Volume,
+    t0: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seed: u64,
+) -> Vec<(f64, f64)> {
+    let mut out = Vec::new();
+    let mut i = seed << 32;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        i += 1;
+        let t = Instant::now();
+        let recs = vol.append(mtr(i, 8, 200)).await.expect("append");
+        let last = recs.last().map(|r| r.lsn).unwrap_or(Lsn::ZERO);
+        vol.wait_durable(last).await.expect("wait_durable");
+        out.push((t0.elapsed().as_secs_f64(), t.elapsed().as_secs_f64() * 1e3));
+    }
+    out
+}
+
+/// storage-c2 is gone for good; storage-c3 replaces it through a membership
+/// transition (write quorum over both sets) while 4 committers keep writing.
+async fn replacement_under_load(
+    vol: &Volume,
+    nodes: &mut Vec<NodeHandle>,
+    infos: &[StorageNodeInfo],
+    geometry: Geometry,
+    tmp: &std::path::Path,
+    seconds: u64,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|k| tokio::spawn(stamped_committer(vol.clone(), t0, stop.clone(), 1000 + k)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+
+    // The victim: stopped for good (its files stay, unused).
+    let victim = &infos[5];
+    if nodes.len() > 5 {
+        nodes.remove(5).kill().await;
+    }
+    let dir = tmp.join("storage-c3");
+    let mut cfg = NodeConfig::new(
+        dir,
+        "storage-c3",
+        "az-c",
+        "127.0.0.1:0".parse().expect("addr"),
+    );
+    cfg.gossip_interval = Duration::from_millis(5);
+    cfg.http = Some("127.0.0.1:0".parse().expect("addr"));
+    let new = borealis_storage::start(cfg)
+        .await
+        .expect("start storage-c3");
+    let http = new.http_addr.expect("http");
+    let mut nodes_info = infos.to_vec();
+    nodes_info.push(StorageNodeInfo {
+        name: "storage-c3".into(),
+        az: "az-c".into(),
+        addr: new.addr,
+    });
+    let old_set: Vec<String> = infos.iter().map(|n| n.name.clone()).collect();
+    let new_set: Vec<String> = old_set
+        .iter()
+        .map(|n| {
+            if *n == victim.name {
+                "storage-c3".into()
+            } else {
+                n.clone()
+            }
+        })
+        .collect();
+    let transitional = Topology {
+        geometry,
+        nodes: nodes_info.clone(),
+        protection_groups: Vec::new(),
+        default_segments: old_set,
+        default_membership_epoch: 1,
+        default_next_segments: new_set.clone(),
+    };
+    let t_replace = t0.elapsed().as_secs_f64();
+    let started = Instant::now();
+    vol.update_topology(&transitional)
+        .expect("adopt the transition");
+    let t = vol.transitions();
+    let (catch_up, pgs) = match t.first() {
+        Some(t) => (t.catch_up_lsn, t.pgs.clone()),
+        None => panic!("no transition after adopting one"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut log_bytes = 0u64;
+    loop {
+        if let Ok((200, h)) =
+            borealis_common::http::get_json(http, "/health", Duration::from_secs(5)).await
+        {
+            let segs = h["segments"].as_array().cloned().unwrap_or_default();
+            let scl = |pg: u32| {
+                segs.iter()
+                    .find(|s| s["pg"] == pg)
+                    .and_then(|s| s["durable_scl"].as_u64())
+                    .unwrap_or(0)
+            };
+            if pgs.iter().all(|pg| scl(pg.0) >= catch_up.0) {
+                log_bytes = segs.iter().filter_map(|s| s["log_bytes"].as_u64()).sum();
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rebuild_secs = started.elapsed().as_secs_f64();
+    let done = Topology {
+        geometry,
+        nodes: nodes_info
+            .into_iter()
+            .filter(|n| n.name != victim.name)
+            .collect(),
+        protection_groups: Vec::new(),
+        default_segments: new_set,
+        default_membership_epoch: 2,
+        default_next_segments: Vec::new(),
+    };
+    vol.update_topology(&done).expect("complete the transition");
+    let t_done = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("committer"));
+    }
+    let window = |from: f64, to: f64| -> Vec<f64> {
+        all.iter()
+            .filter(|(at, _)| *at >= from && *at < to)
+            .map(|(_, l)| *l)
+            .collect()
+    };
+    let mut before = window(0.0, t_replace);
+    let mut during = window(t_replace, t_done);
+    let mut after = window(t_done, f64::MAX);
+    let rate = |v: &[f64], secs: f64| v.len() as f64 / secs.max(1e-9);
+    println!(
+        "| replacement of a lost node under load (4 committers): rebuild of storage-c3 to the catch-up point | {:.1} MB in {:.2} s = {:.1} MB/s ({} PGs) |",
+        log_bytes as f64 / 1e6,
+        rebuild_secs,
+        log_bytes as f64 / 1e6 / rebuild_secs.max(1e-9),
+        pgs.len()
+    );
+    println!(
+        "| commit latency p50 / p99, commits/s: before / during / after the transition | {:.2} / {:.2} ms, {:.0}/s; {:.2} / {:.2} ms, {:.0}/s; {:.2} / {:.2} ms, {:.0}/s |",
+        pct(&mut before, 0.5),
+        pct(&mut before, 0.99),
+        rate(&before, t_replace),
+        pct(&mut during, 0.5),
+        pct(&mut during, 0.99),
+        rate(&during, t_done - t_replace),
+        pct(&mut after, 0.5),
+        pct(&mut after, 0.99),
+        rate(&after, seconds as f64),
+    );
+    new.kill().await;
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
