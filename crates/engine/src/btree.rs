@@ -678,3 +678,50 @@ mod tests {
         assert_eq!(&store.page(0).unwrap().body()[..8], &[7; 8]);
     }
 }
+
+/// Visits the items of leaf `page` (number `leaf_no`) in key order from `resume` (or
+/// the first slot), skipping `from` itself when it is excluded, until the end bound.
+/// Returns the next leaf to read, or `None` once the end bound was passed. Range
+/// scans of tables and of indexes share it.
+pub(crate) fn leaf_range(
+    page: &Page,
+    leaf_no: PageNo,
+    resume: Option<&[u8]>,
+    from: &std::ops::Bound<Vec<u8>>,
+    to: &std::ops::Bound<Vec<u8>>,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), EngineError>,
+) -> Result<Option<PageNo>, EngineError> {
+    use std::ops::Bound;
+    if page.kind() != Some(PageKind::BtreeLeaf) {
+        return Err(EngineError::Corrupt(format!(
+            "page {leaf_no} in a leaf chain is not a leaf"
+        )));
+    }
+    let start = match resume {
+        Some(k) => match search(page, k)? {
+            Ok(s) | Err(s) => s,
+        },
+        None => 0,
+    };
+    for slot in start..page.nslots() {
+        let item = page
+            .item(slot)
+            .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
+        let key = item_key(item)?;
+        if let Bound::Excluded(k) = from {
+            if key == k.as_slice() {
+                continue;
+            }
+        }
+        let past_end = match to {
+            Bound::Included(k) => key > k.as_slice(),
+            Bound::Excluded(k) => key >= k.as_slice(),
+            Bound::Unbounded => false,
+        };
+        if past_end {
+            return Ok(None);
+        }
+        visit(key, item_payload(item)?)?;
+    }
+    Ok(Some(page.next()))
+}

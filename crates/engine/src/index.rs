@@ -193,46 +193,15 @@ pub(crate) fn entry_batch(
     to: &Bound<Vec<u8>>,
 ) -> Result<EntryBatch, EngineError> {
     let page = st.store.page(leaf_no)?;
-    if page.kind() != Some(PageKind::BtreeLeaf) {
-        return Err(EngineError::Corrupt(format!(
-            "page {leaf_no} in an index leaf chain is not a leaf"
-        )));
-    }
-    let start = match resume {
-        Some(k) => match btree::search(page, k)? {
-            Ok(s) | Err(s) => s,
-        },
-        None => 0,
-    };
     let mut entries = Vec::new();
-    for slot in start..page.nslots() {
-        let item = page
-            .item(slot)
-            .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
-        let key = btree::item_key(item)?;
-        if let Bound::Excluded(k) = from {
-            if key == k.as_slice() {
-                continue;
-            }
-        }
-        let past_end = match to {
-            Bound::Included(k) => key > k.as_slice(),
-            Bound::Excluded(k) => key >= k.as_slice(),
-            Bound::Unbounded => false,
-        };
-        if past_end {
-            return Ok(EntryBatch {
-                entries,
-                next_leaf: 0,
-                done: true,
-            });
-        }
-        entries.push((key.to_vec(), btree::item_payload(item)?.to_vec()));
-    }
+    let next = btree::leaf_range(page, leaf_no, resume, from, to, |key, payload| {
+        entries.push((key.to_vec(), payload.to_vec()));
+        Ok(())
+    })?;
     Ok(EntryBatch {
         entries,
-        next_leaf: page.next(),
-        done: false,
+        next_leaf: next.unwrap_or(0),
+        done: next.is_none(),
     })
 }
 

@@ -1285,49 +1285,18 @@ impl Engine {
         to: &Bound<Vec<u8>>,
     ) -> Result<ScanBatch, EngineError> {
         let page = st.store.page(leaf_no)?;
-        if page.kind() != Some(PageKind::BtreeLeaf) {
-            return Err(EngineError::Corrupt(format!(
-                "page {leaf_no} in a leaf chain is not a leaf"
-            )));
-        }
-        let start = match resume {
-            Some(k) => match btree::search(page, k)? {
-                Ok(s) | Err(s) => s,
-            },
-            None => 0,
-        };
         let mut rows = Vec::new();
-        for slot in start..page.nslots() {
-            let item = page
-                .item(slot)
-                .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
-            let key = btree::item_key(item)?;
-            if let Bound::Excluded(k) = from {
-                if key == k.as_slice() {
-                    continue;
-                }
-            }
-            let past_end = match to {
-                Bound::Included(k) => key > k.as_slice(),
-                Bound::Excluded(k) => key >= k.as_slice(),
-                Bound::Unbounded => false,
-            };
-            if past_end {
-                return Ok(ScanBatch {
-                    rows,
-                    next_leaf: 0,
-                    done: true,
-                });
-            }
-            let versions = decode_versions(btree::item_payload(item)?)?;
+        let next = btree::leaf_range(page, leaf_no, resume, from, to, |key, payload| {
+            let versions = decode_versions(payload)?;
             if let Some(v) = Self::visible(st, snap, &versions)? {
                 rows.push((key.to_vec(), row::decode_row(&versions[v].row)?));
             }
-        }
+            Ok(())
+        })?;
         Ok(ScanBatch {
             rows,
-            next_leaf: page.next(),
-            done: false,
+            next_leaf: next.unwrap_or(0),
+            done: next.is_none(),
         })
     }
 

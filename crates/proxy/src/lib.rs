@@ -465,6 +465,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Connects to the proxy under test once it listens (it starts in a task).
+    async fn connect_when_listening(listen: SocketAddr) -> TcpStream {
+        for _ in 0..100 {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("proxy not listening on {listen}");
+    }
+
     /// A fake control plane that points the writer endpoint at `backend`, and an echo
     /// server as the backend: bytes go through the proxy both ways.
     #[tokio::test]
@@ -500,15 +511,7 @@ mod tests {
             control_addr,
             Endpoint::Reader,
         )));
-        let mut client = None;
-        for _ in 0..100 {
-            if let Ok(c) = TcpStream::connect(listen).await {
-                client = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut client = client.expect("proxy listening");
+        let mut client = connect_when_listening(listen).await;
         client.write_all(b"hello").await.expect("write");
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.expect("read");
@@ -555,15 +558,7 @@ mod tests {
             control_addr,
             Endpoint::Writer,
         )));
-        let mut client = None;
-        for _ in 0..100 {
-            if let Ok(c) = TcpStream::connect(listen).await {
-                client = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut client = client.expect("proxy listening");
+        let mut client = connect_when_listening(listen).await;
         client.write_all(b"hello").await.expect("write");
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.expect("read");
@@ -586,15 +581,7 @@ mod tests {
         let mut config = ProxyConfig::new(listen, control_addr, Endpoint::Writer);
         config.connect_wait = Duration::from_millis(200);
         let proxy = tokio::spawn(run(config));
-        let mut client = None;
-        for _ in 0..100 {
-            if let Ok(c) = TcpStream::connect(listen).await {
-                client = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut client = client.expect("proxy listening");
+        let mut client = connect_when_listening(listen).await;
         client
             .write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
             .await
