@@ -722,6 +722,29 @@ impl Engine {
         self.inner.state.lock().await
     }
 
+    /// Waits out a write conflict (another transaction holding the row or key, or a
+    /// commit not yet durable) and re-takes the engine lock; the caller then
+    /// re-checks from scratch. `Proceed` needs no wait.
+    async fn wait_out<'a>(
+        &'a self,
+        st: MutexGuard<'a, State>,
+        txn: &Txn,
+        check: WriteCheck,
+    ) -> Result<MutexGuard<'a, State>, EngineError> {
+        match check {
+            WriteCheck::Wait(holder) => {
+                Self::check_cancel(txn)?;
+                self.wait_for_txn(st, txn.txid, holder).await?;
+            }
+            WriteCheck::WaitDurable(lsn) => {
+                drop(st);
+                self.inner.volume.wait_durable(lsn).await?;
+            }
+            WriteCheck::Proceed(_) => return Ok(st),
+        }
+        Ok(self.lock().await)
+    }
+
     /// Starts a transaction. Its snapshot is taken by the first statement.
     pub fn begin(&self, isolation: Isolation, read_only: bool) -> Txn {
         Txn {
@@ -997,16 +1020,8 @@ impl Engine {
             let versions = decode_versions(&payload)?;
             let check = walk!(st, Self::check_write(&st, txn, &versions))?;
             let idx = match check {
-                WriteCheck::Wait(holder) => {
-                    Self::check_cancel(txn)?;
-                    self.wait_for_txn(st, txn.txid, holder).await?;
-                    st = self.lock().await;
-                    continue;
-                }
-                WriteCheck::WaitDurable(lsn) => {
-                    drop(st);
-                    self.inner.volume.wait_durable(lsn).await?;
-                    st = self.lock().await;
+                w @ (WriteCheck::Wait(_) | WriteCheck::WaitDurable(_)) => {
+                    st = self.wait_out(st, txn, w).await?;
                     continue;
                 }
                 WriteCheck::Proceed(None) => return Ok(RowOutcome::NotFound),
@@ -1045,20 +1060,9 @@ impl Engine {
                     }
                     entries.push((index.root, index::entry_key(&k, key)));
                 }
-                match wait {
-                    Some(WriteCheck::Wait(holder)) => {
-                        Self::check_cancel(txn)?;
-                        self.wait_for_txn(st, txn.txid, holder).await?;
-                        st = self.lock().await;
-                        continue;
-                    }
-                    Some(WriteCheck::WaitDurable(lsn)) => {
-                        drop(st);
-                        self.inner.volume.wait_durable(lsn).await?;
-                        st = self.lock().await;
-                        continue;
-                    }
-                    _ => {}
+                if let Some(w) = wait {
+                    st = self.wait_out(st, txn, w).await?;
+                    continue;
                 }
             }
             let mut versions = versions;
@@ -1167,20 +1171,9 @@ impl Engine {
                     }
                     break;
                 }
-                match conflict {
-                    Some(WriteCheck::Wait(holder)) => {
-                        Self::check_cancel(txn)?;
-                        self.wait_for_txn(st, txn.txid, holder).await?;
-                        st = self.lock().await;
-                        continue;
-                    }
-                    Some(WriteCheck::WaitDurable(l)) => {
-                        drop(st);
-                        self.inner.volume.wait_durable(l).await?;
-                        st = self.lock().await;
-                        continue;
-                    }
-                    _ => {}
+                if let Some(w) = conflict {
+                    st = self.wait_out(st, txn, w).await?;
+                    continue;
                 }
             }
             for (index, k, has_null) in &keys {
