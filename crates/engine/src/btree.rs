@@ -101,14 +101,29 @@ pub fn find_leaf(
     key: &[u8],
 ) -> Result<(PageNo, Vec<(PageNo, i32)>), EngineError> {
     let mut path = Vec::new();
+    let leaf = descend_to_leaf(store, root, key, |page_no, pos| path.push((page_no, pos)))?;
+    Ok((leaf, path))
+}
+
+/// The leaf covering `key` (lookups and scans, which need no path: no allocation).
+pub fn leaf_of(store: &Store, root: PageNo, key: &[u8]) -> Result<PageNo, EngineError> {
+    descend_to_leaf(store, root, key, |_, _| {})
+}
+
+fn descend_to_leaf(
+    store: &Store,
+    root: PageNo,
+    key: &[u8],
+    mut on_level: impl FnMut(PageNo, i32),
+) -> Result<PageNo, EngineError> {
     let mut page_no = root;
     for _ in 0..MAX_DEPTH {
         let page = store.page(page_no)?;
         match page.kind() {
-            Some(PageKind::BtreeLeaf) => return Ok((page_no, path)),
+            Some(PageKind::BtreeLeaf) => return Ok(page_no),
             Some(PageKind::BtreeInternal) => {
                 let (child, pos) = descend(page, key)?;
-                path.push((page_no, pos));
+                on_level(page_no, pos);
                 page_no = child;
             }
             _ => {
@@ -125,7 +140,7 @@ pub fn find_leaf(
 
 /// Looks up `key`; returns the leaf item's payload.
 pub fn get(store: &Store, root: PageNo, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-    let (leaf, _) = find_leaf(store, root, key)?;
+    let leaf = leaf_of(store, root, key)?;
     let page = store.page(leaf)?;
     match search(page, key)? {
         Ok(slot) => {
@@ -186,7 +201,7 @@ pub fn put(
 /// Ops that remove `key` (no-op list if absent). Pages are never merged: an empty
 /// leaf stays in the chain, as in PostgreSQL until VACUUM.
 pub fn delete(store: &Store, root: PageNo, key: &[u8]) -> Result<Vec<(PageNo, Op)>, EngineError> {
-    let (leaf_no, _) = find_leaf(store, root, key)?;
+    let leaf_no = leaf_of(store, root, key)?;
     let leaf = store.page(leaf_no)?;
     Ok(match search(leaf, key)? {
         Ok(slot) => vec![(leaf_no, Op::DeleteItem { slot })],
@@ -447,7 +462,7 @@ pub fn scan_leaf_from(
     root: PageNo,
     from: Option<&[u8]>,
 ) -> Result<LeafBatch, EngineError> {
-    let (leaf_no, _) = find_leaf(store, root, from.unwrap_or(&[]))?;
+    let leaf_no = leaf_of(store, root, from.unwrap_or(&[]))?;
     read_leaf(store, leaf_no, from)
 }
 

@@ -125,7 +125,7 @@ pub(crate) fn unique_check(
     key: &[u8],
     own_key: &[u8],
 ) -> Result<Conflict, EngineError> {
-    let (mut leaf_no, _) = btree::find_leaf(&st.store, index.root, key)?;
+    let mut leaf_no = btree::leaf_of(&st.store, index.root, key)?;
     let mut first = true;
     for _ in 0..MAX_CHECK_LEAVES {
         let page = st.store.page(leaf_no)?;

@@ -1241,13 +1241,10 @@ impl Engine {
                 let mut st = self.lock().await;
                 let leaf_no = match leaf {
                     Some(p) => p,
-                    None => {
-                        walk!(
-                            st,
-                            btree::find_leaf(&st.store, root, resume.as_deref().unwrap_or(&[]))
-                        )?
-                        .0
-                    }
+                    None => walk!(
+                        st,
+                        btree::leaf_of(&st.store, root, resume.as_deref().unwrap_or(&[]))
+                    )?,
                 };
                 walk!(
                     st,
@@ -1882,17 +1879,10 @@ impl Engine {
                 let mut st = self.lock().await;
                 let leaf_no = match leaf {
                     Some(p) => p,
-                    None => {
-                        walk!(
-                            st,
-                            btree::find_leaf(
-                                &st.store,
-                                index.root,
-                                resume.as_deref().unwrap_or(&[])
-                            )
-                        )?
-                        .0
-                    }
+                    None => walk!(
+                        st,
+                        btree::leaf_of(&st.store, index.root, resume.as_deref().unwrap_or(&[]))
+                    )?,
                 };
                 let batch = walk!(
                     st,
