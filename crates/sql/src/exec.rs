@@ -3039,19 +3039,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                         )
                     })?);
                 }
-                let name = match &u.name {
-                    Some(n) => expr::norm(n),
-                    None => free_relation_name(&ex.catalog, &def, &cols, "key"),
-                };
-                if relation_name_taken(&ex.catalog, &name) {
-                    return Err(SqlError::new(
-                        "42P07",
-                        format!("relation \"{name}\" already exists"),
-                    ));
-                }
-                let mut index = build_index(ex, &def, name, cols, true).await?;
-                index.constraint = true;
-                def.indexes.push(index);
+                add_unique_constraint(ex, &mut def, u.name.as_ref().map(expr::norm), cols).await?;
             }
             ast::AlterTableOperation::AddConstraint {
                 constraint: ast::TableConstraint::Check(cc),
@@ -3161,19 +3149,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 def.columns.push(col);
                 if let Some(name) = unique {
                     let cols = vec![def.columns.len() - 1];
-                    let name = match name {
-                        Some(n) => n,
-                        None => free_relation_name(&ex.catalog, &def, &cols, "key"),
-                    };
-                    if relation_name_taken(&ex.catalog, &name) {
-                        return Err(SqlError::new(
-                            "42P07",
-                            format!("relation \"{name}\" already exists"),
-                        ));
-                    }
-                    let mut index = build_index(ex, &def, name, cols, true).await?;
-                    index.constraint = true;
-                    def.indexes.push(index);
+                    add_unique_constraint(ex, &mut def, name, cols).await?;
                 }
             }
             ast::AlterTableOperation::DropColumn {
@@ -3385,6 +3361,28 @@ fn free_relation_name(
 
 /// Builds a secondary index of `def` (whose exclusive lock the transaction holds)
 /// from its rows.
+/// ALTER TABLE's UNIQUE (a constraint or a new column's): names it like
+/// PostgreSQL (`<table>_<columns>_key`) unless named, refuses a taken name, builds
+/// the index over the existing rows (23505 on duplicates) and records it on `def`.
+async fn add_unique_constraint(
+    ex: &mut Exec<'_>,
+    def: &mut TableDef,
+    name: Option<String>,
+    cols: Vec<usize>,
+) -> Result<(), SqlError> {
+    let name = name.unwrap_or_else(|| free_relation_name(&ex.catalog, def, &cols, "key"));
+    if relation_name_taken(&ex.catalog, &name) {
+        return Err(SqlError::new(
+            "42P07",
+            format!("relation \"{name}\" already exists"),
+        ));
+    }
+    let mut index = build_index(ex, def, name, cols, true).await?;
+    index.constraint = true;
+    def.indexes.push(index);
+    Ok(())
+}
+
 async fn build_index(
     ex: &mut Exec<'_>,
     def: &TableDef,
