@@ -465,6 +465,33 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// Echoes whatever arrives on `s` until it closes.
+    async fn echo(mut s: TcpStream) {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// A loopback address nothing listens on yet.
+    fn free_addr() -> SocketAddr {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        probe.local_addr().expect("addr")
+    }
+
+    /// A control plane answering every request with `endpoints`.
+    async fn fake_control(endpoints: Value) -> SocketAddr {
+        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = control.local_addr().expect("addr");
+        tokio::spawn(http::serve(control, move |_req: Request| {
+            let v = endpoints.clone();
+            async move { Response::json(200, &v) }
+        }));
+        addr
+    }
+
     /// Connects to the proxy under test once it listens (it starts in a task).
     async fn connect_when_listening(listen: SocketAddr) -> TcpStream {
         for _ in 0..100 {
@@ -483,28 +510,12 @@ mod tests {
         let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let backend_addr = backend.local_addr().expect("addr");
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = backend.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+            while let Ok((s, _)) = backend.accept().await {
+                tokio::spawn(echo(s));
             }
         });
-        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let control_addr = control.local_addr().expect("addr");
-        tokio::spawn(http::serve(control, move |_req: Request| async move {
-            Response::json(
-                200,
-                &json!({"writer": {"name": "instance-1", "addr": backend_addr.to_string()}, "readers": []}),
-            )
-        }));
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let listen = probe.local_addr().expect("addr");
-        drop(probe);
+        let control_addr = fake_control(json!({"writer": {"name": "instance-1", "addr": backend_addr.to_string()}, "readers": []})).await;
+        let listen = free_addr();
         // The reader endpoint falls back to the writer when there are no readers.
         let proxy = tokio::spawn(run(ProxyConfig::new(
             listen,
@@ -531,28 +542,13 @@ mod tests {
                 let fd = handoff::recv_fd(&sock).await.expect("descriptor");
                 let std_stream = std::net::TcpStream::from(fd);
                 std_stream.set_nonblocking(true).expect("nonblocking");
-                let mut s = TcpStream::from_std(std_stream).expect("tokio stream");
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                let s = TcpStream::from_std(std_stream).expect("tokio stream");
+                tokio::spawn(echo(s));
             }
         });
-        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let control_addr = control.local_addr().expect("addr");
-        let handoff_path = path.display().to_string();
-        tokio::spawn(http::serve(control, move |_req: Request| {
-            // The TCP address is unreachable: only the handoff can work.
-            let v = json!({"writer": {"name": "instance-1", "addr": "127.0.0.1:1", "handoff": handoff_path}, "readers": []});
-            async move { Response::json(200, &v) }
-        }));
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let listen = probe.local_addr().expect("addr");
-        drop(probe);
+        // The TCP address is unreachable: only the handoff can work.
+        let control_addr = fake_control(json!({"writer": {"name": "instance-1", "addr": "127.0.0.1:1", "handoff": path.display().to_string()}, "readers": []})).await;
+        let listen = free_addr();
         let proxy = tokio::spawn(run(ProxyConfig::new(
             listen,
             control_addr,
@@ -570,14 +566,8 @@ mod tests {
     /// (after its SSL request is declined), not a silently closed socket.
     #[tokio::test]
     async fn without_a_writer_clients_get_a_protocol_error() {
-        let control = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let control_addr = control.local_addr().expect("addr");
-        tokio::spawn(http::serve(control, move |_req: Request| async move {
-            Response::json(200, &json!({"writer": null, "readers": []}))
-        }));
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let listen = probe.local_addr().expect("addr");
-        drop(probe);
+        let control_addr = fake_control(json!({"writer": null, "readers": []})).await;
+        let listen = free_addr();
         let mut config = ProxyConfig::new(listen, control_addr, Endpoint::Writer);
         config.connect_wait = Duration::from_millis(200);
         let proxy = tokio::spawn(run(config));

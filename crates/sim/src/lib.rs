@@ -210,6 +210,24 @@ struct SimNode {
     syncing: Option<(borealis_storage::disk::SyncJob, Vec<Pending>)>,
 }
 
+impl SimNode {
+    /// A node on an empty disk, up.
+    fn fresh(name: &str, az: usize) -> SimNode {
+        let disk = MemDisk::new();
+        let node = Node::open(name, disk.clone(), NodeLimits::default()).ok();
+        SimNode {
+            az,
+            retired: false,
+            disk,
+            node,
+            incarnation: 0,
+            down_until: 0,
+            waiting: Vec::new(),
+            syncing: None,
+        }
+    }
+}
+
 struct SimWriter {
     core: WriterCore,
     conns: Vec<(ConnState, u64)>,
@@ -273,21 +291,7 @@ impl Sim {
             .collect();
         let placement = Placement::uniform(names, azs, addrs);
         let nodes = (0..SEGMENTS)
-            .map(|i| {
-                let disk = MemDisk::new();
-                let node =
-                    Node::open(&format!("storage-{i}"), disk.clone(), NodeLimits::default()).ok();
-                SimNode {
-                    az: i / 2,
-                    retired: false,
-                    disk,
-                    node,
-                    incarnation: 0,
-                    down_until: 0,
-                    waiting: Vec::new(),
-                    syncing: None,
-                }
-            })
+            .map(|i| SimNode::fresh(&format!("storage-{i}"), i / 2))
             .collect();
         Sim {
             seed,
@@ -1050,18 +1054,7 @@ impl Sim {
         let az = self.nodes[victim].az;
         let new = self.nodes.len();
         let name = format!("storage-{new}");
-        let disk = MemDisk::new();
-        let node = Node::open(&name, disk.clone(), NodeLimits::default()).ok();
-        self.nodes.push(SimNode {
-            az,
-            retired: false,
-            disk,
-            node,
-            incarnation: 0,
-            down_until: 0,
-            waiting: Vec::new(),
-            syncing: None,
-        });
+        self.nodes.push(SimNode::fresh(&name, az));
         for w in self.writers.iter_mut() {
             w.conns.push((ConnState::Down, 0));
         }

@@ -2174,10 +2174,7 @@ pub(crate) async fn execute(
                         tag: "CREATE SEQUENCE".into(),
                     });
                 }
-                return Err(SqlError::new(
-                    "42P07",
-                    format!("relation \"{n}\" already exists"),
-                ));
+                return Err(relation_exists(&n));
             }
             let def = sequence_def(&ex, sequence_options)?;
             create_sequence(&mut ex, &n, None, def).await?;
@@ -2563,10 +2560,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
                 tag: "CREATE TABLE".into(),
             });
         }
-        return Err(SqlError::new(
-            "42P07",
-            format!("relation \"{name}\" already exists"),
-        ));
+        return Err(relation_exists(&name));
     }
     let mut columns = Vec::new();
     let mut pk: Vec<usize> = Vec::new();
@@ -2765,10 +2759,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
             None => free_relation_name(&ex.catalog, &def, &cols, "key"),
         };
         if relation_name_taken(&ex.catalog, &name) || def.indexes.iter().any(|i| i.name == name) {
-            return Err(SqlError::new(
-                "42P07",
-                format!("relation \"{name}\" already exists"),
-            ));
+            return Err(relation_exists(&name));
         }
         let root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
         def.indexes.push(IndexDef {
@@ -3302,10 +3293,7 @@ async fn create_index(ex: &mut Exec<'_>, ci: &ast::CreateIndex) -> Result<ExecRe
                         tag: "CREATE INDEX".into(),
                     });
                 }
-                return Err(SqlError::new(
-                    "42P07",
-                    format!("relation \"{name}\" already exists"),
-                ));
+                return Err(relation_exists(&name));
             }
             name
         }
@@ -3361,6 +3349,11 @@ fn free_relation_name(
 
 /// Builds a secondary index of `def` (whose exclusive lock the transaction holds)
 /// from its rows.
+/// 42P07 for a relation (table, index, sequence) name already in use.
+fn relation_exists(name: &str) -> SqlError {
+    SqlError::new("42P07", format!("relation \"{name}\" already exists"))
+}
+
 /// ALTER TABLE's UNIQUE (a constraint or a new column's): names it like
 /// PostgreSQL (`<table>_<columns>_key`) unless named, refuses a taken name, builds
 /// the index over the existing rows (23505 on duplicates) and records it on `def`.
@@ -3372,10 +3365,7 @@ async fn add_unique_constraint(
 ) -> Result<(), SqlError> {
     let name = name.unwrap_or_else(|| free_relation_name(&ex.catalog, def, &cols, "key"));
     if relation_name_taken(&ex.catalog, &name) {
-        return Err(SqlError::new(
-            "42P07",
-            format!("relation \"{name}\" already exists"),
-        ));
+        return Err(relation_exists(&name));
     }
     let mut index = build_index(ex, def, name, cols, true).await?;
     index.constraint = true;
