@@ -17,7 +17,9 @@
 //! status pages (the CLOG). A snapshot is an LSN S: a transaction is visible to it iff
 //! its commit LSN is <= S. On the writer S is VDL when the snapshot is taken, so
 //! nothing that could still be lost in a crash is ever visible, and every commit that
-//! was acknowledged (acknowledgement waits for VDL) is. Readers and point-in-time
+//! was acknowledged (acknowledgement waits for VDL) is. (A writer resolving a row
+//! conflict may build on a commit that is not durable yet: see early lock release at
+//! `Engine::check_write`.) Readers and point-in-time
 //! restore use the same rule with their own read points (invariant 3).
 //!
 //! Aborted transactions need no undo: their versions are never visible and are

@@ -190,6 +190,14 @@ impl Volume {
         self.status().vdl
     }
 
+    /// Tests: holds (or releases) durability of an in-memory volume, as if storage
+    /// were slow to acknowledge. Does nothing to a quorum volume.
+    pub fn set_durability_held(&self, held: bool) {
+        if let Backend::Memory(m) = &*self.backend {
+            m.set_durability_held(held);
+        }
+    }
+
     /// Adopts a newer topology from the control plane without a restart (a
     /// membership change: a segment being replaced, or a replacement completing).
     /// Returns whether anything changed. An in-memory volume has no placement.

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 pub struct MemoryVolume {
     config: VolumeConfig,
     state: Mutex<State>,
+    /// Signalled when held durability is released.
+    released: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -20,6 +22,8 @@ struct State {
     /// Per page: its records in LSN order.
     pages: HashMap<PageNo, BTreeMap<Lsn, Record>>,
     min_read_point: Lsn,
+    /// Tests only ([`MemoryVolume::set_durability_held`]): VDL frozen here.
+    held_vdl: Option<Lsn>,
 }
 
 impl MemoryVolume {
@@ -27,6 +31,7 @@ impl MemoryVolume {
         MemoryVolume {
             config,
             state: Mutex::new(State::default()),
+            released: tokio::sync::Notify::new(),
         }
     }
 
@@ -69,14 +74,36 @@ impl MemoryVolume {
     }
 
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
-        let last = self.lock().last_lsn;
-        if lsn > last {
-            return Err(VolumeError::ReadPoint {
-                read: lsn,
-                why: format!("beyond last LSN {last}"),
-            });
+        loop {
+            let released = self.released.notified();
+            {
+                let st = self.lock();
+                if lsn > st.last_lsn {
+                    return Err(VolumeError::ReadPoint {
+                        read: lsn,
+                        why: format!("beyond last LSN {}", st.last_lsn),
+                    });
+                }
+                if st.held_vdl.is_none_or(|vdl| lsn <= vdl) {
+                    return Ok(());
+                }
+            }
+            released.await;
         }
-        Ok(())
+    }
+
+    /// Tests: while held, VDL stays where it is (commits wait, snapshots do not
+    /// move), as when storage acknowledges slowly; releasing makes everything
+    /// appended so far durable.
+    pub fn set_durability_held(&self, held: bool) {
+        let mut st = self.lock();
+        st.held_vdl = if held {
+            Some(st.held_vdl.unwrap_or(st.last_lsn))
+        } else {
+            None
+        };
+        drop(st);
+        self.released.notify_waiters();
     }
 
     pub fn get_page(&self, page_no: PageNo, read_lsn: Lsn) -> Result<Page, VolumeError> {
@@ -97,10 +124,11 @@ impl MemoryVolume {
 
     pub fn status(&self) -> VolumeStatus {
         let st = self.lock();
+        let vdl = st.held_vdl.unwrap_or(st.last_lsn);
         VolumeStatus {
             epoch: Epoch(1),
-            vcl: st.last_lsn,
-            vdl: st.last_lsn,
+            vcl: vdl,
+            vdl,
             last_lsn: st.last_lsn,
             protection_groups: st.pg_tail.len() as u32,
         }
