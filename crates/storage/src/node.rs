@@ -24,7 +24,7 @@ use crate::proto::{
     Append, ErrorCode, PgAck, Request, Response, SegmentInfo, Truncation, MAX_HISTORY,
 };
 use crate::segment::{
-    membership_entry, record_entry, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
+    membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
 };
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -452,7 +452,7 @@ impl<D: Disk> Node<D> {
             let (held, _) = local.read_log(Lsn::ZERO, usize::MAX);
             for r in held {
                 if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
-                    log.extend_from_slice(&record_entry(r.epoch, &r.bytes));
+                    record_entry_into(&mut log, r.epoch, &r.bytes);
                 }
             }
             seg.note_vdl_hint(local.vdl_hint());
@@ -546,7 +546,7 @@ impl<D: Disk> Node<D> {
                 continue;
             }
             if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
-                out.extend_from_slice(&record_entry(r.epoch, &r.bytes));
+                record_entry_into(&mut out, r.epoch, &r.bytes);
                 new += 1;
             }
         }
@@ -643,7 +643,7 @@ impl<D: Disk> Node<D> {
                             lsns.push(h.lsn);
                         }
                         if inserted == Inserted::New {
-                            out.extend_from_slice(&record_entry(a.epoch, bytes));
+                            record_entry_into(&mut out, a.epoch, bytes);
                             self.stats.records_appended += 1;
                         }
                     }

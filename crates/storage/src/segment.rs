@@ -172,23 +172,36 @@ impl ImageCache {
     }
 }
 
-/// Frames a log entry.
-fn entry(kind: u8, payload: &[&[u8]]) -> Vec<u8> {
+/// Frames a log entry onto the end of `out` (no allocation of its own: the append
+/// path frames every record of a batch straight into the batch's buffer).
+fn entry_into(out: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
     let len: usize = 1 + payload.iter().map(|p| p.len()).sum::<usize>();
-    let mut out = Vec::with_capacity(8 + len);
+    let start = out.len();
+    out.reserve(8 + len);
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
     out.push(kind);
     for p in payload {
         out.extend_from_slice(p);
     }
-    let crc = crc32c::crc32c(&out[8..]);
-    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32c::crc32c(&out[start + 8..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Frames a log entry.
+fn entry(kind: u8, payload: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    entry_into(&mut out, kind, payload);
     out
 }
 
 pub fn record_entry(epoch: Epoch, record: &[u8]) -> Vec<u8> {
     entry(ENTRY_RECORD, &[&epoch.0.to_le_bytes(), record])
+}
+
+/// [`record_entry`] appended to `out`.
+pub fn record_entry_into(out: &mut Vec<u8>, epoch: Epoch, record: &[u8]) {
+    entry_into(out, ENTRY_RECORD, &[&epoch.0.to_le_bytes(), record]);
 }
 
 pub fn vdl_hint_entry(lsn: Lsn) -> Vec<u8> {
@@ -759,7 +772,7 @@ impl Segment {
             out.extend_from_slice(&membership_entry(self.membership_epoch));
         }
         for s in self.records.values() {
-            out.extend_from_slice(&record_entry(s.epoch, &s.bytes));
+            record_entry_into(&mut out, s.epoch, &s.bytes);
         }
         out
     }
