@@ -11,34 +11,10 @@
 //! Walks are read-only until they hand their ops to `write`, so a retry is harmless.
 
 use crate::EngineError;
-use borealis_common::{Lsn, PageNo};
+use borealis_common::{IdHashMap, Lsn, PageNo};
 use borealis_redo::{apply, Op, Page};
 use borealis_volume::Volume;
 use std::cell::Cell;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Hashes page numbers for the cache map: one multiply instead of SipHash, which
-/// was a visible share of a point lookup (three cache probes per B+tree descent).
-/// Page numbers are chosen by the engine, not by clients, so flooding is not a
-/// concern here.
-#[derive(Default)]
-struct PageNoHasher(u64);
-
-impl Hasher for PageNoHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
 
 struct Frame {
     page: Page,
@@ -47,7 +23,8 @@ struct Frame {
 
 pub struct Store {
     pub volume: Volume,
-    frames: HashMap<PageNo, Frame, BuildHasherDefault<PageNoHasher>>,
+    /// Keyed with the cheap id hash: a point lookup probes it once per tree level.
+    frames: IdHashMap<PageNo, Frame>,
     capacity_pages: usize,
     tick: Cell<u64>,
     pub hits: Cell<u64>,
@@ -61,7 +38,7 @@ impl Store {
     pub fn new(volume: Volume, capacity_pages: usize) -> Store {
         Store {
             volume,
-            frames: HashMap::default(),
+            frames: IdHashMap::default(),
             capacity_pages: capacity_pages.max(MIN_CACHE_PAGES),
             tick: Cell::new(0),
             hits: Cell::new(0),

@@ -60,9 +60,10 @@
 //! the file as FLOOR + PAGE_IMAGEs + live records so the log does not grow forever.
 
 use crate::proto::{record_survives, EpochRecord, Truncation};
+use borealis_common::IdHashMap;
 use borealis_common::{Epoch, Lsn, PageNo, PgId, PAGE_SIZE};
 use borealis_redo::{apply, decode_header, Page, Record};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 const ENTRY_RECORD: u8 = 1;
 const ENTRY_VDL_HINT: u8 = 2;
@@ -101,7 +102,7 @@ pub struct Segment {
     pub pg: PgId,
     records: BTreeMap<Lsn, Stored>,
     /// prev_lsn -> lsn: walks the backlink chain forward.
-    next_in_chain: HashMap<Lsn, Lsn>,
+    next_in_chain: IdHashMap<Lsn, Lsn>,
     by_page: BTreeSet<(PageNo, Lsn)>,
     chain_anchor: Lsn,
     scl_record: Lsn,
@@ -109,7 +110,7 @@ pub struct Segment {
     /// A completeness claim (pg_last, complete_to) waiting for the chain to reach
     /// pg_last.
     claim: Option<(Lsn, Lsn)>,
-    base: HashMap<PageNo, Page>,
+    base: IdHashMap<PageNo, Page>,
     gc_floor: Lsn,
     vdl_hint: Lsn,
     /// Bytes in the log file (for compaction decisions and metrics).
@@ -130,7 +131,7 @@ pub const IMAGE_CACHE_PAGES: usize = 1024;
 /// arrive later, except through a truncation, which calls `forget_above`.
 #[derive(Default)]
 struct ImageCache {
-    images: HashMap<PageNo, (Lsn, Page)>,
+    images: IdHashMap<PageNo, (Lsn, Page)>,
     /// Insertion order for eviction (entries may be stale; checked on eviction).
     order: std::collections::VecDeque<PageNo>,
 }
@@ -289,13 +290,13 @@ impl Segment {
         Segment {
             pg,
             records: BTreeMap::new(),
-            next_in_chain: HashMap::new(),
+            next_in_chain: IdHashMap::default(),
             by_page: BTreeSet::new(),
             chain_anchor: Lsn::ZERO,
             scl_record: Lsn::ZERO,
             scl: Lsn::ZERO,
             claim: None,
-            base: HashMap::new(),
+            base: IdHashMap::default(),
             gc_floor: Lsn::ZERO,
             vdl_hint: Lsn::ZERO,
             log_bytes: 0,
@@ -451,13 +452,17 @@ impl Segment {
     /// The writer's statement that the PG's records at or below `complete_to` end
     /// at `pg_last`.
     pub fn note_complete(&mut self, pg_last: Lsn, complete_to: Lsn) {
-        let chain_has_last = pg_last <= self.scl_record
-            && (pg_last == self.chain_anchor
-                || pg_last <= self.gc_floor
-                || self.records.contains_key(&pg_last));
-        if complete_to < pg_last {
+        // Every append carries a claim for every PG, most of them idle: settle those
+        // without a lookup in the record map (the claim adds nothing, or the chain
+        // ends exactly at its last record, since `scl_record` is always in the chain).
+        if complete_to < pg_last || complete_to <= self.scl {
             return;
         }
+        let chain_has_last = pg_last == self.scl_record
+            || (pg_last < self.scl_record
+                && (pg_last == self.chain_anchor
+                    || pg_last <= self.gc_floor
+                    || self.records.contains_key(&pg_last)));
         if chain_has_last {
             self.scl = self.scl.max(complete_to);
         } else if self.claim.is_none_or(|(_, to)| to < complete_to) {
