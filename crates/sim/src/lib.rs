@@ -601,6 +601,9 @@ impl Sim {
             max_inflight_batches: 8,
             retain_acked_records: 1 << 20,
             transition_quorum: self.cfg.transition_quorum,
+            // Half the writers keep two segments lazy ("eager four"), flushed to them
+            // at random points below.
+            lazy_segments: if self.rng.chance(500) { 2 } else { 0 },
             ..QuorumConfig::default()
         };
         let core = WriterCore::new(
@@ -687,6 +690,9 @@ impl Sim {
         if self.rng.chance(500) {
             let last = self.writers[w].core.last_lsn();
             self.writers[w].core.request_flush(last);
+        }
+        if self.rng.chance(100) {
+            self.writers[w].core.flush_lazy();
         }
         for r in records {
             if matches!(r.op, Op::Init { .. }) {
@@ -1436,6 +1442,7 @@ impl Sim {
         let end = self.now + 2000;
         let last = self.writers[w].core.last_lsn();
         self.writers[w].core.request_flush(last);
+        self.writers[w].core.flush_lazy();
         while self.now < end {
             self.pump();
             self.step_replacement();

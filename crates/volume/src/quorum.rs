@@ -81,6 +81,10 @@ pub struct QuorumConfig {
     /// instead of one network round and one fdatasync per statement per node.
     pub auto_flush_bytes: usize,
     pub auto_flush_records: u64,
+    /// Segments of each PG that get flushed records only at lazy flushes
+    /// ([`WriterCore::flush_lazy`], every few milliseconds) while the other four are
+    /// healthy: see "Eager four" on [`WriterCore`]. 0 sends every flush to all six.
+    pub lazy_segments: usize,
     /// How a PG in a segment replacement counts its write quorum. Always
     /// [`TransitionQuorum::BothSets`] outside tests.
     pub transition_quorum: TransitionQuorum,
@@ -114,6 +118,7 @@ impl Default for QuorumConfig {
             read_queue_depth: 1024,
             auto_flush_bytes: 256 << 10,
             auto_flush_records: 2048,
+            lazy_segments: 2,
             transition_quorum: TransitionQuorum::BothSets,
         }
     }
@@ -441,6 +446,9 @@ struct NodeSend {
     scl: HashMap<PgId, Lsn>,
     /// Per PG: the completeness last sent on this connection.
     sent_complete: HashMap<PgId, Lsn>,
+    /// A lazy node may send a batch of completeness claims alone (no records) once
+    /// after each lazy flush; otherwise claims ride with records only.
+    lazy_kick: bool,
 }
 
 /// What an ack changed, for the driver.
@@ -455,6 +463,23 @@ pub struct AckEffect {
     pub stale_membership: bool,
 }
 
+/// The writer's quorum state: LSN allocation, what each node still needs, acks,
+/// VCL/VDL. No I/O; the drivers (`remote`, the simulation) move its batches.
+///
+/// # Eager four
+/// A write is durable at 4 of its PG's 6 segments, so a flush (a commit) goes at
+/// once to four of them only, the eager ones; the other two, the lazy ones, get
+/// everything flushed so far at each lazy flush, every few milliseconds
+/// ([`WriterCore::flush_lazy`]). All six segments of a busy volume used to take a
+/// message and an fdatasync for every group commit; the lazy two now take one
+/// per lazy flush, which on one shared machine was a third of the storage tier's
+/// CPU for nothing a commit waits for. The quorum rules do not change: acks from
+/// any four count, and a commit still waits for four. What changes is the
+/// fallback: when an eager segment's connection is down, every flush goes to all
+/// six at once again (and the lazy ones are woken to catch up), and a slow but
+/// connected eager segment delays commits by at most one lazy-flush interval, after
+/// which the lazy ones have the records too. While a membership is in transition
+/// every flush goes everywhere (the transitional quorum needs 4 of each six).
 pub struct WriterCore {
     pub geometry: Geometry,
     pub placement: Placement,
@@ -486,6 +511,11 @@ pub struct WriterCore {
     cfg: QuorumConfig,
     /// Memberships in transition: group -> (membership epoch, catch-up LSN).
     catch_up: HashMap<Option<PgId>, (u64, Lsn)>,
+    /// Lazy nodes (bit n = node n), see "Eager four" above; 0 when every flush goes
+    /// to every segment (a membership in transition, or lazy segments turned off).
+    lazy: u64,
+    /// Records at or below this may go to lazy nodes.
+    lazy_flush_lsn: Lsn,
 }
 
 /// Where recovery left the volume: the writer starts from here.
@@ -532,6 +562,8 @@ impl WriterCore {
             fenced: None,
             cfg,
             catch_up: HashMap::new(),
+            lazy: 0,
+            lazy_flush_lsn: rec.vdl,
         };
         core.note_transitions();
         for (pg, lsn, bytes) in rec.replicate {
@@ -664,10 +696,15 @@ impl WriterCore {
             return wake;
         }
         let from = self.flush_lsn;
+        let skip = if self.eager_degraded() { 0 } else { self.lazy };
         for (l, p) in self.outstanding.range(from.next()..=to) {
             self.unflushed_bytes = self.unflushed_bytes.saturating_sub(p.bytes.len());
             self.pg_tail_flushed.insert(p.pg, *l);
-            wake.extend(self.placement.members(p.pg));
+            wake.extend(
+                self.placement
+                    .members(p.pg)
+                    .filter(|n| skip & (1 << n) == 0),
+            );
         }
         self.flush_lsn = to;
         if to == self.last_lsn {
@@ -681,8 +718,70 @@ impl WriterCore {
         self.flush_lsn
     }
 
+    /// Picks the lazy nodes: the last `lazy_segments` of the default six (with the
+    /// usual layout, the third AZ's two), and none while any membership is in
+    /// transition (a transitional write needs 4 of the old six and 4 of the new).
+    fn choose_lazy(&mut self) {
+        self.lazy = 0;
+        let memberships = self.placement.memberships();
+        let [(None, m)] = memberships.as_slice() else {
+            return;
+        };
+        if m.next.is_some() {
+            return;
+        }
+        let n = self.cfg.lazy_segments.min(SEGMENTS - WRITE_QUORUM as usize);
+        for &node in m.segments.iter().rev().take(n) {
+            if node < MAX_STORAGE_NODES {
+                self.lazy |= 1 << node;
+            }
+        }
+    }
+
+    /// An eager segment is not connected: the lazy ones are needed for the write
+    /// quorum, so every flush goes to them at once until it is back.
+    fn eager_degraded(&self) -> bool {
+        self.lazy != 0
+            && self
+                .placement
+                .default_membership()
+                .segments
+                .iter()
+                .any(|&n| self.lazy & (1 << n) == 0 && !self.nodes.get(n).is_some_and(|s| s.ready))
+    }
+
+    /// The lazy nodes, to wake when an eager node's connection drops.
+    pub fn lazy_nodes(&self) -> BTreeSet<usize> {
+        (0..MAX_STORAGE_NODES)
+            .filter(|n| self.lazy & (1 << n) != 0)
+            .collect()
+    }
+
+    /// Lets lazy nodes have everything flushed so far (called every few
+    /// milliseconds by the driver, and by the simulation at random). Returns the
+    /// nodes to wake: none if nothing was flushed since the last call.
+    pub fn flush_lazy(&mut self) -> BTreeSet<usize> {
+        if self.lazy == 0 || self.lazy_flush_lsn >= self.flush_lsn {
+            return BTreeSet::new();
+        }
+        self.lazy_flush_lsn = self.flush_lsn;
+        let wake = self.lazy_nodes();
+        for &n in &wake {
+            if let Some(ns) = self.nodes.get_mut(n) {
+                ns.lazy_kick = true;
+            }
+        }
+        wake
+    }
+
     /// The node's connection is up and the epoch installed on it.
     pub fn node_ready(&mut self, node: usize) {
+        // A connection may come up before the placement naming the node is adopted
+        // (the simulation's control plane is ahead of its writer): remember it, so
+        // that adopting the placement later does not find the node "not ready".
+        if node < MAX_STORAGE_NODES && self.nodes.len() <= node {
+            self.nodes.resize_with(node + 1, NodeSend::default);
+        }
         if let Some(ns) = self.nodes.get_mut(node) {
             ns.ready = true;
         }
@@ -758,6 +857,7 @@ impl WriterCore {
             live.insert(group, (m.epoch, point));
         }
         self.catch_up = live;
+        self.choose_lazy();
     }
 
     /// Segment replacements in progress, for the control plane (see
@@ -800,16 +900,23 @@ impl WriterCore {
         }
         let max_inflight = self.cfg.max_inflight_batches;
         let (max_records, max_bytes) = (self.cfg.max_batch_records, self.cfg.max_batch_bytes);
-        let ns = self.nodes.get_mut(node)?;
+        let ns = self.nodes.get(node)?;
         if !ns.ready || ns.inflight_batches >= max_inflight {
             return None;
         }
         let flush = self.flush_lsn;
+        let lazy_now = self.lazy & (1 << node) != 0 && !self.eager_degraded();
+        let limit = if lazy_now {
+            self.lazy_flush_lsn.min(flush)
+        } else {
+            flush
+        };
+        let ns = self.nodes.get_mut(node)?;
         let mut per_pg: BTreeMap<PgId, Vec<(Lsn, Vec<u8>)>> = BTreeMap::new();
         let (mut count, mut bytes) = (0usize, 0usize);
         while let Some(&lsn) = ns.queue.front() {
-            if lsn > flush {
-                break; // held back until a flush request
+            if lsn > limit {
+                break; // held back until a (lazy) flush
             }
             let Some(p) = self.outstanding.get(&lsn) else {
                 ns.queue.pop_front(); // retired meanwhile
@@ -863,6 +970,14 @@ impl WriterCore {
         }
         if pgs.is_empty() {
             return None;
+        }
+        if lazy_now {
+            // Claims alone go to a lazy node once per lazy flush, not with every
+            // eager flush (that would cost it a message per commit after all).
+            if count == 0 && !ns.lazy_kick {
+                return None;
+            }
+            ns.lazy_kick = false;
         }
         ns.inflight_batches += 1;
         Some(Request::Append(Append {
@@ -1042,5 +1157,134 @@ impl WriterCore {
             .and_then(|s| s.scl.get(&pg))
             .copied()
             .unwrap_or(Lsn::ZERO)
+    }
+}
+
+#[cfg(test)]
+mod eager_four_tests {
+    use super::*;
+    use borealis_storage::proto::{PgAck, Request, Response};
+
+    fn core(lazy_segments: usize) -> WriterCore {
+        let names: Vec<String> = ["a1", "a2", "b1", "b2", "c1", "c2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let azs: Vec<String> = ["a", "a", "b", "b", "c", "c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let addrs = (0..6)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
+            .collect();
+        let cfg = QuorumConfig {
+            lazy_segments,
+            ..QuorumConfig::default()
+        };
+        let mut c = WriterCore::new(
+            Geometry::default(),
+            Placement::uniform(names, azs, addrs),
+            1000,
+            Epoch(1),
+            Recovered::default(),
+            cfg,
+        );
+        for n in 0..6 {
+            c.node_ready(n);
+        }
+        c
+    }
+
+    /// Appends one single-record MTR and asks for it to be flushed (a commit).
+    fn commit(c: &mut WriterCore) -> Lsn {
+        let (records, _) = c.append(vec![(1, Op::Noop)]).unwrap();
+        let lsn = records[0].lsn;
+        c.request_flush(lsn);
+        lsn
+    }
+
+    /// Sends `node` its next batch and acks every record in it; whether it had one.
+    fn deliver(c: &mut WriterCore, node: usize) -> bool {
+        let Some(Request::Append(a)) = c.next_batch(node) else {
+            return false;
+        };
+        let pgs = a
+            .pgs
+            .iter()
+            .map(|b| PgAck {
+                pg: b.pg,
+                lsns: b
+                    .records
+                    .iter()
+                    .map(|r| borealis_redo::decode_header(r).unwrap().lsn)
+                    .collect(),
+                scl: Lsn::ZERO,
+            })
+            .collect();
+        c.on_response(
+            node,
+            &Response::Appended {
+                epoch: Epoch(1),
+                pgs,
+            },
+        );
+        true
+    }
+
+    #[test]
+    fn commits_go_to_four_and_the_lazy_two_get_them_at_lazy_flushes() {
+        let mut c = core(2);
+        let lsn = commit(&mut c);
+        // The last two default segments (the third AZ) are lazy: no batch for them.
+        for n in 0..4 {
+            assert!(deliver(&mut c, n), "eager node {n} got no batch");
+        }
+        for n in 4..6 {
+            assert!(!deliver(&mut c, n), "lazy node {n} got a batch at a commit");
+        }
+        assert_eq!(c.vdl(), lsn, "four acks make the commit durable");
+        // A lazy flush hands them everything flushed so far, claims included.
+        assert_eq!(c.flush_lazy(), BTreeSet::from([4, 5]));
+        for n in 4..6 {
+            assert!(
+                deliver(&mut c, n),
+                "lazy node {n} got nothing at a lazy flush"
+            );
+            assert!(!deliver(&mut c, n));
+        }
+        // Nothing new: the next lazy flush sends nothing.
+        assert!(c.flush_lazy().is_empty());
+    }
+
+    #[test]
+    fn a_lost_eager_segment_makes_every_flush_go_to_all_six() {
+        let mut c = core(2);
+        c.node_reset(1);
+        let lsn = commit(&mut c);
+        for n in [0, 2, 3, 4, 5] {
+            assert!(
+                deliver(&mut c, n),
+                "node {n} got no batch with an eager one down"
+            );
+        }
+        assert_eq!(c.vdl(), lsn);
+        // Back: lazy again.
+        c.node_ready(1);
+        let lsn = commit(&mut c);
+        assert!(!deliver(&mut c, 5));
+        for n in 0..4 {
+            assert!(deliver(&mut c, n));
+        }
+        assert_eq!(c.vdl(), lsn);
+    }
+
+    #[test]
+    fn without_lazy_segments_every_flush_goes_to_all_six() {
+        let mut c = core(0);
+        commit(&mut c);
+        for n in 0..6 {
+            assert!(deliver(&mut c, n), "node {n} got no batch");
+        }
+        assert!(c.flush_lazy().is_empty());
     }
 }

@@ -60,6 +60,9 @@ struct Shared {
 /// sent anyway (aborts, sequence advances, long transactions): the bound on how far
 /// storage lags the writer when nobody waits, like PostgreSQL's WAL writer delay.
 const FLUSH_DELAY: Duration = Duration::from_millis(10);
+/// How often the lazy segments get what was flushed (see "Eager four" at
+/// [`WriterCore`]): the most a slow eager segment can add to a commit.
+const LAZY_FLUSH_INTERVAL: Duration = Duration::from_millis(4);
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, WriterCore> {
@@ -156,6 +159,7 @@ impl RemoteVolume {
             cfg: qcfg.clone(),
         });
         tokio::spawn(flusher(shared.clone(), shutdown_rx.clone()));
+        tokio::spawn(lazy_flusher(shared.clone(), shutdown_rx.clone()));
         start_node_tasks(&shared, placement.node_count(), &shutdown_rx);
         // Serve only once the recovered tail is at write quorum under our epoch:
         // otherwise a crash now could lose what we are about to build on.
@@ -708,6 +712,21 @@ async fn install_everywhere(
 
 /// One storage node's connection: (re)connects, installs the epoch, then pipelines
 /// append batches and page reads and feeds responses to the core.
+/// Lets the lazy segments have what was flushed, every [`LAZY_FLUSH_INTERVAL`]
+/// (see "Eager four" at [`WriterCore`]); an idle volume sends nothing.
+async fn lazy_flusher(shared: Arc<Shared>, mut shutdown: watch::Receiver<()>) {
+    let mut tick = tokio::time::interval(LAZY_FLUSH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let wake = shared.lock().flush_lazy();
+        shared.wake(wake);
+    }
+}
+
 /// Sends records nobody waits for within [`FLUSH_DELAY`] of their append.
 async fn flusher(shared: Arc<Shared>, mut shutdown: watch::Receiver<()>) {
     loop {
@@ -761,6 +780,10 @@ async fn node_task(
                 log::error!("volume fenced; node task {idx} stops");
                 return;
             }
+            // If an eager segment went away the lazy ones are needed now.
+            let lazy = core.lazy_nodes();
+            drop(core);
+            shared.wake(lazy);
         }
         match result {
             Ok(()) => backoff = Duration::from_millis(10),
