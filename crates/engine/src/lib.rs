@@ -633,7 +633,11 @@ impl State {
 
     /// Whether an existing version chain blocks inserting a new row under its key:
     /// the newest version that is not aborted decides (as in `insert_row`).
-    fn key_conflict(&self, txn: &Txn, versions: &[Version]) -> Result<index::Conflict, EngineError> {
+    fn key_conflict(
+        &self,
+        txn: &Txn,
+        versions: &[Version],
+    ) -> Result<index::Conflict, EngineError> {
         for v in versions {
             if self.owner(v.xmin) != txn.txid && self.txn_state(v.xmin)? == TxnState::Aborted {
                 continue;
@@ -1310,7 +1314,9 @@ impl Engine {
         constraint: &str,
     ) -> Result<(), BatchError> {
         if keys.len() != rows.len() {
-            return Err(EngineError::Internal("batch keys and rows differ in length".into()).into());
+            return Err(
+                EngineError::Internal("batch keys and rows differ in length".into()).into(),
+            );
         }
         Self::check_cancel(txn)?;
         let n = rows.len();
@@ -1398,7 +1404,10 @@ impl Engine {
                     if !index.unique || *has_null {
                         continue;
                     }
-                    match walk!(st, index::unique_check(&st, txn, table.root, index, k, &keys[i]))? {
+                    match walk!(
+                        st,
+                        index::unique_check(&st, txn, table.root, index, k, &keys[i])
+                    )? {
                         index::Conflict::Violation(pk) => {
                             let e = unique_violation(table, index, &rows[i], pk);
                             note(&mut violation, i, e);
