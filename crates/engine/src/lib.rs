@@ -1989,19 +1989,20 @@ impl Engine {
     /// the caller checks) as new versions of `txn`, writing whole pages (one record
     /// per page) rather than a record per row. Nothing points at the new pages until
     /// the last MTR rewrites the root, so a crash midway leaves the tree empty.
+    ///
+    /// Rows come encoded (`row::encode_row`): a table rewrite encodes each row as
+    /// it scans it instead of holding the whole table as datums.
     pub async fn bulk_load(
         &self,
         txn: &mut Txn,
         root: PageNo,
-        rows: Vec<(Vec<u8>, Vec<Datum>)>,
+        rows: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
         let mut items = Vec::with_capacity(rows.len());
         for (key, row) in rows {
-            let mut buf = Vec::with_capacity(64);
-            row::encode_row(&row, &mut buf);
-            let version = txn.new_version(buf);
+            let version = txn.new_version(row);
             items.push(btree::make_item(&key, &encode_versions(&[version])));
         }
         let mut alloc = Alloc { next: st.next_page };

@@ -995,6 +995,22 @@ impl<'a> Binder<'a> {
 }
 
 /// In aggregated rows, group keys come first, then aggregates.
+/// NOT NULL (and primary-key columns) of a complete row: 23502.
+fn check_not_null(t: &TableDef, row: &[Datum]) -> Result<(), SqlError> {
+    for (i, c) in t.columns.iter().enumerate() {
+        if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
+            return Err(SqlError::new(
+                "23502",
+                format!(
+                    "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
+                    c.name, t.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn shift_aggs(e: Expr, ngroups: usize) -> Expr {
     map_expr(e, &|e| match e {
         Expr::AggRef(i, t) => Expr::AggRef(i + ngroups, t),
@@ -1495,14 +1511,7 @@ impl<'a> Exec<'a> {
         row: &[Datum],
         checks: &[(String, Expr)],
     ) -> Result<(), SqlError> {
-        for (i, c) in t.columns.iter().enumerate() {
-            if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
-                return Err(SqlError::new(
-                    "23502",
-                    format!("null value in column \"{}\" of relation \"{}\" violates not-null constraint", c.name, t.name),
-                ));
-            }
-        }
+        check_not_null(t, row)?;
         let ctx = self.ctx(&[]);
         for (name, e) in checks {
             if expr::eval(e, row, &ctx)? == Datum::Bool(false) {
@@ -2957,34 +2966,71 @@ async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, Sq
 }
 
 /// Rewrites a table into a new tree keyed by `new_pk` (ADD PRIMARY KEY), checking
-/// uniqueness and NOT NULL on the way.
+/// uniqueness and NOT NULL on the way. Rows stream from the scan straight into
+/// (new key, encoded row) pairs, so the table is never held as datums.
 async fn rekey(
     ex: &mut Exec<'_>,
     def: &TableDef,
     new_pk: Vec<usize>,
     pk_name: Option<String>,
 ) -> Result<TableDef, SqlError> {
-    let (rows, _) = ex.scan_table(def, &KeyPlan::default(), None, None).await?;
     let mut new_def = def.clone();
     new_def.pk = new_pk.clone();
     new_def.pk_name = pk_name.clone();
     for &i in &new_pk {
         new_def.columns[i].not_null = true;
     }
+    let mut keyed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut err = None;
+    {
+        let check_def = &new_def;
+        let (keyed, err) = (&mut keyed, &mut err);
+        let mut visit = |_: &[u8], row: Vec<Datum>| {
+            let r = check_not_null(check_def, &row).and_then(|()| {
+                let vals: Vec<Datum> = check_def.pk.iter().map(|&i| row[i].clone()).collect();
+                encode_key(&vals).map_err(engine_error)
+            });
+            match r {
+                Ok(key) => {
+                    let mut enc = Vec::with_capacity(64);
+                    borealis_engine::row::encode_row(&row, &mut enc);
+                    keyed.push((key, enc));
+                    if keyed.len() >= MAX_STATEMENT_ROWS {
+                        *err = Some(SqlError::new("54000", "statement reads too many rows"));
+                        return Ok(false);
+                    }
+                    Ok(true)
+                }
+                Err(e) => {
+                    *err = Some(e);
+                    Ok(false)
+                }
+            }
+        };
+        ex.engine
+            .scan(
+                ex.txn,
+                def.root,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                &mut visit,
+            )
+            .await
+            .map_err(engine_error)?;
+    }
+    if let Some(e) = err {
+        return Err(e);
+    }
     new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
     let constraint = pk_name.unwrap_or_else(|| format!("{}_pkey", def.name));
-    // Sort by the new key, refuse NULLs and duplicates, then build the new tree
+    // Sort by the new key and refuse duplicates, then build the new tree
     // bottom-up, a page per record.
-    let mut keyed = Vec::with_capacity(rows.len());
-    for row in rows {
-        ex.check_row(&new_def, &row, &[])?;
-        keyed.push((ex.row_key(&new_def, &row)?, row));
-    }
-    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = keyed.windows(2).find(|w| w[0].0 == w[1].0) {
+        let row = borealis_engine::row::decode_row(&w[0].1).map_err(engine_error)?;
         let vals: Vec<String> = new_pk
             .iter()
-            .map(|&i| w[0].1[i].to_text().unwrap_or_else(|| "NULL".into()))
+            .map(|&i| row[i].to_text().unwrap_or_else(|| "NULL".into()))
             .collect();
         let names: Vec<String> = new_pk
             .iter()
