@@ -92,7 +92,11 @@ pub(crate) enum Conflict {
 }
 
 /// Whether version `v` (whose key is the one being inserted) blocks the insert.
-fn version_conflict(st: &State, txn: &Txn, v: &Version) -> Result<Conflict, EngineError> {
+pub(crate) fn version_conflict(
+    st: &State,
+    txn: &Txn,
+    v: &Version,
+) -> Result<Conflict, EngineError> {
     if st.owner(v.xmin) != txn.txid {
         match st.txn_state(v.xmin)? {
             TxnState::Aborted => return Ok(Conflict::None),

@@ -582,6 +582,83 @@ impl State {
         txn.last_write = lsn;
         Ok(lsn)
     }
+
+    /// Writes a bottom-up build: its pages in MTRs of `BULK_PAGES_PER_MTR` (moved,
+    /// not copied: a build is the whole table), then the root, which makes the
+    /// tree reachable at once.
+    async fn write_bulk_build(
+        &mut self,
+        txn: &mut Txn,
+        build: btree::BulkBuild,
+        alloc: Alloc,
+    ) -> Result<(), EngineError> {
+        let mut alloc = Some(alloc);
+        let mut pages = build.pages.into_iter();
+        loop {
+            let chunk: Vec<(PageNo, Op)> = pages.by_ref().take(BULK_PAGES_PER_MTR).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            self.write_mtr(txn, chunk, alloc.take()).await?;
+        }
+        self.write_mtr(txn, vec![build.root], alloc.take()).await?;
+        Ok(())
+    }
+
+    /// Puts `items` (leaf items sorted by key, keys unique) into the tree at
+    /// `root`, one MTR per run of items that lands in one leaf (`btree::put_run`).
+    async fn put_items(
+        &mut self,
+        txn: &mut Txn,
+        root: PageNo,
+        items: &[Vec<u8>],
+    ) -> Result<(), EngineError> {
+        let mut at = 0;
+        while at < items.len() {
+            let (ops, used, alloc) = walk!(self, {
+                let mut alloc = Alloc {
+                    next: self.next_page,
+                };
+                btree::put_run(&self.store, root, &items[at..], &mut alloc)
+                    .map(|(ops, used)| (ops, used, alloc))
+            })?;
+            if used == 0 {
+                return Err(EngineError::Internal("put_run consumed nothing".into()));
+            }
+            self.write_mtr(txn, ops, Some(alloc)).await?;
+            at += used;
+        }
+        Ok(())
+    }
+
+    /// Whether an existing version chain blocks inserting a new row under its key:
+    /// the newest version that is not aborted decides (as in `insert_row`).
+    fn key_conflict(
+        &self,
+        txn: &Txn,
+        versions: &[Version],
+    ) -> Result<index::Conflict, EngineError> {
+        for v in versions {
+            if self.owner(v.xmin) != txn.txid && self.txn_state(v.xmin)? == TxnState::Aborted {
+                continue;
+            }
+            return index::version_conflict(self, txn, v);
+        }
+        Ok(index::Conflict::None)
+    }
+}
+
+/// A batch insert that failed, and the batch row that caused it (if one did).
+#[derive(Debug)]
+pub struct BatchError {
+    pub row: Option<usize>,
+    pub error: EngineError,
+}
+
+impl From<EngineError> for BatchError {
+    fn from(error: EngineError) -> BatchError {
+        BatchError { row: None, error }
+    }
 }
 
 /// Holders of one table's lock. Shared: DML on the table (held until the
@@ -1224,6 +1301,191 @@ impl Engine {
         }
     }
 
+    /// Inserts a batch of new rows (`keys[i]` is the clustered key of `rows[i]`)
+    /// under one hold of the engine lock: the bulk path of COPY FROM and
+    /// INSERT ... SELECT.
+    ///
+    /// The checks of [`Engine::insert_row`] run first for every row (a live or
+    /// in-doubt row with the key, unique indexes, and duplicates within the batch),
+    /// before anything is written; a wait for another transaction releases the
+    /// lock and redoes the checks. Then the rows go into the table in key order and
+    /// the entries into each index in entry order, a run of items per leaf as one
+    /// MTR (`btree::put_run`): rows arriving in key order (hidden row ids, a load
+    /// sorted by primary key) become whole-page records instead of one descent and
+    /// one record per row. A row and its index entries are no longer one MTR, which
+    /// is safe because nobody sees either before the transaction commits: the
+    /// engine lock is held throughout, and after a crash the transaction counts as
+    /// aborted.
+    ///
+    /// On a violation nothing is written and the error names the first offending
+    /// row in batch order.
+    pub async fn insert_rows(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        keys: &[Vec<u8>],
+        rows: &[Vec<Datum>],
+        constraint: &str,
+    ) -> Result<(), BatchError> {
+        if keys.len() != rows.len() {
+            return Err(
+                EngineError::Internal("batch keys and rows differ in length".into()).into(),
+            );
+        }
+        Self::check_cancel(txn)?;
+        let n = rows.len();
+        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for row in rows {
+            let mut buf = Vec::with_capacity(64);
+            row::encode_row(row, &mut buf);
+            encoded.push(buf);
+        }
+        let indexes: Vec<&IndexDef> = table.secondary_indexes().collect();
+        // index_keys[j][i]: (key of row i in index j, it has a NULL).
+        let mut index_keys: Vec<Vec<(Vec<u8>, bool)>> = Vec::with_capacity(indexes.len());
+        for index in &indexes {
+            let mut ks = Vec::with_capacity(n);
+            for row in rows {
+                ks.push(index::index_key(index, row)?);
+            }
+            index_keys.push(ks);
+        }
+        // Duplicates inside the batch: the later row (in batch order) is the one
+        // that violates, as if the rows were inserted one by one.
+        let mut first_violation: Option<(usize, EngineError)> = None;
+        let note = |slot: &mut Option<(usize, EngineError)>, i: usize, e: EngineError| {
+            if slot.as_ref().is_none_or(|(r, _)| i < *r) {
+                *slot = Some((i, e));
+            }
+        };
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| keys[a].cmp(&keys[b]));
+        for w in order.windows(2) {
+            if keys[w[0]] == keys[w[1]] {
+                let e = EngineError::UniqueViolation {
+                    constraint: constraint.to_string(),
+                    detail: String::new(),
+                    key: keys[w[1]].clone(),
+                };
+                note(&mut first_violation, w[0].max(w[1]), e);
+            }
+        }
+        for (j, index) in indexes.iter().enumerate() {
+            if !index.unique {
+                continue;
+            }
+            let ks = &index_keys[j];
+            let mut by_key: Vec<usize> = (0..n).filter(|&i| !ks[i].1).collect();
+            by_key.sort_by(|&a, &b| ks[a].0.cmp(&ks[b].0));
+            for w in by_key.windows(2) {
+                if ks[w[0]].0 == ks[w[1]].0 {
+                    let (early, late) = (w[0].min(w[1]), w[0].max(w[1]));
+                    let e = unique_violation(table, index, &rows[late], keys[early].clone());
+                    note(&mut first_violation, late, e);
+                }
+            }
+        }
+        if let Some((row, error)) = first_violation.take() {
+            return Err(BatchError {
+                row: Some(row),
+                error,
+            });
+        }
+        let mut st = self.lock().await;
+        st.assign_txid(txn).await?;
+        let mut st = self.take_write_lock(st, txn, table.oid).await?;
+        loop {
+            let mut violation: Option<(usize, EngineError)> = None;
+            let mut wait: Option<WriteCheck> = None;
+            let mut existing: Vec<Option<Vec<Version>>> = vec![None; n];
+            for i in 0..n {
+                if violation.as_ref().is_some_and(|(r, _)| *r < i) {
+                    break;
+                }
+                let mut conflicts = Vec::new();
+                if let Some(p) = walk!(st, btree::get(&st.store, table.root, &keys[i]))? {
+                    let versions = decode_versions(&p)?;
+                    match walk!(st, st.key_conflict(txn, &versions))? {
+                        index::Conflict::Violation(_) => {
+                            conflicts.push(index::Conflict::Violation(keys[i].clone()))
+                        }
+                        c => conflicts.push(c),
+                    }
+                    existing[i] = Some(versions);
+                }
+                for (j, index) in indexes.iter().enumerate() {
+                    let (k, has_null) = &index_keys[j][i];
+                    if !index.unique || *has_null {
+                        continue;
+                    }
+                    match walk!(
+                        st,
+                        index::unique_check(&st, txn, table.root, index, k, &keys[i])
+                    )? {
+                        index::Conflict::Violation(pk) => {
+                            let e = unique_violation(table, index, &rows[i], pk);
+                            note(&mut violation, i, e);
+                        }
+                        c => conflicts.push(c),
+                    }
+                }
+                for c in conflicts {
+                    match c {
+                        index::Conflict::None => {}
+                        index::Conflict::Violation(key) => note(
+                            &mut violation,
+                            i,
+                            EngineError::UniqueViolation {
+                                constraint: constraint.to_string(),
+                                detail: String::new(),
+                                key,
+                            },
+                        ),
+                        index::Conflict::Wait(x) => {
+                            wait.get_or_insert(WriteCheck::Wait(x));
+                        }
+                        index::Conflict::WaitDurable(l) => {
+                            wait.get_or_insert(WriteCheck::WaitDurable(l));
+                        }
+                    }
+                }
+            }
+            if let Some((row, error)) = violation {
+                return Err(BatchError {
+                    row: Some(row),
+                    error,
+                });
+            }
+            if let Some(w) = wait {
+                st = self.wait_out(st, txn, w).await?;
+                continue;
+            }
+            let mut items = Vec::with_capacity(n);
+            for &i in &order {
+                let mut versions = match existing[i].take() {
+                    Some(v) => walk!(st, st.prune(&v))?,
+                    None => Vec::new(),
+                };
+                versions.insert(0, txn.new_version(std::mem::take(&mut encoded[i])));
+                items.push(btree::make_item(&keys[i], &encode_versions(&versions)));
+            }
+            st.put_items(txn, table.root, &items).await?;
+            drop(items);
+            for (j, index) in indexes.iter().enumerate() {
+                let mut entries: Vec<(Vec<u8>, usize)> = (0..n)
+                    .map(|i| (index::entry_key(&index_keys[j][i].0, &keys[i]), i))
+                    .collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                let items: Vec<Vec<u8>> = entries
+                    .iter()
+                    .map(|(e, i)| btree::make_item(e, &keys[*i]))
+                    .collect();
+                st.put_items(txn, index.root, &items).await?;
+            }
+            return Ok(());
+        }
+    }
+
     /// Scans rows visible to `txn` with keys in [`from`, `to`), calling `visit` on
     /// each until it returns false. Rows are produced in key order.
     pub async fn scan(
@@ -1741,30 +2003,25 @@ impl Engine {
     /// the caller checks) as new versions of `txn`, writing whole pages (one record
     /// per page) rather than a record per row. Nothing points at the new pages until
     /// the last MTR rewrites the root, so a crash midway leaves the tree empty.
+    ///
+    /// Rows come encoded (`row::encode_row`): a table rewrite encodes each row as
+    /// it scans it instead of holding the whole table as datums.
     pub async fn bulk_load(
         &self,
         txn: &mut Txn,
         root: PageNo,
-        rows: Vec<(Vec<u8>, Vec<Datum>)>,
+        rows: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
         let mut items = Vec::with_capacity(rows.len());
         for (key, row) in rows {
-            let mut buf = Vec::with_capacity(64);
-            row::encode_row(&row, &mut buf);
-            let version = txn.new_version(buf);
+            let version = txn.new_version(row);
             items.push(btree::make_item(&key, &encode_versions(&[version])));
         }
         let mut alloc = Alloc { next: st.next_page };
         let build = btree::bulk_build(root, items, &mut alloc)?;
-        let mut chunks = build.pages.chunks(BULK_PAGES_PER_MTR);
-        let mut alloc = Some(alloc);
-        for chunk in chunks.by_ref() {
-            st.write_mtr(txn, chunk.to_vec(), alloc.take()).await?;
-        }
-        st.write_mtr(txn, vec![build.root], alloc.take()).await?;
-        Ok(())
+        st.write_bulk_build(txn, build, alloc).await
     }
 
     // ---- table locks ----
@@ -2014,11 +2271,7 @@ impl Engine {
         let mut st = self.lock().await;
         let mut alloc = Alloc { next: st.next_page };
         let build = btree::bulk_build(root, items, &mut alloc)?;
-        let mut alloc = Some(alloc);
-        for chunk in build.pages.chunks(BULK_PAGES_PER_MTR) {
-            st.write_mtr(txn, chunk.to_vec(), alloc.take()).await?;
-        }
-        st.write_mtr(txn, vec![build.root], alloc.take()).await?;
+        st.write_bulk_build(txn, build, alloc).await?;
         Ok(root)
     }
 

@@ -37,6 +37,9 @@ fn fields(severity: &str, e: &SqlError) -> Vec<(u8, String)> {
     if let Some(hint) = &e.hint {
         f.push((b'H', hint.clone()));
     }
+    if let Some(context) = &e.context {
+        f.push((b'W', context.clone()));
+    }
     f
 }
 

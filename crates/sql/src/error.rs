@@ -9,6 +9,8 @@ pub struct SqlError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// Where it happened, e.g. "COPY t, line 3" (the 'W' field).
+    pub context: Option<String>,
 }
 
 impl SqlError {
@@ -18,6 +20,7 @@ impl SqlError {
             message: message.into(),
             detail: None,
             hint: None,
+            context: None,
         }
     }
     pub fn with_detail(mut self, detail: impl Into<String>) -> SqlError {

@@ -995,6 +995,22 @@ impl<'a> Binder<'a> {
 }
 
 /// In aggregated rows, group keys come first, then aggregates.
+/// NOT NULL (and primary-key columns) of a complete row: 23502.
+fn check_not_null(t: &TableDef, row: &[Datum]) -> Result<(), SqlError> {
+    for (i, c) in t.columns.iter().enumerate() {
+        if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
+            return Err(SqlError::new(
+                "23502",
+                format!(
+                    "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
+                    c.name, t.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn shift_aggs(e: Expr, ngroups: usize) -> Expr {
     map_expr(e, &|e| match e {
         Expr::AggRef(i, t) => Expr::AggRef(i + ngroups, t),
@@ -1495,14 +1511,7 @@ impl<'a> Exec<'a> {
         row: &[Datum],
         checks: &[(String, Expr)],
     ) -> Result<(), SqlError> {
-        for (i, c) in t.columns.iter().enumerate() {
-            if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
-                return Err(SqlError::new(
-                    "23502",
-                    format!("null value in column \"{}\" of relation \"{}\" violates not-null constraint", c.name, t.name),
-                ));
-            }
-        }
+        check_not_null(t, row)?;
         let ctx = self.ctx(&[]);
         for (name, e) in checks {
             if expr::eval(e, row, &ctx)? == Datum::Bool(false) {
@@ -1539,6 +1548,34 @@ impl<'a> Exec<'a> {
             .await
             .map_err(engine_error)?;
         encode_key(&[Datum::Int8(id)]).map_err(engine_error)
+    }
+
+    /// Inserts complete, checked rows (defaults applied, `check_row` passed) as one
+    /// engine batch (`Engine::insert_rows`): the bulk path of COPY and of INSERT
+    /// without ON CONFLICT or RETURNING. An error names the offending row's index in
+    /// `rows` when one row caused it.
+    async fn insert_batch(
+        &mut self,
+        t: &TableDef,
+        rows: &[Vec<Datum>],
+    ) -> Result<(), (Option<usize>, SqlError)> {
+        let mut keys = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            let key = if t.pk.is_empty() {
+                self.hidden_key(t).await.map_err(|e| (None, e))?
+            } else {
+                self.row_key(t, row).map_err(|e| (Some(i), e))?
+            };
+            keys.push(key);
+        }
+        let constraint = t
+            .pk_name
+            .clone()
+            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        self.engine
+            .insert_rows(self.txn, t, &keys, rows, &constraint)
+            .await
+            .map_err(|e| (e.row, engine_error(e.error)))
     }
 
     /// Inserts one complete row (defaults applied); returns false if skipped by ON
@@ -1673,6 +1710,9 @@ impl<'a> Exec<'a> {
         };
         let mut count = 0u64;
         let mut returned = Vec::new();
+        // Several rows without ON CONFLICT or RETURNING go to the engine in batches.
+        let batched = sources.len() > 1 && p.on_conflict.is_none() && p.returning.is_none();
+        let mut batch: Vec<Vec<Datum>> = Vec::new();
         for vals in sources {
             let mut row = vec![None; t.columns.len()];
             for (j, v) in vals.into_iter().enumerate() {
@@ -1697,6 +1737,16 @@ impl<'a> Exec<'a> {
                 };
                 full.push(expr::assign(d, c.ty(), c.typmod)?);
             }
+            if batched {
+                self.check_row(&t, &full, &p.checks)?;
+                batch.push(full);
+                if batch.len() >= COPY_BATCH_ROWS {
+                    self.insert_batch(&t, &batch).await.map_err(|(_, e)| e)?;
+                    count += batch.len() as u64;
+                    batch.clear();
+                }
+                continue;
+            }
             if let Some(stored) = self.insert_row(p, full).await? {
                 count += 1;
                 if let Some(r) = &p.returning {
@@ -1709,6 +1759,10 @@ impl<'a> Exec<'a> {
                     );
                 }
             }
+        }
+        if !batch.is_empty() {
+            self.insert_batch(&t, &batch).await.map_err(|(_, e)| e)?;
+            count += batch.len() as u64;
         }
         Ok((count, returned))
     }
@@ -2912,34 +2966,71 @@ async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, Sq
 }
 
 /// Rewrites a table into a new tree keyed by `new_pk` (ADD PRIMARY KEY), checking
-/// uniqueness and NOT NULL on the way.
+/// uniqueness and NOT NULL on the way. Rows stream from the scan straight into
+/// (new key, encoded row) pairs, so the table is never held as datums.
 async fn rekey(
     ex: &mut Exec<'_>,
     def: &TableDef,
     new_pk: Vec<usize>,
     pk_name: Option<String>,
 ) -> Result<TableDef, SqlError> {
-    let (rows, _) = ex.scan_table(def, &KeyPlan::default(), None, None).await?;
     let mut new_def = def.clone();
     new_def.pk = new_pk.clone();
     new_def.pk_name = pk_name.clone();
     for &i in &new_pk {
         new_def.columns[i].not_null = true;
     }
+    let mut keyed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut err = None;
+    {
+        let check_def = &new_def;
+        let (keyed, err) = (&mut keyed, &mut err);
+        let mut visit = |_: &[u8], row: Vec<Datum>| {
+            let r = check_not_null(check_def, &row).and_then(|()| {
+                let vals: Vec<Datum> = check_def.pk.iter().map(|&i| row[i].clone()).collect();
+                encode_key(&vals).map_err(engine_error)
+            });
+            match r {
+                Ok(key) => {
+                    let mut enc = Vec::with_capacity(64);
+                    borealis_engine::row::encode_row(&row, &mut enc);
+                    keyed.push((key, enc));
+                    if keyed.len() >= MAX_STATEMENT_ROWS {
+                        *err = Some(SqlError::new("54000", "statement reads too many rows"));
+                        return Ok(false);
+                    }
+                    Ok(true)
+                }
+                Err(e) => {
+                    *err = Some(e);
+                    Ok(false)
+                }
+            }
+        };
+        ex.engine
+            .scan(
+                ex.txn,
+                def.root,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                &mut visit,
+            )
+            .await
+            .map_err(engine_error)?;
+    }
+    if let Some(e) = err {
+        return Err(e);
+    }
     new_def.root = ex.engine.new_root(ex.txn).await.map_err(engine_error)?;
     let constraint = pk_name.unwrap_or_else(|| format!("{}_pkey", def.name));
-    // Sort by the new key, refuse NULLs and duplicates, then build the new tree
+    // Sort by the new key and refuse duplicates, then build the new tree
     // bottom-up, a page per record.
-    let mut keyed = Vec::with_capacity(rows.len());
-    for row in rows {
-        ex.check_row(&new_def, &row, &[])?;
-        keyed.push((ex.row_key(&new_def, &row)?, row));
-    }
-    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = keyed.windows(2).find(|w| w[0].0 == w[1].0) {
+        let row = borealis_engine::row::decode_row(&w[0].1).map_err(engine_error)?;
         let vals: Vec<String> = new_pk
             .iter()
-            .map(|&i| w[0].1[i].to_text().unwrap_or_else(|| "NULL".into()))
+            .map(|&i| row[i].to_text().unwrap_or_else(|| "NULL".into()))
             .collect();
         let names: Vec<String> = new_pk
             .iter()
@@ -3432,10 +3523,22 @@ pub(crate) struct CopyState {
     header: bool,
     buf: Vec<u8>,
     rows: u64,
+    /// Input lines read so far (the header counts), for error context.
+    line: u64,
+    /// Checked rows not yet handed to the engine, with their line numbers: they go
+    /// in as one `Engine::insert_rows` batch (see `copy_flush`).
+    pending: Vec<Vec<Datum>>,
+    pending_lines: Vec<u64>,
+    pending_bytes: usize,
 }
 
 /// Bound on a COPY line waiting for its end (invariant 9).
 const MAX_COPY_LINE_BYTES: usize = 64 << 20;
+/// Rows (and bytes of line text) COPY collects before one engine batch: large
+/// enough that rows in key order fill whole leaves per redo record, small enough
+/// to bound memory and the time one batch holds the engine lock.
+const COPY_BATCH_ROWS: usize = 2000;
+const COPY_BATCH_BYTES: usize = 1 << 20;
 
 #[allow(clippy::too_many_arguments)]
 async fn copy_start(
@@ -3606,6 +3709,10 @@ async fn copy_start(
         header,
         buf: Vec::new(),
         rows: 0,
+        line: 0,
+        pending: Vec::new(),
+        pending_lines: Vec::new(),
+        pending_bytes: 0,
     });
     Ok(ExecResult::CopyIn {
         format,
@@ -3759,27 +3866,41 @@ pub(crate) async fn copy_done(s: &mut Session) -> Result<ExecResult, SqlError> {
         return Err(SqlError::new("08P01", "unexpected CopyDone"));
     };
     copy_lines(s, &mut st, true).await?;
+    let mut ex = copy_exec(s, &st);
+    copy_flush(&mut ex, &mut st).await?;
     Ok(ExecResult::Command {
         tag: format!("COPY {}", st.rows),
     })
 }
 
-async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<(), SqlError> {
+/// The executor COPY's rows run in (the session's transaction, begun if needed).
+fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
     let engine = s.engine().clone();
     let (database, user) = (s.database.clone(), s.user.clone());
     let txn = s
         .txn
         .get_or_insert_with(|| engine.begin(borealis_engine::Isolation::ReadCommitted, false));
-    let catalog = st.catalog.clone();
-    let mut ex = Exec {
-        engine: engine.clone(),
+    Exec {
+        engine,
         txn,
         params: &[],
         database,
         user,
         now: now_timestamp(),
-        catalog,
-    };
+        catalog: st.catalog.clone(),
+    }
+}
+
+/// Adds PostgreSQL's "COPY t, line n" context to an error that has none.
+fn copy_context(mut e: SqlError, table: &str, line: u64) -> SqlError {
+    if e.context.is_none() {
+        e.context = Some(format!("COPY {table}, line {line}"));
+    }
+    e
+}
+
+async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<(), SqlError> {
+    let mut ex = copy_exec(s, st);
     let mut start = 0;
     loop {
         let Some(nl) = st.buf[start..].iter().position(|&b| b == b'\n') else {
@@ -3793,15 +3914,24 @@ async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<()
         if line == b"\\." {
             continue;
         }
+        st.line += 1;
         if st.header {
             st.header = false;
             continue;
         }
         let fields = match st.format {
-            CopyFormat::Text => split_text_line(line, st.delimiter, &st.null)?,
-            CopyFormat::Csv => split_csv_line(line, st.delimiter, &st.null)?,
+            CopyFormat::Text => split_text_line(line, st.delimiter, &st.null),
+            CopyFormat::Csv => split_csv_line(line, st.delimiter, &st.null),
         };
-        copy_row(&mut ex, st, fields).await?;
+        let bytes = line.len();
+        let queued = match fields {
+            Ok(fields) => copy_row(&mut ex, st, fields, bytes).await,
+            Err(e) => Err(e),
+        };
+        queued.map_err(|e| copy_context(e, &st.plan.table.name, st.line))?;
+        if st.pending.len() >= COPY_BATCH_ROWS || st.pending_bytes >= COPY_BATCH_BYTES {
+            copy_flush(&mut ex, st).await?;
+        }
     }
     st.buf.drain(..start);
     if st.buf.len() > MAX_COPY_LINE_BYTES {
@@ -3809,11 +3939,16 @@ async fn copy_lines(s: &mut Session, st: &mut CopyState, eof: bool) -> Result<()
     }
     if eof && !st.buf.is_empty() && st.buf != b"\\." {
         let line = std::mem::take(&mut st.buf);
+        st.line += 1;
         let fields = match st.format {
-            CopyFormat::Text => split_text_line(&line, st.delimiter, &st.null)?,
-            CopyFormat::Csv => split_csv_line(&line, st.delimiter, &st.null)?,
+            CopyFormat::Text => split_text_line(&line, st.delimiter, &st.null),
+            CopyFormat::Csv => split_csv_line(&line, st.delimiter, &st.null),
         };
-        copy_row(&mut ex, st, fields).await?;
+        let queued = match fields {
+            Ok(fields) => copy_row(&mut ex, st, fields, line.len()).await,
+            Err(e) => Err(e),
+        };
+        queued.map_err(|e| copy_context(e, &st.plan.table.name, st.line))?;
     }
     Ok(())
 }
@@ -3822,6 +3957,7 @@ async fn copy_row(
     ex: &mut Exec<'_>,
     st: &mut CopyState,
     fields: Vec<Option<String>>,
+    bytes: usize,
 ) -> Result<(), SqlError> {
     let t = st.plan.table.clone();
     if fields.len() != st.plan.targets.len() {
@@ -3860,16 +3996,34 @@ async fn copy_row(
         };
         full.push(expr::assign(d, c.ty(), c.typmod)?);
     }
-    if ex.txn.holds_table(t.oid) {
-        ex.insert_row(&st.plan, full).await?;
-        st.rows += 1;
+    // NOT NULL and CHECK now, so their errors name this line; keys and uniqueness
+    // when the batch goes in.
+    ex.check_row(&t, &full, &st.plan.checks)?;
+    st.pending.push(full);
+    st.pending_lines.push(st.line);
+    st.pending_bytes += bytes;
+    Ok(())
+}
+
+/// Hands the pending rows to the engine as one batch (`Engine::insert_rows`).
+/// Keys are computed here, from the table definition the batch is written under:
+/// the first batch takes the table's shared lock, and if DDL changed the table
+/// meanwhile the batch continues on the new definition (same columns) or gives up.
+async fn copy_flush(ex: &mut Exec<'_>, st: &mut CopyState) -> Result<(), SqlError> {
+    if st.pending.is_empty() {
         return Ok(());
     }
-    // The first row takes the table's shared lock; if DDL changed the table
-    // meanwhile, continue on the new definition (same columns) or give up.
+    let rows = std::mem::take(&mut st.pending);
+    let lines = std::mem::take(&mut st.pending_lines);
+    st.pending_bytes = 0;
     for _ in 0..MAX_CATALOG_RETRIES {
-        match ex.insert_row(&st.plan, full.clone()).await {
-            Err(e) if e.code == "40001" && e.message == crate::session::CATALOG_CHANGED => {
+        let t = st.plan.table.clone();
+        match ex.insert_batch(&t, &rows).await {
+            Ok(()) => {
+                st.rows += rows.len() as u64;
+                return Ok(());
+            }
+            Err((_, e)) if e.code == "40001" && e.message == crate::session::CATALOG_CHANGED => {
                 ex.refresh_catalog().await?;
                 match ex.catalog.iter().find(|d| d.oid == t.oid) {
                     Some(d) if d.columns == t.columns => {
@@ -3879,10 +4033,11 @@ async fn copy_row(
                     _ => return Err(e),
                 }
             }
-            Err(e) => return Err(e),
-            Ok(_) => {
-                st.rows += 1;
-                return Ok(());
+            Err((row, e)) => {
+                return Err(match row.and_then(|r| lines.get(r)) {
+                    Some(&line) => copy_context(e, &t.name, line),
+                    None => e,
+                })
             }
         }
     }
