@@ -140,6 +140,15 @@ fn descend_to_leaf(
 
 /// Looks up `key`; returns the leaf item's payload.
 pub fn get(store: &Store, root: PageNo, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+    Ok(get_in_place(store, root, key)?.map(<[u8]>::to_vec))
+}
+
+/// Looks up `key`; returns the leaf item's payload where it lies in the cached page.
+pub fn get_in_place<'s>(
+    store: &'s Store,
+    root: PageNo,
+    key: &[u8],
+) -> Result<Option<&'s [u8]>, EngineError> {
     let leaf = leaf_of(store, root, key)?;
     let page = store.page(leaf)?;
     match search(page, key)? {
@@ -147,7 +156,7 @@ pub fn get(store: &Store, root: PageNo, key: &[u8]) -> Result<Option<Vec<u8>>, E
             let item = page
                 .item(slot)
                 .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
-            Ok(Some(item_payload(item)?.to_vec()))
+            Ok(Some(item_payload(item)?))
         }
         Err(_) => Ok(None),
     }
