@@ -913,9 +913,26 @@ impl Connection {
         if columns.is_empty() {
             self.wire.send(Msg::NoData(NoData::new())).await?;
         } else {
-            self.wire.send(row_description(columns, formats)?).await?;
+            self.send_row_description(columns, formats).await?;
         }
         Ok(())
+    }
+
+    /// RowDescription ('T'), encoded in place: clients of prepared statements
+    /// (libpq's PQexecPrepared) describe the portal on every execution.
+    async fn send_row_description(
+        &mut self,
+        columns: &[Column],
+        formats: &[i16],
+    ) -> Result<(), Step> {
+        let formats = Formats::check(formats, columns.len(), "result")?;
+        let count = column_count(columns.len())?;
+        self.wire
+            .send_encoded(b'T', |out| -> Result<(), Step> {
+                encode_row_description(columns, count, formats, out);
+                Ok(())
+            })
+            .await
     }
 
     async fn execute(&mut self, name: &str, max_rows: i32) -> Result<(), Step> {
@@ -1026,7 +1043,7 @@ impl Connection {
         rows: Vec<Vec<Datum>>,
         tag: String,
     ) -> Result<(), Step> {
-        self.wire.send(row_description(columns, &[])?).await?;
+        self.send_row_description(columns, &[]).await?;
         self.send_data_rows(columns, rows, &[]).await?;
         self.wire.send(command_complete(tag)).await?;
         Ok(())
@@ -1152,24 +1169,25 @@ fn encode_value(ty: Type, value: &Datum, format: i16, out: &mut BytesMut) -> Res
     Ok(())
 }
 
-fn row_description(columns: &[Column], formats: &[i16]) -> Result<Msg, SqlError> {
-    let formats = resolve_formats(formats, columns.len(), "result")?;
-    let fields = columns
-        .iter()
-        .zip(formats)
-        .map(|(c, f)| {
-            FieldDescription::new(
-                c.name.clone(),
-                c.table_oid as i32,
-                c.column_id,
-                c.ty.oid(),
-                c.ty.typlen(),
-                -1,
-                f,
-            )
-        })
-        .collect();
-    Ok(Msg::RowDescription(RowDescription::new(fields)))
+/// The body of a RowDescription: what pgwire's `RowDescription` encodes, written
+/// straight into the output buffer.
+fn encode_row_description(
+    columns: &[Column],
+    count: i16,
+    formats: Formats<'_>,
+    out: &mut BytesMut,
+) {
+    out.put_i16(count);
+    for (i, c) in columns.iter().enumerate() {
+        out.put_slice(c.name.as_bytes());
+        out.put_u8(0);
+        out.put_i32(c.table_oid as i32);
+        out.put_i16(c.column_id);
+        out.put_u32(c.ty.oid());
+        out.put_i16(c.ty.typlen());
+        out.put_i32(-1); // type modifier
+        out.put_i16(formats.get(i));
+    }
 }
 
 fn command_complete(tag: String) -> Msg {
@@ -1240,6 +1258,39 @@ mod tests {
             decode_text_param(Type::Text, &[0xff]).unwrap_err().code,
             "22021"
         );
+    }
+
+    #[test]
+    fn row_description_encodes_like_pgwire() {
+        use pgwire::messages::data::{FieldDescription, RowDescription};
+        use pgwire::messages::Message;
+        let mut named = Column::new("abalance", Type::Int4);
+        named.table_oid = 16384;
+        named.column_id = 3;
+        let columns = vec![named, Column::new("?column?", Type::Text)];
+        let mut ours = BytesMut::new();
+        let formats = Formats::check(&[0, 1], 2, "result").unwrap();
+        encode_row_description(&columns, 2, formats, &mut ours);
+        let fields = columns
+            .iter()
+            .zip([0, 1])
+            .map(|(c, f)| {
+                FieldDescription::new(
+                    c.name.clone(),
+                    c.table_oid as i32,
+                    c.column_id,
+                    c.ty.oid(),
+                    c.ty.typlen(),
+                    -1,
+                    f,
+                )
+            })
+            .collect();
+        let mut theirs = BytesMut::new();
+        RowDescription::new(fields)
+            .encode_body(&mut theirs)
+            .unwrap();
+        assert_eq!(ours, theirs);
     }
 
     #[test]

@@ -116,24 +116,38 @@ impl Wire {
     }
 
     /// Queues a DataRow ('D') of `field_count` values that `encode` appends in place,
-    /// with no buffer or message value per row. If `encode` fails, nothing of the
-    /// row is queued. Writes once the buffer is past the flush threshold, as `send`.
+    /// with no buffer or message value per row (see `send_encoded`).
     pub async fn send_data_row<E: From<io::Error>>(
         &mut self,
         field_count: i16,
         encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.send_encoded(b'D', |out| {
+            out.put_i16(field_count);
+            encode(out)
+        })
+        .await
+    }
+
+    /// Queues a backend message of type `ty` whose body `encode` appends in place;
+    /// the length word is filled in afterwards. If `encode` fails, nothing of the
+    /// message is queued. Writes once the buffer is past the flush threshold, as
+    /// `send` does.
+    pub async fn send_encoded<E: From<io::Error>>(
+        &mut self,
+        ty: u8,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), E> {
         let start = self.write_buf.len();
-        self.write_buf.put_u8(b'D');
+        self.write_buf.put_u8(ty);
         self.write_buf.put_i32(0); // length, filled in below
-        self.write_buf.put_i16(field_count);
         if let Err(e) = encode(&mut self.write_buf) {
             self.write_buf.truncate(start);
             return Err(e);
         }
         let Ok(len) = i32::try_from(self.write_buf.len() - start - 1) else {
             self.write_buf.truncate(start);
-            return Err(io::Error::other("data row too large").into());
+            return Err(io::Error::other("message too large").into());
         };
         self.write_buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
         if self.write_buf.len() >= self.flush_bytes {
