@@ -14,7 +14,7 @@ use borealis_sql::{
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyInResponse, CopyOutResponse};
-use pgwire::messages::data::{FieldDescription, NoData, ParameterDescription, RowDescription};
+use pgwire::messages::data::{NoData, ParameterDescription};
 use pgwire::messages::extendedquery::{
     BindComplete, CloseComplete, ParseComplete, PortalSuspended,
 };
@@ -1111,14 +1111,8 @@ fn decode_text_param(ty: Type, bytes: &[u8]) -> Result<Datum, SqlError> {
     })
 }
 
-/// Format codes per the protocol: none → all text, one → applies to all, else one each.
-fn resolve_formats(codes: &[i16], n: usize, what: &str) -> Result<Vec<i16>, SqlError> {
-    let formats = Formats::check(codes, n, what)?;
-    Ok((0..n).map(|i| formats.get(i)).collect())
-}
-
-/// Format codes checked against the protocol's rules (see `resolve_formats`), read
-/// per column without building a vector on the per-row path.
+/// Format codes checked against the protocol's rules (none → all text, one →
+/// applies to all, else one each), read per column without building a vector.
 #[derive(Clone, Copy)]
 struct Formats<'a>(&'a [i16]);
 
@@ -1224,6 +1218,12 @@ fn message_name(m: &FrontendMessage) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The format of every column, as a vector.
+    fn resolve_formats(codes: &[i16], n: usize, what: &str) -> Result<Vec<i16>, SqlError> {
+        let formats = Formats::check(codes, n, what)?;
+        Ok((0..n).map(|i| formats.get(i)).collect())
+    }
 
     #[test]
     fn format_codes_follow_the_protocol() {
