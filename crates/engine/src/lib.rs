@@ -1553,9 +1553,9 @@ impl Engine {
         let page = st.store.page(leaf_no)?;
         let mut rows = Vec::new();
         let next = btree::leaf_range(page, leaf_no, resume, from, to, |key, payload| {
-            let versions = decode_versions(payload)?;
+            let versions = decode_version_refs(payload)?;
             if let Some(v) = Self::visible(st, snap, &versions)? {
-                rows.push((key.to_vec(), row::decode_row(&versions[v].row)?));
+                rows.push((key.to_vec(), row::decode_row(versions[v].row)?));
             }
             Ok(())
         })?;
@@ -1575,39 +1575,52 @@ impl Engine {
     ) -> Result<Option<Vec<Datum>>, EngineError> {
         let snap = txn.snap();
         let mut st = self.lock().await;
-        let Some(payload) = walk!(st, btree::get(&st.store, root, key))? else {
+        walk!(st, Self::visible_row(&st, &snap, root, key))
+    }
+
+    /// The decoded version of `key` visible to `snap`, read in place from the cached
+    /// leaf: only that one row is copied out. A `PageMiss` (tree or CLOG page) makes
+    /// the caller load the page and run the whole read again, which is harmless.
+    fn visible_row(
+        st: &State,
+        snap: &Snapshot,
+        root: PageNo,
+        key: &[u8],
+    ) -> Result<Option<Vec<Datum>>, EngineError> {
+        let Some(payload) = btree::get_in_place(&st.store, root, key)? else {
             return Ok(None);
         };
-        let versions = decode_versions(&payload)?;
-        match walk!(st, Self::visible(&st, &snap, &versions))? {
-            Some(i) => Ok(Some(row::decode_row(&versions[i].row)?)),
+        let versions = decode_version_refs(payload)?;
+        match Self::visible(st, snap, &versions)? {
+            Some(i) => Ok(Some(row::decode_row(versions[i].row)?)),
             None => Ok(None),
         }
     }
 
-    fn visible(
+    fn visible<V: VersionHeader>(
         st: &State,
         snap: &Snapshot,
-        versions: &[Version],
+        versions: &[V],
     ) -> Result<Option<usize>, EngineError> {
         for (i, v) in versions.iter().enumerate() {
-            let xmin = st.owner(v.xmin);
+            let (v_xmin, v_xmin_cid, v_xmax, v_xmax_cid, v_flags) = v.header();
+            let xmin = st.owner(v_xmin);
             let created = if xmin == snap.txid {
                 TxnState::InProgress
             } else {
-                st.txn_state(v.xmin)?
+                st.txn_state(v_xmin)?
             };
-            if !snap.sees(xmin, v.xmin_cid, created) {
+            if !snap.sees(xmin, v_xmin_cid, created) {
                 continue;
             }
-            if v.xmax != 0 && v.flags & FLAG_LOCK_ONLY == 0 {
-                let xmax = st.owner(v.xmax);
+            if v_xmax != 0 && v_flags & FLAG_LOCK_ONLY == 0 {
+                let xmax = st.owner(v_xmax);
                 let deleted = if xmax == snap.txid {
                     TxnState::InProgress
                 } else {
-                    st.txn_state(v.xmax)?
+                    st.txn_state(v_xmax)?
                 };
-                if snap.sees(xmax, v.xmax_cid, deleted) {
+                if snap.sees(xmax, v_xmax_cid, deleted) {
                     return Ok(None);
                 }
             }
@@ -2161,14 +2174,10 @@ impl Engine {
                 )?;
                 let mut rows = Vec::with_capacity(batch.entries.len());
                 for (entry, pk) in batch.entries {
-                    let Some(payload) = walk!(st, btree::get(&st.store, table.root, &pk))? else {
+                    let Some(row) = walk!(st, Self::visible_row(&st, &snap, table.root, &pk))?
+                    else {
                         continue;
                     };
-                    let versions = decode_versions(&payload)?;
-                    let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? else {
-                        continue;
-                    };
-                    let row = row::decode_row(&versions[v].row)?;
                     let (k, _) = index::index_key(index, &row)?;
                     if entry.len() == k.len() + pk.len() && entry.starts_with(&k) {
                         rows.push((pk, row));

@@ -67,6 +67,33 @@ pub fn encode_versions(versions: &[Version]) -> Vec<u8> {
 }
 
 pub fn decode_versions(buf: &[u8]) -> Result<Vec<Version>, EngineError> {
+    Ok(decode_version_refs(buf)?
+        .into_iter()
+        .map(|v| Version {
+            xmin: v.xmin,
+            xmin_cid: v.xmin_cid,
+            xmax: v.xmax,
+            xmax_cid: v.xmax_cid,
+            flags: v.flags,
+            row: v.row.to_vec(),
+        })
+        .collect())
+}
+
+/// A version read in place from its chain's bytes: what readers need to pick the
+/// visible version and decode only that one row, without copying the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRef<'a> {
+    pub xmin: TxnId,
+    pub xmin_cid: CommandId,
+    pub xmax: TxnId,
+    pub xmax_cid: CommandId,
+    pub flags: u8,
+    pub row: &'a [u8],
+}
+
+/// Parses a version chain in place; the same checks as [`decode_versions`].
+pub fn decode_version_refs(buf: &[u8]) -> Result<Vec<VersionRef<'_>>, EngineError> {
     let mut c = Cursor::new(buf);
     let n = c.u16()? as usize;
     let mut out = Vec::with_capacity(n.min(64));
@@ -77,19 +104,49 @@ pub fn decode_versions(buf: &[u8]) -> Result<Vec<Version>, EngineError> {
         let xmax_cid = c.u32()?;
         let flags = c.u8()?;
         let len = c.u32()? as usize;
-        out.push(Version {
+        out.push(VersionRef {
             xmin,
             xmin_cid,
             xmax,
             xmax_cid,
             flags,
-            row: c.take(len)?.to_vec(),
+            row: c.take(len)?,
         });
     }
     if c.at != buf.len() {
         return Err(corrupt("trailing bytes after version chain"));
     }
     Ok(out)
+}
+
+/// The fields visibility looks at, for owned and in-place versions alike.
+pub trait VersionHeader {
+    /// (xmin, xmin_cid, xmax, xmax_cid, flags)
+    fn header(&self) -> (TxnId, CommandId, TxnId, CommandId, u8);
+}
+
+impl VersionHeader for Version {
+    fn header(&self) -> (TxnId, CommandId, TxnId, CommandId, u8) {
+        (
+            self.xmin,
+            self.xmin_cid,
+            self.xmax,
+            self.xmax_cid,
+            self.flags,
+        )
+    }
+}
+
+impl VersionHeader for VersionRef<'_> {
+    fn header(&self) -> (TxnId, CommandId, TxnId, CommandId, u8) {
+        (
+            self.xmin,
+            self.xmin_cid,
+            self.xmax,
+            self.xmax_cid,
+            self.flags,
+        )
+    }
 }
 
 /// What the transaction-status lookup says about a transaction.
@@ -150,6 +207,11 @@ mod tests {
         ];
         let buf = encode_versions(&vs);
         assert_eq!(decode_versions(&buf).unwrap(), vs);
+        let refs = decode_version_refs(&buf).unwrap();
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[1].row, b"old");
+        assert_eq!(refs[1].header(), vs[1].header());
+        assert!(decode_version_refs(&buf[..buf.len() - 1]).is_err());
         assert!(decode_versions(&buf[..buf.len() - 1]).is_err());
         assert!(decode_versions(&[9, 0, 1]).is_err());
     }

@@ -14,9 +14,7 @@ use borealis_sql::{
 };
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::copy::{CopyData, CopyDone, CopyInResponse, CopyOutResponse};
-use pgwire::messages::data::{
-    DataRow, FieldDescription, NoData, ParameterDescription, RowDescription,
-};
+use pgwire::messages::data::{NoData, ParameterDescription};
 use pgwire::messages::extendedquery::{
     BindComplete, CloseComplete, ParseComplete, PortalSuspended,
 };
@@ -836,19 +834,19 @@ impl Connection {
             )
             .into());
         }
-        let formats = resolve_formats(param_formats, params.len(), "parameter")?;
+        let formats = Formats::check(param_formats, params.len(), "parameter")?;
         let mut values = Vec::with_capacity(params.len());
         for (i, param) in params.into_iter().enumerate() {
             let ty = param_wire_type(prepared.param_types[i]);
             let value = match param {
                 None => Datum::Null,
-                Some(bytes) if formats[i] == 1 => binary::decode(ty, &bytes)?,
+                Some(bytes) if formats.get(i) == 1 => binary::decode(ty, &bytes)?,
                 Some(bytes) => decode_text_param(ty, &bytes)?,
             };
             values.push(value);
         }
         if !prepared.columns.is_empty() {
-            resolve_formats(&result_formats, prepared.columns.len(), "result")?;
+            Formats::check(&result_formats, prepared.columns.len(), "result")?;
         } else if result_formats.iter().any(|&f| f != 0 && f != 1) {
             return Err(
                 SqlError::new(sqlstate::PROTOCOL_VIOLATION, "unsupported format code").into(),
@@ -915,13 +913,30 @@ impl Connection {
         if columns.is_empty() {
             self.wire.send(Msg::NoData(NoData::new())).await?;
         } else {
-            self.wire.send(row_description(columns, formats)?).await?;
+            self.send_row_description(columns, formats).await?;
         }
         Ok(())
     }
 
+    /// RowDescription ('T'), encoded in place: clients of prepared statements
+    /// (libpq's PQexecPrepared) describe the portal on every execution.
+    async fn send_row_description(
+        &mut self,
+        columns: &[Column],
+        formats: &[i16],
+    ) -> Result<(), Step> {
+        let formats = Formats::check(formats, columns.len(), "result")?;
+        let count = column_count(columns.len())?;
+        self.wire
+            .send_encoded(b'T', |out| -> Result<(), Step> {
+                encode_row_description(columns, count, formats, out);
+                Ok(())
+            })
+            .await
+    }
+
     async fn execute(&mut self, name: &str, max_rows: i32) -> Result<(), Step> {
-        let mut portal = self.portals.remove(name).ok_or_else(|| {
+        let (name, mut portal) = self.portals.remove_entry(name).ok_or_else(|| {
             SqlError::new(
                 sqlstate::UNDEFINED_CURSOR,
                 format!("portal \"{name}\" does not exist"),
@@ -930,7 +945,7 @@ impl Connection {
         let result = self.execute_portal(&mut portal, max_rows).await;
         // A portal stays until Close or the end of the transaction, even after an error
         // (PostgreSQL marks it failed; executing it again reports the error again).
-        self.portals.insert(name.to_string(), portal);
+        self.portals.insert(name, portal);
         result
     }
 
@@ -985,15 +1000,16 @@ impl Connection {
                         .send(Msg::PortalSuspended(PortalSuspended::new()))
                         .await?;
                 } else {
-                    let batch: Vec<_> = rows.drain(..).collect();
-                    // After partial fetches the tag counts this batch, as PostgreSQL does.
-                    let tag = if tag.starts_with("SELECT ") && max_rows > 0 {
-                        format!("SELECT {}", batch.len())
-                    } else {
-                        tag.clone()
-                    };
+                    let batch: Vec<_> = std::mem::take(rows).into();
+                    let sent = batch.len();
                     self.send_data_rows(&columns, batch, &portal.result_formats)
                         .await?;
+                    // After partial fetches the tag counts this batch, as PostgreSQL does.
+                    let tag = if tag.starts_with("SELECT ") && max_rows > 0 {
+                        format!("SELECT {sent}")
+                    } else {
+                        std::mem::take(tag)
+                    };
                     self.wire.send(command_complete(tag.clone())).await?;
                     portal.run = PortalRun::Done { tag: Some(tag) };
                 }
@@ -1027,7 +1043,7 @@ impl Connection {
         rows: Vec<Vec<Datum>>,
         tag: String,
     ) -> Result<(), Step> {
-        self.wire.send(row_description(columns, &[])?).await?;
+        self.send_row_description(columns, &[]).await?;
         self.send_data_rows(columns, rows, &[]).await?;
         self.wire.send(command_complete(tag)).await?;
         Ok(())
@@ -1039,17 +1055,18 @@ impl Connection {
         rows: Vec<Vec<Datum>>,
         formats: &[i16],
     ) -> Result<(), Step> {
-        let formats = resolve_formats(formats, columns.len(), "result")?;
+        let formats = Formats::check(formats, columns.len(), "result")?;
         let field_count = column_count(columns.len())?;
         for row in rows {
             self.check_cancel()?;
-            let mut data = BytesMut::new();
-            for (i, value) in row.iter().enumerate() {
-                let ty = columns.get(i).map(|c| c.ty).unwrap_or(Type::Text);
-                encode_value(ty, value, formats.get(i).copied().unwrap_or(0), &mut data)?;
-            }
             self.wire
-                .send(Msg::DataRow(DataRow::new(data, field_count)))
+                .send_data_row(field_count, |out| -> Result<(), Step> {
+                    for (i, value) in row.iter().enumerate() {
+                        let ty = columns.get(i).map(|c| c.ty).unwrap_or(Type::Text);
+                        encode_value(ty, value, formats.get(i), out)?;
+                    }
+                    Ok(())
+                })
                 .await?;
         }
         Ok(())
@@ -1094,22 +1111,36 @@ fn decode_text_param(ty: Type, bytes: &[u8]) -> Result<Datum, SqlError> {
     })
 }
 
-/// Format codes per the protocol: none → all text, one → applies to all, else one each.
-fn resolve_formats(codes: &[i16], n: usize, what: &str) -> Result<Vec<i16>, SqlError> {
-    if let Some(bad) = codes.iter().find(|&&f| f != 0 && f != 1) {
-        return Err(SqlError::new(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("unsupported format code: {bad}"),
-        ));
+/// Format codes checked against the protocol's rules (none → all text, one →
+/// applies to all, else one each), read per column without building a vector.
+#[derive(Clone, Copy)]
+struct Formats<'a>(&'a [i16]);
+
+impl<'a> Formats<'a> {
+    fn check(codes: &'a [i16], n: usize, what: &str) -> Result<Formats<'a>, SqlError> {
+        if let Some(bad) = codes.iter().find(|&&f| f != 0 && f != 1) {
+            return Err(SqlError::new(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("unsupported format code: {bad}"),
+            ));
+        }
+        match codes.len() {
+            0 | 1 => Ok(Formats(codes)),
+            len if len == n => Ok(Formats(codes)),
+            len => Err(SqlError::new(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("bind message has {len} {what} formats but {n} {what}s"),
+            )),
+        }
     }
-    match codes.len() {
-        0 => Ok(vec![0; n]),
-        1 => Ok(vec![codes[0]; n]),
-        len if len == n => Ok(codes.to_vec()),
-        len => Err(SqlError::new(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("bind message has {len} {what} formats but {n} {what}s"),
-        )),
+
+    /// The format of column (or parameter) `i`: 0 = text, 1 = binary.
+    fn get(&self, i: usize) -> i16 {
+        match self.0 {
+            [] => 0,
+            [all] => *all,
+            each => each.get(i).copied().unwrap_or(0),
+        }
     }
 }
 
@@ -1132,24 +1163,25 @@ fn encode_value(ty: Type, value: &Datum, format: i16, out: &mut BytesMut) -> Res
     Ok(())
 }
 
-fn row_description(columns: &[Column], formats: &[i16]) -> Result<Msg, SqlError> {
-    let formats = resolve_formats(formats, columns.len(), "result")?;
-    let fields = columns
-        .iter()
-        .zip(formats)
-        .map(|(c, f)| {
-            FieldDescription::new(
-                c.name.clone(),
-                c.table_oid as i32,
-                c.column_id,
-                c.ty.oid(),
-                c.ty.typlen(),
-                -1,
-                f,
-            )
-        })
-        .collect();
-    Ok(Msg::RowDescription(RowDescription::new(fields)))
+/// The body of a RowDescription: what pgwire's `RowDescription` encodes, written
+/// straight into the output buffer.
+fn encode_row_description(
+    columns: &[Column],
+    count: i16,
+    formats: Formats<'_>,
+    out: &mut BytesMut,
+) {
+    out.put_i16(count);
+    for (i, c) in columns.iter().enumerate() {
+        out.put_slice(c.name.as_bytes());
+        out.put_u8(0);
+        out.put_i32(c.table_oid as i32);
+        out.put_i16(c.column_id);
+        out.put_u32(c.ty.oid());
+        out.put_i16(c.ty.typlen());
+        out.put_i32(-1); // type modifier
+        out.put_i16(formats.get(i));
+    }
 }
 
 fn command_complete(tag: String) -> Msg {
@@ -1187,6 +1219,12 @@ fn message_name(m: &FrontendMessage) -> &'static str {
 mod tests {
     use super::*;
 
+    /// The format of every column, as a vector.
+    fn resolve_formats(codes: &[i16], n: usize, what: &str) -> Result<Vec<i16>, SqlError> {
+        let formats = Formats::check(codes, n, what)?;
+        Ok((0..n).map(|i| formats.get(i)).collect())
+    }
+
     #[test]
     fn format_codes_follow_the_protocol() {
         assert_eq!(resolve_formats(&[], 3, "result").unwrap(), vec![0, 0, 0]);
@@ -1220,6 +1258,39 @@ mod tests {
             decode_text_param(Type::Text, &[0xff]).unwrap_err().code,
             "22021"
         );
+    }
+
+    #[test]
+    fn row_description_encodes_like_pgwire() {
+        use pgwire::messages::data::{FieldDescription, RowDescription};
+        use pgwire::messages::Message;
+        let mut named = Column::new("abalance", Type::Int4);
+        named.table_oid = 16384;
+        named.column_id = 3;
+        let columns = vec![named, Column::new("?column?", Type::Text)];
+        let mut ours = BytesMut::new();
+        let formats = Formats::check(&[0, 1], 2, "result").unwrap();
+        encode_row_description(&columns, 2, formats, &mut ours);
+        let fields = columns
+            .iter()
+            .zip([0, 1])
+            .map(|(c, f)| {
+                FieldDescription::new(
+                    c.name.clone(),
+                    c.table_oid as i32,
+                    c.column_id,
+                    c.ty.oid(),
+                    c.ty.typlen(),
+                    -1,
+                    f,
+                )
+            })
+            .collect();
+        let mut theirs = BytesMut::new();
+        RowDescription::new(fields)
+            .encode_body(&mut theirs)
+            .unwrap();
+        assert_eq!(ours, theirs);
     }
 
     #[test]

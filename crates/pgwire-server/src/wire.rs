@@ -2,7 +2,7 @@
 //! buffered, and buffers backend messages (encoded with pgwire's types) until a flush.
 
 use crate::frontend::{ProtocolViolation, MAX_STARTUP_PACKET_BYTES};
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::PgWireBackendMessage;
 use pgwire::tokio::server::MaybeTls;
 use std::io;
@@ -109,6 +109,47 @@ impl Wire {
         message
             .encode(&mut self.write_buf)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if self.write_buf.len() >= self.flush_bytes {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Queues a DataRow ('D') of `field_count` values that `encode` appends in place,
+    /// with no buffer or message value per row (see `send_encoded`).
+    pub async fn send_data_row<E: From<io::Error>>(
+        &mut self,
+        field_count: i16,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.send_encoded(b'D', |out| {
+            out.put_i16(field_count);
+            encode(out)
+        })
+        .await
+    }
+
+    /// Queues a backend message of type `ty` whose body `encode` appends in place;
+    /// the length word is filled in afterwards. If `encode` fails, nothing of the
+    /// message is queued. Writes once the buffer is past the flush threshold, as
+    /// `send` does.
+    pub async fn send_encoded<E: From<io::Error>>(
+        &mut self,
+        ty: u8,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.write_buf.len();
+        self.write_buf.put_u8(ty);
+        self.write_buf.put_i32(0); // length, filled in below
+        if let Err(e) = encode(&mut self.write_buf) {
+            self.write_buf.truncate(start);
+            return Err(e);
+        }
+        let Ok(len) = i32::try_from(self.write_buf.len() - start - 1) else {
+            self.write_buf.truncate(start);
+            return Err(io::Error::other("message too large").into());
+        };
+        self.write_buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
         if self.write_buf.len() >= self.flush_bytes {
             self.flush().await?;
         }

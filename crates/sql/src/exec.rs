@@ -190,10 +190,47 @@ struct ModifyPlan {
     returning: Option<Returning>,
 }
 
+#[derive(Debug)]
 enum Bound_ {
     Select(SelectPlan),
     Insert(InsertPlan),
     Modify(ModifyPlan),
+}
+
+/// A prepared statement's bound plan, kept for its next executions.
+///
+/// Binding (name resolution, type inference, access-path choice) depends only on
+/// the statement, the catalog and the parameter types, so a plan bound against
+/// the same catalog entries with the same parameter types is the plan binding
+/// would produce again. "Same entries" is pointer identity of every `TableDef` in
+/// the statement's catalog: the engine hands out one shared `Arc` per unchanged
+/// catalog entry (its catalog cache and its decode memo), and any DDL the
+/// statement's snapshot can see (an ALTER, a DROP or CREATE of a table or index,
+/// this transaction's own uncommitted DDL) yields a new entry or a different
+/// list, so the plan is bound afresh, exactly as if there were no cache. The plan
+/// holds those `Arc`s, so an entry's address cannot be reused while it is cached.
+#[derive(Debug)]
+pub(crate) struct CachedPlan {
+    catalog: Vec<Arc<TableDef>>,
+    param_types: Vec<Type>,
+    bound: Bound_,
+    /// The result columns, shared by every execution's result.
+    columns: Option<Arc<Vec<Column>>>,
+}
+
+/// Where a prepared statement keeps its [`CachedPlan`] (None: not bound yet).
+pub(crate) type PlanSlot = std::sync::Mutex<Option<Arc<CachedPlan>>>;
+
+impl CachedPlan {
+    fn fits(&self, catalog: &[Arc<TableDef>], param_types: &[Type]) -> bool {
+        self.param_types == param_types
+            && self.catalog.len() == catalog.len()
+            && self
+                .catalog
+                .iter()
+                .zip(catalog)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
 }
 
 struct Binder<'a> {
@@ -2127,6 +2164,7 @@ pub(crate) async fn execute(
     s: &mut Session,
     stmt: &Statement,
     params: &[Datum],
+    plan: Option<&PlanSlot>,
 ) -> Result<ExecResult, SqlError> {
     let engine = s.engine().clone();
     let (database, user) = (s.database.clone(), s.user.clone());
@@ -2191,7 +2229,7 @@ pub(crate) async fn execute(
             // runs again on the new catalog (it then maintains the new index).
             let mut attempts = 0;
             loop {
-                match dml(&mut ex, stmt, params).await {
+                match dml(&mut ex, stmt, params, plan).await {
                     Err(e)
                         if e.code == "40001"
                             && e.message == crate::session::CATALOG_CHANGED
@@ -2278,42 +2316,86 @@ pub(crate) async fn execute(
     }
 }
 
-/// Runs a query, INSERT, UPDATE or DELETE.
+/// Runs a query, INSERT, UPDATE or DELETE, with the plan in `slot` when it still
+/// fits (see [`CachedPlan`]), else binding it (and keeping it in `slot`).
 async fn dml(
     ex: &mut Exec<'_>,
     stmt: &Statement,
     params: &[Datum],
+    slot: Option<&PlanSlot>,
 ) -> Result<ExecResult, SqlError> {
     let param_types: Vec<Type> = params.iter().map(|p| p.type_of()).collect();
-    let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
-    match bound {
-        Some(Bound_::Select(p)) => {
-            let rows = ex.select(&p).await?;
-            let n = rows.len();
-            let cols = p.columns.clone();
-            Ok(rows_result(cols, rows, format!("SELECT {n}")))
+    let cached = slot.and_then(|slot| {
+        let guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .filter(|plan| plan.fits(&ex.catalog, &param_types))
+            .cloned()
+    });
+    let plan = match cached {
+        Some(plan) => plan,
+        None => {
+            let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
+            let Some(bound) = bound else {
+                return Err(SqlError::internal("unbound statement"));
+            };
+            let columns = match &bound {
+                Bound_::Select(p) => Some(&p.columns),
+                Bound_::Insert(p) => p.returning.as_ref().map(|r| &r.columns),
+                Bound_::Modify(p) => p.returning.as_ref().map(|r| &r.columns),
+            }
+            .map(|c| Arc::new(c.clone()));
+            let plan = Arc::new(CachedPlan {
+                catalog: ex.catalog.clone(),
+                param_types,
+                bound,
+                columns,
+            });
+            if let Some(slot) = slot {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan.clone());
+            }
+            plan
         }
-        Some(Bound_::Insert(p)) => {
-            let (n, ret) = ex.insert(&p).await?;
+    };
+    let columns = || plan.columns.clone().unwrap_or_default();
+    match &plan.bound {
+        Bound_::Select(p) => {
+            let rows = ex.select(p).await?;
+            let n = rows.len();
+            Ok(ExecResult::Rows {
+                columns: columns(),
+                rows,
+                tag: format!("SELECT {n}"),
+            })
+        }
+        Bound_::Insert(p) => {
+            let (n, ret) = ex.insert(p).await?;
             let tag = format!("INSERT 0 {n}");
             Ok(match &p.returning {
-                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                Some(_) => ExecResult::Rows {
+                    columns: columns(),
+                    rows: ret,
+                    tag,
+                },
                 None => ExecResult::Command { tag },
             })
         }
-        Some(Bound_::Modify(p)) => {
-            let (n, ret) = ex.modify(&p).await?;
+        Bound_::Modify(p) => {
+            let (n, ret) = ex.modify(p).await?;
             let tag = if p.sets.is_some() {
                 format!("UPDATE {n}")
             } else {
                 format!("DELETE {n}")
             };
             Ok(match &p.returning {
-                Some(r) => rows_result(r.columns.clone(), ret, tag),
+                Some(_) => ExecResult::Rows {
+                    columns: columns(),
+                    rows: ret,
+                    tag,
+                },
                 None => ExecResult::Command { tag },
             })
         }
-        None => Err(SqlError::internal("unbound statement")),
     }
 }
 

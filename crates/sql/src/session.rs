@@ -77,13 +77,28 @@ pub enum ExecResult {
 }
 
 /// A parsed, described statement for the extended protocol.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Prepared {
     pub sql: String,
     pub param_types: Vec<Type>,
     /// Result columns; empty for statements without rows.
     pub columns: Arc<Vec<Column>>,
     pub(crate) statement: Option<Arc<Statement>>,
+    /// The plan of the last execution, reused while the catalog is unchanged.
+    pub(crate) plan: exec::PlanSlot,
+}
+
+impl Clone for Prepared {
+    fn clone(&self) -> Prepared {
+        Prepared {
+            sql: self.sql.clone(),
+            param_types: self.param_types.clone(),
+            columns: self.columns.clone(),
+            statement: self.statement.clone(),
+            // A copy binds its own plan when it first runs.
+            plan: exec::PlanSlot::default(),
+        }
+    }
 }
 
 /// A database: the engine of one instance, shared by its sessions.
@@ -377,7 +392,7 @@ impl Session {
         let mut out = Vec::with_capacity(statements.len());
         let mut failed = false;
         for stmt in &statements {
-            let r = self.run(stmt, &[]).await;
+            let r = self.run(stmt, &[], None).await;
             failed = r.is_err();
             out.push(r);
             if failed || self.copy.is_some() {
@@ -421,6 +436,7 @@ impl Session {
                 param_types: vec![],
                 columns: Arc::new(vec![]),
                 statement: None,
+                plan: exec::PlanSlot::default(),
             });
         };
         let catalog = self.describe_catalog().await?;
@@ -430,6 +446,7 @@ impl Session {
             param_types,
             columns: Arc::new(columns),
             statement: Some(Arc::new(statement)),
+            plan: exec::PlanSlot::default(),
         })
     }
 
@@ -442,7 +459,7 @@ impl Session {
             None => Ok(ExecResult::Empty),
             Some(stmt) => {
                 self.defer_commit = true;
-                let r = self.run(stmt, &params).await;
+                let r = self.run(stmt, &params, Some(&prepared.plan)).await;
                 self.defer_commit = false;
                 r
             }
@@ -617,7 +634,13 @@ impl Session {
         Ok(())
     }
 
-    async fn run(&mut self, stmt: &Statement, params: &[Datum]) -> Result<ExecResult, SqlError> {
+    /// Runs one statement; `plan` is a prepared statement's plan cache.
+    async fn run(
+        &mut self,
+        stmt: &Statement,
+        params: &[Datum],
+        plan: Option<&exec::PlanSlot>,
+    ) -> Result<ExecResult, SqlError> {
         match stmt {
             Statement::StartTransaction { modes, .. } => {
                 if self.status != TransactionStatus::Idle {
@@ -727,7 +750,7 @@ impl Session {
             }
             _ => {}
         }
-        let r = exec::execute(self, stmt, params).await;
+        let r = exec::execute(self, stmt, params, plan).await;
         match r {
             Ok(res) => {
                 self.after_statement(Ok(())).await?;
@@ -738,5 +761,59 @@ impl Session {
                 Err(e)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use borealis_volume::VolumeConfig;
+
+    fn cached_plan(p: &Prepared) -> Option<Arc<exec::CachedPlan>> {
+        p.plan.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn prepared_plans_are_reused_until_the_catalog_changes() {
+        let db = Database::open(Volume::in_memory(VolumeConfig::default()))
+            .await
+            .unwrap();
+        let mut s = db.session("postgres", "postgres");
+        for r in s
+            .query("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 10)")
+            .await
+        {
+            r.unwrap();
+        }
+        let p = s
+            .prepare("SELECT v FROM t WHERE id = $1", &[Type::Int4])
+            .await
+            .unwrap();
+        assert!(cached_plan(&p).is_none());
+        s.execute(&p, vec![Datum::Int4(1)]).await.unwrap();
+        s.sync().await.unwrap();
+        let first = cached_plan(&p).expect("bound plan kept");
+        s.execute(&p, vec![Datum::Int4(2)]).await.unwrap();
+        s.sync().await.unwrap();
+        let second = cached_plan(&p).unwrap();
+        assert!(Arc::ptr_eq(&first, &second), "same catalog: plan reused");
+        // Other parameter types bind again.
+        s.execute(&p, vec![Datum::Null]).await.unwrap();
+        s.sync().await.unwrap();
+        assert!(!Arc::ptr_eq(&second, &cached_plan(&p).unwrap()));
+        s.execute(&p, vec![Datum::Int4(1)]).await.unwrap();
+        s.sync().await.unwrap();
+        let third = cached_plan(&p).unwrap();
+        // A new index changes the table's catalog entry: bound afresh.
+        s.query("CREATE INDEX t_v ON t (v)")
+            .await
+            .pop()
+            .unwrap()
+            .unwrap();
+        s.execute(&p, vec![Datum::Int4(1)]).await.unwrap();
+        s.sync().await.unwrap();
+        assert!(!Arc::ptr_eq(&third, &cached_plan(&p).unwrap()));
+        // A copy of a statement starts without a plan.
+        assert!(cached_plan(&p.clone()).is_none());
     }
 }
