@@ -260,7 +260,7 @@ if [ "$BENCH_PERF" = 1 ] && [[ " $SYSTEMS " == *" borealis "* ]] && [ -z "${BROK
         # throughput on a CPU-bound 2-core machine)
         ntx=$(grep -oP 'actually processed: \K[0-9]+' "$WORK/perf-pgbench.out"); ntx=${ntx:-0}
         LC_ALL=C join "$WORK/cpu0.txt" "$WORK/cpu1.txt" | awk -v dt="$(elapsed "$c0" "$c1")" -v hz="$(getconf CLK_TCK)" -v n="$ntx" \
-            '{printf "%s %.0f%% %.0f us/txn\n", $2, ($5-$3)/hz/dt*100, n > 0 ? ($5-$3)/hz*1e6/n : 0}' | sort -k2 -t' ' -rn >"$WORK/cpu-split.txt"
+            '{printf "%s %.0f%% %.0f us/txn\n", $2, ($5-$3)/hz/dt*100, (n > 0 ? ($5-$3)/hz*1e6/n : 0)}' | sort -k2 -t' ' -rn >"$WORK/cpu-split.txt"
         record perf borealis cpu_split_tpcb8 "$(tr '\n' ';' <"$WORK/cpu-split.txt") pgbench: $(grep -oP 'tps = \K[0-9.]+' "$WORK/perf-pgbench.out") tps under perf"
         perf_top() { timeout 120 perf report -i "$1" --stdio --no-children --sort symbol --percent-limit 0.3 \
             -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | sed 's/[ -]*$//; s/^ *//' | cut -c1-160 | head -40; }

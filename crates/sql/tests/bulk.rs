@@ -6,28 +6,8 @@
 use borealis_sql::{Database, ExecResult, Session, SqlError};
 use borealis_volume::{Volume, VolumeConfig};
 
-/// Runs `sql` and renders each result as text lines (or "ERROR <code>").
-async fn run(s: &mut Session, sql: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in s.query(sql).await {
-        match r {
-            Ok(ExecResult::Rows { rows, .. }) => {
-                for row in rows {
-                    out.push(
-                        row.iter()
-                            .map(|d| d.to_text().unwrap_or_else(|| "NULL".into()))
-                            .collect::<Vec<_>>()
-                            .join("|"),
-                    );
-                }
-            }
-            Ok(ExecResult::Command { tag }) => out.push(tag),
-            Ok(other) => out.push(format!("{other:?}")),
-            Err(e) => out.push(format!("ERROR {}", e.code)),
-        }
-    }
-    out
-}
+mod common;
+use common::run;
 
 /// Streams `lines` into `COPY <target> FROM STDIN` in CopyData chunks of a few
 /// lines each (chunks cut lines in half, as clients do), then CopyDone.

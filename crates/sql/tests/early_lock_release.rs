@@ -3,33 +3,13 @@
 //! durability, and plain reads still see only durable commits. The in-memory volume
 //! holds durability back to stand in for slow storage acknowledgements.
 
-use borealis_sql::{Database, ExecResult, Session};
+use borealis_sql::Database;
 use borealis_volume::{Volume, VolumeConfig};
 use std::time::Duration;
 use tokio::time::timeout;
 
-/// Runs `sql` and renders each result as text lines (or "ERROR <code>").
-async fn run(s: &mut Session, sql: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in s.query(sql).await {
-        match r {
-            Ok(ExecResult::Rows { rows, .. }) => {
-                for row in rows {
-                    out.push(
-                        row.iter()
-                            .map(|d| d.to_text().unwrap_or_else(|| "NULL".into()))
-                            .collect::<Vec<_>>()
-                            .join("|"),
-                    );
-                }
-            }
-            Ok(ExecResult::Command { tag }) => out.push(tag),
-            Ok(other) => out.push(format!("{other:?}")),
-            Err(e) => out.push(format!("ERROR {}", e.code)),
-        }
-    }
-    out
-}
+mod common;
+use common::run;
 
 /// Long enough for anything that does not wait on durability.
 const PROMPT: Duration = Duration::from_secs(5);

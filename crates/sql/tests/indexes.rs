@@ -2,38 +2,12 @@
 //! text differs from PostgreSQL's, so the .slt files cannot check it), and table
 //! locks between sessions.
 
-use borealis_sql::{Database, ExecResult, Session};
-use borealis_volume::{Volume, VolumeConfig};
+use borealis_sql::Session;
 use std::time::Duration;
 
-async fn db() -> Database {
-    Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap()
-}
-
-/// Runs `sql` and renders each result as text lines (or "ERROR <code>").
-async fn run(s: &mut Session, sql: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in s.query(sql).await {
-        match r {
-            Ok(ExecResult::Rows { rows, .. }) => {
-                for row in rows {
-                    out.push(
-                        row.iter()
-                            .map(|d| d.to_text().unwrap_or_else(|| "NULL".into()))
-                            .collect::<Vec<_>>()
-                            .join("|"),
-                    );
-                }
-            }
-            Ok(ExecResult::Command { tag }) => out.push(tag),
-            Ok(other) => out.push(format!("{other:?}")),
-            Err(e) => out.push(format!("ERROR {}", e.code)),
-        }
-    }
-    out
-}
+mod common;
+use common::db;
+use common::run;
 
 /// The first line of the plan and the scan line.
 async fn plan(s: &mut Session, sql: &str) -> String {

@@ -1,36 +1,11 @@
 //! Session-level checks of the SQL layer over an in-memory volume.
 
-use borealis_sql::{Database, Datum, ExecResult, Session, TransactionStatus};
+use borealis_sql::{Database, Datum, ExecResult, TransactionStatus};
 use borealis_volume::{Volume, VolumeConfig};
 
-async fn db() -> Database {
-    Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap()
-}
-
-/// Runs `sql` and renders each result as text lines (or "ERROR <code>").
-async fn run(s: &mut Session, sql: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in s.query(sql).await {
-        match r {
-            Ok(ExecResult::Rows { rows, .. }) => {
-                for row in rows {
-                    out.push(
-                        row.iter()
-                            .map(|d| d.to_text().unwrap_or_else(|| "NULL".into()))
-                            .collect::<Vec<_>>()
-                            .join("|"),
-                    );
-                }
-            }
-            Ok(ExecResult::Command { tag }) => out.push(tag),
-            Ok(other) => out.push(format!("{other:?}")),
-            Err(e) => out.push(format!("ERROR {}", e.code)),
-        }
-    }
-    out
-}
+mod common;
+use common::db;
+use common::run;
 
 #[tokio::test]
 async fn tables_rows_and_errors() {
