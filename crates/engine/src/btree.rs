@@ -937,8 +937,8 @@ mod tests {
         }
     }
 
-    async fn empty_tree(volume: &Volume, root: PageNo) -> Store {
-        let mut store = Store::new(volume.clone(), 4096);
+    async fn empty_tree(volume: &Volume, root: PageNo, cache_pages: usize) -> Store {
+        let mut store = Store::new(volume.clone(), cache_pages);
         store
             .write(vec![(
                 root,
@@ -957,7 +957,7 @@ mod tests {
         // starting an empty right page, so leaves end up full, not half full, and
         // internal pages on the rightmost path split too.
         let volume = Volume::in_memory(VolumeConfig::default());
-        let mut store = empty_tree(&volume, 1).await;
+        let mut store = empty_tree(&volume, 1, 4096).await;
         let mut alloc = Counter(1);
         let n = 60_000u64;
         let val = vec![b'a'; 100];
@@ -982,7 +982,7 @@ mod tests {
         // Descending keys always insert at slot 0 of the leftmost leaf: the change
         // falls in the left half of every split.
         let volume = Volume::in_memory(VolumeConfig::default());
-        let mut store = empty_tree(&volume, 1).await;
+        let mut store = empty_tree(&volume, 1, 4096).await;
         let mut alloc = Counter(1);
         let n = 20_000u64;
         for k in (0..n).rev() {
@@ -1008,7 +1008,7 @@ mod tests {
     #[tokio::test]
     async fn split_redo_is_about_half_a_page() {
         let volume = Volume::in_memory(VolumeConfig::default());
-        let mut store = empty_tree(&volume, 1).await;
+        let mut store = empty_tree(&volume, 1, 4096).await;
         let mut alloc = Counter(1);
         // Two leaves, so the next split is not a root split.
         for k in (0..200u64).map(|i| i * 2) {
@@ -1058,17 +1058,8 @@ mod tests {
     #[tokio::test]
     async fn many_inserts_split_and_stay_sorted_and_survive_cache_loss() {
         let volume = Volume::in_memory(VolumeConfig::default());
-        let mut store = Store::new(volume.clone(), 256);
         let root = 1;
-        store
-            .write(vec![(
-                root,
-                Op::Init {
-                    kind: PageKind::BtreeLeaf as u16,
-                },
-            )])
-            .await
-            .unwrap();
+        let mut store = empty_tree(&volume, root, 256).await;
         let mut alloc = Counter(1);
         let n = 20_000u64;
         // A scrambled insertion order exercises splits everywhere in the tree.
@@ -1095,36 +1086,13 @@ mod tests {
             .await;
         }
         // Read everything back through a cold cache: pages come from the volume.
-        let mut cold = Store::new(volume, 256);
-        let mut seen = 0u64;
-        let mut batch = loop {
-            match scan_leaf_from(&cold, root, None) {
-                Ok(b) => break b,
-                Err(EngineError::PageMiss(p)) => cold.load(p).await.unwrap(),
-                Err(e) => panic!("{e}"),
-            }
-        };
-        loop {
-            for (k, v) in &batch.items {
-                let k = u64::from_be_bytes(k.as_slice().try_into().unwrap());
-                assert_eq!(k, seen);
-                let expect = if k % 3 == 0 { 120 } else { (k % 50) as usize };
-                assert_eq!(v.len(), expect);
-                seen += 1;
-            }
-            if batch.next_leaf == 0 {
-                break;
-            }
-            let next = batch.next_leaf;
-            batch = loop {
-                match read_leaf(&cold, next, None) {
-                    Ok(b) => break b,
-                    Err(EngineError::PageMiss(p)) => cold.load(p).await.unwrap(),
-                    Err(e) => panic!("{e}"),
-                }
-            };
+        let got = all_keys(volume, root).await;
+        assert_eq!(got.len() as u64, n);
+        for (i, (k, len)) in got.into_iter().enumerate() {
+            assert_eq!(k, i as u64);
+            let expect = if k % 3 == 0 { 120 } else { (k % 50) as usize };
+            assert_eq!(len, expect);
         }
-        assert_eq!(seen, n);
     }
 
     #[tokio::test]
@@ -1205,48 +1173,18 @@ mod tests {
 
     /// Every key in order through the leaf chain, through a cold cache.
     async fn all_keys(volume: Volume, root: PageNo) -> Vec<(u64, usize)> {
-        let mut cold = Store::new(volume, 256);
-        let mut out = Vec::new();
-        let mut leaf: Option<PageNo> = None;
-        loop {
-            let batch = loop {
-                let r = match leaf {
-                    None => scan_leaf_from(&cold, root, None),
-                    Some(p) => read_leaf(&cold, p, None),
-                };
-                match r {
-                    Ok(b) => break b,
-                    Err(EngineError::PageMiss(p)) => cold.load(p).await.unwrap(),
-                    Err(e) => panic!("{e}"),
-                }
-            };
-            for (k, v) in &batch.items {
-                out.push((
-                    u64::from_be_bytes(k.as_slice().try_into().unwrap()),
-                    v.len(),
-                ));
-            }
-            if batch.next_leaf == 0 {
-                return out;
-            }
-            leaf = Some(batch.next_leaf);
-        }
+        scan_all(volume, root)
+            .await
+            .into_iter()
+            .map(|(k, len)| (u64::from_be_bytes(k.as_slice().try_into().unwrap()), len))
+            .collect()
     }
 
     #[tokio::test]
     async fn put_run_matches_a_map_for_appends_scattered_runs_and_replacements() {
         let volume = Volume::in_memory(VolumeConfig::default());
-        let mut store = Store::new(volume.clone(), 256);
         let root = 1;
-        store
-            .write(vec![(
-                root,
-                Op::Init {
-                    kind: PageKind::BtreeLeaf as u16,
-                },
-            )])
-            .await
-            .unwrap();
+        let mut store = empty_tree(&volume, root, 256).await;
         let mut alloc = Counter(1);
         let mut expect = std::collections::BTreeMap::new();
         // Appends in key order (a load by hidden row id), in batches of 2000: the
