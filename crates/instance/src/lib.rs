@@ -13,7 +13,7 @@ use borealis_common::http::{self, Request, Response};
 use borealis_common::Epoch;
 use borealis_pgwire_server::{Auth, ServerConfig};
 use borealis_sql::Database;
-use borealis_volume::{Topology, Volume, VolumeConfig};
+use borealis_volume::{QuorumConfig, Topology, Volume, VolumeConfig};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -262,7 +262,19 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         geometry: topology.geometry,
         ..VolumeConfig::default()
     };
-    let volume = Volume::open_writer(topology, Epoch(config.epoch), volume_config).await?;
+    // BOREALIS_LAZY_SEGMENTS (0-2, default 2): how many of a PG's six segments get
+    // commits only at the 4 ms lazy flush ("eager four", see volume::quorum). A
+    // benchmarking knob, read once at start; 0 sends every commit to all six.
+    let mut quorum = QuorumConfig::default();
+    if let Some(n) = std::env::var("BOREALIS_LAZY_SEGMENTS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        quorum.lazy_segments = n.min(2);
+        log::info!("lazy segments per PG: {}", quorum.lazy_segments);
+    }
+    let volume =
+        Volume::open_writer_with(topology, Epoch(config.epoch), volume_config, quorum).await?;
     let db = Database::open_with_cache(volume.clone(), config.cache_pages)
         .await
         .map_err(InstanceError::Database)?;
