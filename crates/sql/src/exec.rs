@@ -1943,17 +1943,7 @@ fn apply_sets(
         let c = &t.columns[*i];
         new_row[*i] = expr::assign(expr::eval(e, scope_row, ctx)?, c.ty(), c.typmod)?;
     }
-    for (i, c) in t.columns.iter().enumerate() {
-        if (c.not_null || t.pk.contains(&i)) && new_row[i].is_null() {
-            return Err(SqlError::new(
-                "23502",
-                format!(
-                    "null value in column \"{}\" of relation \"{}\" violates not-null constraint",
-                    c.name, t.name
-                ),
-            ));
-        }
-    }
+    check_not_null(t, &new_row)?;
     for (name, e) in checks {
         if expr::eval(e, &new_row, ctx)? == Datum::Bool(false) {
             return Err(SqlError::new(
