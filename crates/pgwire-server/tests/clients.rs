@@ -329,3 +329,63 @@ async fn unknown_user_fails_like_a_wrong_password() {
         .expect("refused");
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"), "{e:?}");
 }
+
+/// Sessions dealt to a second event loop (`ServerConfig::session_loops`) work like
+/// the accepting loop's, and see each other's commits.
+#[tokio::test]
+async fn sessions_on_a_second_event_loop() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = stopped.await;
+        })
+    });
+    let server = start(ServerConfig {
+        session_loops: vec![handle],
+        ..ServerConfig::default()
+    })
+    .await;
+    // Round-robin: clients 0 and 2 run on the accepting loop, 1 and 3 on the other.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(tokio_pg(server.addr, None).await.expect("connect"));
+    }
+    clients[0]
+        .batch_execute("CREATE TABLE t (k int PRIMARY KEY, v text)")
+        .await
+        .expect("create");
+    for (i, c) in clients.iter().enumerate() {
+        c.batch_execute("BEGIN").await.expect("begin");
+        c.execute("INSERT INTO t VALUES ($1, 'x')", &[&(i as i32)])
+            .await
+            .expect("insert");
+    }
+    for (i, c) in clients.iter().enumerate() {
+        // Each sees its own row only until the others commit.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 1, "client {i} sees only its own uncommitted row");
+    }
+    for c in &clients {
+        c.batch_execute("COMMIT").await.expect("commit");
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 4, "client {i} sees every commit");
+    }
+    drop(clients);
+    let _ = stop.send(());
+    thread.join().expect("session loop thread");
+}
