@@ -1071,6 +1071,20 @@ impl<D: Disk> Node<D> {
                 s.scl().0
             );
         }
+        // Memory: every segment keeps its page images at the GC floor in memory (see
+        // ARCHITECTURE.md, "deliberately absent"), plus cached later images and the
+        // records not yet folded.
+        let (mut base, mut cached, mut record_bytes) = (0usize, 0usize, 0u64);
+        for s in self.segments.values() {
+            let (b, c, r) = s.memory();
+            base += b;
+            cached += c;
+            record_bytes += r;
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE borealis_storage_page_images gauge\nborealis_storage_page_images{{node=\"{n}\"}} {base}\n# TYPE borealis_storage_cached_images gauge\nborealis_storage_cached_images{{node=\"{n}\"}} {cached}\n# TYPE borealis_storage_record_bytes gauge\nborealis_storage_record_bytes{{node=\"{n}\"}} {record_bytes}"
+        );
         let _ = writeln!(out, "# TYPE borealis_storage_appends_total counter\nborealis_storage_appends_total{{node=\"{n}\"}} {}", st.appends);
         let _ = writeln!(
             out,

@@ -601,6 +601,15 @@ impl Segment {
     pub fn record_count(&self) -> usize {
         self.records.len()
     }
+    /// What this segment holds in memory: (page images at the GC floor, cached
+    /// images at later read points, bytes of records not yet folded).
+    pub fn memory(&self) -> (usize, usize, u64) {
+        (
+            self.base.len(),
+            self.cache.borrow().images.len(),
+            self.live_bytes,
+        )
+    }
     pub fn live_bytes(&self) -> u64 {
         self.live_bytes + self.base.len() as u64 * PAGE_SIZE as u64
     }
