@@ -40,13 +40,6 @@ pub trait Disk: Send {
 
 // ---- real files -------------------------------------------------------------------
 
-/// Log files grow in zero-filled chunks of this size. An fdatasync after an
-/// append that grows a file must also commit the file's new size (a filesystem
-/// journal commit); appending into bytes that already exist and are written does
-/// not, which is why PostgreSQL zero-fills its WAL segments too. On restart the
-/// zero tail reads as the clean end of the log and is cut (see `Segment::replay`).
-const PREALLOCATE_BYTES: u64 = 8 << 20;
-
 /// The node journal (see [`FileDisk`]): its size, the chunks it is zero-filled in,
 /// and where entries start after the header.
 const JOURNAL_BYTES: u64 = 16 << 20;
@@ -66,8 +59,6 @@ struct LogFile {
     file: Arc<File>,
     /// Logical end: where the next append goes.
     len: u64,
-    /// Bytes that exist in the file (written or zero-filled).
-    allocated: u64,
 }
 
 /// Bytes appended to a segment log and not yet handed to a sync job.
@@ -199,7 +190,6 @@ impl FileDisk {
                 LogFile {
                     file: Arc::new(file),
                     len: size,
-                    allocated: size,
                 },
             );
         }
@@ -615,23 +605,13 @@ impl Disk for FileDisk {
     }
 
     fn append_log(&mut self, pg: PgId, bytes: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
         let incarnation = self.incarnation.get(&pg).copied().unwrap_or(0);
+        // Segment files are not zero-filled ahead (the journal is, see
+        // `commit_writes`): they are synced only at checkpoints, where a grown size
+        // costs nothing extra, and zero-filling them had doubled their write volume.
         let log = self.log(pg)?;
         let offset = log.len;
         let end = log.len + bytes.len() as u64;
-        if end > log.allocated {
-            // Zero-fill the next chunk(s) so later appends overwrite existing bytes.
-            let target = end.div_ceil(PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
-            let zeros = vec![0u8; (1 << 20).min((target - log.allocated) as usize)];
-            let mut at = log.allocated;
-            while at < target {
-                let n = zeros.len().min((target - at) as usize);
-                log.file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
-            log.allocated = target;
-        }
         log.len = end;
         let file = log.file.clone();
         // Consecutive appends to one segment become one write and one entry.
@@ -662,7 +642,6 @@ impl Disk for FileDisk {
         log.file.set_len(len)?;
         log.file.sync_all()?;
         log.len = len;
-        log.allocated = len;
         Ok(())
     }
 
