@@ -365,25 +365,25 @@ async fn sessions_on_a_second_event_loop() {
             .await
             .expect("insert");
     }
-    async fn rows(c: &tokio_postgres::Client) -> i64 {
-        c.query_one("SELECT count(*) FROM t", &[])
-            .await
-            .expect("count")
-            .get(0)
-    }
     for (i, c) in clients.iter().enumerate() {
         // Each sees its own row only until the others commit.
-        assert_eq!(
-            rows(c).await,
-            1,
-            "client {i} sees only its own uncommitted row"
-        );
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 1, "client {i} sees only its own uncommitted row");
     }
     for c in &clients {
         c.batch_execute("COMMIT").await.expect("commit");
     }
     for (i, c) in clients.iter().enumerate() {
-        assert_eq!(rows(c).await, 4, "client {i} sees every commit");
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(n, 4, "client {i} sees every commit");
     }
     drop(clients);
     let _ = stop.send(());
