@@ -32,9 +32,6 @@ pub struct InstanceConfig {
     pub password_file: PathBuf,
     /// Buffer cache size in 8 KiB pages.
     pub cache_pages: usize,
-    /// Event loops besides the main one that serve sessions (see
-    /// `ServerConfig::session_loops`).
-    pub session_loops: Vec<tokio::runtime::Handle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -349,7 +346,6 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
     let server_config = ServerConfig {
         auth: Auth::from_password(password.as_deref()),
         open_connections,
-        session_loops: config.session_loops.clone(),
         ..ServerConfig::default()
     };
     borealis_pgwire_server::serve_with_handoff(

@@ -69,11 +69,6 @@ pub struct ServerConfig {
     pub require_tls: bool,
     /// Client connections open right now (for metrics; shared with the caller).
     pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
-    /// Further event loops (single-threaded runtimes on threads of their own) that
-    /// serve sessions: connections are dealt round-robin to the accepting loop and
-    /// these, and each socket is re-registered with its loop's reactor so a session
-    /// never hops threads. Empty: every session runs on the accepting loop.
-    pub session_loops: Vec<tokio::runtime::Handle>,
 }
 
 impl Default for ServerConfig {
@@ -88,7 +83,6 @@ impl Default for ServerConfig {
             tls: None,
             require_tls: false,
             open_connections: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            session_loops: Vec::new(),
         }
     }
 }

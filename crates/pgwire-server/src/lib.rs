@@ -113,8 +113,6 @@ pub async fn serve_with_handoff(
         mock_credential,
     });
     let mut handoff_open = true;
-    // Which loop gets the next session: 0 is this one, i > 0 is session_loops[i - 1].
-    let mut next_loop = 0usize;
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -134,37 +132,9 @@ pub async fn serve_with_handoff(
                 // startup packet, so the permit is optional here.
                 let permit = connections.clone().try_acquire_owned().ok();
                 let open = OpenConnection::new(shared.config.open_connections.clone());
-                let loops = shared.config.session_loops.len() + 1;
-                let pick = next_loop % loops;
-                next_loop = next_loop.wrapping_add(1);
                 let shared = shared.clone();
-                let Some(handle) = pick
-                    .checked_sub(1)
-                    .and_then(|i| shared.config.session_loops.get(i).cloned())
-                else {
-                    tokio::spawn(async move {
-                        connection::handle(tcp, shared, permit).await;
-                        drop(open);
-                    });
-                    continue;
-                };
-                // Readiness comes from the reactor a socket is registered with: move
-                // the socket to the session's loop, or every wake-up would go through
-                // this thread first.
-                let std_tcp = match tcp.into_std() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        log::warn!("cannot hand a connection to a session loop: {e}");
-                        continue;
-                    }
-                };
-                handle.spawn(async move {
-                    match tokio::net::TcpStream::from_std(std_tcp) {
-                        Ok(tcp) => connection::handle(tcp, shared, permit).await,
-                        Err(e) => {
-                            log::warn!("cannot register a connection with its session loop: {e}")
-                        }
-                    }
+                tokio::spawn(async move {
+                    connection::handle(tcp, shared, permit).await;
                     drop(open);
                 });
             }
