@@ -1100,15 +1100,68 @@ impl Engine {
         key: &[u8],
         decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
     ) -> Result<RowOutcome, EngineError> {
+        self.modify_row_inner(txn, table, key, None, decide).await
+    }
+
+    /// [`Engine::modify_row`] for a key the caller has not read first: the row is
+    /// acted on only if `txn`'s snapshot sees a version of it for which `matches`
+    /// (the statement's predicate) is true, exactly the rows a scan of the key
+    /// followed by `modify_row` would act on. It saves an UPDATE or DELETE by
+    /// primary key the scan's B+tree descent and row decoding. As after a scan,
+    /// nothing is locked or written when the snapshot sees no matching version.
+    pub async fn modify_visible_row(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        matches: &mut (dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send),
+        decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
+    ) -> Result<RowOutcome, EngineError> {
+        self.modify_row_inner(txn, table, key, Some(matches), decide)
+            .await
+    }
+
+    async fn modify_row_inner(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        mut matches: Option<&mut (dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send)>,
+        decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
+    ) -> Result<RowOutcome, EngineError> {
         let mut st = self.lock().await;
-        st.assign_txid(txn).await?;
-        let mut st = self.take_write_lock(st, txn, table.oid).await?;
+        if matches.is_none() {
+            st.assign_txid(txn).await?;
+            st = self.take_write_lock(st, txn, table.oid).await?;
+        }
         loop {
             let payload = walk!(st, btree::get(&st.store, table.root, key))?;
             let Some(payload) = payload else {
                 return Ok(RowOutcome::NotFound);
             };
             let versions = decode_versions(&payload)?;
+            // The version the snapshot sees, decoded, once it passed `matches`.
+            let mut seen: Option<(usize, Vec<Datum>)> = None;
+            if let Some(matches) = matches.as_mut() {
+                // A version visible to a fixed snapshot stays visible (nothing a
+                // snapshot in use can see is pruned), so after a wait below this
+                // finds the same version again.
+                let snap = txn.snap();
+                let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? else {
+                    return Ok(RowOutcome::NotFound);
+                };
+                let row = row::decode_row(&versions[v].row)?;
+                if !matches(&row)? {
+                    return Ok(RowOutcome::Skipped);
+                }
+                seen = Some((v, row));
+                if txn.txid == 0 || !txn.holds_table(table.oid) {
+                    // Neither awaits with the engine lock released unless it fails
+                    // (`CatalogChanged`), so `versions` is still the row's chain.
+                    st.assign_txid(txn).await?;
+                    st = self.take_write_lock(st, txn, table.oid).await?;
+                }
+            }
             let check = walk!(st, Self::check_write(&st, txn, &versions))?;
             let idx = match check {
                 w @ (WriteCheck::Wait(_) | WriteCheck::WaitDurable(_)) => {
@@ -1118,7 +1171,10 @@ impl Engine {
                 WriteCheck::Proceed(None) => return Ok(RowOutcome::NotFound),
                 WriteCheck::Proceed(Some(i)) => i,
             };
-            let current = row::decode_row(&versions[idx].row)?;
+            let current = match seen {
+                Some((v, row)) if v == idx => row,
+                _ => row::decode_row(&versions[idx].row)?,
+            };
             let action = decide(&current)?;
             // A new version whose indexed columns changed needs new index entries
             // (after the uniqueness check); one that keeps them needs nothing.

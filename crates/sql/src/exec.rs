@@ -1303,6 +1303,28 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// The resolved key of a plan that names one row by its whole primary key
+    /// (`Resolved::Range` with equal included bounds, or `Empty` for a NULL), as
+    /// `scan_table` would look it up; None for any other plan.
+    fn point_key(&self, def: &TableDef, key: &KeyPlan) -> Result<Option<Resolved>, SqlError> {
+        if key.index.is_some()
+            || key.lower.is_some()
+            || key.upper.is_some()
+            || def.pk.is_empty()
+            || key.eq.len() != def.pk.len()
+        {
+            return Ok(None);
+        }
+        let ctx = self.ctx(&[]);
+        Ok(match plan::resolve(key, def, &ctx)? {
+            r @ Resolved::Empty => Some(r),
+            Resolved::Range(Bound::Included(lo), Bound::Included(hi)) if lo == hi => {
+                Some(Resolved::Range(Bound::Included(lo), Bound::Included(hi)))
+            }
+            _ => None,
+        })
+    }
+
     /// Rows (and their keys) of `def` in the key plan's range that pass `filter`,
     /// stopping after `limit` matches.
     async fn scan_table(
@@ -1807,7 +1829,18 @@ impl<'a> Exec<'a> {
     async fn modify(&mut self, p: &ModifyPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
         self.check_writable()?;
         let t = p.table.clone();
-        let (_rows, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+        // A point lookup on the whole primary key goes straight to the engine, which
+        // checks the statement's snapshot and predicate on the row where it finds
+        // it (`modify_visible_row`), instead of reading the row once here and again
+        // to change it.
+        let (keys, direct) = match self.point_key(&t, &p.key)? {
+            Some(Resolved::Empty) => return Ok((0, vec![])),
+            Some(Resolved::Range(Bound::Included(key), _)) => (vec![key], true),
+            _ => {
+                let (_, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+                (keys, false)
+            }
+        };
         let mut count = 0u64;
         let mut returned = Vec::new();
         let params = self.params.to_vec();
@@ -1860,10 +1893,40 @@ impl<'a> Exec<'a> {
                         },
                     }
                 };
-                self.engine
-                    .modify_row(self.txn, &t, &key, &mut decide)
-                    .await
-                    .map_err(engine_error)?
+                if direct {
+                    let mut filter_err = None;
+                    let mut matches = |row: &[Datum]| {
+                        let Some(f) = &filter else { return Ok(true) };
+                        let ctx = EvalCtx {
+                            params: &params,
+                            precomputed: &[],
+                            database: &database,
+                            user: &user,
+                            now,
+                        };
+                        match expr::eval_pred(f, row, &ctx) {
+                            Ok(pass) => Ok(pass),
+                            Err(e) => {
+                                filter_err = Some(e);
+                                Ok(false)
+                            }
+                        }
+                    };
+                    let outcome = self
+                        .engine
+                        .modify_visible_row(self.txn, &t, &key, &mut matches, &mut decide)
+                        .await
+                        .map_err(engine_error)?;
+                    if let Some(e) = filter_err {
+                        return Err(e);
+                    }
+                    outcome
+                } else {
+                    self.engine
+                        .modify_row(self.txn, &t, &key, &mut decide)
+                        .await
+                        .map_err(engine_error)?
+                }
             };
             if let Some(e) = err {
                 return Err(e);
