@@ -16,7 +16,7 @@ pub mod row;
 pub mod store;
 pub mod types;
 
-use borealis_common::{Lsn, PageNo};
+use borealis_common::{IdHashMap, Lsn, PageNo};
 use borealis_redo::page::BODY_BYTES;
 use borealis_redo::{Op, PageKind};
 use borealis_volume::{Volume, VolumeError};
@@ -199,7 +199,7 @@ struct Inner {
     /// How long commits waited for durability (append of the commit record to VDL).
     commit_latency: CommitLatency,
     /// Hidden row ids reserved per row-id sequence: (next, end of reserved block).
-    rowid_blocks: std::sync::Mutex<HashMap<u32, (i64, i64)>>,
+    rowid_blocks: std::sync::Mutex<IdHashMap<u32, (i64, i64)>>,
     txn_ended: Notify,
     volume: Volume,
 }
@@ -211,21 +211,24 @@ struct State {
     txid_hwm: TxnId,
     next_oid: u32,
     /// Transactions begun since start-up; older ones are looked up in the CLOG.
-    txns: HashMap<TxnId, TxnState>,
+    /// The id maps here are keyed by ids the engine hands out itself, never by
+    /// client input, so they use the cheap id hash: visibility checks probe
+    /// `txns` for every version they look at.
+    txns: IdHashMap<TxnId, TxnState>,
     startup_txid: TxnId,
     /// Active transactions with writes, and their snapshot LSNs (for pruning).
     active: BTreeMap<TxnId, Lsn>,
     /// Who waits for whom (row and table locks, by top-level id), for deadlock
     /// detection. A table-lock waiter may wait for several holders at once.
-    waits_for: HashMap<TxnId, Vec<TxnId>>,
+    waits_for: IdHashMap<TxnId, Vec<TxnId>>,
     /// Table locks (see `Engine::lock_table`), by table oid; entries with no
     /// holder and no waiter are removed.
-    table_locks: HashMap<u32, TableLock>,
+    table_locks: IdHashMap<u32, TableLock>,
     /// Commit LSN of the last transaction that held a table's exclusive lock: a
     /// statement whose catalog is older must re-read it.
-    table_ddl_lsn: HashMap<u32, Lsn>,
+    table_ddl_lsn: IdHashMap<u32, Lsn>,
     /// Live subtransaction (savepoint) ids and their top-level transaction.
-    subxact_parent: HashMap<TxnId, TxnId>,
+    subxact_parent: IdHashMap<TxnId, TxnId>,
     /// Commit LSN of the latest transaction that changed the catalog.
     catalog_commit_lsn: Lsn,
     /// The committed catalog as of a snapshot at or after `catalog_commit_lsn`:
@@ -769,13 +772,13 @@ impl Engine {
             next_txid: txid_hwm,
             txid_hwm,
             next_oid,
-            txns: HashMap::new(),
+            txns: IdHashMap::default(),
             startup_txid: txid_hwm,
             active: BTreeMap::new(),
-            waits_for: HashMap::new(),
-            table_locks: HashMap::new(),
-            table_ddl_lsn: HashMap::new(),
-            subxact_parent: HashMap::new(),
+            waits_for: IdHashMap::default(),
+            table_locks: IdHashMap::default(),
+            table_ddl_lsn: IdHashMap::default(),
+            subxact_parent: IdHashMap::default(),
             catalog_commit_lsn: Lsn::ZERO,
             catalog_cached: None,
         };
@@ -783,7 +786,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 catalog_cache: std::sync::Mutex::new(HashMap::new()),
-                rowid_blocks: std::sync::Mutex::new(HashMap::new()),
+                rowid_blocks: std::sync::Mutex::new(IdHashMap::default()),
                 commit_latency: CommitLatency::default(),
                 txn_ended: Notify::new(),
                 volume,
