@@ -177,6 +177,9 @@ struct InsertPlan {
     nextvals: Vec<String>,
     /// How many of `nextvals` belong to the VALUES rows (the rest to defaults).
     values_nextvals: usize,
+    /// The primary key's constraint name, for a duplicate key's error (named
+    /// once per plan, not per row).
+    pk_constraint: String,
 }
 
 #[derive(Debug, Clone)]
@@ -895,6 +898,7 @@ impl<'a> Binder<'a> {
             Some(other) => return Err(SqlError::syntax(format!("syntax error near {other}"))),
         };
         let returning = self.returning(&scope, &ins.returning)?;
+        let pk_constraint = pk_constraint(&table);
         Ok(InsertPlan {
             table,
             targets,
@@ -906,6 +910,7 @@ impl<'a> Binder<'a> {
             returning,
             nextvals: std::mem::take(&mut self.nextvals),
             values_nextvals,
+            pk_constraint,
         })
     }
 
@@ -1033,6 +1038,13 @@ impl<'a> Binder<'a> {
 
 /// In aggregated rows, group keys come first, then aggregates.
 /// NOT NULL (and primary-key columns) of a complete row: 23502.
+/// The name of `t`'s primary key constraint ("<table>_pkey" unless named).
+fn pk_constraint(t: &TableDef) -> String {
+    t.pk_name
+        .clone()
+        .unwrap_or_else(|| format!("{}_pkey", t.name))
+}
+
 fn check_not_null(t: &TableDef, row: &[Datum]) -> Result<(), SqlError> {
     for (i, c) in t.columns.iter().enumerate() {
         if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
@@ -1157,8 +1169,8 @@ struct Exec<'a> {
     engine: Engine,
     txn: &'a mut Txn,
     params: &'a [Datum],
-    database: String,
-    user: String,
+    database: Arc<str>,
+    user: Arc<str>,
     now: i64,
     catalog: Vec<Arc<TableDef>>,
 }
@@ -1627,10 +1639,7 @@ impl<'a> Exec<'a> {
             };
             keys.push(key);
         }
-        let constraint = t
-            .pk_name
-            .clone()
-            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        let constraint = pk_constraint(t);
         self.engine
             .insert_rows(self.txn, t, &keys, rows, &constraint)
             .await
@@ -1651,16 +1660,13 @@ impl<'a> Exec<'a> {
         } else {
             self.row_key(t, &row)?
         };
-        let constraint = t
-            .pk_name
-            .clone()
-            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        let constraint = &p.pk_constraint;
         // A conflicting row that disappears before DO UPDATE reaches it lets the
         // insert be retried (as PostgreSQL does), a bounded number of times.
         for _ in 0..MAX_ON_CONFLICT_RETRIES {
             let conflict_key = match self
                 .engine
-                .insert_row(self.txn, t, &key, &row, &constraint)
+                .insert_row(self.txn, t, &key, &row, constraint)
                 .await
             {
                 Ok(()) => return Ok(Some(row)),
@@ -1843,7 +1849,7 @@ impl<'a> Exec<'a> {
         };
         let mut count = 0u64;
         let mut returned = Vec::new();
-        let params = self.params.to_vec();
+        let params = self.params;
         let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
         for key in keys {
             let mut err = None;
@@ -1852,7 +1858,7 @@ impl<'a> Exec<'a> {
                 let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
                 let mut decide = |cur: &[Datum]| {
                     let ctx = EvalCtx {
-                        params: &params,
+                        params,
                         precomputed: &[],
                         database: &database,
                         user: &user,
@@ -1898,7 +1904,7 @@ impl<'a> Exec<'a> {
                     let mut matches = |row: &[Datum]| {
                         let Some(f) = &filter else { return Ok(true) };
                         let ctx = EvalCtx {
-                            params: &params,
+                            params,
                             precomputed: &[],
                             database: &database,
                             user: &user,
@@ -1936,10 +1942,7 @@ impl<'a> Exec<'a> {
                     // The key changed: the old row was deleted, insert under the new key.
                     Some(new_row) => {
                         let k = self.row_key(&t, &new_row)?;
-                        let constraint = t
-                            .pk_name
-                            .clone()
-                            .unwrap_or_else(|| format!("{}_pkey", t.name));
+                        let constraint = pk_constraint(&t);
                         self.engine
                             .insert_row(self.txn, &t, &k, &new_row, &constraint)
                             .await
@@ -2418,12 +2421,12 @@ async fn dml(
             Ok(ExecResult::Rows {
                 columns: columns(),
                 rows,
-                tag: format!("SELECT {n}"),
+                tag: count_tag("SELECT ", n as u64),
             })
         }
         Bound_::Insert(p) => {
             let (n, ret) = ex.insert(p).await?;
-            let tag = format!("INSERT 0 {n}");
+            let tag = count_tag("INSERT 0 ", n);
             Ok(match &p.returning {
                 Some(_) => ExecResult::Rows {
                     columns: columns(),
@@ -2436,9 +2439,9 @@ async fn dml(
         Bound_::Modify(p) => {
             let (n, ret) = ex.modify(p).await?;
             let tag = if p.sets.is_some() {
-                format!("UPDATE {n}")
+                count_tag("UPDATE ", n)
             } else {
-                format!("DELETE {n}")
+                count_tag("DELETE ", n)
             };
             Ok(match &p.returning {
                 Some(_) => ExecResult::Rows {
@@ -2450,6 +2453,28 @@ async fn dml(
             })
         }
     }
+}
+
+/// A command tag with a row count ("UPDATE 1"), built without the formatting
+/// machinery: every DML execution makes one.
+fn count_tag(prefix: &str, n: u64) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut tag = String::with_capacity(prefix.len() + digits.len() - at);
+    tag.push_str(prefix);
+    for &d in &digits[at..] {
+        tag.push(char::from(d));
+    }
+    tag
 }
 
 async fn ex_catalog(engine: &Engine, s: &mut Session) -> Result<Vec<Arc<TableDef>>, SqlError> {
@@ -3828,6 +3853,7 @@ async fn copy_start(
         returning: None,
         nextvals: b.nextvals,
         values_nextvals: 0,
+        pk_constraint: pk_constraint(&def),
     };
     if s.txn.as_ref().is_some_and(|t| t.read_only) {
         return Err(SqlError::new(
@@ -4177,4 +4203,17 @@ async fn copy_flush(ex: &mut Exec<'_>, st: &mut CopyState) -> Result<(), SqlErro
         }
     }
     Err(SqlError::new("40001", crate::session::CATALOG_CHANGED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_tag;
+
+    #[test]
+    fn count_tags_read_like_formatted_ones() {
+        for n in [0, 1, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(count_tag("UPDATE ", n), format!("UPDATE {n}"));
+        }
+        assert_eq!(count_tag("INSERT 0 ", 3), "INSERT 0 3");
+    }
 }
