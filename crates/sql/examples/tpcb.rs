@@ -19,6 +19,11 @@ use borealis_sql::{Database, Datum, Prepared, Session, Type};
 use borealis_volume::{Volume, VolumeConfig};
 use std::time::Instant;
 
+/// The allocator of the `borealis` binary, so that allocations cost what they
+/// cost in the writer.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// pgbench's script for the built-in "tpcb-like" transaction.
 const SCRIPT: [&str; 7] = [
     "BEGIN",
