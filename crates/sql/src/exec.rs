@@ -1316,7 +1316,7 @@ impl<'a> Exec<'a> {
     }
 
     /// The resolved key of a plan that names one row by its whole primary key
-    /// (`Resolved::Range` with equal included bounds, or `Empty` for a NULL), as
+    /// (`Resolved::Point`, or `Empty` for a NULL), as
     /// `scan_table` would look it up; None for any other plan.
     fn point_key(&self, def: &TableDef, key: &KeyPlan) -> Result<Option<Resolved>, SqlError> {
         if key.index.is_some()
@@ -1329,12 +1329,33 @@ impl<'a> Exec<'a> {
         }
         let ctx = self.ctx(&[]);
         Ok(match plan::resolve(key, def, &ctx)? {
-            r @ Resolved::Empty => Some(r),
-            Resolved::Range(Bound::Included(lo), Bound::Included(hi)) if lo == hi => {
-                Some(Resolved::Range(Bound::Included(lo), Bound::Included(hi)))
-            }
+            r @ (Resolved::Empty | Resolved::Point(_)) => Some(r),
             _ => None,
         })
+    }
+
+    /// The row of clustered key `key` visible to the statement, if it passes
+    /// `filter` (`scan_table` of a `Resolved::Point`).
+    async fn point_row(
+        &mut self,
+        def: &TableDef,
+        key: Vec<u8>,
+        filter: Option<&Expr>,
+    ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
+        let Some(row) = self
+            .engine
+            .get_row(self.txn, def.root, &key)
+            .await
+            .map_err(engine_error)?
+        else {
+            return Ok((vec![], vec![]));
+        };
+        if let Some(f) = filter {
+            if !expr::eval_pred(f, &row, &self.ctx(&[]))? {
+                return Ok((vec![], vec![]));
+            }
+        }
+        Ok((vec![row], vec![key]))
     }
 
     /// Rows (and their keys) of `def` in the key plan's range that pass `filter`,
@@ -1352,6 +1373,7 @@ impl<'a> Exec<'a> {
                 Resolved::Empty => return Ok((vec![], vec![])),
                 Resolved::Full => (Bound::Unbounded, Bound::Unbounded),
                 Resolved::Range(lo, hi) => (lo, hi),
+                Resolved::Point(key) => return self.point_row(def, key, filter).await,
             }
         };
         let mut rows = Vec::new();
@@ -1841,7 +1863,7 @@ impl<'a> Exec<'a> {
         // to change it.
         let (keys, direct) = match self.point_key(&t, &p.key)? {
             Some(Resolved::Empty) => return Ok((0, vec![])),
-            Some(Resolved::Range(Bound::Included(key), _)) => (vec![key], true),
+            Some(Resolved::Point(key)) => (vec![key], true),
             _ => {
                 let (_, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
                 (keys, false)
