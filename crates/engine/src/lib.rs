@@ -333,17 +333,20 @@ impl State {
     /// Prunes a row's version chain and writes it back under `key`, together with
     /// the row's new secondary-index entries (index root, entry key), as one MTR
     /// (splitting leaves as needed): the common tail of every row write.
+    /// `leaf` is where the caller found `key` under this engine-lock hold, if it
+    /// did (see `btree::replace_in_leaf`).
     async fn store_versions(
         &mut self,
         txn: &mut Txn,
         root: PageNo,
         key: &[u8],
+        leaf: Option<PageNo>,
         versions: &[Version],
         entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(), EngineError> {
         let versions = walk!(self, self.prune(versions))?;
         let payload = encode_versions(&versions);
-        let (ops, alloc) = walk!(self, self.row_ops(root, key, &payload, entries))?;
+        let (ops, alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
         self.write_mtr(txn, ops, Some(alloc)).await?;
         Ok(())
     }
@@ -355,13 +358,21 @@ impl State {
         &self,
         root: PageNo,
         key: &[u8],
+        leaf: Option<PageNo>,
         payload: &[u8],
         entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(Vec<(PageNo, Op)>, Alloc), EngineError> {
         let mut alloc = Alloc {
             next: self.next_page,
         };
-        let mut ops = btree::put(&self.store, root, key, payload, &mut alloc)?;
+        let in_place = match leaf {
+            Some(leaf) => btree::replace_in_leaf(&self.store, leaf, key, payload)?,
+            None => None,
+        };
+        let mut ops = match in_place {
+            Some(ops) => ops,
+            None => btree::put(&self.store, root, key, payload, &mut alloc)?,
+        };
         for (index_root, entry) in entries {
             ops.extend(btree::put(
                 &self.store,
@@ -1138,8 +1149,8 @@ impl Engine {
             st = self.take_write_lock(st, txn, table.oid).await?;
         }
         loop {
-            let payload = walk!(st, btree::get(&st.store, table.root, key))?;
-            let Some(payload) = payload else {
+            let found = walk!(st, btree::get_with_leaf(&st.store, table.root, key))?;
+            let Some((leaf, payload)) = found else {
                 return Ok(RowOutcome::NotFound);
             };
             let versions = decode_versions(&payload)?;
@@ -1248,7 +1259,7 @@ impl Engine {
                     new_row
                 }
             };
-            st.store_versions(txn, table.root, key, &versions, &entries)
+            st.store_versions(txn, table.root, key, Some(leaf), &versions, &entries)
                 .await?;
             return Ok(RowOutcome::Done(result));
         }
@@ -1354,7 +1365,7 @@ impl Engine {
                 .map(|(index, k, _)| (index.root, index::entry_key(k, key)))
                 .collect();
             versions.insert(0, txn.new_version(buf));
-            st.store_versions(txn, table.root, key, &versions, &entries)
+            st.store_versions(txn, table.root, key, None, &versions, &entries)
                 .await?;
             return Ok(());
         }
