@@ -171,6 +171,9 @@ impl Txn {
     }
 }
 
+/// A statement's predicate on a row (see `Engine::modify_visible_row`).
+pub type RowPredicate<'a> = dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send + 'a;
+
 /// What an update callback decides for the row it is shown.
 pub enum RowAction {
     /// Leave the row alone (the re-checked predicate no longer matches).
@@ -1128,7 +1131,7 @@ impl Engine {
         txn: &mut Txn,
         table: &TableDef,
         key: &[u8],
-        matches: &mut (dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send),
+        matches: &mut RowPredicate<'_>,
         decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
     ) -> Result<RowOutcome, EngineError> {
         self.modify_row_inner(txn, table, key, Some(matches), decide)
@@ -1140,7 +1143,7 @@ impl Engine {
         txn: &mut Txn,
         table: &TableDef,
         key: &[u8],
-        mut matches: Option<&mut (dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send)>,
+        mut matches: Option<&mut RowPredicate<'_>>,
         decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
     ) -> Result<RowOutcome, EngineError> {
         let mut st = self.lock().await;

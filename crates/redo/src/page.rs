@@ -412,7 +412,7 @@ mod compact_tests {
         }
         // Growing and shrinking items fragment the free space.
         for i in (0..60u16).step_by(3) {
-            page.replace_item(i, &vec![0xee; 60]).unwrap();
+            page.replace_item(i, &[0xee; 60]).unwrap();
             page.replace_item(i + 1, &[0xdd; 8]).unwrap();
         }
         page.delete_item(5).unwrap();
