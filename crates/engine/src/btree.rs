@@ -175,6 +175,53 @@ pub fn get(store: &Store, root: PageNo, key: &[u8]) -> Result<Option<Vec<u8>>, E
     Ok(get_in_place(store, root, key)?.map(<[u8]>::to_vec))
 }
 
+/// Looks up `key`; returns the leaf that holds it and a copy of its payload. The
+/// leaf lets a write of the same key under the same engine-lock hold skip the
+/// descent (`replace_in_leaf`).
+pub fn get_with_leaf(
+    store: &Store,
+    root: PageNo,
+    key: &[u8],
+) -> Result<Option<(PageNo, Vec<u8>)>, EngineError> {
+    let leaf = leaf_of(store, root, key)?;
+    let page = store.page(leaf)?;
+    match search(page, key)? {
+        Ok(slot) => {
+            let item = page
+                .item(slot)
+                .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
+            Ok(Some((leaf, item_payload(item)?.to_vec())))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The op that replaces the payload of `key` in place when leaf `leaf_no` holds
+/// `key` and the new item fits there; None when it does not (the caller then
+/// uses [`put`]). A key lives in exactly one page of a tree and pages are never
+/// reused, so a leaf that holds `key` is the leaf `put` would find: a stale
+/// `leaf_no` can only make this return None, never write the wrong page.
+pub fn replace_in_leaf(
+    store: &Store,
+    leaf_no: PageNo,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<Option<Vec<(PageNo, Op)>>, EngineError> {
+    let leaf = store.page(leaf_no)?;
+    if leaf.kind() != Some(PageKind::BtreeLeaf) {
+        return Ok(None);
+    }
+    let Ok(slot) = search(leaf, key)? else {
+        return Ok(None);
+    };
+    let len = 2 + key.len() + payload.len();
+    if len > MAX_ITEM_BYTES || !leaf.fits_replace(slot, len) {
+        return Ok(None);
+    }
+    let item = make_item(key, payload);
+    Ok(Some(vec![(leaf_no, Op::ReplaceItem { slot, data: item })]))
+}
+
 /// Looks up `key`; returns the leaf item's payload where it lies in the cached page.
 pub fn get_in_place<'s>(
     store: &'s Store,
@@ -949,6 +996,45 @@ mod tests {
             .await
             .unwrap();
         store
+    }
+
+    #[tokio::test]
+    async fn replace_in_leaf_writes_only_the_leaf_that_holds_the_key() {
+        let volume = Volume::in_memory(VolumeConfig::default());
+        let mut store = empty_tree(&volume, 1, 4096).await;
+        let mut alloc = Counter(1);
+        for k in 0..2_000u64 {
+            run_put(&mut store, 1, &k.to_be_bytes(), &[b'a'; 100], &mut alloc).await;
+        }
+        let key = 1_500u64.to_be_bytes();
+        let (leaf, payload) = get_with_leaf(&store, 1, &key).unwrap().unwrap();
+        assert_eq!(payload, [b'a'; 100]);
+        assert_ne!(leaf, 1, "the tree has split: the root is internal");
+        // Another leaf, an internal page and a key not in the tree: no op, so the
+        // caller falls back to a full `put`.
+        let other = get_with_leaf(&store, 1, &0u64.to_be_bytes())
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_ne!(other, leaf);
+        assert!(replace_in_leaf(&store, other, &key, b"x")
+            .unwrap()
+            .is_none());
+        assert!(replace_in_leaf(&store, 1, &key, b"x").unwrap().is_none());
+        assert!(replace_in_leaf(&store, leaf, &9_999u64.to_be_bytes(), b"x")
+            .unwrap()
+            .is_none());
+        // Too big for the leaf's free space: no op either.
+        assert!(replace_in_leaf(&store, leaf, &key, &[b'z'; 3_000])
+            .unwrap()
+            .is_none());
+        // The leaf that holds the key: the same op `put` produces.
+        let ops = replace_in_leaf(&store, leaf, &key, b"new")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ops, put(&store, 1, &key, b"new", &mut alloc).unwrap());
+        store.write(ops).await.unwrap();
+        assert_eq!(get(&store, 1, &key).unwrap().unwrap(), b"new");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ pub mod row;
 pub mod store;
 pub mod types;
 
-use borealis_common::{Lsn, PageNo};
+use borealis_common::{IdHashMap, Lsn, PageNo};
 use borealis_redo::page::BODY_BYTES;
 use borealis_redo::{Op, PageKind};
 use borealis_volume::{Volume, VolumeError};
@@ -171,6 +171,9 @@ impl Txn {
     }
 }
 
+/// A statement's predicate on a row (see `Engine::modify_visible_row`).
+pub type RowPredicate<'a> = dyn FnMut(&[Datum]) -> Result<bool, EngineError> + Send + 'a;
+
 /// What an update callback decides for the row it is shown.
 pub enum RowAction {
     /// Leave the row alone (the re-checked predicate no longer matches).
@@ -199,7 +202,7 @@ struct Inner {
     /// How long commits waited for durability (append of the commit record to VDL).
     commit_latency: CommitLatency,
     /// Hidden row ids reserved per row-id sequence: (next, end of reserved block).
-    rowid_blocks: std::sync::Mutex<HashMap<u32, (i64, i64)>>,
+    rowid_blocks: std::sync::Mutex<IdHashMap<u32, (i64, i64)>>,
     txn_ended: Notify,
     volume: Volume,
 }
@@ -211,21 +214,24 @@ struct State {
     txid_hwm: TxnId,
     next_oid: u32,
     /// Transactions begun since start-up; older ones are looked up in the CLOG.
-    txns: HashMap<TxnId, TxnState>,
+    /// The id maps here are keyed by ids the engine hands out itself, never by
+    /// client input, so they use the cheap id hash: visibility checks probe
+    /// `txns` for every version they look at.
+    txns: IdHashMap<TxnId, TxnState>,
     startup_txid: TxnId,
     /// Active transactions with writes, and their snapshot LSNs (for pruning).
     active: BTreeMap<TxnId, Lsn>,
     /// Who waits for whom (row and table locks, by top-level id), for deadlock
     /// detection. A table-lock waiter may wait for several holders at once.
-    waits_for: HashMap<TxnId, Vec<TxnId>>,
+    waits_for: IdHashMap<TxnId, Vec<TxnId>>,
     /// Table locks (see `Engine::lock_table`), by table oid; entries with no
     /// holder and no waiter are removed.
-    table_locks: HashMap<u32, TableLock>,
+    table_locks: IdHashMap<u32, TableLock>,
     /// Commit LSN of the last transaction that held a table's exclusive lock: a
     /// statement whose catalog is older must re-read it.
-    table_ddl_lsn: HashMap<u32, Lsn>,
+    table_ddl_lsn: IdHashMap<u32, Lsn>,
     /// Live subtransaction (savepoint) ids and their top-level transaction.
-    subxact_parent: HashMap<TxnId, TxnId>,
+    subxact_parent: IdHashMap<TxnId, TxnId>,
     /// Commit LSN of the latest transaction that changed the catalog.
     catalog_commit_lsn: Lsn,
     /// The committed catalog as of a snapshot at or after `catalog_commit_lsn`:
@@ -330,17 +336,20 @@ impl State {
     /// Prunes a row's version chain and writes it back under `key`, together with
     /// the row's new secondary-index entries (index root, entry key), as one MTR
     /// (splitting leaves as needed): the common tail of every row write.
+    /// `leaf` is where the caller found `key` under this engine-lock hold, if it
+    /// did (see `btree::replace_in_leaf`).
     async fn store_versions(
         &mut self,
         txn: &mut Txn,
         root: PageNo,
         key: &[u8],
+        leaf: Option<PageNo>,
         versions: &[Version],
         entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(), EngineError> {
         let versions = walk!(self, self.prune(versions))?;
         let payload = encode_versions(&versions);
-        let (ops, alloc) = walk!(self, self.row_ops(root, key, &payload, entries))?;
+        let (ops, alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
         self.write_mtr(txn, ops, Some(alloc)).await?;
         Ok(())
     }
@@ -352,13 +361,21 @@ impl State {
         &self,
         root: PageNo,
         key: &[u8],
+        leaf: Option<PageNo>,
         payload: &[u8],
         entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(Vec<(PageNo, Op)>, Alloc), EngineError> {
         let mut alloc = Alloc {
             next: self.next_page,
         };
-        let mut ops = btree::put(&self.store, root, key, payload, &mut alloc)?;
+        let in_place = match leaf {
+            Some(leaf) => btree::replace_in_leaf(&self.store, leaf, key, payload)?,
+            None => None,
+        };
+        let mut ops = match in_place {
+            Some(ops) => ops,
+            None => btree::put(&self.store, root, key, payload, &mut alloc)?,
+        };
         for (index_root, entry) in entries {
             ops.extend(btree::put(
                 &self.store,
@@ -769,13 +786,13 @@ impl Engine {
             next_txid: txid_hwm,
             txid_hwm,
             next_oid,
-            txns: HashMap::new(),
+            txns: IdHashMap::default(),
             startup_txid: txid_hwm,
             active: BTreeMap::new(),
-            waits_for: HashMap::new(),
-            table_locks: HashMap::new(),
-            table_ddl_lsn: HashMap::new(),
-            subxact_parent: HashMap::new(),
+            waits_for: IdHashMap::default(),
+            table_locks: IdHashMap::default(),
+            table_ddl_lsn: IdHashMap::default(),
+            subxact_parent: IdHashMap::default(),
             catalog_commit_lsn: Lsn::ZERO,
             catalog_cached: None,
         };
@@ -783,7 +800,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 catalog_cache: std::sync::Mutex::new(HashMap::new()),
-                rowid_blocks: std::sync::Mutex::new(HashMap::new()),
+                rowid_blocks: std::sync::Mutex::new(IdHashMap::default()),
                 commit_latency: CommitLatency::default(),
                 txn_ended: Notify::new(),
                 volume,
@@ -1100,15 +1117,68 @@ impl Engine {
         key: &[u8],
         decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
     ) -> Result<RowOutcome, EngineError> {
+        self.modify_row_inner(txn, table, key, None, decide).await
+    }
+
+    /// [`Engine::modify_row`] for a key the caller has not read first: the row is
+    /// acted on only if `txn`'s snapshot sees a version of it for which `matches`
+    /// (the statement's predicate) is true, exactly the rows a scan of the key
+    /// followed by `modify_row` would act on. It saves an UPDATE or DELETE by
+    /// primary key the scan's B+tree descent and row decoding. As after a scan,
+    /// nothing is locked or written when the snapshot sees no matching version.
+    pub async fn modify_visible_row(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        matches: &mut RowPredicate<'_>,
+        decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
+    ) -> Result<RowOutcome, EngineError> {
+        self.modify_row_inner(txn, table, key, Some(matches), decide)
+            .await
+    }
+
+    async fn modify_row_inner(
+        &self,
+        txn: &mut Txn,
+        table: &TableDef,
+        key: &[u8],
+        mut matches: Option<&mut RowPredicate<'_>>,
+        decide: &mut (dyn FnMut(&[Datum]) -> Result<RowAction, EngineError> + Send),
+    ) -> Result<RowOutcome, EngineError> {
         let mut st = self.lock().await;
-        st.assign_txid(txn).await?;
-        let mut st = self.take_write_lock(st, txn, table.oid).await?;
+        if matches.is_none() {
+            st.assign_txid(txn).await?;
+            st = self.take_write_lock(st, txn, table.oid).await?;
+        }
         loop {
-            let payload = walk!(st, btree::get(&st.store, table.root, key))?;
-            let Some(payload) = payload else {
+            let found = walk!(st, btree::get_with_leaf(&st.store, table.root, key))?;
+            let Some((leaf, payload)) = found else {
                 return Ok(RowOutcome::NotFound);
             };
             let versions = decode_versions(&payload)?;
+            // The version the snapshot sees, decoded, once it passed `matches`.
+            let mut seen: Option<(usize, Vec<Datum>)> = None;
+            if let Some(matches) = matches.as_mut() {
+                // A version visible to a fixed snapshot stays visible (nothing a
+                // snapshot in use can see is pruned), so after a wait below this
+                // finds the same version again.
+                let snap = txn.snap();
+                let Some(v) = walk!(st, Self::visible(&st, &snap, &versions))? else {
+                    return Ok(RowOutcome::NotFound);
+                };
+                let row = row::decode_row(&versions[v].row)?;
+                if !matches(&row)? {
+                    return Ok(RowOutcome::Skipped);
+                }
+                seen = Some((v, row));
+                if txn.txid == 0 || !txn.holds_table(table.oid) {
+                    // Neither awaits with the engine lock released unless it fails
+                    // (`CatalogChanged`), so `versions` is still the row's chain.
+                    st.assign_txid(txn).await?;
+                    st = self.take_write_lock(st, txn, table.oid).await?;
+                }
+            }
             let check = walk!(st, Self::check_write(&st, txn, &versions))?;
             let idx = match check {
                 w @ (WriteCheck::Wait(_) | WriteCheck::WaitDurable(_)) => {
@@ -1118,7 +1188,10 @@ impl Engine {
                 WriteCheck::Proceed(None) => return Ok(RowOutcome::NotFound),
                 WriteCheck::Proceed(Some(i)) => i,
             };
-            let current = row::decode_row(&versions[idx].row)?;
+            let current = match seen {
+                Some((v, row)) if v == idx => row,
+                _ => row::decode_row(&versions[idx].row)?,
+            };
             let action = decide(&current)?;
             // A new version whose indexed columns changed needs new index entries
             // (after the uniqueness check); one that keeps them needs nothing.
@@ -1189,7 +1262,7 @@ impl Engine {
                     new_row
                 }
             };
-            st.store_versions(txn, table.root, key, &versions, &entries)
+            st.store_versions(txn, table.root, key, Some(leaf), &versions, &entries)
                 .await?;
             return Ok(RowOutcome::Done(result));
         }
@@ -1295,7 +1368,7 @@ impl Engine {
                 .map(|(index, k, _)| (index.root, index::entry_key(k, key)))
                 .collect();
             versions.insert(0, txn.new_version(buf));
-            st.store_versions(txn, table.root, key, &versions, &entries)
+            st.store_versions(txn, table.root, key, None, &versions, &entries)
                 .await?;
             return Ok(());
         }

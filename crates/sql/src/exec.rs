@@ -177,6 +177,9 @@ struct InsertPlan {
     nextvals: Vec<String>,
     /// How many of `nextvals` belong to the VALUES rows (the rest to defaults).
     values_nextvals: usize,
+    /// The primary key's constraint name, for a duplicate key's error (named
+    /// once per plan, not per row).
+    pk_constraint: String,
 }
 
 #[derive(Debug, Clone)]
@@ -895,6 +898,7 @@ impl<'a> Binder<'a> {
             Some(other) => return Err(SqlError::syntax(format!("syntax error near {other}"))),
         };
         let returning = self.returning(&scope, &ins.returning)?;
+        let pk_constraint = pk_constraint(&table);
         Ok(InsertPlan {
             table,
             targets,
@@ -906,6 +910,7 @@ impl<'a> Binder<'a> {
             returning,
             nextvals: std::mem::take(&mut self.nextvals),
             values_nextvals,
+            pk_constraint,
         })
     }
 
@@ -1033,6 +1038,13 @@ impl<'a> Binder<'a> {
 
 /// In aggregated rows, group keys come first, then aggregates.
 /// NOT NULL (and primary-key columns) of a complete row: 23502.
+/// The name of `t`'s primary key constraint ("<table>_pkey" unless named).
+fn pk_constraint(t: &TableDef) -> String {
+    t.pk_name
+        .clone()
+        .unwrap_or_else(|| format!("{}_pkey", t.name))
+}
+
 fn check_not_null(t: &TableDef, row: &[Datum]) -> Result<(), SqlError> {
     for (i, c) in t.columns.iter().enumerate() {
         if (c.not_null || t.pk.contains(&i)) && row[i].is_null() {
@@ -1157,8 +1169,8 @@ struct Exec<'a> {
     engine: Engine,
     txn: &'a mut Txn,
     params: &'a [Datum],
-    database: String,
-    user: String,
+    database: Arc<str>,
+    user: Arc<str>,
     now: i64,
     catalog: Vec<Arc<TableDef>>,
 }
@@ -1303,6 +1315,49 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// The resolved key of a plan that names one row by its whole primary key
+    /// (`Resolved::Point`, or `Empty` for a NULL), as
+    /// `scan_table` would look it up; None for any other plan.
+    fn point_key(&self, def: &TableDef, key: &KeyPlan) -> Result<Option<Resolved>, SqlError> {
+        if key.index.is_some()
+            || key.lower.is_some()
+            || key.upper.is_some()
+            || def.pk.is_empty()
+            || key.eq.len() != def.pk.len()
+        {
+            return Ok(None);
+        }
+        let ctx = self.ctx(&[]);
+        Ok(match plan::resolve(key, def, &ctx)? {
+            r @ (Resolved::Empty | Resolved::Point(_)) => Some(r),
+            _ => None,
+        })
+    }
+
+    /// The row of clustered key `key` visible to the statement, if it passes
+    /// `filter` (`scan_table` of a `Resolved::Point`).
+    async fn point_row(
+        &mut self,
+        def: &TableDef,
+        key: Vec<u8>,
+        filter: Option<&Expr>,
+    ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
+        let Some(row) = self
+            .engine
+            .get_row(self.txn, def.root, &key)
+            .await
+            .map_err(engine_error)?
+        else {
+            return Ok((vec![], vec![]));
+        };
+        if let Some(f) = filter {
+            if !expr::eval_pred(f, &row, &self.ctx(&[]))? {
+                return Ok((vec![], vec![]));
+            }
+        }
+        Ok((vec![row], vec![key]))
+    }
+
     /// Rows (and their keys) of `def` in the key plan's range that pass `filter`,
     /// stopping after `limit` matches.
     async fn scan_table(
@@ -1318,6 +1373,7 @@ impl<'a> Exec<'a> {
                 Resolved::Empty => return Ok((vec![], vec![])),
                 Resolved::Full => (Bound::Unbounded, Bound::Unbounded),
                 Resolved::Range(lo, hi) => (lo, hi),
+                Resolved::Point(key) => return self.point_row(def, key, filter).await,
             }
         };
         let mut rows = Vec::new();
@@ -1605,10 +1661,7 @@ impl<'a> Exec<'a> {
             };
             keys.push(key);
         }
-        let constraint = t
-            .pk_name
-            .clone()
-            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        let constraint = pk_constraint(t);
         self.engine
             .insert_rows(self.txn, t, &keys, rows, &constraint)
             .await
@@ -1629,16 +1682,13 @@ impl<'a> Exec<'a> {
         } else {
             self.row_key(t, &row)?
         };
-        let constraint = t
-            .pk_name
-            .clone()
-            .unwrap_or_else(|| format!("{}_pkey", t.name));
+        let constraint = &p.pk_constraint;
         // A conflicting row that disappears before DO UPDATE reaches it lets the
         // insert be retried (as PostgreSQL does), a bounded number of times.
         for _ in 0..MAX_ON_CONFLICT_RETRIES {
             let conflict_key = match self
                 .engine
-                .insert_row(self.txn, t, &key, &row, &constraint)
+                .insert_row(self.txn, t, &key, &row, constraint)
                 .await
             {
                 Ok(()) => return Ok(Some(row)),
@@ -1807,10 +1857,21 @@ impl<'a> Exec<'a> {
     async fn modify(&mut self, p: &ModifyPlan) -> Result<(u64, Vec<Vec<Datum>>), SqlError> {
         self.check_writable()?;
         let t = p.table.clone();
-        let (_rows, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+        // A point lookup on the whole primary key goes straight to the engine, which
+        // checks the statement's snapshot and predicate on the row where it finds
+        // it (`modify_visible_row`), instead of reading the row once here and again
+        // to change it.
+        let (keys, direct) = match self.point_key(&t, &p.key)? {
+            Some(Resolved::Empty) => return Ok((0, vec![])),
+            Some(Resolved::Point(key)) => (vec![key], true),
+            _ => {
+                let (_, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+                (keys, false)
+            }
+        };
         let mut count = 0u64;
         let mut returned = Vec::new();
-        let params = self.params.to_vec();
+        let params = self.params;
         let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
         for key in keys {
             let mut err = None;
@@ -1819,7 +1880,7 @@ impl<'a> Exec<'a> {
                 let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
                 let mut decide = |cur: &[Datum]| {
                     let ctx = EvalCtx {
-                        params: &params,
+                        params,
                         precomputed: &[],
                         database: &database,
                         user: &user,
@@ -1860,10 +1921,40 @@ impl<'a> Exec<'a> {
                         },
                     }
                 };
-                self.engine
-                    .modify_row(self.txn, &t, &key, &mut decide)
-                    .await
-                    .map_err(engine_error)?
+                if direct {
+                    let mut filter_err = None;
+                    let mut matches = |row: &[Datum]| {
+                        let Some(f) = &filter else { return Ok(true) };
+                        let ctx = EvalCtx {
+                            params,
+                            precomputed: &[],
+                            database: &database,
+                            user: &user,
+                            now,
+                        };
+                        match expr::eval_pred(f, row, &ctx) {
+                            Ok(pass) => Ok(pass),
+                            Err(e) => {
+                                filter_err = Some(e);
+                                Ok(false)
+                            }
+                        }
+                    };
+                    let outcome = self
+                        .engine
+                        .modify_visible_row(self.txn, &t, &key, &mut matches, &mut decide)
+                        .await
+                        .map_err(engine_error)?;
+                    if let Some(e) = filter_err {
+                        return Err(e);
+                    }
+                    outcome
+                } else {
+                    self.engine
+                        .modify_row(self.txn, &t, &key, &mut decide)
+                        .await
+                        .map_err(engine_error)?
+                }
             };
             if let Some(e) = err {
                 return Err(e);
@@ -1873,10 +1964,7 @@ impl<'a> Exec<'a> {
                     // The key changed: the old row was deleted, insert under the new key.
                     Some(new_row) => {
                         let k = self.row_key(&t, &new_row)?;
-                        let constraint = t
-                            .pk_name
-                            .clone()
-                            .unwrap_or_else(|| format!("{}_pkey", t.name));
+                        let constraint = pk_constraint(&t);
                         self.engine
                             .insert_row(self.txn, &t, &k, &new_row, &constraint)
                             .await
@@ -2355,12 +2443,12 @@ async fn dml(
             Ok(ExecResult::Rows {
                 columns: columns(),
                 rows,
-                tag: format!("SELECT {n}"),
+                tag: count_tag("SELECT ", n as u64),
             })
         }
         Bound_::Insert(p) => {
             let (n, ret) = ex.insert(p).await?;
-            let tag = format!("INSERT 0 {n}");
+            let tag = count_tag("INSERT 0 ", n);
             Ok(match &p.returning {
                 Some(_) => ExecResult::Rows {
                     columns: columns(),
@@ -2373,9 +2461,9 @@ async fn dml(
         Bound_::Modify(p) => {
             let (n, ret) = ex.modify(p).await?;
             let tag = if p.sets.is_some() {
-                format!("UPDATE {n}")
+                count_tag("UPDATE ", n)
             } else {
-                format!("DELETE {n}")
+                count_tag("DELETE ", n)
             };
             Ok(match &p.returning {
                 Some(_) => ExecResult::Rows {
@@ -2387,6 +2475,28 @@ async fn dml(
             })
         }
     }
+}
+
+/// A command tag with a row count ("UPDATE 1"), built without the formatting
+/// machinery: every DML execution makes one.
+fn count_tag(prefix: &str, n: u64) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let mut tag = String::with_capacity(prefix.len() + digits.len() - at);
+    tag.push_str(prefix);
+    for &d in &digits[at..] {
+        tag.push(char::from(d));
+    }
+    tag
 }
 
 async fn ex_catalog(engine: &Engine, s: &mut Session) -> Result<Vec<Arc<TableDef>>, SqlError> {
@@ -3765,6 +3875,7 @@ async fn copy_start(
         returning: None,
         nextvals: b.nextvals,
         values_nextvals: 0,
+        pk_constraint: pk_constraint(&def),
     };
     if s.txn.as_ref().is_some_and(|t| t.read_only) {
         return Err(SqlError::new(
@@ -4114,4 +4225,17 @@ async fn copy_flush(ex: &mut Exec<'_>, st: &mut CopyState) -> Result<(), SqlErro
         }
     }
     Err(SqlError::new("40001", crate::session::CATALOG_CHANGED))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_tag;
+
+    #[test]
+    fn count_tags_read_like_formatted_ones() {
+        for n in [0, 1, 9, 10, 12_345, u64::MAX] {
+            assert_eq!(count_tag("UPDATE ", n), format!("UPDATE {n}"));
+        }
+        assert_eq!(count_tag("INSERT 0 ", 3), "INSERT 0 3");
+    }
 }

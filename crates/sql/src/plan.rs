@@ -243,13 +243,7 @@ fn bounds(key_columns: &[usize], cs: &[&Expr]) -> KeyPlan {
 
 /// Evaluates a bound value and converts it to the key column's type, refusing
 /// conversions that change the value (so the key range never excludes a match).
-fn key_value(
-    e: &Expr,
-    table: &TableDef,
-    column: usize,
-    ctx: &EvalCtx<'_>,
-) -> Result<Option<Datum>, SqlError> {
-    let v = eval(e, &[], ctx)?;
+fn key_value(v: Datum, table: &TableDef, column: usize) -> Result<Option<Datum>, SqlError> {
     if v.is_null() {
         return Ok(None);
     }
@@ -270,6 +264,8 @@ fn key_value(
 /// Resolved key bounds, or None when the range is provably empty / not usable.
 pub enum Resolved {
     Range(Bound<Vec<u8>>, Bound<Vec<u8>>),
+    /// Exactly the one clustered key (the whole primary key is fixed).
+    Point(Vec<u8>),
     Empty,
     /// A bound could not be converted exactly: scan everything, filter decides.
     Full,
@@ -301,7 +297,7 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
         if v.is_null() {
             return Ok(Resolved::Empty);
         }
-        match key_value(e, table, cols[i], ctx)? {
+        match key_value(v, table, cols[i])? {
             Some(v) => prefix_vals.push(v),
             None => return Ok(Resolved::Full),
         }
@@ -309,10 +305,7 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
     let prefix = encode_key(&prefix_vals).map_err(crate::session::engine_error)?;
     if plan.lower.is_none() && plan.upper.is_none() {
         if prefix_vals.len() == cols.len() && !suffixed {
-            return Ok(Resolved::Range(
-                Bound::Included(prefix.clone()),
-                Bound::Included(prefix),
-            ));
+            return Ok(Resolved::Point(prefix));
         }
         let lo = if prefix.is_empty() {
             Bound::Unbounded
@@ -335,7 +328,7 @@ pub fn resolve(plan: &KeyPlan, table: &TableDef, ctx: &EvalCtx<'_>) -> Result<Re
         let Some(&column) = cols.get(pos) else {
             return Err(SqlError::internal("inexact"));
         };
-        match key_value(e, table, column, ctx)? {
+        match key_value(v, table, column)? {
             Some(v) => {
                 let mut k = prefix.clone();
                 borealis_engine::row::encode_key_datum(&v, &mut k)

@@ -130,8 +130,8 @@ impl Database {
     pub fn session(&self, user: &str, database: &str) -> Session {
         Session {
             db: self.clone(),
-            user: user.to_string(),
-            database: database.to_string(),
+            user: Arc::from(user),
+            database: Arc::from(database),
             txn: None,
             status: TransactionStatus::Idle,
             default_isolation: Isolation::ReadCommitted,
@@ -162,8 +162,9 @@ impl Database {
 
 pub struct Session {
     pub(crate) db: Database,
-    pub user: String,
-    pub database: String,
+    /// Shared, not copied, by every statement's executor.
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     pub(crate) txn: Option<Txn>,
     status: TransactionStatus,
     default_isolation: Isolation,
