@@ -509,7 +509,13 @@ fn pad_to_block(out: &mut Vec<u8>, generation: u64) {
     if room < ENTRY_HEADER {
         room += block;
     }
-    encode_entry(out, generation, PgId(PAD_PG), 0, &ZEROS[..room - ENTRY_HEADER]);
+    encode_entry(
+        out,
+        generation,
+        PgId(PAD_PG),
+        0,
+        &ZEROS[..room - ENTRY_HEADER],
+    );
 }
 
 /// Writes whole blocks (`bytes.len()` and `at` are block multiples) through the
