@@ -183,6 +183,15 @@ pub fn get_with_leaf(
     root: PageNo,
     key: &[u8],
 ) -> Result<Option<(PageNo, Vec<u8>)>, EngineError> {
+    Ok(find(store, root, key)?.map(|(leaf, payload)| (leaf, payload.to_vec())))
+}
+
+/// The leaf holding `key` and the item's payload where it lies in the cached page.
+fn find<'s>(
+    store: &'s Store,
+    root: PageNo,
+    key: &[u8],
+) -> Result<Option<(PageNo, &'s [u8])>, EngineError> {
     let leaf = leaf_of(store, root, key)?;
     let page = store.page(leaf)?;
     match search(page, key)? {
@@ -190,7 +199,7 @@ pub fn get_with_leaf(
             let item = page
                 .item(slot)
                 .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
-            Ok(Some((leaf, item_payload(item)?.to_vec())))
+            Ok(Some((leaf, item_payload(item)?)))
         }
         Err(_) => Ok(None),
     }
@@ -228,17 +237,7 @@ pub fn get_in_place<'s>(
     root: PageNo,
     key: &[u8],
 ) -> Result<Option<&'s [u8]>, EngineError> {
-    let leaf = leaf_of(store, root, key)?;
-    let page = store.page(leaf)?;
-    match search(page, key)? {
-        Ok(slot) => {
-            let item = page
-                .item(slot)
-                .ok_or_else(|| EngineError::Corrupt("slot".into()))?;
-            Ok(Some(item_payload(item)?))
-        }
-        Err(_) => Ok(None),
-    }
+    Ok(find(store, root, key)?.map(|(_, payload)| payload))
 }
 
 /// Allocates new pages for splits; the engine persists the counter in the MTR.
