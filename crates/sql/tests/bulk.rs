@@ -7,7 +7,7 @@ use borealis_sql::{Database, ExecResult, Session, SqlError};
 use borealis_volume::{Volume, VolumeConfig};
 
 mod common;
-use common::run;
+use common::{db, run};
 
 /// Streams `lines` into `COPY <target> FROM STDIN` in CopyData chunks of a few
 /// lines each (chunks cut lines in half, as clients do), then CopyDone.
@@ -30,6 +30,13 @@ async fn copy(s: &mut Session, target: &str, lines: &[String]) -> Result<String,
     }
 }
 
+/// Runs a COPY that must fail with `code`, naming `line` of `table` in its context.
+async fn copy_fails(s: &mut Session, table: &str, lines: &[String], code: &str, line: usize) {
+    let e = copy(s, table, lines).await.unwrap_err();
+    assert_eq!(e.code, code, "{e:?}");
+    assert_eq!(e.context, Some(format!("COPY {table}, line {line}")));
+}
+
 /// A permutation of 0..n (keys arriving out of order).
 fn scrambled(n: u64) -> Vec<u64> {
     (0..n).map(|i| (i * 7919) % n).collect()
@@ -37,9 +44,7 @@ fn scrambled(n: u64) -> Vec<u64> {
 
 #[tokio::test]
 async fn aborted_copy_is_invisible_and_uncommitted_copy_is_not_seen() {
-    let db = Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap();
+    let db = db().await;
     let mut s = db.session("postgres", "postgres");
     let mut other = db.session("postgres", "postgres");
     run(
@@ -128,9 +133,7 @@ async fn committed_copy_survives_a_restart_and_an_unfinished_one_does_not() {
 
 #[tokio::test]
 async fn duplicates_in_a_copy_fail_it_whole_with_23505_and_the_line() {
-    let db = Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap();
+    let db = db().await;
     let mut s = db.session("postgres", "postgres");
     run(
         &mut s,
@@ -141,20 +144,14 @@ async fn duplicates_in_a_copy_fail_it_whole_with_23505_and_the_line() {
     // Line 2600 repeats the unique column of line 10 (in a later batch).
     let mut lines: Vec<String> = (1..=3000).map(|i| format!("{i}\t{i}\tv")).collect();
     lines[2599] = "2600\t10\tv".into();
-    let e = copy(&mut s, "t", &lines).await.unwrap_err();
-    assert_eq!(e.code, "23505", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY t, line 2600"));
+    copy_fails(&mut s, "t", &lines, "23505", 2600).await;
     // Inside one batch: line 7 repeats the primary key of line 3.
     let mut lines: Vec<String> = (1..=50).map(|i| format!("{i}\t{i}\tv")).collect();
     lines[6] = "3\t1000\tv".into();
-    let e = copy(&mut s, "t", &lines).await.unwrap_err();
-    assert_eq!(e.code, "23505", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY t, line 7"));
+    copy_fails(&mut s, "t", &lines, "23505", 7).await;
     // Against a committed row.
     let lines = vec!["5\t5\tv".to_string(), "-1\t6\tv".to_string()];
-    let e = copy(&mut s, "t", &lines).await.unwrap_err();
-    assert_eq!(e.code, "23505", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY t, line 2"));
+    copy_fails(&mut s, "t", &lines, "23505", 2).await;
     assert_eq!(run(&mut s, "SELECT count(*) FROM t").await, ["1"]);
     // In a transaction block the failed COPY aborts the block.
     run(&mut s, "BEGIN").await;
@@ -167,9 +164,7 @@ async fn duplicates_in_a_copy_fail_it_whole_with_23505_and_the_line() {
 
 #[tokio::test]
 async fn not_null_and_check_violations_name_their_line() {
-    let db = Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap();
+    let db = db().await;
     let mut s = db.session("postgres", "postgres");
     run(
         &mut s,
@@ -178,26 +173,18 @@ async fn not_null_and_check_violations_name_their_line() {
     .await;
     let mut lines: Vec<String> = (1..=2600).map(|i| format!("{i}\t{i}\tw")).collect();
     lines[2500] = "2501\t-5\tw".into();
-    let e = copy(&mut s, "c", &lines).await.unwrap_err();
-    assert_eq!(e.code, "23514", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY c, line 2501"));
+    copy_fails(&mut s, "c", &lines, "23514", 2501).await;
     let lines = vec!["1\t1\tw".to_string(), "2\t2\tw".into(), "\\N\t3\tw".into()];
-    let e = copy(&mut s, "c", &lines).await.unwrap_err();
-    assert_eq!(e.code, "23502", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY c, line 3"));
+    copy_fails(&mut s, "c", &lines, "23502", 3).await;
     let lines = vec!["1\t1\tw".to_string(), "x\t2\tw".into()];
-    let e = copy(&mut s, "c", &lines).await.unwrap_err();
-    assert_eq!(e.code, "22P02", "{e:?}");
-    assert_eq!(e.context.as_deref(), Some("COPY c, line 2"));
+    copy_fails(&mut s, "c", &lines, "22P02", 2).await;
     // Nothing of the failed loads is visible (the first one had flushed a batch).
     assert_eq!(run(&mut s, "SELECT count(*) FROM c").await, ["0"]);
 }
 
 #[tokio::test]
 async fn insert_select_loads_in_batches_with_the_same_checks() {
-    let db = Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap();
+    let db = db().await;
     let mut s = db.session("postgres", "postgres");
     run(
         &mut s,

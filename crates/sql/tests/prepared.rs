@@ -2,14 +2,10 @@
 //! `exec::CachedPlan`); DDL the execution's snapshot can see must make them bind
 //! afresh, with the same results and errors as a statement bound every time.
 
-use borealis_sql::{Database, Datum, ExecResult, Prepared, Session, Type};
-use borealis_volume::{Volume, VolumeConfig};
+use borealis_sql::{Datum, ExecResult, Prepared, Session, Type};
 
-async fn db() -> Database {
-    Database::open(Volume::in_memory(VolumeConfig::default()))
-        .await
-        .unwrap()
-}
+mod common;
+use common::db;
 
 /// Runs a simple query and fails the test on any error.
 async fn ok(s: &mut Session, sql: &str) {
