@@ -1175,7 +1175,38 @@ struct Exec<'a> {
     catalog: Vec<Arc<TableDef>>,
 }
 
+/// What evaluating an expression needs from the statement, owned (the names are
+/// shared `Arc`s) so that closures handed to the engine can carry it while `self`
+/// is borrowed elsewhere.
+struct EvalEnv<'p> {
+    params: &'p [Datum],
+    database: Arc<str>,
+    user: Arc<str>,
+    now: i64,
+}
+
+impl EvalEnv<'_> {
+    fn ctx(&self) -> EvalCtx<'_> {
+        EvalCtx {
+            params: self.params,
+            precomputed: &[],
+            database: &self.database,
+            user: &self.user,
+            now: self.now,
+        }
+    }
+}
+
 impl<'a> Exec<'a> {
+    fn env(&self) -> EvalEnv<'a> {
+        EvalEnv {
+            params: self.params,
+            database: self.database.clone(),
+            user: self.user.clone(),
+            now: self.now,
+        }
+    }
+
     fn ctx<'b>(&'b self, pre: &'b [Datum]) -> EvalCtx<'b> {
         EvalCtx {
             params: self.params,
@@ -1379,13 +1410,7 @@ impl<'a> Exec<'a> {
         let mut rows = Vec::new();
         let mut keys = Vec::new();
         let mut err = None;
-        let ctx = EvalCtx {
-            params: self.params,
-            precomputed: &[],
-            database: &self.database,
-            user: &self.user,
-            now: self.now,
-        };
+        let ctx = self.ctx(&[]);
         let mut visit = |k: &[u8], row: Vec<Datum>| {
             let pass = match filter {
                 Some(f) => match expr::eval_pred(f, &row, &ctx) {
@@ -1522,18 +1547,11 @@ impl<'a> Exec<'a> {
         if p.lock {
             if let FromItem::Table { def, .. } = &p.from[0].item {
                 let mut locked = Vec::with_capacity(input.len());
-                let params = self.params;
-                let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
+                let env = self.env();
                 for key in &keys {
                     let filter = &p.filter;
                     let mut decide = |cur: &[Datum]| {
-                        let ctx = EvalCtx {
-                            params,
-                            precomputed: &[],
-                            database: &database,
-                            user: &user,
-                            now,
-                        };
+                        let ctx = env.ctx();
                         match filter {
                             Some(f) if !expr::eval_pred(f, cur, &ctx).unwrap_or(false) => {
                                 Ok(RowAction::Skip)
@@ -1714,19 +1732,15 @@ impl<'a> Exec<'a> {
                 Some(OnConflict::Update { sets, filter }) => {
                     let params = self.params.to_vec();
                     let (sets, filter, checks) = (sets.clone(), filter.clone(), p.checks.clone());
-                    let (database, user, now) =
-                        (self.database.clone(), self.user.clone(), self.now);
+                    let env = EvalEnv {
+                        params: &params,
+                        ..self.env()
+                    };
                     let excluded = row.clone();
                     let tdef = t.clone();
                     let mut err = None;
                     let mut decide = |cur: &[Datum]| {
-                        let ctx = EvalCtx {
-                            params: &params,
-                            precomputed: &[],
-                            database: &database,
-                            user: &user,
-                            now,
-                        };
+                        let ctx = env.ctx();
                         let mut scope_row = cur.to_vec();
                         scope_row.extend(excluded.iter().cloned());
                         if let Some(f) = &filter {
@@ -1871,21 +1885,14 @@ impl<'a> Exec<'a> {
         };
         let mut count = 0u64;
         let mut returned = Vec::new();
-        let params = self.params;
-        let (database, user, now) = (self.database.clone(), self.user.clone(), self.now);
+        let env = self.env();
         for key in keys {
             let mut err = None;
             let mut new_key = None;
             let outcome = {
                 let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
                 let mut decide = |cur: &[Datum]| {
-                    let ctx = EvalCtx {
-                        params,
-                        precomputed: &[],
-                        database: &database,
-                        user: &user,
-                        now,
-                    };
+                    let ctx = env.ctx();
                     // Re-check the predicate on the version we will change (it may be
                     // newer than the one the scan saw).
                     if let Some(f) = &filter {
@@ -1925,13 +1932,7 @@ impl<'a> Exec<'a> {
                     let mut filter_err = None;
                     let mut matches = |row: &[Datum]| {
                         let Some(f) = &filter else { return Ok(true) };
-                        let ctx = EvalCtx {
-                            params,
-                            precomputed: &[],
-                            database: &database,
-                            user: &user,
-                            now,
-                        };
+                        let ctx = env.ctx();
                         match expr::eval_pred(f, row, &ctx) {
                             Ok(pass) => Ok(pass),
                             Err(e) => {
