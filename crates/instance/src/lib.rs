@@ -124,6 +124,7 @@ async fn health_json(
         v["applied_lsn"] = json!(st.vdl.0);
         v["last_lsn"] = json!(st.last_lsn.0);
         v["protection_groups"] = json!(st.protection_groups);
+        v["commit_hedges"] = json!(st.commit_hedges);
         // Segment replacements as this writer sees them: the control plane
         // completes one once the new segments reached `catch_up_lsn`.
         v["transitions"] = json!(vol.transitions());
@@ -181,6 +182,11 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
             "protection_groups",
             "borealis_volume_protection_groups",
             "Protection groups written",
+        ),
+        (
+            "commit_hedges",
+            "borealis_volume_commit_hedges_total",
+            "Commits hedged to the lazy segments after an eager one was slow",
         ),
         (
             "cache_pages",

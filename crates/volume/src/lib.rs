@@ -98,6 +98,8 @@ pub struct VolumeStatus {
     /// Highest LSN allocated so far.
     pub last_lsn: Lsn,
     pub protection_groups: u32,
+    /// Commits hedged to the lazy segments because an eager one was slow.
+    pub commit_hedges: u64,
 }
 
 /// Handle to a volume; cheap to clone.

@@ -131,6 +131,7 @@ impl MemoryVolume {
             vdl,
             last_lsn: st.last_lsn,
             protection_groups: st.pg_tail.len() as u32,
+            commit_hedges: 0,
         }
     }
 }

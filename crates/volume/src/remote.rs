@@ -302,14 +302,25 @@ impl RemoteVolume {
             self.wake(wake);
         }
         let mut rx = self.shared.vdl.subscribe();
-        let state = rx
-            .wait_for(|(vdl, fenced)| *vdl >= lsn || *fenced)
-            .await
-            .map_err(|_| VolumeError::Closed)?;
-        if state.0 >= lsn {
+        let done = |s: &(Lsn, bool)| s.0 >= lsn || s.1;
+        let hedge_after = self.shared.cfg.commit_hedge_after;
+        let first = match tokio::time::timeout(hedge_after, rx.wait_for(done)).await {
+            Ok(state) => Some(state.map_err(|_| VolumeError::Closed)?.0 >= lsn),
+            Err(_) => None,
+        };
+        let durable = match first {
+            Some(durable) => durable,
+            None => {
+                // Slow: hedge to the lazy segments, then wait for any four.
+                let wake = self.shared.lock().hedge_commit(lsn);
+                self.wake(wake);
+                let state = rx.wait_for(done).await.map_err(|_| VolumeError::Closed)?;
+                state.0 >= lsn
+            }
+        };
+        if durable {
             return Ok(());
         }
-        drop(state);
         let core = self.shared.lock();
         Err(VolumeError::Fenced {
             ours: core.epoch(),
@@ -345,6 +356,7 @@ impl RemoteVolume {
             vdl: core.vdl(),
             last_lsn: core.last_lsn(),
             protection_groups: core.pg_count() as u32,
+            commit_hedges: core.commit_hedges(),
         }
     }
 }
