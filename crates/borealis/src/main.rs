@@ -102,6 +102,12 @@ enum Command {
         http: SocketAddr,
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// Page images (8 KiB each) kept in memory over all segments; the rest are
+        /// read back from the segment logs when needed. Default: the environment's
+        /// BOREALIS_STORAGE_PAGE_IMAGES (which `borealis up` passes on to the nodes
+        /// it starts), else 131072 (1 GiB).
+        #[arg(long)]
+        max_page_images: Option<usize>,
     },
     /// (Started by the control plane.) Run a database instance.
     Instance {
@@ -394,10 +400,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             http,
             log_file,
+            max_page_images,
         } => {
             init_child_logging(&name, log_file.as_deref())?;
             let mut config = borealis_storage::NodeConfig::new(data_dir, &name, &az, listen);
             config.http = Some(http);
+            let from_env = std::env::var("BOREALIS_STORAGE_PAGE_IMAGES")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if let Some(n) = max_page_images.or(from_env) {
+                config.limits.max_resident_images = n.max(1);
+            }
             run_node(Threads::One, async {
                 borealis_storage::run(config)
                     .await

@@ -164,6 +164,9 @@ pub struct SimStats {
     pub replacements_completed: u64,
     pub replacements_under_partition: u64,
     pub snapshots_installed: u64,
+    /// Page images storage nodes evicted from memory, and read back from their logs.
+    pub images_evicted: u64,
+    pub image_reads: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -210,11 +213,21 @@ struct SimNode {
     syncing: Option<(borealis_storage::disk::SyncJob, Vec<Pending>)>,
 }
 
+/// Storage nodes keep only a few page images in memory, so that reads and folds
+/// go through images evicted to the log files and read back, and compactions
+/// (which make dirty images evictable) happen all the time.
+fn sim_limits() -> NodeLimits {
+    NodeLimits {
+        max_resident_images: 6,
+        ..NodeLimits::default()
+    }
+}
+
 impl SimNode {
     /// A node on an empty disk, up.
     fn fresh(name: &str, az: usize) -> SimNode {
         let disk = MemDisk::new();
-        let node = Node::open(name, disk.clone(), NodeLimits::default()).ok();
+        let node = Node::open(name, disk.clone(), sim_limits()).ok();
         SimNode {
             az,
             retired: false,
@@ -938,7 +951,10 @@ impl Sim {
     fn crash_node(&mut self, i: usize) {
         self.stats.node_crashes += 1;
         let n = &mut self.nodes[i];
-        n.node = None;
+        if let Some(node) = n.node.take() {
+            self.stats.images_evicted += node.stats.images_evicted;
+            self.stats.image_reads += node.stats.image_reads;
+        }
         n.incarnation += 1;
         n.waiting.clear();
         n.syncing = None;
@@ -954,11 +970,7 @@ impl Sim {
 
     fn restart_node(&mut self, i: usize) -> Result<(), String> {
         let n = &mut self.nodes[i];
-        match Node::open(
-            &format!("storage-{i}"),
-            n.disk.clone(),
-            NodeLimits::default(),
-        ) {
+        match Node::open(&format!("storage-{i}"), n.disk.clone(), sim_limits()) {
             Ok(node) => {
                 n.node = Some(node);
                 Ok(())
@@ -1330,7 +1342,11 @@ impl Sim {
                                 continue;
                             }
                             for at in [seg.gc_floor(), seg.scl_record()] {
-                                if let Ok(got) = seg.get_page(page, at) {
+                                if let Ok(got) = seg.get_page(
+                                    page,
+                                    at,
+                                    &mut borealis_storage::segment::resident_only,
+                                ) {
                                     if got != self.model_page(page, at)? {
                                         return fail(self.seed, format!("t={} pre-tick node {i} page {page} wrong at {at} floor {}", self.now, seg.gc_floor()));
                                     }
@@ -1367,7 +1383,11 @@ impl Sim {
                             if page >= self.cfg.pages {
                                 continue;
                             }
-                            let got = seg.get_page(page, floor);
+                            let got = seg.get_page(
+                                page,
+                                floor,
+                                &mut borealis_storage::segment::resident_only,
+                            );
                             let want = self.model_page(page, floor)?;
                             if let Ok(got) = got {
                                 if got != want {
@@ -1540,6 +1560,10 @@ impl Sim {
             }
         }
         self.stats.final_vdl = vdl.0;
+        for node in self.nodes.iter().filter_map(|n| n.node.as_ref()) {
+            self.stats.images_evicted += node.stats.images_evicted;
+            self.stats.image_reads += node.stats.image_reads;
+        }
         Ok(self.stats)
     }
 }

@@ -34,12 +34,21 @@ fn storage_and_volume_survive_seeded_faults() {
                 total.replacements_completed += s.replacements_completed;
                 total.replacements_under_partition += s.replacements_under_partition;
                 total.snapshots_installed += s.snapshots_installed;
+                total.images_evicted += s.images_evicted;
+                total.image_reads += s.image_reads;
             }
             Err(e) => panic!("{e}\nreplay with: SIM_SEED={seed} cargo test -p borealis-sim"),
         }
     }
     eprintln!("simulation totals: {total:?}");
     assert!(total.reads_checked > 0 && total.recoveries > 0);
+    // The nodes' small image budget (see `sim_limits`) must have sent reads and
+    // folds to images read back from the logs, or the run above checked nothing
+    // of the bounded page store.
+    assert!(
+        total.images_evicted > 0 && total.image_reads > 0,
+        "{total:?}"
+    );
 }
 
 /// Segment replacements are exercised by the run above; this makes sure enough of

@@ -43,6 +43,12 @@ pub struct NodeLimits {
     /// Log bytes re-read and CRC-checked per scrub step (bounds the step's time on
     /// the node loop; must exceed the largest entry).
     pub scrub_step_bytes: usize,
+    /// Page images (8 KiB each) a node keeps in memory over all its segments; the
+    /// rest stay in the segment log files and are read back when a read or a fold
+    /// needs them. Images not yet in a log file (dirty) cannot be dropped: a segment
+    /// whose dirty images pass a quarter of its share is compacted early, which
+    /// writes them out.
+    pub max_resident_images: usize,
 }
 
 impl Default for NodeLimits {
@@ -52,6 +58,8 @@ impl Default for NodeLimits {
             compact_min_bytes: 64 << 20,
             max_chunk_bytes: 4 << 20,
             scrub_step_bytes: 1 << 20,
+            // 1 GiB of images per node.
+            max_resident_images: 131_072,
         }
     }
 }
@@ -73,6 +81,10 @@ pub struct NodeStats {
     pub fsync_seconds_sum: f64,
     pub fsync_seconds_max: f64,
     pub torn_tails_cut: u64,
+    /// Evicted page images read back from segment log files.
+    pub image_reads: u64,
+    /// Page images dropped from memory (they stay in the log files).
+    pub images_evicted: u64,
     pub fenced_requests: u64,
     pub stale_membership_requests: u64,
     pub scrub_bytes_total: u64,
@@ -193,6 +205,21 @@ pub fn merge_history(a: &[Truncation], b: &[Truncation]) -> Vec<Truncation> {
     v
 }
 
+/// Reads evicted page images of `pg` back from its log file.
+fn image_loader<'a, D: Disk>(
+    disk: &'a mut D,
+    pg: PgId,
+    reads: &'a mut u64,
+) -> impl FnMut(u64, u64) -> Result<borealis_redo::Page, String> + 'a {
+    move |page, offset| {
+        *reads += 1;
+        let buf = disk
+            .read_log_at(pg, offset, crate::segment::IMAGE_ENTRY_BYTES)
+            .map_err(|e| format!("reading the image of page {page} at offset {offset}: {e}"))?;
+        crate::segment::decode_image_entry(&buf, page)
+    }
+}
+
 impl<D: Disk> Node<D> {
     /// Opens a node: reads the metadata, replays every segment log and cuts torn tails.
     /// A metadata file that fails its CRC is an error (the epoch must not regress).
@@ -205,7 +232,9 @@ impl<D: Disk> Node<D> {
         };
         let mut stats = NodeStats::default();
         let mut segments = BTreeMap::new();
-        for pg in disk.list_segments()? {
+        let pgs = disk.list_segments()?;
+        let share = limits.max_resident_images / pgs.len().max(1);
+        for pg in pgs {
             let bytes = disk.read_log(pg)?;
             let replayed = Segment::replay(pg, &bytes, &history);
             if let Some(why) = &replayed.torn {
@@ -218,9 +247,13 @@ impl<D: Disk> Node<D> {
                 // A torn tail, or the zero-filled space of a preallocated log.
                 disk.truncate_log(pg, replayed.valid_len as u64)?;
             }
-            segments.insert(pg, replayed.segment);
+            let mut segment = replayed.segment;
+            // Bounded from the start: a restart must not need the whole database
+            // in memory (each log is read whole, one at a time, to replay it).
+            stats.images_evicted += segment.evict(share) as u64;
+            segments.insert(pg, segment);
         }
-        Ok(Node {
+        let mut node = Node {
             name: name.to_string(),
             disk,
             epoch,
@@ -239,7 +272,9 @@ impl<D: Disk> Node<D> {
             ticks: 0,
             durable_scl: BTreeMap::new(),
             sync_scl: Vec::new(),
-        })
+        };
+        node.evict_images();
+        Ok(node)
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -314,7 +349,11 @@ impl<D: Disk> Node<D> {
                     None => {
                         Response::error(ErrorCode::NoSegment, 0, format!("no segment of {pg} here"))
                     }
-                    Some(s) => match s.get_page(page, read_lsn) {
+                    Some(s) => match s.get_page(
+                        page,
+                        read_lsn,
+                        &mut image_loader(&mut self.disk, pg, &mut self.stats.image_reads),
+                    ) {
                         Ok(p) => Response::Page {
                             bytes: p.as_bytes().to_vec(),
                         },
@@ -388,10 +427,20 @@ impl<D: Disk> Node<D> {
                     format!("no segment of {pg} here"),
                 );
             };
+            let log = match seg.compacted_log(&mut image_loader(
+                &mut self.disk,
+                pg,
+                &mut self.stats.image_reads,
+            )) {
+                Ok(log) => log,
+                Err(why) => {
+                    log::error!("{}: {pg}: cannot build a snapshot: {why}", self.name);
+                    return Response::error(ErrorCode::Corrupt, 0, why);
+                }
+            };
             let id = self.next_snapshot_id;
             self.next_snapshot_id += 1;
-            self.snapshots
-                .insert(pg, (id, seg.compacted_log(), self.ticks));
+            self.snapshots.insert(pg, (id, log.bytes, self.ticks));
             self.stats.snapshots_served += 1;
         }
         let ticks = self.ticks;
@@ -961,12 +1010,19 @@ impl<D: Disk> Node<D> {
                 }
             }
         }
-        let bytes = seg.compacted_log();
-        if let Err(e) = self.disk.replace_log(pg, &bytes) {
+        // An evicted image whose entry is in the damaged stretch cannot be read
+        // back: the repair fails and stays pending (see ARCHITECTURE.md).
+        let log = seg.compacted_log(&mut image_loader(
+            &mut self.disk,
+            pg,
+            &mut self.stats.image_reads,
+        ))?;
+        if let Err(e) = self.disk.replace_log(pg, &log.bytes) {
             self.fail("rewriting a damaged log", &e);
             return Err(e.to_string());
         }
-        seg.log_bytes = bytes.len() as u64;
+        seg.compacted(&log);
+        let bytes = log.bytes;
         self.scrub.pending.remove(&pg);
         if self.scrub.pg == Some(pg) {
             self.scrub.offset = 0;
@@ -991,27 +1047,47 @@ impl<D: Disk> Node<D> {
             return;
         }
         let mut compact = Vec::new();
+        let dirty_limit = (self.limits.max_resident_images / 4 / self.segments.len().max(1)).max(2);
         for seg in self.segments.values_mut() {
-            seg.coalesce(self.pgmrpl, self.limits.coalesce_per_tick);
-            if seg.log_bytes > self.limits.compact_min_bytes && seg.log_bytes > 2 * seg.live_bytes()
-            {
-                compact.push(seg.pg);
+            let pg = seg.pg;
+            seg.coalesce(
+                self.pgmrpl,
+                self.limits.coalesce_per_tick,
+                &mut image_loader(&mut self.disk, pg, &mut self.stats.image_reads),
+            );
+            let grown = seg.log_bytes > self.limits.compact_min_bytes
+                && seg.log_bytes > 2 * seg.live_bytes();
+            // Dirty images exist only in memory: writing them out is what makes
+            // them evictable.
+            if grown || seg.memory().dirty_images > dirty_limit {
+                compact.push(pg);
             }
         }
         for pg in compact {
             let Some(seg) = self.segments.get_mut(&pg) else {
                 continue;
             };
-            let bytes = seg.compacted_log();
-            match self.disk.replace_log(pg, &bytes) {
+            let log = match seg.compacted_log(&mut image_loader(
+                &mut self.disk,
+                pg,
+                &mut self.stats.image_reads,
+            )) {
+                Ok(log) => log,
+                Err(why) => {
+                    // The old log stays (and scrubbing will find the damage).
+                    log::error!("{}: {pg}: cannot compact: {why}", self.name);
+                    continue;
+                }
+            };
+            match self.disk.replace_log(pg, &log.bytes) {
                 Ok(()) => {
                     log::info!(
                         "{}: {pg}: compacted log {} -> {} bytes",
                         self.name,
                         seg.log_bytes,
-                        bytes.len()
+                        log.bytes.len()
                     );
-                    seg.log_bytes = bytes.len() as u64;
+                    seg.compacted(&log);
                     if self.scrub.pg == Some(pg) {
                         self.scrub.offset = 0; // offsets of the old file mean nothing now
                     }
@@ -1021,6 +1097,28 @@ impl<D: Disk> Node<D> {
                     return;
                 }
             }
+        }
+        self.evict_images();
+    }
+
+    /// Drops clean page images from memory until the node holds at most
+    /// `max_resident_images` (they stay in the segment log files).
+    fn evict_images(&mut self) {
+        let max = self.limits.max_resident_images;
+        let mut resident: usize = self
+            .segments
+            .values()
+            .map(|s| s.memory().resident_images)
+            .sum();
+        for seg in self.segments.values_mut() {
+            if resident <= max {
+                break;
+            }
+            let mine = seg.memory().resident_images;
+            let keep = mine.saturating_sub(resident - max);
+            let gone = seg.evict(keep);
+            resident -= gone;
+            self.stats.images_evicted += gone as u64;
         }
     }
 
@@ -1071,20 +1169,31 @@ impl<D: Disk> Node<D> {
                 s.scl().0
             );
         }
-        // Memory: every segment keeps its page images at the GC floor in memory (see
-        // ARCHITECTURE.md, "deliberately absent"), plus cached later images and the
-        // records not yet folded.
-        let (mut base, mut cached, mut record_bytes) = (0usize, 0usize, 0u64);
+        // Memory: page images at the GC floor (resident, of them dirty, and evicted
+        // to the log files), cached later images and records not yet folded.
+        let mut m = crate::segment::SegmentMemory::default();
         for s in self.segments.values() {
-            let (b, c, r) = s.memory();
-            base += b;
-            cached += c;
-            record_bytes += r;
+            let x = s.memory();
+            m.resident_images += x.resident_images;
+            m.dirty_images += x.dirty_images;
+            m.evicted_images += x.evicted_images;
+            m.cached_images += x.cached_images;
+            m.record_bytes += x.record_bytes;
         }
-        let _ = writeln!(
-            out,
-            "# TYPE borealis_storage_page_images gauge\nborealis_storage_page_images{{node=\"{n}\"}} {base}\n# TYPE borealis_storage_cached_images gauge\nborealis_storage_cached_images{{node=\"{n}\"}} {cached}\n# TYPE borealis_storage_record_bytes gauge\nborealis_storage_record_bytes{{node=\"{n}\"}} {record_bytes}"
-        );
+        for (metric, kind, value) in [
+            ("page_images", "gauge", m.resident_images as u64),
+            ("dirty_images", "gauge", m.dirty_images as u64),
+            ("evicted_images", "gauge", m.evicted_images as u64),
+            ("cached_images", "gauge", m.cached_images as u64),
+            ("record_bytes", "gauge", m.record_bytes),
+            ("image_reads_total", "counter", st.image_reads),
+            ("images_evicted_total", "counter", st.images_evicted),
+        ] {
+            let _ = writeln!(
+                out,
+                "# TYPE borealis_storage_{metric} {kind}\nborealis_storage_{metric}{{node=\"{n}\"}} {value}"
+            );
+        }
         let _ = writeln!(out, "# TYPE borealis_storage_appends_total counter\nborealis_storage_appends_total{{node=\"{n}\"}} {}", st.appends);
         let _ = writeln!(
             out,

@@ -110,7 +110,15 @@ pub struct Segment {
     /// A completeness claim (pg_last, complete_to) waiting for the chain to reach
     /// pg_last.
     claim: Option<(Lsn, Lsn)>,
+    /// Page images at the GC floor held in memory. With `images_at` (below) they
+    /// make the page store: see "Bounded memory" in the module docs.
     base: IdHashMap<PageNo, Page>,
+    /// Offset in the current log file of the PAGE_IMAGE entry that holds a page's
+    /// image at the GC floor. A page in both maps is clean (the two copies are
+    /// equal) and may be evicted from `base`; a page only in `base` is dirty
+    /// (records were folded into it since the file was written); a page only here
+    /// is evicted and read back from the file when needed.
+    images_at: IdHashMap<PageNo, u64>,
     gc_floor: Lsn,
     vdl_hint: Lsn,
     /// Bytes in the log file (for compaction decisions and metrics).
@@ -121,7 +129,67 @@ pub struct Segment {
     live_bytes: u64,
     pub corrupt_records: u64,
     membership_epoch: u64,
+    /// Pages in `base` without a copy in the file (see `images_at`).
+    dirty_images: usize,
 }
+
+/// Reads an evicted page image back from the segment's log file: (page, offset of
+/// its PAGE_IMAGE entry) -> image. The node passes its file access in; the segment
+/// itself does no I/O.
+pub type LoadImage<'a> = &'a mut dyn FnMut(PageNo, u64) -> Result<Page, String>;
+
+/// A [`LoadImage`] for a segment that never evicted anything (tests, the
+/// simulation's checks): every image is in memory, so a load is an error.
+pub fn resident_only(page: PageNo, offset: u64) -> Result<Page, String> {
+    Err(format!(
+        "page {page}'s image (log offset {offset}) is not in memory"
+    ))
+}
+
+/// A compacted log and where in it each page image landed.
+pub struct CompactedLog {
+    pub bytes: Vec<u8>,
+    pub images: Vec<(PageNo, u64)>,
+}
+
+/// What a segment holds in memory, for metrics and eviction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SegmentMemory {
+    /// Page images at the GC floor held in memory.
+    pub resident_images: usize,
+    /// Of those, images not yet written to the log file (evictable only after the
+    /// next compaction).
+    pub dirty_images: usize,
+    /// Page images only in the log file.
+    pub evicted_images: usize,
+    /// Materialized images at later read points (bounded by [`IMAGE_CACHE_PAGES`]).
+    pub cached_images: usize,
+    /// Bytes of records not yet folded.
+    pub record_bytes: u64,
+}
+
+/// Decodes the PAGE_IMAGE entry of `page` at the start of `buf` (a read at the
+/// offset `images_at` names), checking its CRC and that it is that page's image.
+pub fn decode_image_entry(buf: &[u8], page: PageNo) -> Result<Page, String> {
+    let header = buf.get(0..8).ok_or("short page image entry")?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let body = buf
+        .get(8..8 + len)
+        .ok_or_else(|| format!("page image entry of page {page} is cut short"))?;
+    let stored = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if crc32c::crc32c(body) != stored {
+        return Err(format!("page image entry of page {page} fails its CRC"));
+    }
+    if body[0] != ENTRY_PAGE_IMAGE || u64_at(body, 1) != Some(page) {
+        return Err(format!("no page image of page {page} at that offset"));
+    }
+    body.get(9..)
+        .and_then(Page::from_bytes)
+        .ok_or_else(|| format!("page image of page {page} has a bad size"))
+}
+
+/// Bytes of one PAGE_IMAGE entry in a log file.
+pub const IMAGE_ENTRY_BYTES: usize = 8 + 1 + 8 + PAGE_SIZE;
 
 /// Page images per segment kept by the materialization cache.
 pub const IMAGE_CACHE_PAGES: usize = 1024;
@@ -297,6 +365,7 @@ impl Segment {
             scl: Lsn::ZERO,
             claim: None,
             base: IdHashMap::default(),
+            images_at: IdHashMap::default(),
             gc_floor: Lsn::ZERO,
             vdl_hint: Lsn::ZERO,
             log_bytes: 0,
@@ -304,6 +373,7 @@ impl Segment {
             live_bytes: 0,
             corrupt_records: 0,
             membership_epoch: 0,
+            dirty_images: 0,
         }
     }
 
@@ -314,7 +384,7 @@ impl Segment {
         let mut at = 0usize;
         let mut torn = None;
         while at < log.len() {
-            match Self::replay_entry(&mut seg, &log[at..]) {
+            match Self::replay_entry(&mut seg, &log[at..], at as u64) {
                 Ok(n) => at += n,
                 Err(why) => {
                     // Zeros to the end are the log file's preallocated space: the
@@ -335,7 +405,7 @@ impl Segment {
         }
     }
 
-    fn replay_entry(seg: &mut Segment, buf: &[u8]) -> Result<usize, String> {
+    fn replay_entry(seg: &mut Segment, buf: &[u8], offset: u64) -> Result<usize, String> {
         let len = buf
             .get(0..4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
@@ -366,6 +436,7 @@ impl Segment {
                     .and_then(Page::from_bytes)
                     .ok_or("bad page image size")?;
                 seg.base.insert(page, image);
+                seg.images_at.insert(page, offset);
             }
             ENTRY_FLOOR => {
                 let floor = Lsn(u64_at(payload, 0).ok_or("short floor entry")?);
@@ -601,22 +672,65 @@ impl Segment {
     pub fn record_count(&self) -> usize {
         self.records.len()
     }
-    /// What this segment holds in memory: (page images at the GC floor, cached
-    /// images at later read points, bytes of records not yet folded).
-    pub fn memory(&self) -> (usize, usize, u64) {
-        (
-            self.base.len(),
-            self.cache.borrow().images.len(),
-            self.live_bytes,
-        )
+    /// What this segment holds in memory.
+    pub fn memory(&self) -> SegmentMemory {
+        SegmentMemory {
+            resident_images: self.base.len(),
+            dirty_images: self.dirty_images,
+            evicted_images: self.images_at.len() + self.dirty_images - self.base.len(),
+            cached_images: self.cache.borrow().images.len(),
+            record_bytes: self.live_bytes,
+        }
+    }
+    /// Page images at the floor, in memory or in the file.
+    fn image_count(&self) -> usize {
+        self.images_at.len() + self.dirty_images
     }
     pub fn live_bytes(&self) -> u64 {
-        self.live_bytes + self.base.len() as u64 * PAGE_SIZE as u64
+        self.live_bytes + self.image_count() as u64 * PAGE_SIZE as u64
+    }
+
+    /// Drops clean page images from memory (they stay in the log file, see
+    /// `images_at`) until at most `keep` are resident. Dirty ones stay: they exist
+    /// nowhere else until the next compaction writes them. Returns how many went.
+    pub fn evict(&mut self, keep: usize) -> usize {
+        let mut excess = self.base.len().saturating_sub(keep);
+        if excess == 0 {
+            return 0;
+        }
+        let images_at = &self.images_at;
+        let before = self.base.len();
+        self.base.retain(|page, _| {
+            if excess > 0 && images_at.contains_key(page) {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        before - self.base.len()
+    }
+
+    /// The page's image at the GC floor: in memory, else read back from the file,
+    /// else (never written) zeroed.
+    fn floor_image(&self, page: PageNo, load: LoadImage) -> Result<Page, String> {
+        if let Some(image) = self.base.get(&page) {
+            return Ok(image.clone());
+        }
+        match self.images_at.get(&page) {
+            Some(&offset) => load(page, offset),
+            None => Ok(Page::zeroed()),
+        }
     }
 
     /// The page as of `read_lsn`: its image at the GC floor plus its records up to
     /// `read_lsn`, each CRC-checked again on the way (scrubbing what we serve).
-    pub fn get_page(&self, page: PageNo, read_lsn: Lsn) -> Result<Page, ReadError> {
+    pub fn get_page(
+        &self,
+        page: PageNo,
+        read_lsn: Lsn,
+        load: LoadImage,
+    ) -> Result<Page, ReadError> {
         if read_lsn < self.gc_floor {
             return Err(ReadError::BelowGcFloor {
                 floor: self.gc_floor,
@@ -632,7 +746,7 @@ impl Segment {
             Some((lsn, image)) => (lsn, image),
             None => (
                 self.gc_floor,
-                self.base.get(&page).cloned().unwrap_or_else(Page::zeroed),
+                self.floor_image(page, load).map_err(ReadError::Corrupt)?,
             ),
         };
         let from = (page, Lsn(start.0.saturating_add(1)));
@@ -715,7 +829,9 @@ impl Segment {
 
     /// Folds records at or below `min(pgmrpl, scl_record, vdl_hint)` into page
     /// images (via `redo::apply`) and drops them. Returns the new floor.
-    pub fn coalesce(&mut self, pgmrpl: Lsn, max_records: usize) -> Lsn {
+    /// Images evicted from memory are read back (through `load`) to fold into, and
+    /// are dirty from then on.
+    pub fn coalesce(&mut self, pgmrpl: Lsn, max_records: usize, load: LoadImage) -> Lsn {
         let target = pgmrpl.min(self.scl_record).min(self.vdl_hint);
         let mut folded = 0usize;
         while folded < max_records {
@@ -729,12 +845,25 @@ impl Segment {
                 break;
             };
             let page = stored.page;
+            let was_dirty = self.base.contains_key(&page) && !self.images_at.contains_key(&page);
             let result = Record::decode(&stored.bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|(record, _)| {
-                    let image = self.base.entry(page).or_insert_with(Page::zeroed);
+                    if !self.base.contains_key(&page) {
+                        let image = match self.images_at.get(&page) {
+                            Some(&offset) => load(page, offset)?,
+                            None => Page::zeroed(),
+                        };
+                        self.base.insert(page, image);
+                    }
+                    let image = self.base.get_mut(&page).ok_or("image vanished")?;
                     apply(image, page, &record).map_err(|e| e.to_string())
                 });
+            if result.is_ok() && !was_dirty {
+                // Clean, evicted or new until now: from here on only memory has it.
+                self.images_at.remove(&page);
+                self.dirty_images += 1;
+            }
             if let Err(e) = result {
                 // A record that cannot be applied stays in the log (and GetPage
                 // reports it); stop folding so nothing after it is lost either.
@@ -763,8 +892,10 @@ impl Segment {
         self.gc_floor
     }
 
-    /// A compacted log: FLOOR, page images, VDL hint, live records.
-    pub fn compacted_log(&self) -> Vec<u8> {
+    /// A compacted log: FLOOR, page images, VDL hint, live records. Evicted images
+    /// are read back through `load`; the result says where each image landed, for
+    /// [`Segment::compacted`] once the file is in place.
+    pub fn compacted_log(&self, load: LoadImage) -> Result<CompactedLog, String> {
         let mut out = entry(
             ENTRY_FLOOR,
             &[
@@ -773,13 +904,18 @@ impl Segment {
                 &self.scl.min(self.vdl_hint).0.to_le_bytes(),
             ],
         );
-        let mut pages: Vec<_> = self.base.iter().collect();
-        pages.sort_by_key(|(p, _)| **p);
-        for (page, image) in pages {
-            out.extend_from_slice(&entry(
+        let mut pages: Vec<PageNo> = self.base.keys().copied().collect();
+        pages.extend(self.images_at.keys().filter(|p| !self.base.contains_key(p)));
+        pages.sort_unstable();
+        let mut images = Vec::with_capacity(pages.len());
+        for page in pages {
+            let image = self.floor_image(page, load)?;
+            images.push((page, out.len() as u64));
+            entry_into(
+                &mut out,
                 ENTRY_PAGE_IMAGE,
                 &[&page.to_le_bytes(), image.as_bytes()],
-            ));
+            );
         }
         out.extend_from_slice(&vdl_hint_entry(self.vdl_hint));
         if self.membership_epoch > 0 {
@@ -788,6 +924,14 @@ impl Segment {
         for s in self.records.values() {
             record_entry_into(&mut out, s.epoch, &s.bytes);
         }
-        out
+        Ok(CompactedLog { bytes: out, images })
+    }
+
+    /// The log file now holds `log` (written durably): every image is clean, at
+    /// the offset the compaction gave it.
+    pub fn compacted(&mut self, log: &CompactedLog) {
+        self.images_at = log.images.iter().copied().collect();
+        self.dirty_images = 0;
+        self.log_bytes = log.bytes.len() as u64;
     }
 }

@@ -4,7 +4,7 @@
 use crate::disk::{Disk, MemDisk};
 use crate::node::{Handled, Node, NodeLimits};
 use crate::proto::{Append, ErrorCode, PgBatch, Request, Response, Truncation};
-use crate::segment::{record_entry, Segment};
+use crate::segment::{record_entry, resident_only, Segment};
 use borealis_common::{Epoch, Lsn, PgId};
 use borealis_redo::{apply, Op, Page, Record, CPL_FLAG};
 
@@ -71,7 +71,7 @@ fn install(node: &mut Node<MemDisk>, epoch: u64, history: &[Truncation]) -> Resp
     }
 }
 
-fn sync(node: &mut Node<MemDisk>) {
+fn sync<D: Disk>(node: &mut Node<D>) {
     if let Some(job) = node.take_sync() {
         let r = job();
         node.sync_done(&r, std::time::Duration::ZERO);
@@ -87,7 +87,7 @@ fn acked(h: Handled) -> Vec<Lsn> {
     }
 }
 
-fn page(node: &mut Node<MemDisk>, page: u64, at: Lsn) -> Result<Page, Response> {
+fn page<D: Disk>(node: &mut Node<D>, page: u64, at: Lsn) -> Result<Page, Response> {
     match node.handle(Request::GetPage {
         pg: PG,
         page,
@@ -210,7 +210,7 @@ fn holes_are_detected_by_backlinks_and_filled_from_a_peer() {
     }
     assert_eq!(b.scl_record(), Lsn(10));
     assert_eq!(
-        b.get_page(1, Lsn(10)).unwrap(),
+        b.get_page(1, Lsn(10), &mut resident_only).unwrap(),
         model_page(&recs, 1, Lsn(10))
     );
 }
@@ -251,11 +251,19 @@ fn gc_folds_records_into_pages_and_refuses_reads_below_the_floor() {
         }
     ));
     // Compaction keeps exactly the same state across a restart.
-    let mut seg_log = node.segment(PG).unwrap().compacted_log();
+    let mut seg_log = node
+        .segment(PG)
+        .unwrap()
+        .compacted_log(&mut resident_only)
+        .unwrap()
+        .bytes;
     let replayed = Segment::replay(PG, &seg_log, &[]);
     assert!(replayed.torn.is_none());
     assert_eq!(
-        replayed.segment.get_page(2, Lsn(30)).unwrap(),
+        replayed
+            .segment
+            .get_page(2, Lsn(30), &mut resident_only)
+            .unwrap(),
         model_page(&recs, 2, Lsn(30))
     );
     seg_log.truncate(seg_log.len() - 3);
@@ -904,4 +912,99 @@ async fn a_running_node_scrubs_and_repairs_a_flipped_byte_from_a_peer() {
         other => panic!("{other:?}"),
     }
     peer.kill().await;
+}
+
+/// The page store is bounded: with room for 8 images in memory, a node holding 40
+/// pages keeps the rest in its log file (real files here) and reads them back to
+/// fold records into, to serve GetPage, to build a snapshot and after a restart.
+#[test]
+fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = NodeLimits {
+        max_resident_images: 8,
+        ..NodeLimits::default()
+    };
+    const PAGES: u64 = 40;
+    let recs: Vec<Record> = (1..=400u64)
+        .map(|i| Record {
+            lsn: Lsn(i),
+            prev_lsn: Lsn(i - 1),
+            page: i % PAGES,
+            flags: CPL_FLAG,
+            op: if i <= PAGES {
+                Op::Init { kind: 1 }
+            } else {
+                Op::WriteBody {
+                    offset: (i % 100) as u16 * 8,
+                    data: i.to_le_bytes().to_vec(),
+                }
+            },
+        })
+        .collect();
+    let last = Lsn(400);
+    let check = |node: &mut Node<crate::disk::FileDisk>, at: Lsn| {
+        for p in 0..PAGES {
+            assert_eq!(
+                page(node, p, at).unwrap(),
+                model_page(&recs, p, at),
+                "page {p}"
+            );
+        }
+    };
+    {
+        let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
+        let mut node = Node::open("t", disk, limits.clone()).unwrap();
+        node.handle(Request::InstallEpoch {
+            epoch: Epoch(1),
+            history: vec![],
+        });
+        for chunk in recs.chunks(PAGES as usize) {
+            let to = chunk.last().unwrap().lsn;
+            let mut req = append(1, chunk, to);
+            if let Request::Append(a) = &mut req {
+                a.vdl_hint = to;
+                a.pgmrpl = to;
+            }
+            node.handle(req);
+            sync(&mut node);
+            node.tick();
+            let m = node.segment(PG).unwrap().memory();
+            assert!(m.resident_images <= 8, "{m:?}");
+        }
+        let m = node.segment(PG).unwrap().memory();
+        assert_eq!(
+            m.resident_images + m.evicted_images,
+            PAGES as usize,
+            "{m:?}"
+        );
+        assert!(m.evicted_images >= 32, "{m:?}");
+        // Folding the later records into evicted pages read them back.
+        assert!(node.stats.image_reads > 0);
+        check(&mut node, last);
+        // A rebuilding peer's snapshot holds every image, evicted or not.
+        let bytes = match node.handle(Request::Snapshot {
+            pg: PG,
+            offset: 0,
+            max_bytes: 1 << 20,
+        }) {
+            Handled::Reply(Response::SnapshotChunk { bytes, total, .. }) => {
+                assert_eq!(bytes.len() as u64, total);
+                bytes
+            }
+            other => panic!("{other:?}"),
+        };
+        let snap = Segment::replay(PG, &bytes, &[]).segment;
+        for p in 0..PAGES {
+            assert_eq!(
+                snap.get_page(p, last, &mut resident_only).unwrap(),
+                model_page(&recs, p, last)
+            );
+        }
+    }
+    // A restart replays the log and keeps the bound from the start.
+    let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
+    let mut node = Node::open("t", disk, limits).unwrap();
+    let m = node.segment(PG).unwrap().memory();
+    assert!(m.resident_images <= 8, "{m:?}");
+    check(&mut node, last);
 }
