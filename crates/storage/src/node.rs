@@ -1046,8 +1046,6 @@ impl<D: Disk> Node<D> {
         if self.failed.is_some() {
             return;
         }
-        let mut compact = Vec::new();
-        let dirty_limit = (self.limits.max_resident_images / 4 / self.segments.len().max(1)).max(2);
         for seg in self.segments.values_mut() {
             let pg = seg.pg;
             seg.coalesce(
@@ -1055,12 +1053,24 @@ impl<D: Disk> Node<D> {
                 self.limits.coalesce_per_tick,
                 &mut image_loader(&mut self.disk, pg, &mut self.stats.image_reads),
             );
+        }
+        // Under memory pressure (more images resident than the bound even after
+        // evicting every clean one), a segment with many dirty images is compacted
+        // early: that writes them out, so the eviction below can drop them. Without
+        // pressure they stay: an early compaction rewrites the whole segment log.
+        let dirty: usize = self
+            .segments
+            .values()
+            .map(|s| s.memory().dirty_images)
+            .sum();
+        let pressure = dirty > self.limits.max_resident_images / 2;
+        let dirty_limit = (self.limits.max_resident_images / 4 / self.segments.len().max(1)).max(2);
+        let mut compact = Vec::new();
+        for seg in self.segments.values() {
             let grown = seg.log_bytes > self.limits.compact_min_bytes
                 && seg.log_bytes > 2 * seg.live_bytes();
-            // Dirty images exist only in memory: writing them out is what makes
-            // them evictable.
-            if grown || seg.memory().dirty_images > dirty_limit {
-                compact.push(pg);
+            if grown || (pressure && seg.memory().dirty_images > dirty_limit) {
+                compact.push(seg.pg);
             }
         }
         for pg in compact {
