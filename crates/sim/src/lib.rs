@@ -167,6 +167,7 @@ pub struct SimStats {
     /// Page images storage nodes evicted from memory, and read back from their logs.
     pub images_evicted: u64,
     pub image_reads: u64,
+    pub image_checkpoints: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -954,6 +955,7 @@ impl Sim {
         if let Some(node) = n.node.take() {
             self.stats.images_evicted += node.stats.images_evicted;
             self.stats.image_reads += node.stats.image_reads;
+            self.stats.image_checkpoints += node.stats.image_checkpoints;
         }
         n.incarnation += 1;
         n.waiting.clear();
@@ -1563,6 +1565,7 @@ impl Sim {
         for node in self.nodes.iter().filter_map(|n| n.node.as_ref()) {
             self.stats.images_evicted += node.stats.images_evicted;
             self.stats.image_reads += node.stats.image_reads;
+            self.stats.image_checkpoints += node.stats.image_checkpoints;
         }
         Ok(self.stats)
     }

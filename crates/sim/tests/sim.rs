@@ -36,6 +36,7 @@ fn storage_and_volume_survive_seeded_faults() {
                 total.snapshots_installed += s.snapshots_installed;
                 total.images_evicted += s.images_evicted;
                 total.image_reads += s.image_reads;
+                total.image_checkpoints += s.image_checkpoints;
             }
             Err(e) => panic!("{e}\nreplay with: SIM_SEED={seed} cargo test -p borealis-sim"),
         }
@@ -46,7 +47,7 @@ fn storage_and_volume_survive_seeded_faults() {
     // folds to images read back from the logs, or the run above checked nothing
     // of the bounded page store.
     assert!(
-        total.images_evicted > 0 && total.image_reads > 0,
+        total.images_evicted > 0 && total.image_reads > 0 && total.image_checkpoints > 0,
         "{total:?}"
     );
 }

@@ -85,6 +85,8 @@ pub struct NodeStats {
     pub image_reads: u64,
     /// Page images dropped from memory (they stay in the log files).
     pub images_evicted: u64,
+    /// Page image checkpoints appended to segment logs under memory pressure.
+    pub image_checkpoints: u64,
     pub fenced_requests: u64,
     pub stale_membership_requests: u64,
     pub scrub_bytes_total: u64,
@@ -1054,10 +1056,10 @@ impl<D: Disk> Node<D> {
                 &mut image_loader(&mut self.disk, pg, &mut self.stats.image_reads),
             );
         }
-        // Under memory pressure (more images resident than the bound even after
-        // evicting every clean one), a segment with many dirty images is compacted
-        // early: that writes them out, so the eviction below can drop them. Without
-        // pressure they stay: an early compaction rewrites the whole segment log.
+        // Under memory pressure (dirty images, which exist only in memory, take
+        // over half the budget), a segment with many dirty images appends them to
+        // its log as a page image checkpoint: clean from then on, so the eviction
+        // below can drop them. Without pressure they stay dirty until compaction.
         let dirty: usize = self
             .segments
             .values()
@@ -1066,11 +1068,27 @@ impl<D: Disk> Node<D> {
         let pressure = dirty > self.limits.max_resident_images / 2;
         let dirty_limit = (self.limits.max_resident_images / 4 / self.segments.len().max(1)).max(2);
         let mut compact = Vec::new();
-        for seg in self.segments.values() {
-            let grown = seg.log_bytes > self.limits.compact_min_bytes
-                && seg.log_bytes > 2 * seg.live_bytes();
-            if grown || (pressure && seg.memory().dirty_images > dirty_limit) {
-                compact.push(seg.pg);
+        for seg in self.segments.values_mut() {
+            let pg = seg.pg;
+            if seg.log_bytes > self.limits.compact_min_bytes && seg.log_bytes > 2 * seg.live_bytes()
+            {
+                compact.push(pg);
+                continue;
+            }
+            if !pressure || seg.memory().dirty_images <= dirty_limit {
+                continue;
+            }
+            let ck = seg.checkpoint();
+            match self.disk.append_durable(pg, &ck.bytes) {
+                Ok(Some(offset)) => {
+                    seg.checkpointed(offset, &ck);
+                    self.stats.image_checkpoints += 1;
+                }
+                Ok(None) => {} // appends waiting for their sync: next tick
+                Err(e) => {
+                    self.fail("page image checkpoint", &e);
+                    return;
+                }
             }
         }
         for pg in compact {
@@ -1198,6 +1216,7 @@ impl<D: Disk> Node<D> {
             ("record_bytes", "gauge", m.record_bytes),
             ("image_reads_total", "counter", st.image_reads),
             ("images_evicted_total", "counter", st.images_evicted),
+            ("image_checkpoints_total", "counter", st.image_checkpoints),
         ] {
             let _ = writeln!(
                 out,

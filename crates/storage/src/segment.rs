@@ -442,8 +442,15 @@ impl Segment {
                 let floor = Lsn(u64_at(payload, 0).ok_or("short floor entry")?);
                 let anchor = Lsn(u64_at(payload, 8).ok_or("short floor entry")?);
                 let scl = Lsn(u64_at(payload, 16).ok_or("short floor entry")?);
-                seg.gc_floor = floor;
-                seg.chain_anchor = anchor;
+                // A FLOOR in mid-log starts a page image checkpoint: every record at
+                // or below it was folded into the images in the file (those that
+                // follow, or earlier ones of pages nothing was folded into since).
+                let folded: Vec<Lsn> = seg.records.range(..=floor).map(|(l, _)| *l).collect();
+                for lsn in folded {
+                    seg.remove(lsn);
+                }
+                seg.gc_floor = seg.gc_floor.max(floor);
+                seg.chain_anchor = seg.chain_anchor.max(anchor);
                 seg.scl_record = seg.scl_record.max(anchor);
                 seg.scl = seg.scl.max(scl).max(anchor);
                 seg.advance_chain();
@@ -925,6 +932,49 @@ impl Segment {
             record_entry_into(&mut out, s.epoch, &s.bytes);
         }
         Ok(CompactedLog { bytes: out, images })
+    }
+
+    /// A page image checkpoint, to append to the log: a FLOOR entry and the dirty
+    /// images (as of the GC floor, which every folded record is at or below). With
+    /// it in the file they are clean, and evictable, without rewriting the log.
+    pub fn checkpoint(&self) -> CompactedLog {
+        let mut out = entry(
+            ENTRY_FLOOR,
+            &[
+                &self.gc_floor.0.to_le_bytes(),
+                &self.chain_anchor.0.to_le_bytes(),
+                &self.scl.min(self.vdl_hint).0.to_le_bytes(),
+            ],
+        );
+        let mut dirty: Vec<PageNo> = self
+            .base
+            .keys()
+            .filter(|p| !self.images_at.contains_key(p))
+            .copied()
+            .collect();
+        dirty.sort_unstable();
+        let mut images = Vec::with_capacity(dirty.len());
+        for page in dirty {
+            if let Some(image) = self.base.get(&page) {
+                images.push((page, out.len() as u64));
+                entry_into(
+                    &mut out,
+                    ENTRY_PAGE_IMAGE,
+                    &[&page.to_le_bytes(), image.as_bytes()],
+                );
+            }
+        }
+        CompactedLog { bytes: out, images }
+    }
+
+    /// A [`Segment::checkpoint`] is durable in the log from `offset` on.
+    pub fn checkpointed(&mut self, offset: u64, ck: &CompactedLog) {
+        for (page, at) in &ck.images {
+            if self.images_at.insert(*page, offset + at).is_none() {
+                self.dirty_images -= 1;
+            }
+        }
+        self.log_bytes += ck.bytes.len() as u64;
     }
 
     /// The log file now holds `log` (written durably): every image is clean, at
