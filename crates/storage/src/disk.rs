@@ -585,12 +585,16 @@ impl Disk for FileDisk {
 
     fn read_log_at(&mut self, pg: PgId, offset: u64, max: usize) -> io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        // A fresh descriptor: reads what is on disk (through the page cache), the
-        // same bytes a restart would replay.
-        let f = match File::open(self.log_path(pg)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        // The open descriptor if there is one (evicted page images are read back
+        // often under memory pressure), else a fresh one: either reads what is on
+        // disk through the page cache, the same bytes a restart would replay.
+        let f = match self.logs.get(&pg) {
+            Some(log) => log.file.clone(),
+            None => match File::open(self.log_path(pg)) {
+                Ok(f) => Arc::new(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            },
         };
         let mut buf = vec![0u8; max];
         let mut got = 0usize;

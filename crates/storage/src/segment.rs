@@ -9,7 +9,8 @@
 //!   type 1 RECORD     epoch:u64 | encoded redo record (itself CRC-protected)
 //!   type 2 VDL_HINT   lsn:u64           (the writer's VDL, bounds recovery's tail scan)
 //!   type 3 PAGE_IMAGE page:u64 | 8192 bytes      (written only by compaction)
-//!   type 4 FLOOR      gc_floor:u64 | chain_anchor:u64 | scl:u64   (compaction header)
+//!   type 4 FLOOR      gc_floor:u64 | chain_anchor:u64 | scl:u64
+//!                     (compaction header, or the start of a page image checkpoint)
 //!   type 5 MEMBERSHIP membership_epoch:u64   (the PG's segment-set version, see below)
 //! ```
 //!
@@ -58,6 +59,17 @@
 //! page images with [`borealis_redo::apply`] (the only function that changes pages)
 //! and dropped from memory; GetPage below the floor is refused. Compaction rewrites
 //! the file as FLOOR + PAGE_IMAGEs + live records so the log does not grow forever.
+//!
+//! # Bounded memory
+//!
+//! Page images at the floor are clean (also in the log file, at an offset kept in
+//! `images_at`), dirty (folded into since) or evicted (file only). The node evicts
+//! clean ones to stay within its budget and passes a [`LoadImage`] to everything
+//! that may need an evicted image back. Dirty images become clean through a
+//! compaction or a checkpoint appended to the log: a FLOOR entry then the dirty
+//! images. Replay drops the records at or below any FLOOR it meets: each of them is
+//! folded into an image in the file, either one following that FLOOR or an earlier
+//! one of a page nothing was folded into since.
 
 use crate::proto::{record_survives, EpochRecord, Truncation};
 use borealis_common::IdHashMap;
