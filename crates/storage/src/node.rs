@@ -222,6 +222,15 @@ fn image_loader<'a, D: Disk>(
     }
 }
 
+/// `seg`'s compacted log, its evicted images read back from its file.
+fn compacted<D: Disk>(
+    disk: &mut D,
+    seg: &Segment,
+    reads: &mut u64,
+) -> Result<crate::segment::CompactedLog, String> {
+    seg.compacted_log(&mut image_loader(disk, seg.pg, reads))
+}
+
 impl<D: Disk> Node<D> {
     /// Opens a node: reads the metadata, replays every segment log and cuts torn tails.
     /// A metadata file that fails its CRC is an error (the epoch must not regress).
@@ -429,11 +438,7 @@ impl<D: Disk> Node<D> {
                     format!("no segment of {pg} here"),
                 );
             };
-            let log = match seg.compacted_log(&mut image_loader(
-                &mut self.disk,
-                pg,
-                &mut self.stats.image_reads,
-            )) {
+            let log = match compacted(&mut self.disk, seg, &mut self.stats.image_reads) {
                 Ok(log) => log,
                 Err(why) => {
                     log::error!("{}: {pg}: cannot build a snapshot: {why}", self.name);
@@ -1014,11 +1019,7 @@ impl<D: Disk> Node<D> {
         }
         // An evicted image whose entry is in the damaged stretch cannot be read
         // back: the repair fails and stays pending (see ARCHITECTURE.md).
-        let log = seg.compacted_log(&mut image_loader(
-            &mut self.disk,
-            pg,
-            &mut self.stats.image_reads,
-        ))?;
+        let log = compacted(&mut self.disk, seg, &mut self.stats.image_reads)?;
         if let Err(e) = self.disk.replace_log(pg, &log.bytes) {
             self.fail("rewriting a damaged log", &e);
             return Err(e.to_string());
@@ -1095,11 +1096,7 @@ impl<D: Disk> Node<D> {
             let Some(seg) = self.segments.get_mut(&pg) else {
                 continue;
             };
-            let log = match seg.compacted_log(&mut image_loader(
-                &mut self.disk,
-                pg,
-                &mut self.stats.image_reads,
-            )) {
+            let log = match compacted(&mut self.disk, seg, &mut self.stats.image_reads) {
                 Ok(log) => log,
                 Err(why) => {
                     // The old log stays (and scrubbing will find the damage).
