@@ -25,6 +25,7 @@ use crate::proto::{
 };
 use crate::segment::{
     membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
+    IMAGE_CACHE_PAGES,
 };
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -1127,9 +1128,15 @@ impl<D: Disk> Node<D> {
     }
 
     /// Drops clean page images from memory until the node holds at most
-    /// `max_resident_images` (they stay in the segment log files).
+    /// `max_resident_images` (they stay in the segment log files), and shares an
+    /// eighth of that budget among the segments' caches of images materialized at
+    /// later read points.
     fn evict_images(&mut self) {
         let max = self.limits.max_resident_images;
+        let cache = (max / 8 / self.segments.len().max(1)).clamp(16, IMAGE_CACHE_PAGES);
+        for seg in self.segments.values_mut() {
+            seg.set_image_cache_pages(cache);
+        }
         let mut resident: usize = self
             .segments
             .values()

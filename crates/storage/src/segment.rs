@@ -209,11 +209,22 @@ pub const IMAGE_CACHE_PAGES: usize = 1024;
 /// A bounded cache of materialized page images: page -> (LSN it is "as of", image).
 /// An image as of L stays valid while L <= SCL: no record at or below the SCL can
 /// arrive later, except through a truncation, which calls `forget_above`.
-#[derive(Default)]
 struct ImageCache {
     images: IdHashMap<PageNo, (Lsn, Page)>,
     /// Insertion order for eviction (entries may be stale; checked on eviction).
     order: std::collections::VecDeque<PageNo>,
+    /// Most images held (the node sets it from its memory budget).
+    capacity: usize,
+}
+
+impl Default for ImageCache {
+    fn default() -> Self {
+        ImageCache {
+            images: IdHashMap::default(),
+            order: std::collections::VecDeque::new(),
+            capacity: IMAGE_CACHE_PAGES,
+        }
+    }
 }
 
 impl ImageCache {
@@ -230,7 +241,7 @@ impl ImageCache {
             Some(entry) => *entry = (lsn, image.clone()),
             None => {
                 // Bounded: evict in insertion order.
-                while self.images.len() >= IMAGE_CACHE_PAGES {
+                while self.images.len() >= self.capacity.max(1) {
                     match self.order.pop_front() {
                         Some(old) => {
                             self.images.remove(&old);
@@ -242,7 +253,7 @@ impl ImageCache {
                 self.order.push_back(page);
             }
         }
-        if self.order.len() > 4 * IMAGE_CACHE_PAGES {
+        if self.order.len() > 4 * self.capacity.max(1) {
             let images = &self.images;
             self.order.retain(|p| images.contains_key(p));
         }
@@ -250,6 +261,18 @@ impl ImageCache {
 
     fn forget_above(&mut self, lsn: Lsn) {
         self.images.retain(|_, (l, _)| *l <= lsn);
+    }
+
+    fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        while self.images.len() > capacity.max(1) {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.images.remove(&old);
+                }
+                None => break,
+            }
+        }
     }
 }
 
@@ -701,6 +724,12 @@ impl Segment {
             record_bytes: self.live_bytes,
         }
     }
+    /// Bounds the cache of images materialized at later read points (the node
+    /// shares part of its memory budget among its segments).
+    pub fn set_image_cache_pages(&mut self, pages: usize) {
+        self.cache.borrow_mut().set_capacity(pages);
+    }
+
     /// Page images at the floor, in memory or in the file.
     fn image_count(&self) -> usize {
         self.images_at.len() + self.dirty_images
