@@ -140,6 +140,10 @@ pub struct Node<D: Disk> {
     durable_scl: BTreeMap<PgId, Lsn>,
     /// SCLs when the sync job in flight was taken; durable once it completes.
     sync_scl: Vec<(PgId, Lsn)>,
+    /// Segments whose damaged log could not be rewritten from this node (an
+    /// evicted page image in the damaged stretch): gossip installs a peer's
+    /// snapshot instead, with this node's records on top.
+    snapshot_wanted: BTreeSet<PgId>,
 }
 
 const META_MAGIC: &[u8; 8] = b"BRLSNOD1";
@@ -284,6 +288,7 @@ impl<D: Disk> Node<D> {
             ticks: 0,
             durable_scl: BTreeMap::new(),
             sync_scl: Vec::new(),
+            snapshot_wanted: BTreeSet::new(),
         };
         node.evict_images();
         Ok(node)
@@ -480,7 +485,13 @@ impl<D: Disk> Node<D> {
     /// `peer_floor`: the records after the end of our chain were folded into page
     /// images there, so record gossip alone would leave a hole forever.
     pub fn needs_snapshot(&self, pg: PgId, peer_floor: Lsn) -> bool {
-        if peer_floor == Lsn::ZERO || self.failed.is_some() {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.snapshot_wanted.contains(&pg) {
+            return true;
+        }
+        if peer_floor == Lsn::ZERO {
             return false;
         }
         match self.segments.get(&pg) {
@@ -543,6 +554,7 @@ impl<D: Disk> Node<D> {
             self.scrub.offset = 0;
         }
         self.stats.snapshots_installed += 1;
+        self.snapshot_wanted.remove(&pg);
         Ok(n)
     }
 
@@ -1019,8 +1031,20 @@ impl<D: Disk> Node<D> {
             }
         }
         // An evicted image whose entry is in the damaged stretch cannot be read
-        // back: the repair fails and stays pending (see ARCHITECTURE.md).
-        let log = compacted(&mut self.disk, seg, &mut self.stats.image_reads)?;
+        // back: the log is then rebuilt from a peer's snapshot instead (gossip asks
+        // `needs_snapshot`), which replaces every image and keeps our records.
+        let log = match compacted(&mut self.disk, seg, &mut self.stats.image_reads) {
+            Ok(log) => log,
+            Err(why) => {
+                log::error!(
+                    "{}: {pg}: cannot rewrite the damaged log from this node ({why}); rebuilding it from a peer's snapshot",
+                    self.name
+                );
+                self.scrub.pending.remove(&pg);
+                self.snapshot_wanted.insert(pg);
+                return Err(why);
+            }
+        };
         if let Err(e) = self.disk.replace_log(pg, &log.bytes) {
             self.fail("rewriting a damaged log", &e);
             return Err(e.to_string());
@@ -1166,6 +1190,7 @@ impl<D: Disk> Node<D> {
                 "corruptions_total": self.stats.scrub_corruptions_total,
                 "repairs_total": self.stats.scrub_repairs_total,
                 "pending_repairs": self.scrub.pending.len(),
+                "snapshots_wanted": self.snapshot_wanted.len(),
                 "last_corruption": self.stats.scrub_last_corruption,
             },
             "snapshots_installed": self.stats.snapshots_installed,

@@ -724,6 +724,12 @@ impl Segment {
             record_bytes: self.live_bytes,
         }
     }
+    /// Where the page's image at the GC floor is in the log file, if it is there
+    /// (clean or evicted), for diagnostics and tests.
+    pub fn image_offset(&self, page: PageNo) -> Option<u64> {
+        self.images_at.get(&page).copied()
+    }
+
     /// Bounds the cache of images materialized at later read points (the node
     /// shares part of its memory budget among its segments).
     pub fn set_image_cache_pages(&mut self, pages: usize) {

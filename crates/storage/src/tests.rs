@@ -914,6 +914,48 @@ async fn a_running_node_scrubs_and_repairs_a_flipped_byte_from_a_peer() {
     peer.kill().await;
 }
 
+/// Records 1..=n over `pages` pages, each MTR one record (all CPLs).
+fn spread_records(n: u64, pages: u64) -> Vec<Record> {
+    (1..=n)
+        .map(|i| Record {
+            lsn: Lsn(i),
+            prev_lsn: Lsn(i - 1),
+            page: i % pages,
+            flags: CPL_FLAG,
+            op: if i <= pages {
+                Op::Init { kind: 1 }
+            } else {
+                Op::WriteBody {
+                    offset: (i % 100) as u16 * 8,
+                    data: i.to_le_bytes().to_vec(),
+                }
+            },
+        })
+        .collect()
+}
+
+/// Appends `recs` in batches of `batch`, each synced, folded (PGMRPL and VDL hint
+/// at its end) and followed by a tick; checks the node stays within `bound` images.
+fn fill_bounded<D: Disk>(node: &mut Node<D>, recs: &[Record], batch: usize, bound: usize) {
+    node.handle(Request::InstallEpoch {
+        epoch: Epoch(1),
+        history: vec![],
+    });
+    for chunk in recs.chunks(batch) {
+        let to = chunk.last().unwrap().lsn;
+        let mut req = append(1, chunk, to);
+        if let Request::Append(a) = &mut req {
+            a.vdl_hint = to;
+            a.pgmrpl = to;
+        }
+        node.handle(req);
+        sync(node);
+        node.tick();
+        let m = node.segment(PG).unwrap().memory();
+        assert!(m.resident_images <= bound, "{m:?}");
+    }
+}
+
 /// The page store is bounded: with room for 8 images in memory, a node holding 40
 /// pages keeps the rest in its log file (real files here) and reads them back to
 /// fold records into, to serve GetPage, to build a snapshot and after a restart.
@@ -925,22 +967,7 @@ fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
         ..NodeLimits::default()
     };
     const PAGES: u64 = 40;
-    let recs: Vec<Record> = (1..=400u64)
-        .map(|i| Record {
-            lsn: Lsn(i),
-            prev_lsn: Lsn(i - 1),
-            page: i % PAGES,
-            flags: CPL_FLAG,
-            op: if i <= PAGES {
-                Op::Init { kind: 1 }
-            } else {
-                Op::WriteBody {
-                    offset: (i % 100) as u16 * 8,
-                    data: i.to_le_bytes().to_vec(),
-                }
-            },
-        })
-        .collect();
+    let recs = spread_records(400, PAGES);
     let last = Lsn(400);
     let check = |node: &mut Node<crate::disk::FileDisk>, at: Lsn| {
         for p in 0..PAGES {
@@ -954,23 +981,7 @@ fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
     {
         let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
         let mut node = Node::open("t", disk, limits.clone()).unwrap();
-        node.handle(Request::InstallEpoch {
-            epoch: Epoch(1),
-            history: vec![],
-        });
-        for chunk in recs.chunks(PAGES as usize) {
-            let to = chunk.last().unwrap().lsn;
-            let mut req = append(1, chunk, to);
-            if let Request::Append(a) = &mut req {
-                a.vdl_hint = to;
-                a.pgmrpl = to;
-            }
-            node.handle(req);
-            sync(&mut node);
-            node.tick();
-            let m = node.segment(PG).unwrap().memory();
-            assert!(m.resident_images <= 8, "{m:?}");
-        }
+        fill_bounded(&mut node, &recs, PAGES as usize, 8);
         let m = node.segment(PG).unwrap().memory();
         assert_eq!(
             m.resident_images + m.evicted_images,
@@ -1010,4 +1021,71 @@ fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
     let m = node.segment(PG).unwrap().memory();
     assert!(m.resident_images <= 8, "{m:?}");
     check(&mut node, last);
+}
+
+/// Bit rot in the log entries of evicted page images: the node cannot rewrite the
+/// damaged log from its own state (those images exist nowhere else on it), so it
+/// asks for a peer's snapshot, and installing one brings back every page.
+#[test]
+fn a_damaged_evicted_image_is_rebuilt_from_a_peer_snapshot() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let limits = NodeLimits {
+        max_resident_images: 8,
+        ..NodeLimits::default()
+    };
+    const PAGES: u64 = 40;
+    let recs = spread_records(400, PAGES);
+    let last = Lsn(400);
+    let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
+    let mut node = Node::open("t", disk, limits).unwrap();
+    fill_bounded(&mut node, &recs, PAGES as usize, 8);
+    // Flip a byte in the middle of every page image entry in the file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.path().join(format!("segment-{:08}.log", PG.0)))
+        .unwrap();
+    let seg = node.segment(PG).unwrap();
+    for p in 0..PAGES {
+        let at = seg.image_offset(p).expect("every image is in the file") + 4000;
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 0x10;
+        file.write_all_at(&b, at).unwrap();
+    }
+    let mut steps = 0;
+    while node.pending_repairs().is_empty() {
+        node.scrub_step();
+        steps += 1;
+        assert!(steps < 100, "scrubbing never found the damage");
+    }
+    // Nothing to fetch from a peer's records would help: the repair gives up on
+    // rewriting the log and wants a snapshot, from any peer.
+    assert!(!node.needs_snapshot(PG, Lsn::ZERO));
+    assert!(node.repair(PG, &[]).is_err());
+    assert!(node.pending_repairs().is_empty());
+    assert!(node.needs_snapshot(PG, Lsn::ZERO));
+    assert_eq!(node.health()["scrub"]["snapshots_wanted"], 1);
+    // A healthy peer's snapshot.
+    let peer_disk = MemDisk::new();
+    let mut peer = open(&peer_disk);
+    fill_bounded(&mut peer, &recs, PAGES as usize, usize::MAX);
+    let bytes = match peer.handle(Request::Snapshot {
+        pg: PG,
+        offset: 0,
+        max_bytes: 1 << 20,
+    }) {
+        Handled::Reply(Response::SnapshotChunk { bytes, .. }) => bytes,
+        other => panic!("{other:?}"),
+    };
+    node.install_snapshot(PG, &bytes).unwrap();
+    assert!(!node.needs_snapshot(PG, Lsn::ZERO));
+    for p in 0..PAGES {
+        assert_eq!(
+            page(&mut node, p, last).unwrap(),
+            model_page(&recs, p, last),
+            "page {p}"
+        );
+    }
 }
