@@ -8,7 +8,7 @@
 //!   entry := len:u32 | crc32c:u32 | type:u8 | payload        (len = 1 + payload length)
 //!   type 1 RECORD     epoch:u64 | encoded redo record (itself CRC-protected)
 //!   type 2 VDL_HINT   lsn:u64           (the writer's VDL, bounds recovery's tail scan)
-//!   type 3 PAGE_IMAGE page:u64 | 8192 bytes      (written only by compaction)
+//!   type 3 PAGE_IMAGE page:u64 | 8192 bytes      (by compaction and checkpoints)
 //!   type 4 FLOOR      gc_floor:u64 | chain_anchor:u64 | scl:u64
 //!                     (compaction header, or the start of a page image checkpoint)
 //!   type 5 MEMBERSHIP membership_epoch:u64   (the PG's segment-set version, see below)
@@ -170,11 +170,12 @@ pub struct SegmentMemory {
     /// Page images at the GC floor held in memory.
     pub resident_images: usize,
     /// Of those, images not yet written to the log file (evictable only after the
-    /// next compaction).
+    /// next compaction or checkpoint).
     pub dirty_images: usize,
     /// Page images only in the log file.
     pub evicted_images: usize,
-    /// Materialized images at later read points (bounded by [`IMAGE_CACHE_PAGES`]).
+    /// Materialized images at later read points (the node's share of its budget,
+    /// at most [`IMAGE_CACHE_PAGES`]).
     pub cached_images: usize,
     /// Bytes of records not yet folded.
     pub record_bytes: u64,
@@ -719,7 +720,8 @@ impl Segment {
         SegmentMemory {
             resident_images: self.base.len(),
             dirty_images: self.dirty_images,
-            evicted_images: self.images_at.len() + self.dirty_images - self.base.len(),
+            evicted_images: (self.images_at.len() + self.dirty_images)
+                .saturating_sub(self.base.len()),
             cached_images: self.cache.borrow().images.len(),
             record_bytes: self.live_bytes,
         }
@@ -900,6 +902,7 @@ impl Segment {
             };
             let page = stored.page;
             let was_dirty = self.base.contains_key(&page) && !self.images_at.contains_key(&page);
+            let was_new = !self.base.contains_key(&page) && !self.images_at.contains_key(&page);
             let result = Record::decode(&stored.bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|(record, _)| {
@@ -913,6 +916,10 @@ impl Segment {
                     let image = self.base.get_mut(&page).ok_or("image vanished")?;
                     apply(image, page, &record).map_err(|e| e.to_string())
                 });
+            if result.is_err() && was_new {
+                // Nothing was folded into it: no image, as before.
+                self.base.remove(&page);
+            }
             if result.is_ok() && !was_dirty {
                 // Clean, evicted or new until now: from here on only memory has it.
                 self.images_at.remove(&page);

@@ -1089,3 +1089,32 @@ fn a_damaged_evicted_image_is_rebuilt_from_a_peer_snapshot() {
         );
     }
 }
+
+/// A record that cannot be applied to a page the segment has no image of leaves
+/// no image behind (the page store's counts stay exact) and stops folding there.
+#[test]
+fn an_unappliable_record_leaves_no_image_behind() {
+    let mut seg = Segment::new(PG);
+    let bad = Record {
+        lsn: Lsn(1),
+        prev_lsn: Lsn(0),
+        page: 7,
+        flags: CPL_FLAG,
+        op: Op::DeleteItem { slot: 5 },
+    };
+    seg.insert(Epoch(1), &bad.encode()).unwrap();
+    seg.note_vdl_hint(Lsn(1));
+    seg.coalesce(Lsn(1), 100, &mut resident_only);
+    assert_eq!(seg.corrupt_records, 1);
+    let m = seg.memory();
+    assert_eq!(
+        (m.resident_images, m.dirty_images, m.evicted_images),
+        (0, 0, 0),
+        "{m:?}"
+    );
+    assert_eq!(
+        seg.record_count(),
+        1,
+        "the record stays, and GetPage reports it"
+    );
+}
