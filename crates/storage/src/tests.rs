@@ -956,19 +956,33 @@ fn fill_bounded<D: Disk>(node: &mut Node<D>, recs: &[Record], batch: usize, boun
     }
 }
 
+/// Pages of the bounded-store tests, and the images their nodes keep in memory.
+const PAGES: u64 = 40;
+const IMAGES: usize = 8;
+
+fn bounded_limits() -> NodeLimits {
+    NodeLimits {
+        max_resident_images: IMAGES,
+        ..NodeLimits::default()
+    }
+}
+
+/// A node on real files in `dir` with room for [`IMAGES`] images, filled with
+/// `recs` in batches of [`PAGES`] records.
+fn filled_bounded_node(dir: &std::path::Path, recs: &[Record]) -> Node<crate::disk::FileDisk> {
+    let disk = crate::disk::FileDisk::open(dir).unwrap();
+    let mut node = Node::open("t", disk, bounded_limits()).unwrap();
+    fill_bounded(&mut node, recs, PAGES as usize, IMAGES);
+    node
+}
+
 /// The page store is bounded: with room for 8 images in memory, a node holding 40
 /// pages keeps the rest in its log file (real files here) and reads them back to
 /// fold records into, to serve GetPage, to build a snapshot and after a restart.
 #[test]
 fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = NodeLimits {
-        max_resident_images: 8,
-        ..NodeLimits::default()
-    };
-    const PAGES: u64 = 40;
-    let recs = spread_records(400, PAGES);
-    let last = Lsn(400);
+    let (limits, recs, last) = (bounded_limits(), spread_records(400, PAGES), Lsn(400));
     let check = |node: &mut Node<crate::disk::FileDisk>, at: Lsn| {
         for p in 0..PAGES {
             assert_eq!(
@@ -979,9 +993,7 @@ fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
         }
     };
     {
-        let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
-        let mut node = Node::open("t", disk, limits.clone()).unwrap();
-        fill_bounded(&mut node, &recs, PAGES as usize, 8);
+        let mut node = filled_bounded_node(dir.path(), &recs);
         let m = node.segment(PG).unwrap().memory();
         assert_eq!(
             m.resident_images + m.evicted_images,
@@ -1030,16 +1042,8 @@ fn page_images_beyond_the_memory_bound_live_in_the_log_file() {
 fn a_damaged_evicted_image_is_rebuilt_from_a_peer_snapshot() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let limits = NodeLimits {
-        max_resident_images: 8,
-        ..NodeLimits::default()
-    };
-    const PAGES: u64 = 40;
-    let recs = spread_records(400, PAGES);
-    let last = Lsn(400);
-    let disk = crate::disk::FileDisk::open(dir.path()).unwrap();
-    let mut node = Node::open("t", disk, limits).unwrap();
-    fill_bounded(&mut node, &recs, PAGES as usize, 8);
+    let (recs, last) = (spread_records(400, PAGES), Lsn(400));
+    let mut node = filled_bounded_node(dir.path(), &recs);
     // Flip a byte in the middle of every page image entry in the file.
     let file = std::fs::OpenOptions::new()
         .read(true)
