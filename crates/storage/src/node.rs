@@ -46,9 +46,9 @@ pub struct NodeLimits {
     pub scrub_step_bytes: usize,
     /// Page images (8 KiB each) a node keeps in memory over all its segments; the
     /// rest stay in the segment log files and are read back when a read or a fold
-    /// needs them. Images not yet in a log file (dirty) cannot be dropped: a segment
-    /// whose dirty images pass a quarter of its share is compacted early, which
-    /// writes them out.
+    /// needs them. Images not yet in a log file (dirty) cannot be dropped: when they
+    /// take over half the budget, segments with many of them append them to their
+    /// log as a checkpoint (see `Node::tick`).
     pub max_resident_images: usize,
 }
 
@@ -1104,7 +1104,13 @@ impl<D: Disk> Node<D> {
             if !pressure || seg.memory().dirty_images <= dirty_limit {
                 continue;
             }
-            let ck = seg.checkpoint();
+            let ck = match seg.checkpoint() {
+                Ok(ck) => ck,
+                Err(why) => {
+                    log::error!("{}: {pg}: cannot checkpoint page images: {why}", self.name);
+                    continue;
+                }
+            };
             match self.disk.append_durable(pg, &ck.bytes) {
                 Ok(Some(offset)) => {
                     seg.checkpointed(offset, &ck);

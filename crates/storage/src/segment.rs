@@ -75,6 +75,7 @@ use crate::proto::{record_survives, EpochRecord, Truncation};
 use borealis_common::IdHashMap;
 use borealis_common::{Epoch, Lsn, PageNo, PgId, PAGE_SIZE};
 use borealis_redo::{apply, decode_header, Page, Record};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 const ENTRY_RECORD: u8 = 1;
@@ -241,15 +242,8 @@ impl ImageCache {
             Some(entry) if entry.0 >= lsn => {}
             Some(entry) => *entry = (lsn, image.clone()),
             None => {
-                // Bounded: evict in insertion order.
-                while self.images.len() >= self.capacity.max(1) {
-                    match self.order.pop_front() {
-                        Some(old) => {
-                            self.images.remove(&old);
-                        }
-                        None => break,
-                    }
-                }
+                // Bounded: room for one more, evicting in insertion order.
+                self.shrink_to(self.capacity.max(1) - 1);
                 self.images.insert(page, (lsn, image.clone()));
                 self.order.push_back(page);
             }
@@ -266,7 +260,12 @@ impl ImageCache {
 
     fn set_capacity(&mut self, capacity: usize) {
         self.capacity = capacity;
-        while self.images.len() > capacity.max(1) {
+        self.shrink_to(capacity.max(1));
+    }
+
+    /// Evicts in insertion order until at most `n` images are held.
+    fn shrink_to(&mut self, n: usize) {
+        while self.images.len() > n {
             match self.order.pop_front() {
                 Some(old) => {
                     self.images.remove(&old);
@@ -901,29 +900,33 @@ impl Segment {
                 break;
             };
             let page = stored.page;
-            let was_dirty = self.base.contains_key(&page) && !self.images_at.contains_key(&page);
-            let was_new = !self.base.contains_key(&page) && !self.images_at.contains_key(&page);
+            let resident = self.base.contains_key(&page);
+            let in_file = self.images_at.get(&page).copied();
             let result = Record::decode(&stored.bytes)
                 .map_err(|e| e.to_string())
                 .and_then(|(record, _)| {
-                    if !self.base.contains_key(&page) {
-                        let image = match self.images_at.get(&page) {
-                            Some(&offset) => load(page, offset)?,
+                    let image = match self.base.entry(page) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(match in_file {
+                            Some(offset) => load(page, offset)?,
                             None => Page::zeroed(),
-                        };
-                        self.base.insert(page, image);
-                    }
-                    let image = self.base.get_mut(&page).ok_or("image vanished")?;
+                        }),
+                    };
                     apply(image, page, &record).map_err(|e| e.to_string())
                 });
-            if result.is_err() && was_new {
-                // Nothing was folded into it: no image, as before.
-                self.base.remove(&page);
-            }
-            if result.is_ok() && !was_dirty {
+            match &result {
                 // Clean, evicted or new until now: from here on only memory has it.
-                self.images_at.remove(&page);
-                self.dirty_images += 1;
+                Ok(()) if !resident || in_file.is_some() => {
+                    if in_file.is_some() {
+                        self.images_at.remove(&page);
+                    }
+                    self.dirty_images += 1;
+                }
+                // Nothing was folded into a page without an image: none, as before.
+                Err(_) if !resident && in_file.is_none() => {
+                    self.base.remove(&page);
+                }
+                _ => {}
             }
             if let Err(e) = result {
                 // A record that cannot be applied stays in the log (and GetPage
@@ -957,27 +960,12 @@ impl Segment {
     /// are read back through `load`; the result says where each image landed, for
     /// [`Segment::compacted`] once the file is in place.
     pub fn compacted_log(&self, load: LoadImage) -> Result<CompactedLog, String> {
-        let mut out = entry(
-            ENTRY_FLOOR,
-            &[
-                &self.gc_floor.0.to_le_bytes(),
-                &self.chain_anchor.0.to_le_bytes(),
-                &self.scl.min(self.vdl_hint).0.to_le_bytes(),
-            ],
-        );
         let mut pages: Vec<PageNo> = self.base.keys().copied().collect();
         pages.extend(self.images_at.keys().filter(|p| !self.base.contains_key(p)));
-        pages.sort_unstable();
-        let mut images = Vec::with_capacity(pages.len());
-        for page in pages {
-            let image = self.floor_image(page, load)?;
-            images.push((page, out.len() as u64));
-            entry_into(
-                &mut out,
-                ENTRY_PAGE_IMAGE,
-                &[&page.to_le_bytes(), image.as_bytes()],
-            );
-        }
+        let CompactedLog {
+            bytes: mut out,
+            images,
+        } = self.floor_and_images(pages, load)?;
         out.extend_from_slice(&vdl_hint_entry(self.vdl_hint));
         if self.membership_epoch > 0 {
             out.extend_from_slice(&membership_entry(self.membership_epoch));
@@ -991,7 +979,25 @@ impl Segment {
     /// A page image checkpoint, to append to the log: a FLOOR entry and the dirty
     /// images (as of the GC floor, which every folded record is at or below). With
     /// it in the file they are clean, and evictable, without rewriting the log.
-    pub fn checkpoint(&self) -> CompactedLog {
+    pub fn checkpoint(&self) -> Result<CompactedLog, String> {
+        let dirty: Vec<PageNo> = self
+            .base
+            .keys()
+            .filter(|p| !self.images_at.contains_key(p))
+            .copied()
+            .collect();
+        // Dirty images are all in memory: nothing to read back.
+        self.floor_and_images(dirty, &mut resident_only)
+    }
+
+    /// A FLOOR entry (the GC floor, chain anchor and SCL) followed by the images at
+    /// the floor of `pages` in page order: the head of a compacted log, and a
+    /// checkpoint. Says where each image landed.
+    fn floor_and_images(
+        &self,
+        mut pages: Vec<PageNo>,
+        load: LoadImage,
+    ) -> Result<CompactedLog, String> {
         let mut out = entry(
             ENTRY_FLOOR,
             &[
@@ -1000,32 +1006,25 @@ impl Segment {
                 &self.scl.min(self.vdl_hint).0.to_le_bytes(),
             ],
         );
-        let mut dirty: Vec<PageNo> = self
-            .base
-            .keys()
-            .filter(|p| !self.images_at.contains_key(p))
-            .copied()
-            .collect();
-        dirty.sort_unstable();
-        let mut images = Vec::with_capacity(dirty.len());
-        for page in dirty {
-            if let Some(image) = self.base.get(&page) {
-                images.push((page, out.len() as u64));
-                entry_into(
-                    &mut out,
-                    ENTRY_PAGE_IMAGE,
-                    &[&page.to_le_bytes(), image.as_bytes()],
-                );
-            }
+        pages.sort_unstable();
+        let mut images = Vec::with_capacity(pages.len());
+        for page in pages {
+            let image = self.floor_image(page, load)?;
+            images.push((page, out.len() as u64));
+            entry_into(
+                &mut out,
+                ENTRY_PAGE_IMAGE,
+                &[&page.to_le_bytes(), image.as_bytes()],
+            );
         }
-        CompactedLog { bytes: out, images }
+        Ok(CompactedLog { bytes: out, images })
     }
 
     /// A [`Segment::checkpoint`] is durable in the log from `offset` on.
     pub fn checkpointed(&mut self, offset: u64, ck: &CompactedLog) {
         for (page, at) in &ck.images {
             if self.images_at.insert(*page, offset + at).is_none() {
-                self.dirty_images -= 1;
+                self.dirty_images = self.dirty_images.saturating_sub(1);
             }
         }
         self.log_bytes += ck.bytes.len() as u64;
