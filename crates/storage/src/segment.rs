@@ -194,7 +194,7 @@ pub fn decode_image_entry(buf: &[u8], page: PageNo) -> Result<Page, String> {
     if crc32c::crc32c(body) != stored {
         return Err(format!("page image entry of page {page} fails its CRC"));
     }
-    if body[0] != ENTRY_PAGE_IMAGE || u64_at(body, 1) != Some(page) {
+    if body.first() != Some(&ENTRY_PAGE_IMAGE) || u64_at(body, 1) != Some(page) {
         return Err(format!("no page image of page {page} at that offset"));
     }
     body.get(9..)

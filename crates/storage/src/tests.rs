@@ -1122,3 +1122,28 @@ fn an_unappliable_record_leaves_no_image_behind() {
         "the record stays, and GetPage reports it"
     );
 }
+
+/// Reading an evicted image back never panics on what the file holds there: a
+/// zero length, a short read, another page's image.
+#[test]
+fn an_image_read_back_refuses_bad_bytes_without_panicking() {
+    use crate::segment::decode_image_entry;
+    assert!(decode_image_entry(&[0u8; 64], 3).is_err());
+    assert!(decode_image_entry(&[1, 0, 0, 0], 3).is_err());
+    let mut seg = Segment::new(PG);
+    let init = Record {
+        lsn: Lsn(1),
+        prev_lsn: Lsn(0),
+        page: 3,
+        flags: CPL_FLAG,
+        op: Op::Init { kind: 1 },
+    };
+    seg.insert(Epoch(1), &init.encode()).unwrap();
+    seg.note_vdl_hint(Lsn(1));
+    seg.coalesce(Lsn(1), 10, &mut resident_only);
+    let log = seg.compacted_log(&mut resident_only).unwrap();
+    let at = log.images[0].1 as usize;
+    assert!(decode_image_entry(&log.bytes[at..], 3).is_ok());
+    assert!(decode_image_entry(&log.bytes[at..], 4).is_err());
+    assert!(decode_image_entry(&log.bytes[at..at + 100], 3).is_err());
+}
