@@ -257,8 +257,8 @@ fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 /// How a node process schedules its tasks.
 #[derive(Clone, Copy)]
 enum Threads {
-    /// One thread runs every task (blocking work such as fdatasync still goes to
-    /// tokio's blocking pool): storage nodes and proxies, whose work is a chain of
+    /// One thread runs every task (a storage node runs its group commit's write
+    /// inline, see `storage::server`): storage nodes and proxies, whose work is a chain of
     /// short steps. Several such processes share the host's cores, and a
     /// multi-thread runtime in each spent its time handing tasks between threads
     /// (futex wake-ups) rather than running them.

@@ -304,21 +304,16 @@ impl RemoteVolume {
         let mut rx = self.shared.vdl.subscribe();
         let done = |s: &(Lsn, bool)| s.0 >= lsn || s.1;
         let hedge_after = self.shared.cfg.commit_hedge_after;
-        let first = match tokio::time::timeout(hedge_after, rx.wait_for(done)).await {
-            Ok(state) => Some(state.map_err(|_| VolumeError::Closed)?.0 >= lsn),
-            Err(_) => None,
-        };
-        let durable = match first {
-            Some(durable) => durable,
-            None => {
-                // Slow: hedge to the lazy segments, then wait for any four.
-                let wake = self.shared.lock().hedge_commit(lsn);
-                self.wake(wake);
-                let state = rx.wait_for(done).await.map_err(|_| VolumeError::Closed)?;
-                state.0 >= lsn
-            }
-        };
-        if durable {
+        if tokio::time::timeout(hedge_after, rx.wait_for(done))
+            .await
+            .is_err()
+        {
+            // Slow: hedge to the lazy segments, then wait for any four.
+            let wake = self.shared.lock().hedge_commit(lsn);
+            self.wake(wake);
+        }
+        // Returns at once when the wait above already saw it.
+        if rx.wait_for(done).await.map_err(|_| VolumeError::Closed)?.0 >= lsn {
             return Ok(());
         }
         let core = self.shared.lock();
