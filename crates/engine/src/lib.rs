@@ -225,6 +225,12 @@ struct State {
     /// those before start-up (about 16 bytes an entry; unpruned it grew by
     /// 170 MB an hour at 2,000 transactions a second).
     txns_keep: u64,
+    /// `txns` is pruned when it grows past this: twice `txns_keep`, or `txns_keep`
+    /// more than the last pruning left when it could not drop more (an old
+    /// transaction still active, CLOG pages not cached). A scan of the map then
+    /// comes at most once per `txns_keep` decided transactions, not at every
+    /// commit.
+    txns_prune_at: u64,
     startup_txid: TxnId,
     /// Active transactions with writes, and their snapshot LSNs (for pruning).
     active: BTreeMap<TxnId, Lsn>,
@@ -617,8 +623,9 @@ impl State {
             self.txns.insert(x, state);
             self.subxact_parent.remove(&x);
         }
-        if self.txns.len() as u64 > 2 * self.txns_keep {
+        if self.txns.len() as u64 > self.txns_prune_at {
             self.prune_txns();
+            self.txns_prune_at = (2 * self.txns_keep).max(self.txns.len() as u64 + self.txns_keep);
         }
         Ok(decided)
     }
@@ -828,6 +835,7 @@ impl Engine {
             next_oid,
             txns: IdHashMap::default(),
             txns_keep: TXNS_KEEP,
+            txns_prune_at: 2 * TXNS_KEEP,
             startup_txid: txid_hwm,
             active: BTreeMap::new(),
             waits_for: IdHashMap::default(),
@@ -2404,6 +2412,7 @@ impl Engine {
     pub async fn set_transaction_cache(&self, keep: u64) -> usize {
         let mut st = self.lock().await;
         st.txns_keep = keep.max(1);
+        st.txns_prune_at = 2 * st.txns_keep;
         st.txns.len()
     }
 
