@@ -202,7 +202,9 @@ fn column_name_strength(e: &ast::Expr) -> (String, u8) {
                 .unwrap_or_default(),
             2,
         ),
-        ast::Expr::Substring { .. } => ("substring".into(), 2),
+        ast::Expr::Substring { shorthand, .. } => {
+            (if *shorthand { "substr" } else { "substring" }.into(), 2)
+        }
         ast::Expr::Cast {
             expr, data_type, ..
         } => {
