@@ -51,8 +51,16 @@ pub struct Version {
     pub row: Vec<u8>,
 }
 
+/// Bytes of a version before its row: xmin, xmin_cid, xmax, xmax_cid, flags, len.
+pub const VERSION_HEADER_BYTES: usize = 8 + 4 + 8 + 4 + 1 + 4;
+
 pub fn encode_versions(versions: &[Version]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + versions.iter().map(|v| 29 + v.row.len()).sum::<usize>());
+    let mut out = Vec::with_capacity(
+        2 + versions
+            .iter()
+            .map(|v| VERSION_HEADER_BYTES + v.row.len())
+            .sum::<usize>(),
+    );
     out.extend_from_slice(&(versions.len() as u16).to_le_bytes());
     for v in versions {
         out.extend_from_slice(&v.xmin.to_le_bytes());

@@ -140,6 +140,9 @@ async fn health_json(
         v["cache_hits"] = json!(s.cache_hits);
         v["cache_misses"] = json!(s.cache_misses);
         v["active_transactions"] = json!(s.active_transactions);
+        v["leaf_prunes"] = json!(s.leaf_prunes);
+        v["read_points"] = json!(s.read_points);
+        v["prune_lag"] = json!(s.prune_lag);
     }
     v
 }
@@ -207,6 +210,21 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
             "active_transactions",
             "borealis_active_transactions",
             "Transactions with writes in progress",
+        ),
+        (
+            "leaf_prunes",
+            "borealis_leaf_prunes_total",
+            "Table leaves whose dead row versions were cut before a split",
+        ),
+        (
+            "read_points",
+            "borealis_read_points",
+            "Snapshots in use by transactions and portals",
+        ),
+        (
+            "prune_lag",
+            "borealis_prune_lag_lsns",
+            "LSNs between VDL and the oldest snapshot in use (how far pruning is held back)",
         ),
     ] {
         if let Some(x) = v.get(key).and_then(|x| x.as_f64()) {

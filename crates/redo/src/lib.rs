@@ -16,7 +16,7 @@ pub mod page;
 pub mod record;
 
 pub use page::{Page, PageKind};
-pub use record::{decode_header, DecodeError, Op, Record, RecordHeader, CPL_FLAG};
+pub use record::{decode_header, DecodeError, ItemShrink, Op, Record, RecordHeader, CPL_FLAG};
 
 use borealis_common::Lsn;
 
@@ -95,6 +95,7 @@ pub fn apply(page: &mut Page, page_no: u64, record: &Record) -> Result<(), Apply
             .write_body(*offset, &record.lsn.0.to_le_bytes())
             .map_err(invalid)?,
         Op::Noop => {}
+        Op::ShrinkItems { items } => next.shrink_items(items).map_err(invalid)?,
     }
     next.set_lsn(record.lsn);
     Ok(())

@@ -332,6 +332,41 @@ impl Page {
         Ok(())
     }
 
+    /// See [`crate::Op::ShrinkItems`]. Validates every shrink before changing
+    /// anything; each one shrinks in place like [`Page::replace_item`].
+    pub(crate) fn shrink_items(&mut self, items: &[crate::ItemShrink]) -> Result<(), String> {
+        self.require_slotted()?;
+        let n = self.nslots();
+        let mut after = None;
+        for s in items {
+            // Strictly increasing slots: each item shrinks once, from its own length.
+            if after.is_some_and(|a| s.slot <= a) {
+                return Err(format!("shrink of slot {} after slot {after:?}", s.slot));
+            }
+            after = Some(s.slot);
+            let Some(len) = self.item(s.slot).map(<[u8]>::len) else {
+                return Err(format!("shrink of slot {} of {n} items", s.slot));
+            };
+            if s.len as usize > len || s.patch_at as usize + 2 > s.len as usize {
+                return Err(format!(
+                    "shrink of a {len}-byte item to {} bytes with a patch at {}",
+                    s.len, s.patch_at
+                ));
+            }
+        }
+        for s in items {
+            let (off, _) = self.slot(s.slot);
+            let at = off + s.patch_at as usize;
+            put_u16(&mut self.bytes[..], at, s.patch);
+            put_u16(
+                &mut self.bytes[..],
+                HEADER_BYTES + s.slot as usize * SLOT_BYTES + 2,
+                s.len,
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn truncate_items(&mut self, keep: u16) -> Result<(), String> {
         self.require_slotted()?;
         let n = self.nslots();

@@ -73,6 +73,23 @@ pub enum Op {
     },
     /// Changes nothing but the page LSN.
     Noop,
+    /// Cuts items to a prefix and rewrites one u16 inside each: how the engine
+    /// drops the dead tail of row version chains across a leaf (page pruning, like
+    /// PostgreSQL's `heap_page_prune`) in 8 bytes of redo per row instead of the
+    /// rows themselves. Generic on purpose: the chain format stays the engine's.
+    ShrinkItems {
+        items: Vec<ItemShrink>,
+    },
+}
+
+/// One item of [`Op::ShrinkItems`]: keep its first `len` bytes, then write `patch`
+/// (little-endian) at byte `patch_at` of what was kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ItemShrink {
+    pub slot: u16,
+    pub len: u16,
+    pub patch_at: u16,
+    pub patch: u16,
 }
 
 mod tag {
@@ -88,6 +105,7 @@ mod tag {
     pub const WRITE_BODY: u8 = 10;
     pub const STAMP_LSN_BODY: u8 = 11;
     pub const NOOP: u8 = 12;
+    pub const SHRINK_ITEMS: u8 = 13;
 }
 
 /// A redo record.
@@ -297,6 +315,15 @@ fn encode_op(op: &Op, out: &mut Vec<u8>) {
             out.extend_from_slice(&offset.to_le_bytes());
         }
         Op::Noop => out.push(tag::NOOP),
+        Op::ShrinkItems { items } => {
+            out.push(tag::SHRINK_ITEMS);
+            out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+            for i in items {
+                for v in [i.slot, i.len, i.patch_at, i.patch] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
     }
 }
 
@@ -375,6 +402,19 @@ fn decode_op(r: &mut Reader<'_>) -> Result<Op, DecodeError> {
         },
         tag::STAMP_LSN_BODY => Op::StampLsnBody { offset: r.u16()? },
         tag::NOOP => Op::Noop,
+        tag::SHRINK_ITEMS => {
+            let n = r.u16()? as usize;
+            let mut items = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                items.push(ItemShrink {
+                    slot: r.u16()?,
+                    len: r.u16()?,
+                    patch_at: r.u16()?,
+                    patch: r.u16()?,
+                });
+            }
+            Op::ShrinkItems { items }
+        }
         other => return Err(DecodeError::BadOp(format!("unknown op tag {other}"))),
     })
 }

@@ -70,6 +70,22 @@ fn all_ops() -> Vec<Op> {
         },
         Op::StampLsnBody { offset: 8 },
         Op::Noop,
+        Op::ShrinkItems {
+            items: vec![
+                ItemShrink {
+                    slot: 0,
+                    len: 9,
+                    patch_at: 4,
+                    patch: 2,
+                },
+                ItemShrink {
+                    slot: 5,
+                    len: u16::MAX,
+                    patch_at: 0,
+                    patch: 1,
+                },
+            ],
+        },
     ]
 }
 
@@ -302,7 +318,7 @@ fn slotted_page_matches_model() {
         for step in 0..2000 {
             lsn += 1;
             let n = model.len() as u64;
-            let op = match rng.below(10) {
+            let op = match rng.below(11) {
                 0..=4 => Op::InsertItem {
                     slot: rng.below(n + 1) as u16,
                     data: rng.bytes(300),
@@ -317,6 +333,21 @@ fn slotted_page_matches_model() {
                 9 if n > 0 => Op::TruncateItems {
                     keep: rng.below(n + 1) as u16,
                 },
+                10 => {
+                    let mut items = Vec::new();
+                    for (slot, item) in model.iter().enumerate() {
+                        if item.len() >= 2 && rng.below(3) == 0 {
+                            let len = 2 + rng.below(item.len() as u64 - 1) as u16;
+                            items.push(ItemShrink {
+                                slot: slot as u16,
+                                len,
+                                patch_at: rng.below(len as u64 - 1) as u16,
+                                patch: rng.next() as u16,
+                            });
+                        }
+                    }
+                    Op::ShrinkItems { items }
+                }
                 _ => Op::Noop,
             };
             let fits = match &op {
@@ -338,6 +369,14 @@ fn slotted_page_matches_model() {
                     }
                     Op::ReplaceItem { slot, data } => model[slot as usize] = data,
                     Op::TruncateItems { keep } => model.truncate(keep as usize),
+                    Op::ShrinkItems { items } => {
+                        for s in items {
+                            let item = &mut model[s.slot as usize];
+                            item.truncate(s.len as usize);
+                            let at = s.patch_at as usize;
+                            item[at..at + 2].copy_from_slice(&s.patch.to_le_bytes());
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -349,4 +388,50 @@ fn slotted_page_matches_model() {
         let copy = Page::from_bytes(page.as_bytes()).unwrap();
         assert_eq!(copy, page);
     }
+}
+
+#[test]
+fn a_bad_shrink_is_refused_and_changes_nothing() {
+    let mut page = Page::zeroed();
+    let init = Op::Init {
+        kind: PageKind::BtreeLeaf as u16,
+    };
+    apply(&mut page, 0, &rec(1, 0, init)).unwrap();
+    for (i, data) in [vec![1u8; 10], vec![2u8; 4]].into_iter().enumerate() {
+        let op = Op::InsertItem {
+            slot: i as u16,
+            data,
+        };
+        apply(&mut page, 0, &rec(2 + i as u64, 0, op)).unwrap();
+    }
+    let before = page.clone();
+    let shrink = |slot, len, patch_at| ItemShrink {
+        slot,
+        len,
+        patch_at,
+        patch: 7,
+    };
+    let bad = [
+        vec![shrink(0, 11, 0)],                 // longer than the item
+        vec![shrink(0, 6, 5)],                  // patch past the kept bytes
+        vec![shrink(2, 2, 0)],                  // no such slot
+        vec![shrink(1, 2, 0), shrink(0, 4, 0)], // slots out of order
+        vec![shrink(0, 4, 0), shrink(0, 2, 0)], // the same slot twice
+        vec![shrink(0, 4, 0), shrink(1, 9, 0)], // a good one, then a bad one
+    ];
+    for (i, items) in bad.into_iter().enumerate() {
+        let r = apply(
+            &mut page,
+            0,
+            &rec(10 + i as u64, 0, Op::ShrinkItems { items }),
+        );
+        assert!(r.is_err(), "case {i} applied");
+        assert_eq!(page, before, "case {i} changed the page");
+    }
+    let good = Op::ShrinkItems {
+        items: vec![shrink(0, 4, 2), shrink(1, 2, 0)],
+    };
+    apply(&mut page, 0, &rec(20, 0, good)).unwrap();
+    let items: Vec<Vec<u8>> = page.items().map(|i| i.to_vec()).collect();
+    assert_eq!(items, vec![vec![1, 1, 7, 0], vec![7, 0]]);
 }
