@@ -157,7 +157,15 @@ impl ReadPoints {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn hold(self: &Arc<Self>, lsn: Lsn) -> ReadPoint {
-        *self.map().entry(lsn).or_insert(0) += 1;
+        self.hold_now(|| lsn)
+    }
+    /// Holds the LSN `now` returns, read under this lock: a pruner reads VDL before
+    /// it looks here (`State::prune_horizon`), so either it sees this hold or its
+    /// VDL is at most the LSN held, even with sessions on several threads.
+    fn hold_now(self: &Arc<Self>, now: impl FnOnce() -> Lsn) -> ReadPoint {
+        let mut map = self.map();
+        let lsn = now();
+        *map.entry(lsn).or_insert(0) += 1;
         ReadPoint {
             points: self.clone(),
             lsn,
@@ -411,6 +419,7 @@ impl State {
     /// Oldest read point any active transaction may still use: versions superseded
     /// at or below it are invisible to everyone and can be pruned.
     fn prune_horizon(&self) -> Lsn {
+        // VDL first, then the read points: see `ReadPoints::hold_now`.
         let vdl = self.store.volume.vdl();
         let reading = self.read_points.oldest().unwrap_or(vdl);
         self.active
@@ -1078,10 +1087,12 @@ impl Engine {
     pub fn start_statement(&self, txn: &mut Txn) {
         txn.cid += 1;
         if !txn.snapshot_taken || txn.isolation == Isolation::ReadCommitted {
-            txn.snapshot = self.inner.volume.vdl();
-            txn.snapshot_taken = true;
             // Held before the old one is let go; the same LSN again is one more hold.
-            txn.read_point = Some(self.inner.read_points.hold(txn.snapshot));
+            let volume = &self.inner.volume;
+            let point = self.inner.read_points.hold_now(|| volume.vdl());
+            txn.snapshot = point.lsn;
+            txn.snapshot_taken = true;
+            txn.read_point = Some(point);
         }
     }
 
