@@ -179,6 +179,16 @@ impl ReadPoints {
     }
 }
 
+/// See `State::fate`.
+enum Fate {
+    /// Aborted: no snapshot ever sees it.
+    Dead,
+    /// Kept: some snapshot in use may need it.
+    Live,
+    /// Committed at or below the horizon: kept, and everything older is dead.
+    Last,
+}
+
 /// One hold on a read point, released when dropped.
 struct ReadPoint {
     points: Arc<ReadPoints>,
@@ -437,17 +447,26 @@ impl State {
         let horizon = self.prune_horizon();
         let mut out = Vec::with_capacity(versions.len());
         for v in versions {
-            let st = self.txn_state(v.xmin)?;
-            if st == TxnState::Aborted {
-                continue;
-            }
-            let settled = matches!(st, TxnState::Committed(l) if l <= horizon);
-            out.push(v.clone());
-            if settled {
-                break;
+            match self.fate(v.xmin, horizon)? {
+                Fate::Dead => {}
+                Fate::Live => out.push(v.clone()),
+                Fate::Last => {
+                    out.push(v.clone());
+                    break;
+                }
             }
         }
         Ok(out)
+    }
+
+    /// The pruning rule, for a chain walked newest first: what becomes of a version
+    /// created by `xmin` given the prune `horizon` (and of the older ones after it).
+    fn fate(&self, xmin: TxnId, horizon: Lsn) -> Result<Fate, EngineError> {
+        Ok(match self.txn_state(xmin)? {
+            TxnState::Aborted => Fate::Dead,
+            TxnState::Committed(l) if l <= horizon => Fate::Last,
+            _ => Fate::Live,
+        })
     }
 
     fn superblock_op(&self, offset: u16, value: u64) -> (PageNo, Op) {
@@ -476,12 +495,17 @@ impl State {
     ) -> Result<(), EngineError> {
         let versions = walk!(self, self.prune(versions))?;
         let payload = encode_versions(&versions);
-        let item_len = 2 + key.len() + payload.len();
-        if let Some(prune) = walk!(self, self.leaf_prune(root, key, leaf, item_len))? {
-            self.store.write(vec![prune]).await?;
-            self.leaf_prunes += 1;
+        let (mut ops, mut alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
+        // A split (in any of the trees) allocates pages: only then can the row's leaf
+        // be full, and only then is it looked at again.
+        if alloc.next != self.next_page {
+            let item_len = 2 + key.len() + payload.len();
+            if let Some(prune) = walk!(self, self.leaf_prune(root, key, item_len))? {
+                self.store.write(vec![prune]).await?;
+                self.leaf_prunes += 1;
+                (ops, alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
+            }
         }
-        let (ops, alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
         self.write_mtr(txn, ops, Some(alloc)).await?;
         Ok(())
     }
@@ -502,21 +526,8 @@ impl State {
         &self,
         root: PageNo,
         key: &[u8],
-        hint: Option<PageNo>,
         item_len: usize,
     ) -> Result<Option<(PageNo, Op)>, EngineError> {
-        // The common case, an update that fits where the row already is, costs one
-        // search of the hinted leaf.
-        if let Some(leaf_no) = hint {
-            let leaf = self.store.page(leaf_no)?;
-            if leaf.kind() == Some(PageKind::BtreeLeaf) {
-                if let Ok(slot) = btree::search(leaf, key)? {
-                    if leaf.fits_replace(slot, item_len) {
-                        return Ok(None);
-                    }
-                }
-            }
-        }
         let leaf_no = btree::leaf_of(&self.store, root, key)?;
         let leaf = self.store.page(leaf_no)?;
         let fits = match btree::search(leaf, key)? {
@@ -543,14 +554,15 @@ impl State {
             };
             let (mut kept, mut len) = (0u16, at + 2);
             for v in &versions {
-                let state = self.txn_state(v.xmin)?;
-                if state == TxnState::Aborted {
+                let fate = self.fate(v.xmin, horizon)?;
+                if let Fate::Dead = fate {
+                    // Not a prefix cut: left alone.
                     kept = versions.len() as u16;
                     break;
                 }
                 kept += 1;
                 len += VERSION_HEADER_BYTES + v.row.len();
-                if matches!(state, TxnState::Committed(l) if l <= horizon) {
+                if let Fate::Last = fate {
                     break;
                 }
             }
