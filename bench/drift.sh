@@ -25,8 +25,8 @@ launch_borealis || die "Borealis did not start: $B_START_ERROR"
 export PGPASSWORD=$PGPASS_borealis
 pgbench -h 127.0.0.1 -p "$PORT_borealis" -U postgres -i -s "$SCALE" -q postgres >"$WORK/init.out" 2>&1 ||
     die "pgbench -i failed: $(tail -2 "$WORK/init.out")"
-status=$("$BOREALIS" status --data-dir "$B_DATA" --json) || die "borealis status failed"
-HTTP=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["instances"][0]["http"])' <<<"$status")
+HTTP=$(bstatus | jq -r '[.instances[]? | select(.role=="writer")][0].http // empty')
+[ -n "$HTTP" ] || die "no writer in borealis status"
 W=$(borealis_writer_pid)
 A=$(pgrep -f -- "$B_DATA/storage-a1 ") C=$(pgrep -f -- "$B_DATA/storage-c1 ")
 [ -n "$W" ] && [ -n "$A" ] && [ -n "$C" ] || die "cluster processes not found"

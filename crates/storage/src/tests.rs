@@ -1094,21 +1094,27 @@ fn a_damaged_evicted_image_is_rebuilt_from_a_peer_snapshot() {
     }
 }
 
+/// A segment holding one record (LSN 1) for `page`, folded as far as it goes.
+fn folded_one(page: u64, op: Op) -> Segment {
+    let mut seg = Segment::new(PG);
+    let r = Record {
+        lsn: Lsn(1),
+        prev_lsn: Lsn(0),
+        page,
+        flags: CPL_FLAG,
+        op,
+    };
+    seg.insert(Epoch(1), &r.encode()).unwrap();
+    seg.note_vdl_hint(Lsn(1));
+    seg.coalesce(Lsn(1), 100, &mut resident_only);
+    seg
+}
+
 /// A record that cannot be applied to a page the segment has no image of leaves
 /// no image behind (the page store's counts stay exact) and stops folding there.
 #[test]
 fn an_unappliable_record_leaves_no_image_behind() {
-    let mut seg = Segment::new(PG);
-    let bad = Record {
-        lsn: Lsn(1),
-        prev_lsn: Lsn(0),
-        page: 7,
-        flags: CPL_FLAG,
-        op: Op::DeleteItem { slot: 5 },
-    };
-    seg.insert(Epoch(1), &bad.encode()).unwrap();
-    seg.note_vdl_hint(Lsn(1));
-    seg.coalesce(Lsn(1), 100, &mut resident_only);
+    let seg = folded_one(7, Op::DeleteItem { slot: 5 });
     assert_eq!(seg.corrupt_records, 1);
     let m = seg.memory();
     assert_eq!(
@@ -1130,17 +1136,7 @@ fn an_image_read_back_refuses_bad_bytes_without_panicking() {
     use crate::segment::decode_image_entry;
     assert!(decode_image_entry(&[0u8; 64], 3).is_err());
     assert!(decode_image_entry(&[1, 0, 0, 0], 3).is_err());
-    let mut seg = Segment::new(PG);
-    let init = Record {
-        lsn: Lsn(1),
-        prev_lsn: Lsn(0),
-        page: 3,
-        flags: CPL_FLAG,
-        op: Op::Init { kind: 1 },
-    };
-    seg.insert(Epoch(1), &init.encode()).unwrap();
-    seg.note_vdl_hint(Lsn(1));
-    seg.coalesce(Lsn(1), 10, &mut resident_only);
+    let seg = folded_one(3, Op::Init { kind: 1 });
     let log = seg.compacted_log(&mut resident_only).unwrap();
     let at = log.images[0].1 as usize;
     assert!(decode_image_entry(&log.bytes[at..], 3).is_ok());
