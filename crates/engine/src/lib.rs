@@ -1108,6 +1108,22 @@ impl Engine {
         }
     }
 
+    /// Marks the end of a statement. Under READ COMMITTED its snapshot is let go
+    /// here, as PostgreSQL lets go of a statement's snapshot: the next statement
+    /// takes its own, so a transaction idle between statements (an application's
+    /// open block, a pooled connection left in BEGIN) holds back no pruning and no
+    /// storage GC. A REPEATABLE READ transaction keeps its one snapshot to the end.
+    /// Nothing reads at a finished statement's snapshot: portals hold their rows
+    /// already read, and describing a statement takes a snapshot of its own.
+    pub fn end_statement(&self, txn: &mut Txn) {
+        if txn.isolation == Isolation::ReadCommitted {
+            txn.read_point = None;
+            // Should the block switch to REPEATABLE READ now, its first statement
+            // takes a new (held) snapshot instead of reusing the released one.
+            txn.snapshot_taken = false;
+        }
+    }
+
     /// Commits: appends the commit record and waits until it is durable (VDL).
     pub async fn commit(&self, txn: Txn) -> Result<Lsn, EngineError> {
         if txn.txid == 0 {

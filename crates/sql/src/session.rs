@@ -582,6 +582,9 @@ impl Session {
         if self.copy.is_some() {
             return Ok(()); // COPY FROM STDIN still running: the statement is not over.
         }
+        if let Some(txn) = self.txn.as_mut() {
+            self.db.engine.end_statement(txn);
+        }
         match (outcome, self.status) {
             (Ok(()), TransactionStatus::Idle) if !self.defer_commit => {
                 if let Some(txn) = self.txn.take() {

@@ -1,7 +1,8 @@
 //! Page pruning: rows updated once and not again do not make their leaves split.
 //! A leaf about to split first has the dead tails of its rows' version chains cut
 //! (`Engine`'s `leaf_prune`, one `ShrinkItems` record), unless a snapshot in use
-//! can still see them.
+//! can still see them. A READ COMMITTED transaction idle between statements holds
+//! no snapshot, as in PostgreSQL.
 
 mod common;
 use common::*;
@@ -10,10 +11,21 @@ fn pad(c: char) -> String {
     std::iter::repeat_n(c, 900).collect()
 }
 
+/// A second session's transaction, open while the rows are updated.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    None,
+    /// Read once, then idle: its snapshot must keep the first versions.
+    RepeatableRead,
+    /// Read once, then idle between statements: it holds no snapshot, and its next
+    /// statement sees the latest versions.
+    ReadCommitted,
+}
+
 /// Seven 900-byte rows fill most of one leaf; every row is then updated three times over,
 /// one row at a time (as TPC-B updates accounts). Returns (leaf prunes, pages
 /// added) and checks the rows after each round.
-async fn update_rounds(reader_open: bool) -> (u64, u64) {
+async fn update_rounds(reader_kind: Reader) -> (u64, u64) {
     let db = db().await;
     let mut s = db.session("postgres", "postgres");
     let mut reader = db.session("postgres", "postgres");
@@ -22,8 +34,13 @@ async fn update_rounds(reader_open: bool) -> (u64, u64) {
         let sql = format!("INSERT INTO w VALUES ({id}, '{}')", pad('a'));
         assert_eq!(run(&mut s, &sql).await, ["INSERT 0 1"]);
     }
-    if reader_open {
-        run(&mut reader, "BEGIN ISOLATION LEVEL REPEATABLE READ").await;
+    let begin = match reader_kind {
+        Reader::None => None,
+        Reader::RepeatableRead => Some("BEGIN ISOLATION LEVEL REPEATABLE READ"),
+        Reader::ReadCommitted => Some("BEGIN ISOLATION LEVEL READ COMMITTED"),
+    };
+    if let Some(begin) = begin {
+        run(&mut reader, begin).await;
         assert_eq!(run(&mut reader, "SELECT count(*) FROM w").await, ["7"]);
     }
     let before = db.engine().stats().await;
@@ -44,8 +61,13 @@ async fn update_rounds(reader_open: bool) -> (u64, u64) {
         .await;
         assert_eq!(got, want, "round {round}");
     }
-    if reader_open {
-        let want: Vec<String> = (1..=7).map(|id| format!("{id}|a")).collect();
+    if begin.is_some() {
+        let seen = if reader_kind == Reader::RepeatableRead {
+            'a'
+        } else {
+            'd'
+        };
+        let want: Vec<String> = (1..=7).map(|id| format!("{id}|{seen}")).collect();
         let got = run(
             &mut reader,
             "SELECT id, substr(pad, 1, 1) FROM w ORDER BY id",
@@ -63,17 +85,27 @@ async fn update_rounds(reader_open: bool) -> (u64, u64) {
 
 #[tokio::test]
 async fn a_full_leaf_is_pruned_instead_of_split() {
-    let (prunes, pages) = update_rounds(false).await;
+    let (prunes, pages) = update_rounds(Reader::None).await;
     assert!(prunes > 0, "no leaf was pruned");
     assert_eq!(pages, 0, "the leaf split {pages} times");
 }
 
 #[tokio::test]
 async fn an_open_snapshot_keeps_the_versions_and_the_leaf_splits() {
-    let (prunes, pages) = update_rounds(true).await;
+    let (prunes, pages) = update_rounds(Reader::RepeatableRead).await;
     assert_eq!(prunes, 0, "a leaf was pruned under an open snapshot");
     assert!(
         pages > 0,
         "two versions of seven 900-byte rows fit one leaf?"
     );
+}
+
+#[tokio::test]
+async fn an_idle_read_committed_block_holds_no_snapshot() {
+    let (prunes, pages) = update_rounds(Reader::ReadCommitted).await;
+    assert!(
+        prunes > 0,
+        "the idle READ COMMITTED block held pruning back"
+    );
+    assert_eq!(pages, 0, "the leaf split {pages} times");
 }
