@@ -1496,6 +1496,13 @@ impl<'a> Exec<'a> {
                 if n == 0 {
                     keys = k;
                 }
+                if p.from.len() == 1 && step.on.is_none() && !step.left_outer {
+                    // One table (aggregation, sort or DISTINCT over a scan): its rows
+                    // are the input as they are; joining each to the empty row would
+                    // copy every value of every row.
+                    acc = rows;
+                    break;
+                }
                 let right_width = match &step.item {
                     FromItem::Table { def, .. } => def.columns.len(),
                     FromItem::Series { .. } => 1,
