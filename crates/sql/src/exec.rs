@@ -1398,13 +1398,16 @@ impl<'a> Exec<'a> {
         filter: Option<&Expr>,
         limit: Option<usize>,
     ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
-        let (lo, hi) = {
+        // Bounds that are the whole filter (`KeyPlan::exact`) and resolved exactly
+        // leave the filter nothing to reject.
+        let exact = |filter| if key.exact { None } else { filter };
+        let (lo, hi, filter) = {
             let ctx = self.ctx(&[]);
             match plan::resolve(key, def, &ctx)? {
                 Resolved::Empty => return Ok((vec![], vec![])),
-                Resolved::Full => (Bound::Unbounded, Bound::Unbounded),
-                Resolved::Range(lo, hi) => (lo, hi),
-                Resolved::Point(key) => return self.point_row(def, key, filter).await,
+                Resolved::Full => (Bound::Unbounded, Bound::Unbounded, filter),
+                Resolved::Range(lo, hi) => (lo, hi, exact(filter)),
+                Resolved::Point(k) => return self.point_row(def, k, exact(filter)).await,
             }
         };
         let mut rows = Vec::new();
@@ -1491,17 +1494,24 @@ impl<'a> Exec<'a> {
         } else {
             let mut acc: Vec<Vec<Datum>> = vec![vec![]];
             let mut keys = vec![];
+            let mut filter = p.filter.as_ref();
             for (n, step) in p.from.iter().enumerate() {
+                if let ([_], FromItem::Table { def, key }, None, false, true) = (
+                    &p.from[..],
+                    &step.item,
+                    &step.on,
+                    step.left_outer,
+                    pre.is_empty(),
+                ) {
+                    // One table (aggregation, sort or DISTINCT over a scan): the scan
+                    // filters, and its rows are the input as they are (joining each
+                    // to the empty row would copy every value of every row).
+                    (acc, keys) = self.scan_table(def, key, filter.take(), None).await?;
+                    break;
+                }
                 let (rows, k) = self.scan_item(&step.item).await?;
                 if n == 0 {
                     keys = k;
-                }
-                if p.from.len() == 1 && step.on.is_none() && !step.left_outer {
-                    // One table (aggregation, sort or DISTINCT over a scan): its rows
-                    // are the input as they are; joining each to the empty row would
-                    // copy every value of every row.
-                    acc = rows;
-                    break;
                 }
                 let right_width = match &step.item {
                     FromItem::Table { def, .. } => def.columns.len(),
@@ -1534,7 +1544,7 @@ impl<'a> Exec<'a> {
                 }
                 acc = next;
             }
-            if let Some(f) = &p.filter {
+            if let Some(f) = filter {
                 let ctx = self.ctx(&pre);
                 let mut kept = Vec::with_capacity(acc.len());
                 let mut kept_keys = Vec::new();

@@ -7,7 +7,10 @@
 //! columns the WHERE clause bounds best (equalities count more than a range; ties
 //! go to the clustered key, whose scan needs no second lookup). An index scan
 //! fetches each row through its clustered key, and the whole WHERE clause is
-//! re-checked on the visible version, so a bound only has to be a superset.
+//! re-checked on the visible version, so a bound only has to be a superset. The
+//! one exception is a clustered-key range that is provably the whole WHERE clause
+//! (`KeyPlan::exact`: integer key columns, every conjunct used, bounds converted
+//! without loss), where the check could only ever pass.
 
 use crate::expr::{cast, compare, eval, BinOp, EvalCtx, Expr};
 use crate::SqlError;
@@ -31,6 +34,12 @@ pub struct KeyPlan {
     pub index: Option<usize>,
     /// The statement's ORDER BY is the scan's order, so a LIMIT can stop the scan.
     pub ordered: bool,
+    /// The WHERE clause says no more than these bounds: every conjunct is one a bound
+    /// came from, on integer columns of the clustered key. When the bounds resolve
+    /// exactly ([`Resolved::Range`] or [`Resolved::Point`]) the scan returns exactly
+    /// the matching rows and the filter need not be evaluated per row. Never set for
+    /// a secondary index: its entries can be older than the row they lead to.
+    pub exact: bool,
 }
 
 impl KeyPlan {
@@ -120,7 +129,8 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
     };
     let mut cs = Vec::new();
     conjuncts(filter, &mut cs);
-    let primary = bounds(&table.pk, &cs);
+    let (mut primary, used) = bounds(&table.pk, &cs);
+    primary.exact = exact_bounds(table, &primary, &used, cs.len());
     if !table.pk.is_empty() && primary.eq.len() == table.pk.len() {
         return primary;
     }
@@ -130,7 +140,7 @@ pub fn key_plan(table: &TableDef, filter: Option<&Expr>) -> KeyPlan {
         if !index.is_built() {
             continue;
         }
-        let mut candidate = bounds(&index.columns, &cs);
+        let (mut candidate, _) = bounds(&index.columns, &cs);
         if score(&candidate) > score(&best) {
             candidate.index = Some(i);
             best = candidate;
@@ -181,11 +191,42 @@ pub fn order_plan(table: &TableDef, plan: KeyPlan, order: &[usize]) -> KeyPlan {
     plan
 }
 
-/// Bounds on a prefix of `key_columns` found among the conjuncts.
-fn bounds(key_columns: &[usize], cs: &[&Expr]) -> KeyPlan {
+/// Whether the clustered-key `plan` (from [`bounds`], which used the conjuncts at
+/// positions `used`) is all of a WHERE clause of `conjuncts` conjuncts, on integer
+/// key columns only: there an encoded key orders and compares exactly as the
+/// column's values do, and [`key_value`] refuses any bound it cannot convert
+/// exactly (the plan then resolves to `Full` and the filter runs after all).
+fn exact_bounds(table: &TableDef, plan: &KeyPlan, used: &[usize], conjuncts: usize) -> bool {
+    let mut used = used.to_vec();
+    used.sort_unstable();
+    used.dedup();
+    let bounded = plan.eq.len() + usize::from(plan.lower.is_some() || plan.upper.is_some());
+    let integer = |c: &usize| {
+        table.columns.get(*c).is_some_and(|col| {
+            matches!(
+                col.ty(),
+                borealis_engine::types::Type::Int2
+                    | borealis_engine::types::Type::Int4
+                    | borealis_engine::types::Type::Int8
+            )
+        })
+    };
+    plan.index.is_none()
+        && bounded > 0
+        && used.len() == conjuncts
+        && table
+            .pk
+            .get(..bounded)
+            .is_some_and(|cols| cols.iter().all(integer))
+}
+
+/// Bounds on a prefix of `key_columns` found among the conjuncts, and the positions
+/// of the conjuncts the bounds came from.
+fn bounds(key_columns: &[usize], cs: &[&Expr]) -> (KeyPlan, Vec<usize>) {
     let mut plan = KeyPlan::default();
+    let mut used = Vec::new();
     if key_columns.is_empty() {
-        return plan;
+        return (plan, used);
     }
     let column_cmp = |c: &Expr, col: usize| -> Option<(BinOp, Expr)> {
         match c {
@@ -209,14 +250,23 @@ fn bounds(key_columns: &[usize], cs: &[&Expr]) -> KeyPlan {
         }
     };
     for &col in key_columns {
-        let eq = cs.iter().find_map(|c| match column_cmp(c, col) {
-            Some((BinOp::Eq, e)) => Some(e),
-            _ => None,
-        });
+        let eq = cs
+            .iter()
+            .enumerate()
+            .find_map(|(n, c)| match column_cmp(c, col) {
+                Some((BinOp::Eq, e)) => Some((n, e)),
+                _ => None,
+            });
         match eq {
-            Some(e) => plan.eq.push(e),
+            Some((n, e)) => {
+                plan.eq.push(e);
+                used.push(n);
+            }
             None => {
-                for c in cs {
+                // Where the final lower and upper bounds came from (a later
+                // conjunct on the same side replaces an earlier one).
+                let (mut lower_from, mut upper_from) = (None, None);
+                for (n, c) in cs.iter().enumerate() {
                     if let Expr::Between(x, lo, hi, false) = c {
                         if matches!(&**x, Expr::Column(i, _) if *i == col)
                             && is_constant(lo)
@@ -224,21 +274,44 @@ fn bounds(key_columns: &[usize], cs: &[&Expr]) -> KeyPlan {
                         {
                             plan.lower = Some(((**lo).clone(), true));
                             plan.upper = Some(((**hi).clone(), true));
+                            (lower_from, upper_from) = (Some(n), Some(n));
                         }
                     }
                     match column_cmp(c, col) {
-                        Some((BinOp::Gt, e)) => plan.lower = Some((e, false)),
-                        Some((BinOp::GtEq, e)) => plan.lower = Some((e, true)),
-                        Some((BinOp::Lt, e)) => plan.upper = Some((e, false)),
-                        Some((BinOp::LtEq, e)) => plan.upper = Some((e, true)),
+                        Some((BinOp::Gt, e)) => {
+                            plan.lower = Some((e, false));
+                            lower_from = Some(n);
+                        }
+                        Some((BinOp::GtEq, e)) => {
+                            plan.lower = Some((e, true));
+                            lower_from = Some(n);
+                        }
+                        Some((BinOp::Lt, e)) => {
+                            plan.upper = Some((e, false));
+                            upper_from = Some(n);
+                        }
+                        Some((BinOp::LtEq, e)) => {
+                            plan.upper = Some((e, true));
+                            upper_from = Some(n);
+                        }
                         _ => {}
                     }
+                }
+                // A BETWEEN counts only if it gave both bounds: when a later
+                // conjunct replaced one side, the BETWEEN's own side is not in the
+                // range and the filter must still check it.
+                if lower_from == upper_from {
+                    used.extend(lower_from);
+                } else {
+                    let one_sided = |n: &usize| !matches!(cs[*n], Expr::Between(..));
+                    used.extend(lower_from.filter(one_sided));
+                    used.extend(upper_from.filter(one_sided));
                 }
                 break;
             }
         }
     }
-    plan
+    (plan, used)
 }
 
 /// Evaluates a bound value and converts it to the key column's type, refusing
