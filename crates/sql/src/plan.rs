@@ -278,20 +278,12 @@ fn bounds(key_columns: &[usize], cs: &[&Expr]) -> (KeyPlan, Vec<usize>) {
                         }
                     }
                     match column_cmp(c, col) {
-                        Some((BinOp::Gt, e)) => {
-                            plan.lower = Some((e, false));
+                        Some((op @ (BinOp::Gt | BinOp::GtEq), e)) => {
+                            plan.lower = Some((e, op == BinOp::GtEq));
                             lower_from = Some(n);
                         }
-                        Some((BinOp::GtEq, e)) => {
-                            plan.lower = Some((e, true));
-                            lower_from = Some(n);
-                        }
-                        Some((BinOp::Lt, e)) => {
-                            plan.upper = Some((e, false));
-                            upper_from = Some(n);
-                        }
-                        Some((BinOp::LtEq, e)) => {
-                            plan.upper = Some((e, true));
+                        Some((op @ (BinOp::Lt | BinOp::LtEq), e)) => {
+                            plan.upper = Some((e, op == BinOp::LtEq));
                             upper_from = Some(n);
                         }
                         _ => {}
