@@ -118,7 +118,6 @@ pub struct Txn {
     pub snapshot: Lsn,
     pub isolation: Isolation,
     pub read_only: bool,
-    snapshot_taken: bool,
     /// Highest LSN this transaction wrote (its commit must cover it).
     last_write: Lsn,
     /// Transaction id stamped on new versions: the top id, or the innermost
@@ -138,7 +137,9 @@ pub struct Txn {
     /// after the snapshot of a transaction that then wrote the table).
     catalog_floor: Lsn,
     /// Holds `snapshot` in the engine's read points while this transaction (or a
-    /// clone, e.g. a portal's) may still read at it.
+    /// clone, such as the one describing a statement) may still read at it; `None`
+    /// when it has no snapshot (before its first statement, and under READ
+    /// COMMITTED between statements).
     read_point: Option<ReadPoint>,
 }
 
@@ -431,14 +432,12 @@ impl State {
     fn prune_horizon(&self) -> Lsn {
         // VDL first, then the read points: see `ReadPoints::hold_now`.
         let vdl = self.store.volume.vdl();
-        let reading = self.read_points.oldest().unwrap_or(vdl);
+        let oldest_read = self.read_points.oldest();
         self.active
             .values()
             .copied()
-            .min()
-            .unwrap_or(vdl)
-            .min(vdl)
-            .min(reading)
+            .chain(oldest_read)
+            .fold(vdl, Lsn::min)
     }
 
     /// Removes versions no snapshot can see: after the newest version committed at or
@@ -1081,7 +1080,6 @@ impl Engine {
             snapshot: Lsn::ZERO,
             isolation,
             read_only,
-            snapshot_taken: false,
             last_write: Lsn::ZERO,
             write_xid: 0,
             savepoints: Vec::new(),
@@ -1098,12 +1096,12 @@ impl Engine {
     /// new snapshot (VDL now).
     pub fn start_statement(&self, txn: &mut Txn) {
         txn.cid += 1;
-        if !txn.snapshot_taken || txn.isolation == Isolation::ReadCommitted {
+        // A transaction has a snapshot exactly while it holds its read point.
+        if txn.read_point.is_none() || txn.isolation == Isolation::ReadCommitted {
             // Held before the old one is let go; the same LSN again is one more hold.
             let volume = &self.inner.volume;
             let point = self.inner.read_points.hold_now(|| volume.vdl());
             txn.snapshot = point.lsn;
-            txn.snapshot_taken = true;
             txn.read_point = Some(point);
         }
     }
@@ -1117,10 +1115,9 @@ impl Engine {
     /// already read, and describing a statement takes a snapshot of its own.
     pub fn end_statement(&self, txn: &mut Txn) {
         if txn.isolation == Isolation::ReadCommitted {
-            txn.read_point = None;
             // Should the block switch to REPEATABLE READ now, its first statement
             // takes a new (held) snapshot instead of reusing the released one.
-            txn.snapshot_taken = false;
+            txn.read_point = None;
         }
     }
 
@@ -2785,7 +2782,7 @@ pub struct EngineStats {
     pub cache_misses: u64,
     pub active_transactions: u64,
     pub leaf_prunes: u64,
-    /// Snapshots held by transactions and portals (see `ReadPoints`).
+    /// Snapshots held by transactions (see `ReadPoints`).
     pub read_points: u64,
     /// How far (in LSNs) the oldest snapshot in use holds pruning behind VDL: an
     /// idle open transaction shows here, as PostgreSQL's `backend_xmin` does.

@@ -219,7 +219,7 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
         (
             "read_points",
             "borealis_read_points",
-            "Snapshots in use by transactions and portals",
+            "Snapshots in use by transactions",
         ),
         (
             "prune_lag",
