@@ -1486,29 +1486,24 @@ impl<'a> Exec<'a> {
         let ordered = matches!(&p.from[..], [JoinStep { item: FromItem::Table { key, .. }, .. }] if key.ordered);
         let simple =
             p.from.len() == 1 && p.agg.is_none() && (p.order.is_empty() || ordered) && !p.distinct;
-        let (mut input, keys) = if let (true, FromItem::Table { def, key }) =
-            (simple, &p.from[0].item)
-        {
-            let pushed = limit.map(|l| l + offset);
+        // One table: the scan filters, and its rows are the input as they are
+        // (joining each to the empty row would copy every value of every row). With
+        // aggregation, a sort or DISTINCT the limit applies later, and the filter
+        // is pushed down only if it needs no precomputed nextval.
+        let one_table = match &p.from[..] {
+            [JoinStep {
+                item: FromItem::Table { def, key },
+                ..
+            }] if simple || pre.is_empty() => Some((def, key)),
+            _ => None,
+        };
+        let (mut input, keys) = if let Some((def, key)) = one_table {
+            let pushed = limit.filter(|_| simple).map(|l| l + offset);
             self.scan_table(def, key, p.filter.as_ref(), pushed).await?
         } else {
             let mut acc: Vec<Vec<Datum>> = vec![vec![]];
             let mut keys = vec![];
-            let mut filter = p.filter.as_ref();
             for (n, step) in p.from.iter().enumerate() {
-                if let ([_], FromItem::Table { def, key }, None, false, true) = (
-                    &p.from[..],
-                    &step.item,
-                    &step.on,
-                    step.left_outer,
-                    pre.is_empty(),
-                ) {
-                    // One table (aggregation, sort or DISTINCT over a scan): the scan
-                    // filters, and its rows are the input as they are (joining each
-                    // to the empty row would copy every value of every row).
-                    (acc, keys) = self.scan_table(def, key, filter.take(), None).await?;
-                    break;
-                }
                 let (rows, k) = self.scan_item(&step.item).await?;
                 if n == 0 {
                     keys = k;
@@ -1544,7 +1539,7 @@ impl<'a> Exec<'a> {
                 }
                 acc = next;
             }
-            if let Some(f) = filter {
+            if let Some(f) = &p.filter {
                 let ctx = self.ctx(&pre);
                 let mut kept = Vec::with_capacity(acc.len());
                 let mut kept_keys = Vec::new();
