@@ -139,6 +139,7 @@ impl Journal {
         let mut buf = self
             .spare
             .pop()
+            // Headroom so that the append crossing the write-out size still fits.
             .unwrap_or_else(|| Vec::with_capacity(SEGMENT_WRITE_BYTES + (64 << 10)));
         buf.extend_from_slice(&first);
         buf
