@@ -1127,7 +1127,7 @@ impl Engine {
             return Ok(Lsn::ZERO);
         }
         let started = std::time::Instant::now();
-        let lsn = {
+        let (lsn, others_open) = {
             let mut st = self.lock().await;
             let mut xids = vec![txn.txid];
             xids.extend(&txn.subxids);
@@ -1139,10 +1139,10 @@ impl Engine {
                 st.catalog_cached = None;
             }
             st.release_table_locks(&txn, true, None);
-            lsn
+            (lsn, st.active.len())
         };
         self.inner.txn_ended.notify_waiters();
-        let durable = self.inner.volume.wait_durable(lsn).await;
+        let durable = self.inner.volume.wait_commit(lsn, others_open).await;
         // Exclusive (DDL) locks are released only once the commit is durable, so the
         // writers they held back read the new catalog at VDL.
         if txn.table_locks.iter().any(|&(_, x)| x) {

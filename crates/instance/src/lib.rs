@@ -125,6 +125,7 @@ async fn health_json(
         v["last_lsn"] = json!(st.last_lsn.0);
         v["protection_groups"] = json!(st.protection_groups);
         v["commit_hedges"] = json!(st.commit_hedges);
+        v["flushes"] = json!(st.flushes);
         // Segment replacements as this writer sees them: the control plane
         // completes one once the new segments reached `catch_up_lsn`.
         v["transitions"] = json!(vol.transitions());
@@ -190,6 +191,11 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
             "commit_hedges",
             "borealis_volume_commit_hedges_total",
             "Commits hedged to the lazy segments after an eager one was slow",
+        ),
+        (
+            "flushes",
+            "borealis_volume_flushes_total",
+            "Times records were released to the segments (a group commit is one)",
         ),
         (
             "cache_pages",

@@ -100,6 +100,9 @@ pub struct VolumeStatus {
     pub protection_groups: u32,
     /// Commits hedged to the lazy segments because an eager one was slow.
     pub commit_hedges: u64,
+    /// Times records were released to the segments; a group commit is one, so
+    /// commits divided by this is the mean group size.
+    pub flushes: u64,
 }
 
 /// Handle to a volume; cheap to clone.
@@ -168,6 +171,15 @@ impl Volume {
         match &*self.backend {
             Backend::Memory(m) => m.wait_durable(lsn).await,
             Backend::Remote(r) => r.wait_durable(lsn).await,
+        }
+    }
+
+    /// [`wait_durable`](Self::wait_durable) for a commit while `others_open` other
+    /// write transactions are open, which lets concurrent commits share one batch.
+    pub async fn wait_commit(&self, lsn: Lsn, others_open: usize) -> Result<(), VolumeError> {
+        match &*self.backend {
+            Backend::Memory(m) => m.wait_durable(lsn).await,
+            Backend::Remote(r) => r.wait_commit(lsn, others_open).await,
         }
     }
 

@@ -132,6 +132,7 @@ impl MemoryVolume {
             last_lsn: st.last_lsn,
             protection_groups: st.pg_tail.len() as u32,
             commit_hedges: 0,
+            flushes: 0,
         }
     }
 }

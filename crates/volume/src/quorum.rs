@@ -92,6 +92,10 @@ pub struct QuorumConfig {
     /// whole lazy-flush interval. Under load with 8 clients about 1% of commits
     /// wait this long; a lower bound would make the lazy two busy again.
     pub commit_hedge_after: Duration,
+    /// Scheduler rounds a commit may wait for other commits to join its batch while
+    /// other write transactions are open (see "Commit gathering" in `remote.rs`);
+    /// 0 sends every commit at once.
+    pub commit_gather_rounds: u32,
     /// How a PG in a segment replacement counts its write quorum. Always
     /// [`TransitionQuorum::BothSets`] outside tests.
     pub transition_quorum: TransitionQuorum,
@@ -127,6 +131,7 @@ impl Default for QuorumConfig {
             auto_flush_bytes: 256 << 10,
             auto_flush_records: 2048,
             lazy_segments: 2,
+            commit_gather_rounds: 8,
             transition_quorum: TransitionQuorum::BothSets,
         }
     }
@@ -525,6 +530,7 @@ pub struct WriterCore {
     /// Records at or below this may go to lazy nodes.
     lazy_flush_lsn: Lsn,
     commit_hedges: u64,
+    flushes: u64,
 }
 
 /// Where recovery left the volume: the writer starts from here.
@@ -574,6 +580,7 @@ impl WriterCore {
             lazy: 0,
             lazy_flush_lsn: rec.vdl,
             commit_hedges: 0,
+            flushes: 0,
         };
         core.note_transitions();
         for (pg, lsn, bytes) in rec.replicate {
@@ -705,6 +712,7 @@ impl WriterCore {
         if to <= self.flush_lsn {
             return wake;
         }
+        self.flushes += 1;
         let from = self.flush_lsn;
         let skip = if self.eager_degraded() { 0 } else { self.lazy };
         for (l, p) in self.outstanding.range(from.next()..=to) {
@@ -803,6 +811,11 @@ impl WriterCore {
     /// How many commits were hedged to the lazy segments so far.
     pub fn commit_hedges(&self) -> u64 {
         self.commit_hedges
+    }
+
+    /// How many times records were released to the segments so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
     }
 
     /// The node's connection is up and the epoch installed on it.

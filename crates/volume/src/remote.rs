@@ -27,6 +27,7 @@ use borealis_storage::proto::{
     MAX_FRAME_BYTES,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
@@ -54,6 +55,41 @@ struct Shared {
     /// Read-queue receivers of nodes whose task has not started yet.
     idle_reads: Mutex<Vec<Option<mpsc::Receiver<PageReq>>>>,
     cfg: QuorumConfig,
+    gather: Gather,
+}
+
+/// # Commit gathering
+///
+/// Every group commit costs the same fixed work whatever its size: a message to
+/// each of six nodes and an ack from each, an fdatasync on each of four, and the
+/// wake-ups of all of them. On a machine whose cores are busy (the writer and its
+/// storage nodes sharing a host, the laptop cluster), sending each commit as soon
+/// as it asks makes groups of about one, and that fixed work is most of a
+/// transaction's storage CPU.
+///
+/// So a commit made while other write transactions are open does not flush at
+/// once. The first such commit leads: it yields to the writer's other ready tasks
+/// for up to [`QuorumConfig::commit_gather_rounds`] scheduler rounds, stopping
+/// early once every open transaction has joined, and then sends everything
+/// appended meanwhile as one batch. Commits arriving during those rounds join. A
+/// round takes as long as the writer's other ready work, so the wait grows with
+/// load and is nothing on an idle writer; a commit with no other transaction open
+/// (one client) never waits. This is PostgreSQL's `commit_delay` with
+/// `commit_siblings`, measured in work the writer has to do instead of in time.
+#[derive(Default)]
+struct Gather {
+    /// A leader is gathering. Changed only under the core lock (see `send_for`).
+    leading: AtomicBool,
+    /// Commits that joined the current gathering.
+    joined: AtomicUsize,
+}
+
+/// What [`RemoteVolume::send_for`] did.
+enum Sent {
+    Durable,
+    Flushed,
+    Joined,
+    Leading,
 }
 
 /// How long appended records may wait for a commit to flush them before they are
@@ -157,6 +193,7 @@ impl RemoteVolume {
             unflushed: Notify::new(),
             idle_reads: Mutex::new(read_rxs),
             cfg: qcfg.clone(),
+            gather: Gather::default(),
         });
         tokio::spawn(flusher(shared.clone(), shutdown_rx.clone()));
         tokio::spawn(lazy_flusher(shared.clone(), shutdown_rx.clone()));
@@ -286,21 +323,74 @@ impl RemoteVolume {
     }
 
     pub async fn wait_durable(&self, lsn: Lsn) -> Result<(), VolumeError> {
-        {
-            let mut core = self.shared.lock();
-            if lsn > core.last_lsn() {
-                return Err(VolumeError::ReadPoint {
-                    read: lsn,
-                    why: format!("beyond last LSN {}", core.last_lsn()),
-                });
-            }
-            if lsn <= core.vdl() {
-                return Ok(());
-            }
-            let wake = core.request_flush(lsn);
-            drop(core);
-            self.wake(wake);
+        match self.send_for(lsn, false)? {
+            Sent::Durable => Ok(()),
+            _ => self.await_vdl(lsn).await,
         }
+    }
+
+    /// [`wait_durable`](Self::wait_durable) for a commit while `others_open` other
+    /// write transactions are open: see "Commit gathering" at [`Gather`].
+    pub async fn wait_commit(&self, lsn: Lsn, others_open: usize) -> Result<(), VolumeError> {
+        let rounds = self.shared.cfg.commit_gather_rounds;
+        if others_open == 0 || rounds == 0 {
+            return self.wait_durable(lsn).await;
+        }
+        match self.send_for(lsn, true)? {
+            Sent::Durable => return Ok(()),
+            Sent::Leading => {
+                let gather = &self.shared.gather;
+                for _ in 0..rounds {
+                    if gather.joined.load(Ordering::Relaxed) >= others_open {
+                        break; // every open transaction is in the group
+                    }
+                    tokio::task::yield_now().await;
+                }
+                let wake = {
+                    let mut core = self.shared.lock();
+                    gather.leading.store(false, Ordering::Relaxed);
+                    gather.joined.store(0, Ordering::Relaxed);
+                    let last = core.last_lsn();
+                    core.request_flush(last)
+                };
+                self.wake(wake);
+            }
+            Sent::Flushed | Sent::Joined => {}
+        }
+        self.await_vdl(lsn).await
+    }
+
+    /// Checks `lsn` against the volume and, unless it is durable already, has it
+    /// sent: at once, or (`gather`) by joining or leading a commit gathering.
+    fn send_for(&self, lsn: Lsn, gather: bool) -> Result<Sent, VolumeError> {
+        let mut core = self.shared.lock();
+        if lsn > core.last_lsn() {
+            return Err(VolumeError::ReadPoint {
+                read: lsn,
+                why: format!("beyond last LSN {}", core.last_lsn()),
+            });
+        }
+        if lsn <= core.vdl() {
+            return Ok(Sent::Durable);
+        }
+        if gather {
+            // `leading` changes only under the core lock: a joiner's records were
+            // appended before the leader's final flush reads the last LSN.
+            let g = &self.shared.gather;
+            if g.leading.swap(true, Ordering::Relaxed) {
+                g.joined.fetch_add(1, Ordering::Relaxed);
+                return Ok(Sent::Joined);
+            }
+            return Ok(Sent::Leading);
+        }
+        let wake = core.request_flush(lsn);
+        drop(core);
+        self.wake(wake);
+        Ok(Sent::Flushed)
+    }
+
+    /// Waits for VDL to reach `lsn`, hedging a slow commit to the lazy segments.
+    async fn await_vdl(&self, lsn: Lsn) -> Result<(), VolumeError> {
         let mut rx = self.shared.vdl.subscribe();
         let done = |s: &(Lsn, bool)| s.0 >= lsn || s.1;
         let hedge_after = self.shared.cfg.commit_hedge_after;
@@ -352,6 +442,7 @@ impl RemoteVolume {
             last_lsn: core.last_lsn(),
             protection_groups: core.pg_count() as u32,
             commit_hedges: core.commit_hedges(),
+            flushes: core.flushes(),
         }
     }
 }

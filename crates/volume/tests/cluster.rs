@@ -530,3 +530,75 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
         cluster.kill(i).await;
     }
 }
+
+/// Commits made while other write transactions are open gather into shared
+/// flushes (see "Commit gathering" in `remote.rs`); a commit whose siblings never
+/// commit is sent anyway, and one with no siblings is sent at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_share_flushes_and_a_lone_one_is_not_held() {
+    let _ = borealis_common::logging::init("volume-test", None);
+    let mut cluster = Cluster::start().await;
+    let (vcfg, qcfg) = config();
+    let topo = cluster.topology(vcfg.geometry);
+    let w = bounded(
+        "open writer",
+        Volume::open_writer_with(topo, Epoch(1), vcfg, qcfg),
+    )
+    .await
+    .expect("open");
+    let mut touched = std::collections::HashSet::new();
+
+    // Rounds of eight transactions, each appending then committing, all at once.
+    const CLIENTS: u64 = 8;
+    const ROUNDS: u64 = 10;
+    let before = w.status().flushes;
+    let mut last = Lsn::ZERO;
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for c in 0..CLIENTS {
+            let ops = mtr(round * CLIENTS + c, &mut touched);
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                let recs = w.append(ops).await.expect("append");
+                let lsn = recs.last().expect("non-empty").lsn;
+                w.wait_commit(lsn, (CLIENTS - 1) as usize)
+                    .await
+                    .expect("commit");
+                assert!(w.vdl() >= lsn, "a commit returned before VDL reached it");
+                lsn
+            }));
+        }
+        for t in tasks {
+            last = last.max(bounded("commit", t).await.expect("task"));
+        }
+    }
+    let flushes = w.status().flushes - before;
+    assert!(
+        flushes <= ROUNDS * CLIENTS / 2,
+        "{} commits took {flushes} flushes: they did not gather",
+        ROUNDS * CLIENTS
+    );
+
+    // Siblings that never commit do not hold a commit back for long, and a commit
+    // with none is sent at once: both are bounded by far less than the hedge.
+    for others in [5, 0] {
+        let recs = w.append(vec![(1, Op::Noop)]).await.expect("append");
+        let lsn = recs[0].lsn;
+        let flushes = w.status().flushes;
+        let started = std::time::Instant::now();
+        bounded("lone commit", w.wait_commit(lsn, others))
+            .await
+            .expect("commit");
+        assert!(lsn > last && w.vdl() >= lsn);
+        assert_eq!(w.status().flushes, flushes + 1, "others_open = {others}");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "a lone commit (others_open = {others}) took {:?}",
+            started.elapsed()
+        );
+    }
+    drop(w);
+    for i in 0..6 {
+        cluster.kill(i).await;
+    }
+}
