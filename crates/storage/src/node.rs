@@ -25,7 +25,7 @@ use crate::proto::{
 };
 use crate::segment::{
     membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
-    IMAGE_CACHE_PAGES,
+    IMAGE_CACHE_PAGES, RECORD_ENTRY_OVERHEAD, SMALL_ENTRY_BYTES,
 };
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -625,7 +625,7 @@ impl<D: Disk> Node<D> {
         if !out.is_empty() {
             seg.log_bytes += out.len() as u64;
             self.stats.bytes_appended += out.len() as u64;
-            if let Err(e) = self.disk.append_log(*pg, &out) {
+            if let Err(e) = self.disk.append_log(*pg, out) {
                 self.fail("log append (gossip)", &e);
                 return 0;
             }
@@ -698,7 +698,15 @@ impl<D: Disk> Node<D> {
                 .entry(batch.pg)
                 .or_insert_with(|| Segment::new(batch.pg));
             let mut lsns = Vec::with_capacity(batch.records.len());
-            let mut out = Vec::new();
+            // Sized once: a bulk load's batch is megabytes.
+            let mut out = Vec::with_capacity(
+                batch
+                    .records
+                    .iter()
+                    .map(|r| r.len() + RECORD_ENTRY_OVERHEAD)
+                    .sum::<usize>()
+                    + 2 * SMALL_ENTRY_BYTES,
+            );
             // Durable with this batch (it syncs before the ack), so a restart keeps
             // refusing older memberships.
             let membership_moved = seg.note_membership(batch.membership_epoch);
@@ -739,7 +747,7 @@ impl<D: Disk> Node<D> {
             if !out.is_empty() {
                 seg.log_bytes += out.len() as u64;
                 self.stats.bytes_appended += out.len() as u64;
-                if let Err(e) = self.disk.append_log(batch.pg, &out) {
+                if let Err(e) = self.disk.append_log(batch.pg, out) {
                     return Handled::Reply(self.fail("log append", &e));
                 }
             }

@@ -292,6 +292,11 @@ fn entry_into(out: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Bytes a record's entry adds to the record: length and CRC, type, epoch.
+pub const RECORD_ENTRY_OVERHEAD: usize = 8 + 1 + 8;
+/// Bytes of a VDL hint or membership entry.
+pub const SMALL_ENTRY_BYTES: usize = 8 + 1 + 8;
+
 /// Frames a log entry.
 fn entry(kind: u8, payload: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();

@@ -415,7 +415,7 @@ fn replay_of_arbitrary_bytes_never_panics() {
         let _ = Segment::replay(PG, &buf, &[]);
     }
     let mut d = MemDisk::new();
-    d.append_log(PG, &[0xff; 100]).unwrap();
+    d.append_log(PG, vec![0xff; 100]).unwrap();
     let node = open(&d);
     assert_eq!(node.stats.torn_tails_cut, 1);
 }
@@ -532,9 +532,9 @@ fn file_disk_journal_restores_lost_segment_writes() {
     let seg = |pg: u32| dir.path().join(format!("segment-{pg:08}.log"));
     {
         let mut d = FileDisk::open(dir.path()).unwrap();
-        d.append_log(PgId(1), b"hello ").unwrap();
-        d.append_log(PgId(2), b"other").unwrap();
-        d.append_log(PgId(1), b"world").unwrap();
+        d.append_log(PgId(1), b"hello ".to_vec()).unwrap();
+        d.append_log(PgId(2), b"other".to_vec()).unwrap();
+        d.append_log(PgId(1), b"world".to_vec()).unwrap();
         assert!(
             log_is(&d.read_log(PgId(1)).unwrap(), b"hello world"),
             "pending appends are readable"
@@ -551,7 +551,7 @@ fn file_disk_journal_restores_lost_segment_writes() {
         assert!(log_is(&d.read_log(PgId(2)).unwrap(), b"other"));
         // Compaction replaces the file: nothing old may be replayed into it.
         d.replace_log(PgId(1), b"compact").unwrap();
-        d.append_log(PgId(1), b"+more").unwrap();
+        d.append_log(PgId(1), b"+more".to_vec()).unwrap();
         d.sync_job(&[PgId(1)]).unwrap()().unwrap();
     }
     {
@@ -560,7 +560,7 @@ fn file_disk_journal_restores_lost_segment_writes() {
         // Write far more than the journal holds: checkpoints keep everything.
         let chunk = vec![7u8; 300_000];
         for _ in 0..80 {
-            d.append_log(PgId(3), &chunk).unwrap();
+            d.append_log(PgId(3), chunk.clone()).unwrap();
             d.sync_job(&[PgId(3)]).unwrap()().unwrap();
         }
     }
