@@ -303,6 +303,16 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         quorum.lazy_segments = n.min(2);
         log::info!("lazy segments per PG: {}", quorum.lazy_segments);
     }
+    // BOREALIS_COMMIT_GATHER_ROUNDS (default 8): scheduler rounds a commit waits for
+    // others to join its flush while other write transactions are open ("Commit
+    // gathering", volume::remote); 0 sends every commit at once. Same kind of knob.
+    if let Some(n) = std::env::var("BOREALIS_COMMIT_GATHER_ROUNDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        quorum.commit_gather_rounds = n.min(1024);
+        log::info!("commit gather rounds: {}", quorum.commit_gather_rounds);
+    }
     let volume =
         Volume::open_writer_with(topology, Epoch(config.epoch), volume_config, quorum).await?;
     let db = Database::open_with_cache(volume.clone(), config.cache_pages)
