@@ -2521,6 +2521,13 @@ fn first_words(sql: &str) -> String {
     sql.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
+fn isolation_name(iso: borealis_engine::Isolation) -> &'static str {
+    match iso {
+        borealis_engine::Isolation::RepeatableRead => "repeatable read",
+        borealis_engine::Isolation::ReadCommitted => "read committed",
+    }
+}
+
 fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
     if let Some(v) = s.settings.get(name) {
         return Ok(v.clone());
@@ -2529,18 +2536,19 @@ fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
         "server_version" => "15.0".into(),
         "server_version_num" => "150000".into(),
         "transaction isolation level" | "transaction_isolation" => {
-            match s.txn.as_ref().map(|t| t.isolation) {
-                Some(borealis_engine::Isolation::RepeatableRead) => "repeatable read".into(),
-                _ => "read committed".into(),
-            }
+            isolation_name(s.txn.as_ref().map_or(s.default_isolation, |t| t.isolation)).into()
         }
+        "default_transaction_isolation" => isolation_name(s.default_isolation).into(),
+        "transaction_read_only" => match s.txn.as_ref().is_some_and(|t| t.read_only) {
+            true => "on".into(),
+            false => "off".into(),
+        },
         "timezone" => "UTC".into(),
         "datestyle" => "ISO, MDY".into(),
         "client_encoding" | "server_encoding" => "UTF8".into(),
         "standard_conforming_strings" => "on".into(),
         "search_path" => "\"$user\", public".into(),
         "max_connections" => "100".into(),
-        "default_transaction_isolation" => "read committed".into(),
         "lc_collate" | "lc_ctype" => "C".into(),
         "integer_datetimes" => "on".into(),
         "statement_timeout" | "lock_timeout" | "idle_in_transaction_session_timeout" => "0".into(),

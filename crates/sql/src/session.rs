@@ -167,7 +167,7 @@ pub struct Session {
     pub database: Arc<str>,
     pub(crate) txn: Option<Txn>,
     status: TransactionStatus,
-    default_isolation: Isolation,
+    pub(crate) default_isolation: Isolation,
     pub(crate) settings: HashMap<String, String>,
     pub(crate) copy: Option<exec::CopyState>,
     /// Notices raised since the front end last asked (severity, notice).
@@ -345,24 +345,58 @@ fn isolation_of(
     modes: &[TransactionMode],
     default: Isolation,
 ) -> Result<(Isolation, bool), SqlError> {
-    let mut iso = default;
-    let mut read_only = false;
+    let (mut iso, mut read_only) = (default, false);
+    apply_modes(modes, &mut iso, &mut read_only)?;
+    Ok((iso, read_only))
+}
+
+/// Applies transaction modes over `iso` and `read_only`; a mode not named keeps
+/// its value.
+fn apply_modes(
+    modes: &[TransactionMode],
+    iso: &mut Isolation,
+    read_only: &mut bool,
+) -> Result<(), SqlError> {
     for m in modes {
         match m {
             TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadCommitted)
-            | TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadUncommitted) => iso = Isolation::ReadCommitted,
-            TransactionMode::IsolationLevel(TransactionIsolationLevel::RepeatableRead) => iso = Isolation::RepeatableRead,
+            | TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadUncommitted) => *iso = Isolation::ReadCommitted,
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::RepeatableRead) => *iso = Isolation::RepeatableRead,
             TransactionMode::IsolationLevel(other) => {
                 return Err(SqlError::new(
                     "0A000",
                     format!("isolation level {other} is not supported; use READ COMMITTED or REPEATABLE READ"),
                 ))
             }
-            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly) => read_only = true,
-            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite) => read_only = false,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly) => *read_only = true,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite) => *read_only = false,
         }
     }
-    Ok((iso, read_only))
+    Ok(())
+}
+
+/// `SET TRANSACTION` inside a block. As in PostgreSQL, once a query has run (it took
+/// a snapshot under the old modes) only the isolation level it already has, or a
+/// switch to READ ONLY, is accepted.
+fn set_transaction_modes(txn: &mut Txn, modes: &[TransactionMode]) -> Result<(), SqlError> {
+    let (mut iso, mut read_only) = (txn.isolation, txn.read_only);
+    apply_modes(modes, &mut iso, &mut read_only)?;
+    let ran_query = txn.cid > 0;
+    if ran_query && iso != txn.isolation {
+        return Err(SqlError::new(
+            "25001",
+            "SET TRANSACTION ISOLATION LEVEL must be called before any query",
+        ));
+    }
+    if ran_query && txn.read_only && !read_only {
+        return Err(SqlError::new(
+            "25001",
+            "transaction read-write mode must be set before any query",
+        ));
+    }
+    txn.isolation = iso;
+    txn.read_only = read_only;
+    Ok(())
 }
 
 impl Session {
@@ -745,12 +779,26 @@ impl Session {
                 session: false,
                 ..
             }) => {
-                let (iso, read_only) = isolation_of(modes, self.default_isolation)?;
-                if let Some(txn) = self.txn.as_mut() {
-                    txn.isolation = iso;
-                    txn.read_only = read_only;
+                let set = ExecResult::Command { tag: "SET".into() };
+                let txn = match (self.status, self.txn.as_mut()) {
+                    (TransactionStatus::InBlock, Some(txn)) => txn,
+                    _ => {
+                        self.warn(
+                            "WARNING",
+                            "25P01",
+                            "SET TRANSACTION can only be used in transaction blocks",
+                        );
+                        return Ok(set);
+                    }
+                };
+                match set_transaction_modes(txn, modes) {
+                    Ok(()) => return Ok(set),
+                    Err(e) => {
+                        // An error inside a block aborts it, as any other does.
+                        self.fail_block().await;
+                        return Err(e);
+                    }
                 }
-                return Ok(ExecResult::Command { tag: "SET".into() });
             }
             _ => {}
         }
