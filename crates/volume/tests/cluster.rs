@@ -126,6 +126,18 @@ fn config() -> (VolumeConfig, QuorumConfig) {
     )
 }
 
+/// A writer over `topo` at `epoch`, recovered and serving (config as [`config`]).
+async fn open_writer(topo: &Topology, epoch: u64) -> Volume {
+    let (vcfg, qcfg) = config();
+    let what = format!("open writer at epoch {epoch}");
+    bounded(
+        &what,
+        Volume::open_writer_with(topo.clone(), Epoch(epoch), vcfg, qcfg),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"))
+}
+
 /// A deterministic MTR touching a few pages across PGs.
 fn mtr(i: u64, touched: &mut std::collections::HashSet<PageNo>) -> Vec<(PageNo, Op)> {
     let mut ops = Vec::new();
@@ -194,17 +206,12 @@ async fn check_pages(vol: &Volume, model: &Volume, at: Lsn) {
 async fn writes_survive_an_az_outage_restart_and_recovery() {
     let _ = borealis_common::logging::init("volume-test", None);
     let mut cluster = Cluster::start().await;
-    let (vcfg, qcfg) = config();
+    let (vcfg, _) = config();
     let topo = cluster.topology(vcfg.geometry);
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
 
-    let w1 = bounded(
-        "open writer",
-        Volume::open_writer_with(topo.clone(), Epoch(1), vcfg.clone(), qcfg.clone()),
-    )
-    .await
-    .expect("open writer 1");
+    let w1 = open_writer(&topo, 1).await;
     let l1 = write_batch(&w1, &model, 0..60, &mut touched).await;
     assert!(w1.vdl() >= l1);
     check_pages(&w1, &model, l1).await;
@@ -223,12 +230,7 @@ async fn writes_survive_an_az_outage_restart_and_recovery() {
     // The AZ comes back; a new writer recovers under epoch 2.
     cluster.restart(0).await;
     cluster.restart(1).await;
-    let w2 = bounded(
-        "open writer",
-        Volume::open_writer_with(topo.clone(), Epoch(2), vcfg.clone(), qcfg.clone()),
-    )
-    .await
-    .expect("open writer 2");
+    let w2 = open_writer(&topo, 2).await;
     assert_eq!(w2.vdl(), l2, "recovery finds exactly the acknowledged log");
     check_pages(&w2, &model, l2).await;
 
@@ -255,12 +257,7 @@ async fn writes_survive_an_az_outage_restart_and_recovery() {
     for i in 0..6 {
         cluster.restart(i).await;
     }
-    let w3 = bounded(
-        "open writer",
-        Volume::open_writer_with(topo, Epoch(3), vcfg, qcfg),
-    )
-    .await
-    .expect("open writer 3");
+    let w3 = open_writer(&topo, 3).await;
     assert_eq!(w3.vdl(), l3);
     check_pages(&w3, &model, l3).await;
     for i in 0..6 {
@@ -274,16 +271,11 @@ async fn a_node_that_lost_its_disk_is_rebuilt_from_peers_by_gossip() {
     use borealis_storage::proto::{Request, Response};
     let _ = borealis_common::logging::init("volume-test", None);
     let mut cluster = Cluster::start().await;
-    let (vcfg, qcfg) = config();
+    let (vcfg, _) = config();
     let topo = cluster.topology(vcfg.geometry);
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
-    let w = bounded(
-        "open writer",
-        Volume::open_writer_with(topo, Epoch(1), vcfg, qcfg),
-    )
-    .await
-    .expect("open");
+    let w = open_writer(&topo, 1).await;
     let l1 = write_batch(&w, &model, 0..80, &mut touched).await;
 
     // storage-c2 loses its disk: it comes back empty.
@@ -402,16 +394,11 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
     use borealis_storage::proto::{Append, ErrorCode, PgBatch, Request, Response};
     let _ = borealis_common::logging::init("volume-test", None);
     let mut cluster = Cluster::start().await;
-    let (vcfg, qcfg) = config();
+    let (vcfg, _) = config();
     let topo = cluster.topology(vcfg.geometry);
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
-    let w = bounded(
-        "open writer",
-        Volume::open_writer_with(topo.clone(), Epoch(1), vcfg.clone(), qcfg.clone()),
-    )
-    .await
-    .expect("open");
+    let w = open_writer(&topo, 1).await;
     let l1 = write_batch(&w, &model, 0..80, &mut touched).await;
     // Let the segments fold records into page images (PGMRPL moves with appends).
     w.set_min_read_point(l1);
@@ -516,12 +503,7 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
 
     // A new writer recovers from the new six alone (storage-b1 never returns).
     drop(w);
-    let w2 = bounded(
-        "recover on the new six",
-        Volume::open_writer_with(done, Epoch(2), vcfg, qcfg),
-    )
-    .await
-    .expect("recover");
+    let w2 = open_writer(&done, 2).await;
     assert!(w2.vdl() >= l4);
     check_pages(&w2, &model, l4).await;
     drop(w2);
@@ -538,14 +520,9 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
 async fn concurrent_commits_share_flushes_and_a_lone_one_is_not_held() {
     let _ = borealis_common::logging::init("volume-test", None);
     let mut cluster = Cluster::start().await;
-    let (vcfg, qcfg) = config();
+    let (vcfg, _) = config();
     let topo = cluster.topology(vcfg.geometry);
-    let w = bounded(
-        "open writer",
-        Volume::open_writer_with(topo, Epoch(1), vcfg, qcfg),
-    )
-    .await
-    .expect("open");
+    let w = open_writer(&topo, 1).await;
     let mut touched = std::collections::HashSet::new();
 
     // Rounds of eight transactions, each appending then committing, all at once.
