@@ -84,6 +84,23 @@ struct Gather {
     joined: AtomicUsize,
 }
 
+/// A gathering's leader: ends the gathering and sends what it gathered when
+/// dropped, however the leading commit ends.
+struct Leader<'a>(&'a Shared);
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let wake = {
+            let mut core = self.0.lock();
+            self.0.gather.leading.store(false, Ordering::Relaxed);
+            self.0.gather.joined.store(0, Ordering::Relaxed);
+            let last = core.last_lsn();
+            core.request_flush(last)
+        };
+        self.0.wake(wake);
+    }
+}
+
 /// What [`RemoteVolume::send_for`] did.
 enum Sent {
     Durable,
@@ -339,21 +356,16 @@ impl RemoteVolume {
         match self.send_for(lsn, true)? {
             Sent::Durable => return Ok(()),
             Sent::Leading => {
-                let gather = &self.shared.gather;
+                // Flushes when dropped: also if this future is dropped mid-gathering
+                // (a session torn down), or the joiners would wait for the flusher.
+                let lead = Leader(&self.shared);
                 for _ in 0..rounds {
-                    if gather.joined.load(Ordering::Relaxed) >= others_open {
+                    if lead.0.gather.joined.load(Ordering::Relaxed) >= others_open {
                         break; // every open transaction is in the group
                     }
                     tokio::task::yield_now().await;
                 }
-                let wake = {
-                    let mut core = self.shared.lock();
-                    gather.leading.store(false, Ordering::Relaxed);
-                    gather.joined.store(0, Ordering::Relaxed);
-                    let last = core.last_lsn();
-                    core.request_flush(last)
-                };
-                self.wake(wake);
+                drop(lead);
             }
             Sent::Flushed | Sent::Joined => {}
         }

@@ -574,6 +574,36 @@ async fn concurrent_commits_share_flushes_and_a_lone_one_is_not_held() {
             started.elapsed()
         );
     }
+
+    // A leading commit dropped mid-gathering (its session torn down) still sends
+    // what it gathered, and the next commit leads a gathering of its own.
+    let recs = w.append(vec![(2, Op::Noop)]).await.expect("append");
+    let flushes = w.status().flushes;
+    {
+        use std::future::Future;
+        let mut leading = std::pin::pin!(w.wait_commit(recs[0].lsn, 5));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            leading.as_mut().poll(&mut cx).is_pending(),
+            "the leader should still be gathering"
+        );
+        assert_eq!(w.status().flushes, flushes, "nothing sent while gathering");
+    } // dropped here, mid-gathering
+    assert_eq!(w.status().flushes, flushes + 1, "a dropped leader flushes");
+    bounded(
+        "durable after a dropped leader",
+        w.wait_durable(recs[0].lsn),
+    )
+    .await
+    .expect("durable");
+    let recs = w.append(vec![(3, Op::Noop)]).await.expect("append");
+    bounded(
+        "commit after a dropped leader",
+        w.wait_commit(recs[0].lsn, 5),
+    )
+    .await
+    .expect("commit");
+    assert_eq!(w.status().flushes, flushes + 2, "the next commit led");
     drop(w);
     for i in 0..6 {
         cluster.kill(i).await;
