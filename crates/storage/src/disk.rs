@@ -157,11 +157,7 @@ impl Journal {
             // Already a large write (a bulk load): write it out behind what the
             // segment has buffered instead of copying it into a buffer first.
             if let Some(b) = self.unwritten.remove(&w.pg) {
-                if self.incarnation.get(&b.pg).copied().unwrap_or(0) == b.incarnation {
-                    self.write_out(b)?;
-                } else {
-                    self.recycle(b.bytes);
-                }
+                self.retire(b)?;
             }
             return self.write_out(w);
         }
@@ -181,13 +177,25 @@ impl Journal {
             ..w
         };
         if let Some(old) = self.unwritten.insert(w.pg, w) {
-            if self.incarnation.get(&old.pg).copied().unwrap_or(0) == old.incarnation {
-                self.write_out(old)?;
-            } else {
-                self.recycle(old.bytes);
-            }
+            self.retire(old)?;
         }
         Ok(())
+    }
+
+    /// `w` is for the segment's current file (not one replaced or cut since).
+    fn current(&self, w: &PendingWrite) -> bool {
+        self.incarnation.get(&w.pg).copied().unwrap_or(0) == w.incarnation
+    }
+
+    /// Ends a segment's buffer: written out, unless its file was replaced since
+    /// (the replacement already holds its bytes).
+    fn retire(&mut self, b: PendingWrite) -> io::Result<()> {
+        if self.current(&b) {
+            self.write_out(b)
+        } else {
+            self.recycle(b.bytes);
+            Ok(())
+        }
     }
 }
 
@@ -382,9 +390,7 @@ fn write_header(file: &File, generation: u64) -> io::Result<()> {
 /// journal generation: from here on the journal's old entries are not needed.
 fn checkpoint(j: &mut Journal) -> io::Result<()> {
     for (_, w) in std::mem::take(&mut j.unwritten) {
-        if j.incarnation.get(&w.pg).copied().unwrap_or(0) == w.incarnation {
-            j.write_out(w)?;
-        }
+        j.retire(w)?;
     }
     for f in j.dirty.values() {
         fdatasync(f)?;
@@ -475,10 +481,7 @@ fn open_journal(dir: &Path) -> io::Result<Journal> {
 fn commit_writes(journal: &Mutex<Journal>, writes: Vec<PendingWrite>) -> io::Result<()> {
     use std::os::unix::fs::FileExt;
     let mut j = journal.lock().unwrap_or_else(|p| p.into_inner());
-    let live: Vec<PendingWrite> = writes
-        .into_iter()
-        .filter(|w| j.incarnation.get(&w.pg).copied().unwrap_or(0) == w.incarnation)
-        .collect();
+    let live: Vec<PendingWrite> = writes.into_iter().filter(|w| j.current(w)).collect();
     if live.is_empty() {
         return Ok(());
     }
