@@ -2528,6 +2528,10 @@ fn isolation_name(iso: borealis_engine::Isolation) -> &'static str {
     }
 }
 
+fn on_off(b: bool) -> String {
+    if b { "on" } else { "off" }.into()
+}
+
 fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
     if let Some(v) = s.settings.get(name) {
         return Ok(v.clone());
@@ -2539,10 +2543,10 @@ fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
             isolation_name(s.txn.as_ref().map_or(s.default_isolation, |t| t.isolation)).into()
         }
         "default_transaction_isolation" => isolation_name(s.default_isolation).into(),
-        "transaction_read_only" => match s.txn.as_ref().is_some_and(|t| t.read_only) {
-            true => "on".into(),
-            false => "off".into(),
-        },
+        "transaction_read_only" => {
+            on_off(s.txn.as_ref().map_or(s.default_read_only, |t| t.read_only))
+        }
+        "default_transaction_read_only" => on_off(s.default_read_only),
         "timezone" => "UTC".into(),
         "datestyle" => "ISO, MDY".into(),
         "client_encoding" | "server_encoding" => "UTF8".into(),
@@ -2562,6 +2566,34 @@ fn show_value(s: &Session, name: &str) -> Result<String, SqlError> {
     })
 }
 
+fn parse_isolation(value: &str) -> Result<borealis_engine::Isolation, SqlError> {
+    match value.trim().to_lowercase().as_str() {
+        "read committed" | "read uncommitted" | "default" => {
+            Ok(borealis_engine::Isolation::ReadCommitted)
+        }
+        "repeatable read" => Ok(borealis_engine::Isolation::RepeatableRead),
+        "serializable" => Err(SqlError::new(
+            "0A000",
+            "isolation level SERIALIZABLE is not supported; use READ COMMITTED or REPEATABLE READ",
+        )),
+        other => Err(SqlError::new(
+            "22023",
+            format!("invalid value for parameter \"default_transaction_isolation\": \"{other}\""),
+        )),
+    }
+}
+
+fn parse_bool(name: &str, value: &str) -> Result<bool, SqlError> {
+    match value.trim().to_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" | "t" | "y" => Ok(true),
+        "off" | "false" | "no" | "0" | "f" | "n" | "default" => Ok(false),
+        _ => Err(SqlError::new(
+            "22023",
+            format!("parameter \"{name}\" requires a Boolean value"),
+        )),
+    }
+}
+
 fn set_variable(s: &mut Session, set: &ast::Set) -> Result<ExecResult, SqlError> {
     match set {
         ast::Set::SingleAssignment {
@@ -2579,7 +2611,22 @@ fn set_variable(s: &mut Session, set: &ast::Set) -> Result<ExecResult, SqlError>
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            s.settings.insert(name, value);
+            // The transaction settings are kept where transactions read them, not
+            // as strings nobody reads (that would be silently weaker).
+            match name.as_str() {
+                "default_transaction_isolation" => {
+                    s.default_isolation = parse_isolation(&value)?;
+                }
+                "default_transaction_read_only" => s.default_read_only = parse_bool(&name, &value)?,
+                "transaction_isolation" | "transaction_read_only" => {
+                    return Err(SqlError::unsupported(format!(
+                        "SET {name} (use SET TRANSACTION)"
+                    )))
+                }
+                _ => {
+                    s.settings.insert(name, value);
+                }
+            }
             Ok(ExecResult::Command { tag: "SET".into() })
         }
         ast::Set::SetTimeZone { value, .. } => {
@@ -4081,9 +4128,8 @@ pub(crate) async fn copy_done(s: &mut Session) -> Result<ExecResult, SqlError> {
 fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
     let engine = s.engine().clone();
     let (database, user) = (s.database.clone(), s.user.clone());
-    let txn = s
-        .txn
-        .get_or_insert_with(|| engine.begin(borealis_engine::Isolation::ReadCommitted, false));
+    let (iso, read_only) = (s.default_isolation, s.default_read_only);
+    let txn = s.txn.get_or_insert_with(|| engine.begin(iso, read_only));
     Exec {
         engine,
         txn,

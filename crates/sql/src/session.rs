@@ -135,6 +135,7 @@ impl Database {
             txn: None,
             status: TransactionStatus::Idle,
             default_isolation: Isolation::ReadCommitted,
+            default_read_only: false,
             settings: HashMap::new(),
             copy: None,
             notices: Vec::new(),
@@ -168,6 +169,8 @@ pub struct Session {
     pub(crate) txn: Option<Txn>,
     status: TransactionStatus,
     pub(crate) default_isolation: Isolation,
+    /// `default_transaction_read_only`: new transactions start READ ONLY.
+    pub(crate) default_read_only: bool,
     pub(crate) settings: HashMap<String, String>,
     pub(crate) copy: Option<exec::CopyState>,
     /// Notices raised since the front end last asked (severity, notice).
@@ -343,9 +346,9 @@ enum SavepointOp {
 
 fn isolation_of(
     modes: &[TransactionMode],
-    default: Isolation,
+    default: (Isolation, bool),
 ) -> Result<(Isolation, bool), SqlError> {
-    let (mut iso, mut read_only) = (default, false);
+    let (mut iso, mut read_only) = default;
     apply_modes(modes, &mut iso, &mut read_only)?;
     Ok((iso, read_only))
 }
@@ -637,9 +640,9 @@ impl Session {
     /// The transaction for the next statement, starting one if needed.
     pub(crate) fn txn_for_statement(&mut self) -> &mut Txn {
         let engine = self.db.engine.clone();
-        let iso = self.default_isolation;
+        let (iso, read_only) = (self.default_isolation, self.default_read_only);
         let cancel = self.cancel.clone();
-        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, false));
+        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, read_only));
         txn.cancel = cancel;
         engine.start_statement(txn);
         txn
@@ -658,8 +661,8 @@ impl Session {
             ));
         }
         let engine = self.db.engine.clone();
-        let iso = self.default_isolation;
-        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, false));
+        let (iso, read_only) = (self.default_isolation, self.default_read_only);
+        let txn = self.txn.get_or_insert_with(|| engine.begin(iso, read_only));
         let r = match op {
             SavepointOp::Create => engine.savepoint(txn, name).await,
             SavepointOp::Release => engine.release_savepoint(txn, name).await,
@@ -691,7 +694,8 @@ impl Session {
                         tag: "BEGIN".into(),
                     });
                 }
-                let (iso, read_only) = match isolation_of(modes, self.default_isolation) {
+                let defaults = (self.default_isolation, self.default_read_only);
+                let (iso, read_only) = match isolation_of(modes, defaults) {
                     Ok(v) => v,
                     Err(e) => return Err(e),
                 };
@@ -770,8 +774,8 @@ impl Session {
                 session: true,
                 ..
             }) => {
-                let (iso, _) = isolation_of(modes, self.default_isolation)?;
-                self.default_isolation = iso;
+                let defaults = (self.default_isolation, self.default_read_only);
+                (self.default_isolation, self.default_read_only) = isolation_of(modes, defaults)?;
                 return Ok(ExecResult::Command { tag: "SET".into() });
             }
             Statement::Set(sqlparser::ast::Set::SetTransaction {
