@@ -24,8 +24,8 @@ use crate::proto::{
     Append, ErrorCode, PgAck, Request, Response, SegmentInfo, Truncation, MAX_HISTORY,
 };
 use crate::segment::{
-    membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
-    IMAGE_CACHE_PAGES, RECORD_ENTRY_OVERHEAD, SMALL_ENTRY_BYTES,
+    entries_buffer, membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted,
+    ReadError, Segment, IMAGE_CACHE_PAGES,
 };
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -604,7 +604,7 @@ impl<D: Disk> Node<D> {
             .segments
             .entry(*pg)
             .or_insert_with(|| Segment::new(*pg));
-        let mut out = Vec::new();
+        let mut out = entries_buffer(records.iter().map(|r| r.bytes.len()));
         let mut new = 0;
         for r in records {
             let Ok(h) = borealis_redo::decode_header(&r.bytes) else {
@@ -698,15 +698,7 @@ impl<D: Disk> Node<D> {
                 .entry(batch.pg)
                 .or_insert_with(|| Segment::new(batch.pg));
             let mut lsns = Vec::with_capacity(batch.records.len());
-            // Sized once: a bulk load's batch is megabytes.
-            let mut out = Vec::with_capacity(
-                batch
-                    .records
-                    .iter()
-                    .map(|r| r.len() + RECORD_ENTRY_OVERHEAD)
-                    .sum::<usize>()
-                    + 2 * SMALL_ENTRY_BYTES,
-            );
+            let mut out = entries_buffer(batch.records.iter().map(Vec::len));
             // Durable with this batch (it syncs before the ack), so a restart keeps
             // refusing older memberships.
             let membership_moved = seg.note_membership(batch.membership_epoch);

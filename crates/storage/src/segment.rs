@@ -293,9 +293,17 @@ fn entry_into(out: &mut Vec<u8>, kind: u8, payload: &[&[u8]]) {
 }
 
 /// Bytes a record's entry adds to the record: length and CRC, type, epoch.
-pub const RECORD_ENTRY_OVERHEAD: usize = 8 + 1 + 8;
-/// Bytes of a VDL hint or membership entry.
-pub const SMALL_ENTRY_BYTES: usize = 8 + 1 + 8;
+const RECORD_ENTRY_OVERHEAD: usize = 8 + 1 + 8;
+/// Bytes of a VDL hint or membership entry: length and CRC, type, a u64.
+const SMALL_ENTRY_BYTES: usize = 8 + 1 + 8;
+
+/// An empty buffer with room for the entries of records of these lengths plus a
+/// VDL hint and a membership entry, so that framing a batch (megabytes in a bulk
+/// load or a gossip catch-up) never grows it.
+pub fn entries_buffer(record_lens: impl Iterator<Item = usize>) -> Vec<u8> {
+    let records: usize = record_lens.map(|l| l + RECORD_ENTRY_OVERHEAD).sum();
+    Vec::with_capacity(records + 2 * SMALL_ENTRY_BYTES)
+}
 
 /// Frames a log entry.
 fn entry(kind: u8, payload: &[&[u8]]) -> Vec<u8> {
