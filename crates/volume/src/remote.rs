@@ -103,9 +103,11 @@ impl Drop for Leader<'_> {
 
 /// What [`RemoteVolume::send_for`] did.
 enum Sent {
+    /// Already durable.
     Durable,
-    Flushed,
-    Joined,
+    /// Flushed, or in a gathering someone else leads: wait for VDL.
+    OnItsWay,
+    /// The caller leads a new gathering.
     Leading,
 }
 
@@ -367,7 +369,7 @@ impl RemoteVolume {
                 }
                 drop(lead);
             }
-            Sent::Flushed | Sent::Joined => {}
+            Sent::OnItsWay => {}
         }
         self.await_vdl(lsn).await
     }
@@ -391,14 +393,14 @@ impl RemoteVolume {
             let g = &self.shared.gather;
             if g.leading.swap(true, Ordering::Relaxed) {
                 g.joined.fetch_add(1, Ordering::Relaxed);
-                return Ok(Sent::Joined);
+                return Ok(Sent::OnItsWay);
             }
             return Ok(Sent::Leading);
         }
         let wake = core.request_flush(lsn);
         drop(core);
         self.wake(wake);
-        Ok(Sent::Flushed)
+        Ok(Sent::OnItsWay)
     }
 
     /// Waits for VDL to reach `lsn`, hedging a slow commit to the lazy segments.
