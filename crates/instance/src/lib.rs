@@ -243,6 +243,11 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
 }
 
 /// Runs the instance until the process is stopped.
+/// A number from the environment; unset or unparsable is `None`.
+fn env_knob<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
 pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
     if config.role != "writer" {
         return Err(InstanceError::Role(config.role));
@@ -292,24 +297,18 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
         geometry: topology.geometry,
         ..VolumeConfig::default()
     };
-    // BOREALIS_LAZY_SEGMENTS (0-2, default 2): how many of a PG's six segments get
-    // commits only at the 4 ms lazy flush ("eager four", see volume::quorum). A
-    // benchmarking knob, read once at start; 0 sends every commit to all six.
+    // Benchmarking knobs, read once at start (see volume::quorum and volume::remote):
+    // BOREALIS_LAZY_SEGMENTS (0-2, default 2), how many of a PG's six segments get
+    // commits only at the 4 ms lazy flush ("eager four"; 0 sends every commit to all
+    // six); BOREALIS_COMMIT_GATHER_ROUNDS (default 8), scheduler rounds a commit
+    // waits for others to join its flush while other write transactions are open
+    // ("Commit gathering"; 0 sends every commit at once).
     let mut quorum = QuorumConfig::default();
-    if let Some(n) = std::env::var("BOREALIS_LAZY_SEGMENTS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
+    if let Some(n) = env_knob::<usize>("BOREALIS_LAZY_SEGMENTS") {
         quorum.lazy_segments = n.min(2);
         log::info!("lazy segments per PG: {}", quorum.lazy_segments);
     }
-    // BOREALIS_COMMIT_GATHER_ROUNDS (default 8): scheduler rounds a commit waits for
-    // others to join its flush while other write transactions are open ("Commit
-    // gathering", volume::remote); 0 sends every commit at once. Same kind of knob.
-    if let Some(n) = std::env::var("BOREALIS_COMMIT_GATHER_ROUNDS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok())
-    {
+    if let Some(n) = env_knob::<u32>("BOREALIS_COMMIT_GATHER_ROUNDS") {
         quorum.commit_gather_rounds = n.min(1024);
         log::info!("commit gather rounds: {}", quorum.commit_gather_rounds);
     }
