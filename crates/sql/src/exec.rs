@@ -9,7 +9,9 @@
 
 use crate::expr::{self, AggBinding, AggCall, AggFunc, BindCtx, EvalCtx, Expr, Scope, ScopeColumn};
 use crate::plan::{self, KeyPlan, Resolved};
-use crate::session::{engine_error, Column, CopyFormat, ExecResult, Session};
+use crate::session::{
+    engine_error, unsupported_isolation, Column, CopyFormat, ExecResult, Session,
+};
 use crate::SqlError;
 use borealis_engine::catalog::{CheckDef, ColumnDef, IndexDef, RelKind, SequenceDef, TableDef};
 use borealis_engine::row::encode_key;
@@ -2572,10 +2574,7 @@ fn parse_isolation(value: &str) -> Result<borealis_engine::Isolation, SqlError> 
             Ok(borealis_engine::Isolation::ReadCommitted)
         }
         "repeatable read" => Ok(borealis_engine::Isolation::RepeatableRead),
-        "serializable" => Err(SqlError::new(
-            "0A000",
-            "isolation level SERIALIZABLE is not supported; use READ COMMITTED or REPEATABLE READ",
-        )),
+        "serializable" => Err(unsupported_isolation("SERIALIZABLE")),
         other => Err(SqlError::new(
             "22023",
             format!("invalid value for parameter \"default_transaction_isolation\": \"{other}\""),
@@ -2583,10 +2582,13 @@ fn parse_isolation(value: &str) -> Result<borealis_engine::Isolation, SqlError> 
     }
 }
 
+/// A Boolean setting: the words `boolean` input takes, or DEFAULT (off).
 fn parse_bool(name: &str, value: &str) -> Result<bool, SqlError> {
-    match value.trim().to_lowercase().as_str() {
-        "on" | "true" | "yes" | "1" | "t" | "y" => Ok(true),
-        "off" | "false" | "no" | "0" | "f" | "n" | "default" => Ok(false),
+    if value.trim().eq_ignore_ascii_case("default") {
+        return Ok(false);
+    }
+    match Datum::parse_text(Type::Bool, value) {
+        Ok(Datum::Bool(b)) => Ok(b),
         _ => Err(SqlError::new(
             "22023",
             format!("parameter \"{name}\" requires a Boolean value"),

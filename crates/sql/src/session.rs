@@ -363,19 +363,27 @@ fn apply_modes(
     for m in modes {
         match m {
             TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadCommitted)
-            | TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadUncommitted) => *iso = Isolation::ReadCommitted,
-            TransactionMode::IsolationLevel(TransactionIsolationLevel::RepeatableRead) => *iso = Isolation::RepeatableRead,
-            TransactionMode::IsolationLevel(other) => {
-                return Err(SqlError::new(
-                    "0A000",
-                    format!("isolation level {other} is not supported; use READ COMMITTED or REPEATABLE READ"),
-                ))
+            | TransactionMode::IsolationLevel(TransactionIsolationLevel::ReadUncommitted) => {
+                *iso = Isolation::ReadCommitted
             }
+            TransactionMode::IsolationLevel(TransactionIsolationLevel::RepeatableRead) => {
+                *iso = Isolation::RepeatableRead
+            }
+            TransactionMode::IsolationLevel(other) => return Err(unsupported_isolation(other)),
             TransactionMode::AccessMode(TransactionAccessMode::ReadOnly) => *read_only = true,
             TransactionMode::AccessMode(TransactionAccessMode::ReadWrite) => *read_only = false,
         }
     }
     Ok(())
+}
+
+/// The error for an isolation level Borealis does not run (SERIALIZABLE): refused,
+/// never silently weaker.
+pub(crate) fn unsupported_isolation(level: impl std::fmt::Display) -> SqlError {
+    SqlError::new(
+        "0A000",
+        format!("isolation level {level} is not supported; use READ COMMITTED or REPEATABLE READ"),
+    )
 }
 
 /// `SET TRANSACTION` inside a block. As in PostgreSQL, once a query has run (it took
