@@ -126,6 +126,16 @@ fn config() -> (VolumeConfig, QuorumConfig) {
     )
 }
 
+/// Every test's start: logging, six fresh nodes, the volume config and their
+/// topology.
+async fn setup() -> (Cluster, VolumeConfig, Topology) {
+    let _ = borealis_common::logging::init("volume-test", None);
+    let cluster = Cluster::start().await;
+    let (vcfg, _) = config();
+    let topo = cluster.topology(vcfg.geometry);
+    (cluster, vcfg, topo)
+}
+
 /// A writer over `topo` at `epoch`, recovered and serving (config as [`config`]).
 async fn open_writer(topo: &Topology, epoch: u64) -> Volume {
     let (vcfg, qcfg) = config();
@@ -204,10 +214,7 @@ async fn check_pages(vol: &Volume, model: &Volume, at: Lsn) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_survive_an_az_outage_restart_and_recovery() {
-    let _ = borealis_common::logging::init("volume-test", None);
-    let mut cluster = Cluster::start().await;
-    let (vcfg, _) = config();
-    let topo = cluster.topology(vcfg.geometry);
+    let (mut cluster, vcfg, topo) = setup().await;
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
 
@@ -269,10 +276,7 @@ async fn writes_survive_an_az_outage_restart_and_recovery() {
 async fn a_node_that_lost_its_disk_is_rebuilt_from_peers_by_gossip() {
     use borealis_storage::client::Client;
     use borealis_storage::proto::{Request, Response};
-    let _ = borealis_common::logging::init("volume-test", None);
-    let mut cluster = Cluster::start().await;
-    let (vcfg, _) = config();
-    let topo = cluster.topology(vcfg.geometry);
+    let (mut cluster, vcfg, topo) = setup().await;
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
     let w = open_writer(&topo, 1).await;
@@ -392,10 +396,7 @@ async fn wait_caught_up(http: SocketAddr, pgs: &[borealis_common::PgId], lsn: Ls
 async fn a_lost_segment_is_replaced_through_a_membership_transition() {
     use borealis_storage::client::Client;
     use borealis_storage::proto::{Append, ErrorCode, PgBatch, Request, Response};
-    let _ = borealis_common::logging::init("volume-test", None);
-    let mut cluster = Cluster::start().await;
-    let (vcfg, _) = config();
-    let topo = cluster.topology(vcfg.geometry);
+    let (mut cluster, vcfg, topo) = setup().await;
     let model = Volume::in_memory(vcfg.clone());
     let mut touched = std::collections::HashSet::new();
     let w = open_writer(&topo, 1).await;
@@ -518,10 +519,7 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
 /// commit is sent anyway, and one with no siblings is sent at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_share_flushes_and_a_lone_one_is_not_held() {
-    let _ = borealis_common::logging::init("volume-test", None);
-    let mut cluster = Cluster::start().await;
-    let (vcfg, _) = config();
-    let topo = cluster.topology(vcfg.geometry);
+    let (mut cluster, _, topo) = setup().await;
     let w = open_writer(&topo, 1).await;
     let mut touched = std::collections::HashSet::new();
 
