@@ -174,8 +174,8 @@ impl Volume {
         }
     }
 
-    /// [`wait_durable`](Self::wait_durable) for a commit while `others_open` other
-    /// write transactions are open, which lets concurrent commits share one batch.
+    /// [`wait_durable`](Self::wait_durable) for a commit made while `others_open`
+    /// other write transactions were open; concurrent commits share one batch.
     pub async fn wait_commit(&self, lsn: Lsn, others_open: usize) -> Result<(), VolumeError> {
         match &*self.backend {
             Backend::Memory(m) => m.wait_durable(lsn).await,

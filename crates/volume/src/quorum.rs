@@ -92,9 +92,8 @@ pub struct QuorumConfig {
     /// whole lazy-flush interval. Under load with 8 clients about 1% of commits
     /// wait this long; a lower bound would make the lazy two busy again.
     pub commit_hedge_after: Duration,
-    /// Scheduler rounds a commit may wait for other commits to join its batch while
-    /// other write transactions are open (see "Commit gathering" in `remote.rs`);
-    /// 0 sends every commit at once.
+    /// Scheduler rounds a commit may wait for other commits to join its batch (see
+    /// "Commit gathering" in `remote.rs`); 0 sends every commit at once.
     pub commit_gather_rounds: u32,
     /// How a PG in a segment replacement counts its write quorum. Always
     /// [`TransitionQuorum::BothSets`] outside tests.

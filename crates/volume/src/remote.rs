@@ -67,14 +67,20 @@ struct Shared {
 /// as it asks makes groups of about one, and that fixed work is most of a
 /// transaction's storage CPU.
 ///
-/// So a commit made while other write transactions are open does not flush at
-/// once. The first such commit leads: it yields to the writer's other ready tasks
-/// for up to [`QuorumConfig::commit_gather_rounds`] scheduler rounds, stopping
-/// early once every open transaction has joined, and then sends everything
-/// appended meanwhile as one batch. Commits arriving during those rounds join. A
-/// round takes as long as the writer's other ready work, so the wait grows with
-/// load and is nothing on an idle writer; a commit with no other transaction open
-/// (one client) never waits. This is PostgreSQL's `commit_delay` with
+/// So a commit does not flush at once. The first one leads: it yields to the
+/// writer's other ready tasks for up to [`QuorumConfig::commit_gather_rounds`]
+/// scheduler rounds, and then sends everything appended meanwhile as one batch.
+/// Commits arriving during those rounds join. When it stops:
+/// - other write transactions were open when it committed (explicit blocks): once
+///   that many have joined;
+/// - none were (single-statement transactions, which are open only while they
+///   run, so they never see each other open): after the first round in which
+///   nobody joined. Each round also polls the sockets, so a round picks up the
+///   statements other clients have sent meanwhile, and their commits join.
+///
+/// A round takes as long as the writer's other ready work, so the wait grows with
+/// load; on an idle writer (one client) a round is one look at the sockets that
+/// finds nothing, and the commit is sent. This is PostgreSQL's `commit_delay` with
 /// `commit_siblings`, measured in work the writer has to do instead of in time.
 #[derive(Default)]
 struct Gather {
@@ -348,11 +354,11 @@ impl RemoteVolume {
         }
     }
 
-    /// [`wait_durable`](Self::wait_durable) for a commit while `others_open` other
-    /// write transactions are open: see "Commit gathering" at [`Gather`].
+    /// [`wait_durable`](Self::wait_durable) for a commit made while `others_open`
+    /// other write transactions were open: see "Commit gathering" at [`Gather`].
     pub async fn wait_commit(&self, lsn: Lsn, others_open: usize) -> Result<(), VolumeError> {
         let rounds = self.shared.cfg.commit_gather_rounds;
-        if others_open == 0 || rounds == 0 {
+        if rounds == 0 {
             return self.wait_durable(lsn).await;
         }
         match self.send_for(lsn, true)? {
@@ -361,10 +367,14 @@ impl RemoteVolume {
                 // Flushes when dropped: also if this future is dropped mid-gathering
                 // (a session torn down), or the joiners would wait for the flusher.
                 let lead = Leader(&self.shared);
-                for _ in 0..rounds {
-                    if lead.0.gather.joined.load(Ordering::Relaxed) >= others_open {
-                        break; // every open transaction is in the group
+                let mut before = 0;
+                for round in 0..rounds {
+                    let joined = lead.0.gather.joined.load(Ordering::Relaxed);
+                    if joined >= others_open && (others_open > 0 || (round > 0 && joined == before))
+                    {
+                        break;
                     }
+                    before = joined;
                     tokio::task::yield_now().await;
                 }
                 drop(lead);

@@ -514,45 +514,48 @@ async fn a_lost_segment_is_replaced_through_a_membership_transition() {
     }
 }
 
-/// Commits made while other write transactions are open gather into shared
-/// flushes (see "Commit gathering" in `remote.rs`); a commit whose siblings never
-/// commit is sent anyway, and one with no siblings is sent at once.
+/// Concurrent commits gather into shared flushes (see "Commit gathering" in
+/// `remote.rs`), whether or not they saw each other open; a commit whose siblings
+/// never commit is sent anyway, and one with none is sent at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_share_flushes_and_a_lone_one_is_not_held() {
     let (mut cluster, _, topo) = setup().await;
     let w = open_writer(&topo, 1).await;
     let mut touched = std::collections::HashSet::new();
 
-    // Rounds of eight transactions, each appending then committing, all at once.
+    // Rounds of eight transactions, each appending then committing, all at once:
+    // first as transactions that see each other open (explicit blocks), then as
+    // single-statement ones that never do (autocommit: each is open only while it
+    // runs, so each commits with no sibling open).
     const CLIENTS: u64 = 8;
     const ROUNDS: u64 = 10;
-    let before = w.status().flushes;
     let mut last = Lsn::ZERO;
-    for round in 0..ROUNDS {
-        let mut tasks = Vec::new();
-        for c in 0..CLIENTS {
-            let ops = mtr(round * CLIENTS + c, &mut touched);
-            let w = w.clone();
-            tasks.push(tokio::spawn(async move {
-                let recs = w.append(ops).await.expect("append");
-                let lsn = recs.last().expect("non-empty").lsn;
-                w.wait_commit(lsn, (CLIENTS - 1) as usize)
-                    .await
-                    .expect("commit");
-                assert!(w.vdl() >= lsn, "a commit returned before VDL reached it");
-                lsn
-            }));
+    for (pass, siblings) in [(0, CLIENTS as usize - 1), (1, 0)] {
+        let before = w.status().flushes;
+        for round in 0..ROUNDS {
+            let mut tasks = Vec::new();
+            for c in 0..CLIENTS {
+                let ops = mtr((pass * ROUNDS + round) * CLIENTS + c, &mut touched);
+                let w = w.clone();
+                tasks.push(tokio::spawn(async move {
+                    let recs = w.append(ops).await.expect("append");
+                    let lsn = recs.last().expect("non-empty").lsn;
+                    w.wait_commit(lsn, siblings).await.expect("commit");
+                    assert!(w.vdl() >= lsn, "a commit returned before VDL reached it");
+                    lsn
+                }));
+            }
+            for t in tasks {
+                last = last.max(bounded("commit", t).await.expect("task"));
+            }
         }
-        for t in tasks {
-            last = last.max(bounded("commit", t).await.expect("task"));
-        }
+        let flushes = w.status().flushes - before;
+        assert!(
+            flushes <= ROUNDS * CLIENTS / 2,
+            "{} commits (others_open = {siblings}) took {flushes} flushes: they did not gather",
+            ROUNDS * CLIENTS
+        );
     }
-    let flushes = w.status().flushes - before;
-    assert!(
-        flushes <= ROUNDS * CLIENTS / 2,
-        "{} commits took {flushes} flushes: they did not gather",
-        ROUNDS * CLIENTS
-    );
 
     // Siblings that never commit do not hold a commit back for long, and a commit
     // with none is sent at once: both are bounded by far less than the hedge.
