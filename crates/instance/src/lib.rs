@@ -126,6 +126,7 @@ async fn health_json(
         v["protection_groups"] = json!(st.protection_groups);
         v["commit_hedges"] = json!(st.commit_hedges);
         v["flushes"] = json!(st.flushes);
+        v["retained_bytes"] = json!(st.retained_bytes);
         // Segment replacements as this writer sees them: the control plane
         // completes one once the new segments reached `catch_up_lsn`.
         v["transitions"] = json!(vol.transitions());
@@ -196,6 +197,11 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
             "flushes",
             "borealis_volume_flushes_total",
             "Times records were released to the segments (a group commit is one)",
+        ),
+        (
+            "retained_bytes",
+            "borealis_volume_retained_bytes",
+            "Bytes of redo records the writer holds for segments that have not acked them",
         ),
         (
             "cache_pages",

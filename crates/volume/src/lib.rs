@@ -103,6 +103,10 @@ pub struct VolumeStatus {
     /// Times records were released to the segments; a group commit is one, so
     /// commits divided by this is the mean group size.
     pub flushes: u64,
+    /// Bytes of redo records the writer holds (not yet at quorum, or kept for
+    /// segments that have not acked them); bounded by `lal_bytes` plus
+    /// `retain_acked_bytes` (see `QuorumConfig`).
+    pub retained_bytes: u64,
 }
 
 /// Handle to a volume; cheap to clone.

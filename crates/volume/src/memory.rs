@@ -133,6 +133,7 @@ impl MemoryVolume {
             protection_groups: st.pg_tail.len() as u32,
             commit_hedges: 0,
             flushes: 0,
+            retained_bytes: 0,
         }
     }
 }

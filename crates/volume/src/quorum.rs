@@ -16,7 +16,9 @@
 //! VCL advances over a dense LSN prefix without any segment having to be complete:
 //! no consensus on the I/O path (invariant 5), storage nodes never vote.
 //! The writer never allocates beyond VDL + LAL, which is also what bounds the tail
-//! recovery must scan above the VDL hint the segments persist (invariant 8).
+//! recovery must scan above the VDL hint the segments persist (invariant 8). LAL
+//! and what is kept for segments that have not acked are bounded in records and in
+//! bytes (`lal_bytes`, `retain_acked_bytes`), since a record may be 64 KiB.
 //!
 //! # Segment replacement (membership epochs)
 //!
@@ -61,6 +63,12 @@ pub struct QuorumConfig {
     /// Records already at VDL kept for nodes that have not acked them yet; beyond
     /// this the oldest are retired and laggards catch up by gossip.
     pub retain_acked_records: usize,
+    /// The same bound in bytes: records are up to 64 KiB, so a count alone would
+    /// let the writer hold gigabytes for a slow segment during a bulk load.
+    pub retain_acked_bytes: usize,
+    /// LAL in bytes: the writer stops allocating while the records not yet at
+    /// write quorum (above VCL) hold this many bytes, whatever their count.
+    pub lal_bytes: usize,
     pub connect_timeout: Duration,
     /// A node that has not answered an outstanding request for this long is
     /// disconnected and its unacked records re-sent after reconnecting.
@@ -118,6 +126,8 @@ impl Default for QuorumConfig {
             max_batch_bytes: 4 << 20,
             max_inflight_batches: 64,
             retain_acked_records: 100_000,
+            retain_acked_bytes: 64 << 20,
+            lal_bytes: 64 << 20,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             hedge_after: Duration::from_millis(20),
@@ -509,6 +519,10 @@ pub struct WriterCore {
     /// Bytes of records above `flush_lsn`.
     unflushed_bytes: usize,
     outstanding: BTreeMap<Lsn, Pending>,
+    /// Bytes of the records in `outstanding`.
+    outstanding_bytes: usize,
+    /// Bytes of the records in `outstanding` above VCL (not yet at write quorum).
+    unacked_bytes: usize,
     /// Recovered records being re-replicated; new VCL progress waits for them.
     rereplicating: BTreeSet<Lsn>,
     vcl: Lsn,
@@ -567,6 +581,8 @@ impl WriterCore {
             unflushed_bytes: 0,
             pg_tail: rec.pg_tails,
             outstanding: BTreeMap::new(),
+            outstanding_bytes: 0,
+            unacked_bytes: 0,
             rereplicating: BTreeSet::new(),
             vcl: rec.vdl,
             vdl: rec.vdl,
@@ -586,7 +602,7 @@ impl WriterCore {
             let cpl = borealis_redo::decode_header(&bytes)
                 .map(|h| h.is_cpl())
                 .unwrap_or(false);
-            core.outstanding.insert(
+            core.keep(
                 lsn,
                 Pending {
                     pg,
@@ -636,11 +652,32 @@ impl WriterCore {
     pub fn outstanding_len(&self) -> usize {
         self.outstanding.len()
     }
+    /// Bytes of the records the writer holds: not yet at quorum, or kept for
+    /// segments that have not acked them.
+    pub fn outstanding_bytes(&self) -> usize {
+        self.outstanding_bytes
+    }
 
-    /// Whether `n` more records fit under VDL + LAL (an MTR larger than LAL still
-    /// goes through once nothing else is outstanding).
+    fn keep(&mut self, lsn: Lsn, p: Pending) {
+        self.outstanding_bytes += p.bytes.len();
+        if let Some(old) = self.outstanding.insert(lsn, p) {
+            self.outstanding_bytes -= old.bytes.len();
+        }
+    }
+
+    fn retire(&mut self, lsn: Lsn) {
+        if let Some(p) = self.outstanding.remove(&lsn) {
+            self.outstanding_bytes -= p.bytes.len();
+        }
+    }
+
+    /// Whether `n` more records fit under VDL + LAL, and the records not yet at
+    /// quorum under `lal_bytes` (an MTR larger than either still goes through once
+    /// nothing else is outstanding).
     pub fn has_room(&self, n: usize) -> bool {
-        self.last_lsn <= self.vdl || self.last_lsn.0 + n as u64 <= self.vdl.0 + self.lal
+        self.last_lsn <= self.vdl
+            || (self.last_lsn.0 + n as u64 <= self.vdl.0 + self.lal
+                && self.unacked_bytes < self.cfg.lal_bytes)
     }
 
     /// Allocates LSNs for one MTR and queues its records. The caller checked
@@ -677,7 +714,8 @@ impl WriterCore {
             };
             let bytes = record.encode();
             self.unflushed_bytes += bytes.len();
-            self.outstanding.insert(
+            self.unacked_bytes += bytes.len();
+            self.keep(
                 lsn,
                 Pending {
                     pg,
@@ -1125,6 +1163,7 @@ impl WriterCore {
                     break;
                 }
                 self.vcl = self.vcl.next();
+                self.unacked_bytes = self.unacked_bytes.saturating_sub(p.bytes.len());
                 if p.cpl {
                     self.vdl = self.vcl;
                 }
@@ -1141,13 +1180,15 @@ impl WriterCore {
             .take(self.cfg.max_batch_records * 4)
             .collect();
         for l in done {
-            self.outstanding.remove(&l);
+            self.retire(l);
         }
-        while self.outstanding.len() > self.cfg.retain_acked_records + self.lal as usize {
+        while self.outstanding.len() > self.cfg.retain_acked_records + self.lal as usize
+            || self.outstanding_bytes > self.cfg.retain_acked_bytes + self.unacked_bytes
+        {
             match self.outstanding.first_key_value() {
                 Some((l, _)) if *l <= vdl => {
                     let l = *l;
-                    self.outstanding.remove(&l);
+                    self.retire(l);
                 }
                 _ => break,
             }
@@ -1204,11 +1245,18 @@ impl WriterCore {
 }
 
 #[cfg(test)]
-mod eager_four_tests {
+mod tests {
     use super::*;
     use borealis_storage::proto::{PgAck, Request, Response};
 
     fn core(lazy_segments: usize) -> WriterCore {
+        core_with(QuorumConfig {
+            lazy_segments,
+            ..QuorumConfig::default()
+        })
+    }
+
+    fn core_with(cfg: QuorumConfig) -> WriterCore {
         let names: Vec<String> = ["a1", "a2", "b1", "b2", "c1", "c2"]
             .iter()
             .map(|s| s.to_string())
@@ -1220,10 +1268,6 @@ mod eager_four_tests {
         let addrs = (0..6)
             .map(|i| SocketAddr::from(([127, 0, 0, 1], 9000 + i)))
             .collect();
-        let cfg = QuorumConfig {
-            lazy_segments,
-            ..QuorumConfig::default()
-        };
         let mut c = WriterCore::new(
             Geometry::default(),
             Placement::uniform(names, azs, addrs),
@@ -1240,10 +1284,7 @@ mod eager_four_tests {
 
     /// Appends one single-record MTR and asks for it to be flushed (a commit).
     fn commit(c: &mut WriterCore) -> Lsn {
-        let (records, _) = c.append(vec![(1, Op::Noop)]).unwrap();
-        let lsn = records[0].lsn;
-        c.request_flush(lsn);
-        lsn
+        commit_mtr(c, vec![(1, Op::Noop)])
     }
 
     /// Sends `node` its next batch and acks every record in it; whether it had one.
@@ -1347,6 +1388,69 @@ mod eager_four_tests {
             "a second hedge resends nothing"
         );
         assert_eq!(c.commit_hedges(), 2);
+    }
+
+    /// Records of up to 64 KiB pass byte bounds long before the record counts
+    /// (LAL 1000 here, 100,000 retained): both what is not yet at quorum and what
+    /// is kept for segments that do not ack are bounded in bytes (invariant 9).
+    #[test]
+    fn the_writer_holds_a_bounded_number_of_bytes() {
+        const KIB: usize = 1 << 10;
+        let mut c = core_with(QuorumConfig {
+            lazy_segments: 0,
+            lal_bytes: 64 * KIB,
+            retain_acked_bytes: 128 * KIB,
+            ..QuorumConfig::default()
+        });
+        let page_sized = || {
+            vec![(
+                1,
+                Op::WriteBody {
+                    offset: 0,
+                    data: vec![7; 8000],
+                },
+            )]
+        };
+        // Nothing acks: allocation stops once the unacked records pass lal_bytes.
+        let mut appended = 0;
+        while c.has_room(1) {
+            c.append(page_sized()).unwrap();
+            appended += 1;
+            assert!(appended < 100, "LAL in bytes never stopped the writer");
+        }
+        assert!(
+            (8..=9).contains(&appended),
+            "stopped after {appended} records"
+        );
+        c.request_flush(c.last_lsn());
+        for n in 0..4 {
+            assert!(deliver(&mut c, n));
+        }
+        assert_eq!(c.vdl(), c.last_lsn(), "four acks: at quorum");
+        assert!(c.has_room(1), "room again once the records reached quorum");
+
+        // Two segments never ack: what is kept for them stays under the bound.
+        for _ in 0..100 {
+            let lsn = commit_mtr(&mut c, page_sized());
+            for n in 0..4 {
+                assert!(deliver(&mut c, n));
+            }
+            assert_eq!(c.vdl(), lsn);
+        }
+        assert!(
+            c.outstanding_bytes() <= 128 * KIB + 8 * KIB + 100,
+            "kept {} bytes for the silent segments",
+            c.outstanding_bytes()
+        );
+        assert!(c.outstanding_len() < 20);
+    }
+
+    /// Appends `mtr` and asks for it to be flushed.
+    fn commit_mtr(c: &mut WriterCore, mtr: Vec<(PageNo, Op)>) -> Lsn {
+        let (records, _) = c.append(mtr).unwrap();
+        let lsn = records.last().unwrap().lsn;
+        c.request_flush(lsn);
+        lsn
     }
 
     #[test]

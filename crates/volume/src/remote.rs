@@ -467,6 +467,7 @@ impl RemoteVolume {
             protection_groups: core.pg_count() as u32,
             commit_hedges: core.commit_hedges(),
             flushes: core.flushes(),
+            retained_bytes: core.outstanding_bytes() as u64,
         }
     }
 }
