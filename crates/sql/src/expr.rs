@@ -802,6 +802,17 @@ impl<'a> BindCtx<'a> {
                 },
                 AggFunc::Min | AggFunc::Max => arg_ty,
             };
+            // PostgreSQL 15 has no ordering aggregate for these (bool_and/bool_or
+            // take booleans' place).
+            if matches!(func, AggFunc::Min | AggFunc::Max)
+                && matches!(arg_ty, Type::Bool | Type::Bytea | Type::Uuid)
+            {
+                self.agg = Some(binding);
+                return Err(SqlError::new(
+                    "42883",
+                    format!("function {name}({}) does not exist", arg_ty.name()),
+                ));
+            }
             binding.calls.push(AggCall {
                 func,
                 arg,
@@ -1060,14 +1071,25 @@ pub fn to_numeric(d: &Datum) -> Option<Numeric> {
     }
 }
 
+/// Byte order, deciding an empty side without memcmp: glibc's AVX-512 memcmp takes
+/// 130–300 ns for a zero length on this project's machines (its masked load takes
+/// a microcode assist), a hundred times a short comparison, and `''` is common data.
+fn cmp_bytes(x: &[u8], y: &[u8]) -> Ordering {
+    if x.is_empty() || y.is_empty() {
+        x.len().cmp(&y.len())
+    } else {
+        x.cmp(y)
+    }
+}
+
 /// Compares two non-null values, coercing across numeric types. None = incomparable.
 pub fn compare(a: &Datum, b: &Datum) -> Option<Ordering> {
     use Datum::*;
     Some(match (a, b) {
         (Null, _) | (_, Null) => return None,
         (Bool(x), Bool(y)) => x.cmp(y),
-        (Text(x), Text(y)) => x.as_bytes().cmp(y.as_bytes()),
-        (Bytea(x), Bytea(y)) => x.cmp(y),
+        (Text(x), Text(y)) => cmp_bytes(x.as_bytes(), y.as_bytes()),
+        (Bytea(x), Bytea(y)) => cmp_bytes(x, y),
         (Date(x), Date(y)) => x.cmp(y),
         (Timestamp(x), Timestamp(y)) | (TimestampTz(x), TimestampTz(y)) => x.cmp(y),
         (Timestamp(x), TimestampTz(y)) | (TimestampTz(x), Timestamp(y)) => x.cmp(y),
