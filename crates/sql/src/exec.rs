@@ -2178,7 +2178,7 @@ fn aggregate(
                     };
                     *s = Some(match s.take() {
                         None => expr::cast(v, call.ty, -1)?,
-                        Some(cur) => add(cur, v, call.ty)?,
+                        Some(cur) => expr::add(cur, v, call.ty)?,
                     })
                 }
                 Acc::Avg(s, n) => {
@@ -2190,7 +2190,7 @@ fn aggregate(
                     let v = expr::cast(v, t, -1)?;
                     *s = Some(match s.take() {
                         None => v,
-                        Some(cur) => add(cur, v, t)?,
+                        Some(cur) => expr::add(cur, v, t)?,
                     });
                     *n += 1;
                 }
@@ -2238,16 +2238,6 @@ fn aggregate(
         out.push(row);
     }
     Ok(out)
-}
-
-fn add(a: Datum, b: Datum, ty: Type) -> Result<Datum, SqlError> {
-    let e = Expr::Binary(
-        expr::BinOp::Add,
-        Box::new(Expr::Const(a, ty)),
-        Box::new(Expr::Const(b, ty)),
-        ty,
-    );
-    expr::eval(&e, &[], &EvalCtx::simple(&[]))
 }
 
 fn rows_result(columns: Vec<Column>, rows: Vec<Vec<Datum>>, tag: String) -> ExecResult {

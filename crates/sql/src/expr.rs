@@ -1020,18 +1020,6 @@ pub struct EvalCtx<'a> {
     pub now: i64,
 }
 
-impl<'a> EvalCtx<'a> {
-    pub fn simple(params: &'a [Datum]) -> EvalCtx<'a> {
-        EvalCtx {
-            params,
-            precomputed: &[],
-            database: "postgres",
-            user: "postgres",
-            now: now_timestamp(),
-        }
-    }
-}
-
 /// The SQLSTATE PostgreSQL gives a failed text-to-type conversion.
 pub fn parse_error(ty: Type, e: borealis_engine::types::ParseError) -> SqlError {
     let dated = matches!(ty, Type::Date | Type::Timestamp | Type::TimestampTz);
@@ -1315,6 +1303,11 @@ fn like(s: &str, p: &str, ci: bool) -> bool {
         j += 1;
     }
     j == p.len()
+}
+
+/// `a + b` in `ty`, as the `+` operator computes it (sum and avg accumulate with it).
+pub fn add(a: Datum, b: Datum, ty: Type) -> Result<Datum, SqlError> {
+    arith(BinOp::Add, a, b, ty)
 }
 
 fn arith(op: BinOp, a: Datum, b: Datum, ty: Type) -> Result<Datum, SqlError> {
