@@ -370,8 +370,15 @@ impl RemoteVolume {
                 let mut before = 0;
                 for round in 0..rounds {
                     let joined = lead.0.gather.joined.load(Ordering::Relaxed);
-                    if joined >= others_open && (others_open > 0 || (round > 0 && joined == before))
-                    {
+                    // Every transaction that was open has joined; or, none being
+                    // open, a round brought nobody new (the first round always runs:
+                    // it is the look at the sockets).
+                    let settled = if others_open > 0 {
+                        joined >= others_open
+                    } else {
+                        round > 0 && joined == before
+                    };
+                    if settled {
                         break;
                     }
                     before = joined;
