@@ -24,8 +24,8 @@ use crate::proto::{
     Append, ErrorCode, PgAck, Request, Response, SegmentInfo, Truncation, MAX_HISTORY,
 };
 use crate::segment::{
-    entries_buffer, membership_entry, record_entry_into, scan_log, vdl_hint_entry, Inserted,
-    ReadError, Segment, IMAGE_CACHE_PAGES,
+    entries_buffer, membership_entry, scan_log, vdl_hint_entry, Inserted, ReadError, Segment,
+    IMAGE_CACHE_PAGES,
 };
 use borealis_common::{Epoch, Lsn, PgId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -519,9 +519,7 @@ impl<D: Disk> Node<D> {
             }
             let (held, _) = local.read_log(Lsn::ZERO, usize::MAX);
             for r in held {
-                if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
-                    record_entry_into(&mut log, r.epoch, &r.bytes);
-                }
+                let _ = seg.insert(r.epoch, r.bytes, Some(&mut log));
             }
             seg.note_vdl_hint(local.vdl_hint());
             // The writer sends a completeness claim once; one still waiting for
@@ -614,8 +612,7 @@ impl<D: Disk> Node<D> {
             if !crate::proto::record_survives(history, r.epoch, h.lsn) {
                 continue;
             }
-            if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
-                record_entry_into(&mut out, r.epoch, &r.bytes);
+            if let Ok(Inserted::New(_)) = seg.insert(r.epoch, r.bytes.clone(), Some(&mut out)) {
                 new += 1;
             }
         }
@@ -705,14 +702,12 @@ impl<D: Disk> Node<D> {
             if membership_moved {
                 out.extend_from_slice(&membership_entry(batch.membership_epoch));
             }
-            for bytes in &batch.records {
-                match seg.insert(a.epoch, bytes) {
+            let has_records = !batch.records.is_empty();
+            for bytes in batch.records {
+                match seg.insert(a.epoch, bytes, Some(&mut out)) {
                     Ok(inserted) => {
-                        if let Ok(h) = borealis_redo::decode_header(bytes) {
-                            lsns.push(h.lsn);
-                        }
-                        if inserted == Inserted::New {
-                            record_entry_into(&mut out, a.epoch, bytes);
+                        lsns.push(inserted.lsn());
+                        if let Inserted::New(_) = inserted {
                             self.stats.records_appended += 1;
                         }
                     }
@@ -726,13 +721,18 @@ impl<D: Disk> Node<D> {
                     }
                 }
             }
-            // The VDL hint rides along with new records only. Writers send a batch for
-            // every PG with each append (to move its completeness claim); persisting
-            // the hint in all of them made every group commit fdatasync every segment
-            // file. A segment that got no records keeps an older hint, which is still
-            // a valid lower bound, and its tail above it holds nothing new.
-            if !out.is_empty() && seg.note_vdl_hint(a.vdl_hint) {
-                out.extend_from_slice(&vdl_hint_entry(a.vdl_hint));
+            // Every batch moves the segment's VDL hint in memory, so a segment the
+            // writer stopped writing still folds its last records. It is logged with
+            // new records only: writers send a batch for every PG with each append
+            // (to move its completeness claim), and logging the hint in all of them
+            // made every group commit fdatasync every segment file. After a restart
+            // such a segment has the older logged hint, still a valid lower bound,
+            // and its tail above it holds nothing new.
+            seg.note_vdl_hint(a.vdl_hint);
+            if !out.is_empty() {
+                if let Some(hint) = seg.hint_to_log() {
+                    out.extend_from_slice(&vdl_hint_entry(hint));
+                }
             }
             seg.note_complete(batch.pg_last, batch.complete_to);
             let scl = seg.scl();
@@ -746,7 +746,7 @@ impl<D: Disk> Node<D> {
             // Even an all-duplicate batch is acked after the next sync: the earlier
             // copy may itself still be waiting for its fdatasync. A batch without
             // records (a completeness claim only) has nothing to make durable.
-            if !batch.records.is_empty() || membership_moved {
+            if has_records || membership_moved {
                 self.dirty.insert(batch.pg);
             }
             acks.push(PgAck {
@@ -1025,7 +1025,7 @@ impl<D: Disk> Node<D> {
                 if !crate::proto::record_survives(history, r.epoch, h.lsn) {
                     continue;
                 }
-                if let Ok(Inserted::New) = seg.insert(r.epoch, &r.bytes) {
+                if let Ok(Inserted::New(_)) = seg.insert(r.epoch, r.bytes.clone(), None) {
                     added += 1;
                 }
             }

@@ -98,9 +98,17 @@ struct Stored {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
     /// New (or a newer-epoch version): must be appended to the log.
-    New,
+    New(Lsn),
     /// Already held (or already folded into page images): nothing to write.
-    Duplicate,
+    Duplicate(Lsn),
+}
+
+impl Inserted {
+    pub fn lsn(self) -> Lsn {
+        match self {
+            Inserted::New(lsn) | Inserted::Duplicate(lsn) => lsn,
+        }
+    }
 }
 
 /// Why a segment could not serve a read.
@@ -114,7 +122,8 @@ pub enum ReadError {
 pub struct Segment {
     pub pg: PgId,
     records: BTreeMap<Lsn, Stored>,
-    /// prev_lsn -> lsn: walks the backlink chain forward.
+    /// prev_lsn -> lsn of the records above the chain's end (`scl_record`): walks
+    /// the backlink chain forward when a hole is filled.
     next_in_chain: IdHashMap<Lsn, Lsn>,
     by_page: BTreeSet<(PageNo, Lsn)>,
     chain_anchor: Lsn,
@@ -133,7 +142,13 @@ pub struct Segment {
     /// is evicted and read back from the file when needed.
     images_at: IdHashMap<PageNo, u64>,
     gc_floor: Lsn,
+    /// The highest VDL the writer has told this segment of. Held in memory for
+    /// every batch (folding may go up to it), but logged only with new records:
+    /// see `hint_to_log`.
     vdl_hint: Lsn,
+    /// The highest VDL hint in the log file (an older one is a valid lower bound
+    /// after a restart).
+    vdl_hint_logged: Lsn,
     /// Bytes in the log file (for compaction decisions and metrics).
     pub log_bytes: u64,
     /// Materialized page images at recent read points, so a read applies only the
@@ -317,7 +332,7 @@ pub fn record_entry(epoch: Epoch, record: &[u8]) -> Vec<u8> {
 }
 
 /// [`record_entry`] appended to `out`.
-pub fn record_entry_into(out: &mut Vec<u8>, epoch: Epoch, record: &[u8]) {
+fn record_entry_into(out: &mut Vec<u8>, epoch: Epoch, record: &[u8]) {
     entry_into(out, ENTRY_RECORD, &[&epoch.0.to_le_bytes(), record]);
 }
 
@@ -416,6 +431,7 @@ impl Segment {
             images_at: IdHashMap::default(),
             gc_floor: Lsn::ZERO,
             vdl_hint: Lsn::ZERO,
+            vdl_hint_logged: Lsn::ZERO,
             log_bytes: 0,
             cache: std::cell::RefCell::new(ImageCache::default()),
             live_bytes: 0,
@@ -470,12 +486,13 @@ impl Segment {
         match body[0] {
             ENTRY_RECORD => {
                 let epoch = Epoch(u64_at(payload, 0).ok_or("short record entry")?);
-                seg.insert(epoch, &payload[8..])
+                seg.insert(epoch, payload[8..].to_vec(), None)
                     .map_err(|e| format!("bad record: {e}"))?;
             }
             ENTRY_VDL_HINT => {
                 let lsn = Lsn(u64_at(payload, 0).ok_or("short hint entry")?);
                 seg.vdl_hint = seg.vdl_hint.max(lsn);
+                seg.vdl_hint_logged = seg.vdl_hint;
             }
             ENTRY_PAGE_IMAGE => {
                 let page = u64_at(payload, 0).ok_or("short page entry")?;
@@ -512,9 +529,17 @@ impl Segment {
         Ok(8 + len)
     }
 
-    /// Adds a record (CRC-checked) written under `epoch`.
-    pub fn insert(&mut self, epoch: Epoch, bytes: &[u8]) -> Result<Inserted, String> {
-        let h = decode_header(bytes).map_err(|e| e.to_string())?;
+    /// Adds a record (CRC-checked) written under `epoch`, taking its bytes as they
+    /// are (every record a node receives is held until folded, and a copy per
+    /// record was a sizeable share of a node's CPU). With `log`, a new record's
+    /// entry is also framed onto the end of it, for the caller to append.
+    pub fn insert(
+        &mut self,
+        epoch: Epoch,
+        bytes: Vec<u8>,
+        log: Option<&mut Vec<u8>>,
+    ) -> Result<Inserted, String> {
+        let h = decode_header(&bytes).map_err(|e| e.to_string())?;
         if h.len as usize != bytes.len() {
             return Err(format!("record length {} but {} bytes", h.len, bytes.len()));
         }
@@ -522,13 +547,16 @@ impl Segment {
             return Err(format!("record {} has backlink {}", h.lsn, h.prev_lsn));
         }
         if h.lsn <= self.gc_floor {
-            return Ok(Inserted::Duplicate);
+            return Ok(Inserted::Duplicate(h.lsn));
         }
         if let Some(old) = self.records.get(&h.lsn) {
             if old.epoch >= epoch {
-                return Ok(Inserted::Duplicate);
+                return Ok(Inserted::Duplicate(h.lsn));
             }
             self.remove(h.lsn);
+        }
+        if let Some(log) = log {
+            record_entry_into(log, epoch, &bytes);
         }
         self.live_bytes += bytes.len() as u64;
         self.records.insert(
@@ -537,13 +565,19 @@ impl Segment {
                 epoch,
                 prev: h.prev_lsn,
                 page: h.page,
-                bytes: bytes.to_vec(),
+                bytes,
             },
         );
-        self.next_in_chain.insert(h.prev_lsn, h.lsn);
         self.by_page.insert((h.page, h.lsn));
+        if h.prev_lsn == self.scl_record {
+            // The usual case: records arrive in chain order and this one extends
+            // the chain, so it needs no link to be found by later ones.
+            self.scl_record = h.lsn;
+        } else {
+            self.next_in_chain.insert(h.prev_lsn, h.lsn);
+        }
         self.advance_chain();
-        Ok(Inserted::New)
+        Ok(Inserted::New(h.lsn))
     }
 
     fn remove(&mut self, lsn: Lsn) {
@@ -557,11 +591,13 @@ impl Segment {
     }
 
     fn advance_chain(&mut self) {
-        // Bounded by the number of records held.
+        // Bounded by the number of records held. A link followed is dropped:
+        // `next_in_chain` only needs the links of records above the chain's end.
         while let Some(&next) = self.next_in_chain.get(&self.scl_record) {
             if !self.records.contains_key(&next) {
                 break;
             }
+            self.next_in_chain.remove(&self.scl_record);
             self.scl_record = next;
         }
         self.scl = self.scl.max(self.scl_record);
@@ -620,13 +656,22 @@ impl Segment {
         }
     }
 
-    pub fn note_vdl_hint(&mut self, lsn: Lsn) -> bool {
-        if lsn > self.vdl_hint {
-            self.vdl_hint = lsn;
-            true
-        } else {
-            false
-        }
+    /// The writer's VDL as of a batch. Every batch brings it, whether or not it
+    /// has records for this segment, so that a segment the writer has stopped
+    /// writing still folds its last records (before, a quiet segment held them,
+    /// unfolded, for good).
+    pub fn note_vdl_hint(&mut self, lsn: Lsn) {
+        self.vdl_hint = self.vdl_hint.max(lsn);
+    }
+
+    /// The VDL hint to log with records being appended, if it is newer than the
+    /// one the log has. Only appends with records log it: logging it with every
+    /// batch made every group commit fdatasync every segment file.
+    pub fn hint_to_log(&mut self) -> Option<Lsn> {
+        (self.vdl_hint > self.vdl_hint_logged).then(|| {
+            self.vdl_hint_logged = self.vdl_hint;
+            self.vdl_hint
+        })
     }
 
     /// Applies newly learned truncations `new` (survival is judged against the whole

@@ -186,7 +186,7 @@ fn crc_corruption_in_the_log_stops_replay_there() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     let mut s = Segment::new(PG);
-    assert!(s.insert(Epoch(1), &bad).is_err());
+    assert!(s.insert(Epoch(1), bad, None).is_err());
 }
 
 #[test]
@@ -195,9 +195,9 @@ fn holes_are_detected_by_backlinks_and_filled_from_a_peer() {
     let mut a = Segment::new(PG);
     let mut b = Segment::new(PG);
     for r in &recs {
-        a.insert(Epoch(1), &r.encode()).unwrap();
+        a.insert(Epoch(1), r.encode(), None).unwrap();
         if r.lsn != Lsn(4) && r.lsn != Lsn(7) {
-            b.insert(Epoch(1), &r.encode()).unwrap();
+            b.insert(Epoch(1), r.encode(), None).unwrap();
         }
     }
     assert_eq!(a.scl_record(), Lsn(10));
@@ -206,7 +206,7 @@ fn holes_are_detected_by_backlinks_and_filled_from_a_peer() {
     let (chunk, more) = a.read_log(b.scl_record(), 1 << 20);
     assert!(!more);
     for r in chunk {
-        b.insert(r.epoch, &r.bytes).unwrap();
+        b.insert(r.epoch, r.bytes, None).unwrap();
     }
     assert_eq!(b.scl_record(), Lsn(10));
     assert_eq!(
@@ -268,6 +268,48 @@ fn gc_folds_records_into_pages_and_refuses_reads_below_the_floor() {
     );
     seg_log.truncate(seg_log.len() - 3);
     assert!(Segment::replay(PG, &seg_log, &[]).torn.is_some());
+}
+
+#[test]
+fn a_segment_the_writer_stopped_writing_still_folds_its_records() {
+    // The records arrive while the writer's VDL is still below them; later
+    // batches carry no records for this PG, only a newer VDL (and PGMRPL). They
+    // must still let the records fold: before, the hint moved only with records,
+    // and such a segment held its last records unfolded for good.
+    let disk = MemDisk::new();
+    let mut node = open(&disk);
+    install(&mut node, 1, &[]);
+    let recs = records(30);
+    let mut req = append(1, &recs, Lsn(30));
+    if let Request::Append(a) = &mut req {
+        a.vdl_hint = Lsn(5);
+        a.pgmrpl = Lsn(5);
+    }
+    node.handle(req);
+    sync(&mut node);
+    node.tick();
+    assert_eq!(node.segment(PG).unwrap().gc_floor(), Lsn(5));
+    let mut quiet = append(1, &[], Lsn(30));
+    if let Request::Append(a) = &mut quiet {
+        a.vdl_hint = Lsn(30);
+        a.pgmrpl = Lsn(30);
+        a.pgs[0].pg_last = Lsn(30);
+    }
+    node.handle(quiet);
+    node.tick();
+    let seg = node.segment(PG).unwrap();
+    assert_eq!(seg.gc_floor(), Lsn(30));
+    assert_eq!(seg.record_count(), 0);
+    assert_eq!(
+        page(&mut node, 1, Lsn(30)).unwrap(),
+        model_page(&recs, 1, Lsn(30))
+    );
+    // The hint was not logged without records: after a restart the segment has
+    // the older logged one (a lower bound), and every record is still there.
+    let node = open(&disk);
+    let seg = node.segment(PG).unwrap();
+    assert_eq!(seg.vdl_hint(), Lsn(5));
+    assert_eq!(seg.scl(), Lsn(30));
 }
 
 #[test]
@@ -1104,7 +1146,7 @@ fn folded_one(page: u64, op: Op) -> Segment {
         flags: CPL_FLAG,
         op,
     };
-    seg.insert(Epoch(1), &r.encode()).unwrap();
+    seg.insert(Epoch(1), r.encode(), None).unwrap();
     seg.note_vdl_hint(Lsn(1));
     seg.coalesce(Lsn(1), 100, &mut resident_only);
     seg
