@@ -109,6 +109,16 @@ pub enum Isolation {
     RepeatableRead,
 }
 
+/// An open savepoint.
+#[derive(Debug, Clone)]
+struct Savepoint {
+    name: String,
+    /// Stamped on the versions written since (a fresh one after ROLLBACK TO).
+    sub: TxnId,
+    /// `Txn::read_only` when it was set: ROLLBACK TO restores it.
+    read_only: bool,
+}
+
 /// A transaction as the SQL layer holds it.
 #[derive(Debug, Clone)]
 pub struct Txn {
@@ -123,8 +133,8 @@ pub struct Txn {
     /// Transaction id stamped on new versions: the top id, or the innermost
     /// savepoint's subtransaction id.
     write_xid: TxnId,
-    /// Open savepoints, outermost first: (name, subtransaction id).
-    savepoints: Vec<(String, TxnId)>,
+    /// Open savepoints, outermost first.
+    savepoints: Vec<Savepoint>,
     /// Subtransaction ids still live (not rolled back); they commit with the top.
     subxids: Vec<TxnId>,
     /// Set by a cancel request; checked by scans and lock waits.
@@ -1196,7 +1206,11 @@ impl Engine {
         let sub = st.new_xid().await?;
         st.subxact_parent.insert(sub, txn.txid);
         txn.subxids.push(sub);
-        txn.savepoints.push((name.to_string(), sub));
+        txn.savepoints.push(Savepoint {
+            name: name.to_string(),
+            sub,
+            read_only: txn.read_only,
+        });
         txn.write_xid = sub;
         Ok(())
     }
@@ -1204,28 +1218,32 @@ impl Engine {
     fn find_savepoint(txn: &Txn, name: &str) -> Result<usize, EngineError> {
         txn.savepoints
             .iter()
-            .rposition(|(n, _)| n == name)
+            .rposition(|s| s.name == name)
             .ok_or_else(|| EngineError::NoSavepoint(name.to_string()))
     }
 
-    /// RELEASE SAVEPOINT: its changes become part of the enclosing level.
+    /// RELEASE SAVEPOINT: its changes become part of the enclosing level; the
+    /// access mode goes back to what it was at the savepoint, as PostgreSQL's does
+    /// when a subtransaction ends either way.
     pub async fn release_savepoint(&self, txn: &mut Txn, name: &str) -> Result<(), EngineError> {
         let i = Self::find_savepoint(txn, name)?;
+        txn.read_only = txn.savepoints[i].read_only;
         txn.savepoints.truncate(i);
-        txn.write_xid = txn.savepoints.last().map(|s| s.1).unwrap_or(txn.txid);
+        txn.write_xid = txn.savepoints.last().map(|s| s.sub).unwrap_or(txn.txid);
         Ok(())
     }
 
     /// ROLLBACK TO SAVEPOINT: every subtransaction begun at or after the savepoint is
-    /// aborted (its versions and row marks stop counting), and the savepoint stays
-    /// open with a fresh subtransaction.
+    /// aborted (its versions and row marks stop counting), the transaction's access
+    /// mode is what it was at the savepoint, and the savepoint stays open with a
+    /// fresh subtransaction.
     pub async fn rollback_to_savepoint(
         &self,
         txn: &mut Txn,
         name: &str,
     ) -> Result<(), EngineError> {
         let i = Self::find_savepoint(txn, name)?;
-        let first = txn.savepoints[i].1;
+        let first = txn.savepoints[i].sub;
         let undone: Vec<TxnId> = txn
             .subxids
             .iter()
@@ -1242,7 +1260,9 @@ impl Engine {
             st.subxact_parent.insert(sub, txn.txid);
             txn.subxids.push(sub);
             txn.savepoints.truncate(i + 1);
-            txn.savepoints[i].1 = sub;
+            txn.savepoints[i].sub = sub;
+            // As PostgreSQL's does when a subtransaction ends.
+            txn.read_only = txn.savepoints[i].read_only;
             txn.write_xid = sub;
         }
         self.inner.txn_ended.notify_waiters();

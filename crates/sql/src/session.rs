@@ -388,22 +388,31 @@ pub(crate) fn unsupported_isolation(level: impl std::fmt::Display) -> SqlError {
 
 /// `SET TRANSACTION` inside a block. As in PostgreSQL, once a query has run (it took
 /// a snapshot under the old modes) only the isolation level it already has, or a
-/// switch to READ ONLY, is accepted.
+/// switch to READ ONLY, is accepted; inside a savepoint the level cannot change,
+/// nor can a read-only transaction become read-write (in PostgreSQL's order of
+/// checks).
 fn set_transaction_modes(txn: &mut Txn, modes: &[TransactionMode]) -> Result<(), SqlError> {
     let (mut iso, mut read_only) = (txn.isolation, txn.read_only);
     apply_modes(modes, &mut iso, &mut read_only)?;
     let ran_query = txn.cid > 0;
-    if ran_query && iso != txn.isolation {
-        return Err(SqlError::new(
-            "25001",
-            "SET TRANSACTION ISOLATION LEVEL must be called before any query",
-        ));
+    let refuse = |msg| Err(SqlError::new("25001", msg));
+    if iso != txn.isolation {
+        if ran_query {
+            return refuse("SET TRANSACTION ISOLATION LEVEL must be called before any query");
+        }
+        if txn.has_savepoints() {
+            return refuse(
+                "SET TRANSACTION ISOLATION LEVEL must not be called in a subtransaction",
+            );
+        }
     }
-    if ran_query && txn.read_only && !read_only {
-        return Err(SqlError::new(
-            "25001",
-            "transaction read-write mode must be set before any query",
-        ));
+    if txn.read_only && !read_only {
+        if txn.has_savepoints() {
+            return refuse("cannot set transaction read-write mode inside a read-only transaction");
+        }
+        if ran_query {
+            return refuse("transaction read-write mode must be set before any query");
+        }
     }
     txn.isolation = iso;
     txn.read_only = read_only;
