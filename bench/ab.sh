@@ -16,6 +16,10 @@
 # share. On a CPU-bound 2-core machine the µs per transaction decide throughput,
 # and they drift far less between runs than tps does.
 #
+# The mode `copy` is a bulk load instead of pgbench: COPY of COPY_ROWS (1,000,000)
+# pgbench_accounts-shaped rows into a fresh table without a primary key; it prints
+# rows/s and the CPU figures per row.
+#
 # Environment: BINS (required), MODES or MODE, ROUNDS (2), SECS (10), SCALE (10),
 # WITH_PG. Each cluster at scale 10 takes about 2 GB of disk.
 set -uo pipefail
@@ -76,6 +80,26 @@ run_point() {
         '{printf "%.0f idle=%.0f%%", (n > 0 ? ($3-$1)/hz*1e6/n : 0), ($4-$2)/(($3-$1)+($4-$2))*100}')
 }
 
+# run_copy PORT PASSWORD: COPY_ROWS rows into a fresh table; sets what run_point sets
+COPY_ROWS=${COPY_ROWS:-1000000}
+run_copy() {
+    local b0 b1 t0 t1
+    [ -s "$WORK/copy.tsv" ] || awk -v n="$COPY_ROWS" \
+        'BEGIN {for (i = 1; i <= n; i++) printf "%d\t%d\t0\t\n", i, int((i - 1) / 100000) + 1}' >"$WORK/copy.tsv"
+    PGPASSWORD=$2 psql -h 127.0.0.1 -p "$1" -U postgres -d postgres -qX -v ON_ERROR_STOP=1 -c \
+        "drop table if exists ab_copy; create table ab_copy(aid int not null, bid int, abalance int, filler char(84))" \
+        >"$WORK/out" 2>&1
+    sleep 1 # let the storage nodes finish the drop before the clock starts
+    b0=$(busy); t0=$(now)
+    PGPASSWORD=$2 /usr/bin/time -f "%U %S" -o "$WORK/time" psql -h 127.0.0.1 -p "$1" -U postgres -d postgres \
+        -qX -v ON_ERROR_STOP=1 -c "\\copy ab_copy from '$WORK/copy.tsv'" >>"$WORK/out" 2>&1 && N=$COPY_ROWS || N=0
+    b1=$(busy); t1=$(now)
+    OUT="rows/s=$(awk -v n="$N" -v s="$(elapsed "$t0" "$t1")" 'BEGIN {printf "%.0f", n / s}') $(grep -m1 ERROR "$WORK/out")"
+    PB=$(awk -v n="$N" '{printf "%.2f", (n > 0 ? ($1+$2)*1e6/n : 0)}' "$WORK/time")
+    MACHINE=$(echo "$b0 $b1" | awk -v n="$N" -v hz="$HZ" \
+        '{printf "%.2f idle=%.0f%%", (n > 0 ? ($3-$1)/hz*1e6/n : 0), ($4-$2)/(($3-$1)+($4-$2))*100}')
+}
+
 for r in $(seq 1 "$ROUNDS"); do
     for m in $MODES; do
         mode=${m//_/ }
@@ -84,15 +108,19 @@ for r in $(seq 1 "$ROUNDS"); do
             B_UP_PID=${UPS[$j]}
             B_DATA=${DATAS[$j]}
             cpu_snapshot >"$WORK/c0"
-            run_point "${PORTS[$j]}" "$PGPASS_borealis" "$mode"
+            if [ "$m" = copy ]; then
+                run_copy "${PORTS[$j]}" "$PGPASS_borealis"
+            else
+                run_point "${PORTS[$j]}" "$PGPASS_borealis" "$mode"
+            fi
             cpu_snapshot >"$WORK/c1"
             cpu=$(LC_ALL=C join "$WORK/c0" "$WORK/c1" | awk -v hz="$HZ" -v n="$N" \
                 '{s = n > 0 ? ($7-$3)/hz*1e6/n : 0; k = n > 0 ? ($8-$4)/hz*1e6/n : 0; f = n > 0 ? ($9-$5)/n : 0
-                  t += s; if (s >= 1) printf "%s=%.0f(k%.0f,f%.1f) ", $2, s, k, f} END {printf "| cluster=%.0f", t}')
+                  t += s; if (s >= 0.01) printf "%s=%.2f(k%.2f,f%.2f) ", $2, s, k, f} END {printf "| cluster=%.2f", t}')
             echo "bin$j $OUT  $cpu pgbench=$PB machine=$MACHINE"
         done
         if [ -n "${WITH_PG:-}" ]; then
-            run_point "$PORT_pg" unused "$mode"
+            if [ "$m" = copy ]; then run_copy "$PORT_pg" unused; else run_point "$PORT_pg" unused "$mode"; fi
             echo "pg   $OUT  pgbench=$PB machine=$MACHINE"
         fi
     done

@@ -695,7 +695,7 @@ impl<D: Disk> Node<D> {
                 .entry(batch.pg)
                 .or_insert_with(|| Segment::new(batch.pg));
             let mut lsns = Vec::with_capacity(batch.records.len());
-            let mut out = entries_buffer(batch.records.iter().map(Vec::len));
+            let mut out = entries_buffer(batch.records.iter().map(|r| r.len()));
             // Durable with this batch (it syncs before the ack), so a restart keeps
             // refusing older memberships.
             let membership_moved = seg.note_membership(batch.membership_epoch);
@@ -704,7 +704,7 @@ impl<D: Disk> Node<D> {
             }
             let has_records = !batch.records.is_empty();
             for bytes in batch.records {
-                match seg.insert(a.epoch, bytes, Some(&mut out)) {
+                match seg.insert(a.epoch, Vec::from(bytes), Some(&mut out)) {
                     Ok(inserted) => {
                         lsns.push(inserted.lsn());
                         if let Inserted::New(_) = inserted {

@@ -52,7 +52,7 @@ fn append(epoch: u64, recs: &[Record], complete_to: Lsn) -> Request {
             membership_epoch: 0,
             complete_to,
             pg_last: recs.last().map(|r| r.lsn).unwrap_or(Lsn::ZERO),
-            records: recs.iter().map(Record::encode).collect(),
+            records: recs.iter().map(|r| r.encode().into()).collect(),
         }],
     })
 }

@@ -43,6 +43,7 @@
 use crate::{Topology, VolumeError};
 use borealis_common::{Epoch, Geometry, Lsn, PageNo, PgId};
 use borealis_redo::{Op, Record, CPL_FLAG};
+use bytes::Bytes;
 use borealis_storage::proto::{Append, ErrorCode, PgBatch, Request, Response, Truncation};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -450,7 +451,8 @@ pub struct TransitionStatus {
 #[derive(Debug, Clone)]
 struct Pending {
     pg: PgId,
-    bytes: Vec<u8>,
+    /// Shared with every batch that carries the record (see `PgBatch::records`).
+    bytes: Bytes,
     cpl: bool,
     /// Bit n: acked by node n (a node index of the placement, not a slot, so that
     /// a membership change does not reinterpret acks already counted).
@@ -606,7 +608,7 @@ impl WriterCore {
                 lsn,
                 Pending {
                     pg,
-                    bytes,
+                    bytes: bytes.into(),
                     cpl,
                     acked: 0,
                 },
@@ -712,7 +714,7 @@ impl WriterCore {
                 flags,
                 op,
             };
-            let bytes = record.encode();
+            let bytes = Bytes::from(record.encode());
             self.unflushed_bytes += bytes.len();
             self.unacked_bytes += bytes.len();
             self.keep(
@@ -993,7 +995,7 @@ impl WriterCore {
             flush
         };
         let ns = self.nodes.get_mut(node)?;
-        let mut per_pg: BTreeMap<PgId, Vec<(Lsn, Vec<u8>)>> = BTreeMap::new();
+        let mut per_pg: BTreeMap<PgId, Vec<(Lsn, Bytes)>> = BTreeMap::new();
         let (mut count, mut bytes) = (0usize, 0usize);
         while let Some(&lsn) = ns.queue.front() {
             if lsn > limit {
