@@ -71,7 +71,8 @@ pub struct SequenceDef {
     pub max_value: i64,
     pub start: i64,
     pub cycle: bool,
-    /// Column (table oid, column index) that owns this sequence (serial), if any.
+    /// Column (table oid, column index) that owns this sequence (serial), if any;
+    /// [`ROWID_COLUMN`] for a table's hidden row-id sequence.
     pub owned_by: Option<(u32, usize)>,
 }
 
@@ -99,7 +100,19 @@ pub struct TableDef {
     pub sequence: Option<SequenceDef>,
 }
 
+/// The "column" that owns a table's hidden row-id sequence (`TableDef::rowid_seq`).
+pub const ROWID_COLUMN: usize = usize::MAX;
+
 impl TableDef {
+    /// A hidden row-id sequence: internal state, which SQL cannot name (PostgreSQL
+    /// has no such object), so nothing can reset or drop it.
+    pub fn is_rowid_sequence(&self) -> bool {
+        self.sequence
+            .as_ref()
+            .and_then(|s| s.owned_by)
+            .is_some_and(|(_, column)| column == ROWID_COLUMN)
+    }
+
     /// The secondary indexes with trees: the ones row writes maintain.
     pub fn secondary_indexes(&self) -> impl Iterator<Item = &IndexDef> {
         self.indexes.iter().filter(|i| i.is_built())

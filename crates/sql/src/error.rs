@@ -27,6 +27,10 @@ impl SqlError {
         self.detail = Some(detail.into());
         self
     }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> SqlError {
+        self.hint = Some(hint.into());
+        self
+    }
     pub fn syntax(message: impl Into<String>) -> SqlError {
         SqlError::new("42601", message)
     }

@@ -13,7 +13,9 @@ use crate::session::{
     engine_error, unsupported_isolation, Column, CopyFormat, ExecResult, Session,
 };
 use crate::SqlError;
-use borealis_engine::catalog::{CheckDef, ColumnDef, IndexDef, RelKind, SequenceDef, TableDef};
+use borealis_engine::catalog::{
+    CheckDef, ColumnDef, IndexDef, RelKind, SequenceDef, TableDef, ROWID_COLUMN,
+};
 use borealis_engine::row::encode_key;
 use borealis_engine::types::{now_timestamp, Datum, Type};
 use borealis_engine::{Engine, EngineError, RowAction, RowOutcome, TableLockMode, Txn};
@@ -1283,7 +1285,7 @@ impl<'a> Exec<'a> {
             let seq = self
                 .catalog
                 .iter()
-                .find(|t| t.name == n && t.kind == RelKind::Sequence)
+                .find(|t| t.name == n && t.kind == RelKind::Sequence && !t.is_rowid_sequence())
                 .cloned()
                 .ok_or_else(|| {
                     SqlError::new("42P01", format!("relation \"{n}\" does not exist"))
@@ -1658,18 +1660,26 @@ impl<'a> Exec<'a> {
     }
 
     async fn hidden_key(&mut self, t: &TableDef) -> Result<Vec<u8>, SqlError> {
+        let seq = self.rowid_sequence(t)?;
+        self.next_hidden_key(&seq).await
+    }
+
+    /// The definition of `t`'s hidden row-id sequence.
+    fn rowid_sequence(&self, t: &TableDef) -> Result<Arc<TableDef>, SqlError> {
         let seq_oid = t
             .rowid_seq
             .ok_or_else(|| SqlError::internal("table without key or row id sequence"))?;
-        let seq = self
-            .catalog
+        self.catalog
             .iter()
             .find(|s| s.oid == seq_oid)
             .cloned()
-            .ok_or_else(|| SqlError::internal("row id sequence missing"))?;
+            .ok_or_else(|| SqlError::internal("row id sequence missing"))
+    }
+
+    async fn next_hidden_key(&mut self, seq: &TableDef) -> Result<Vec<u8>, SqlError> {
         let id = self
             .engine
-            .next_rowid(self.txn, &seq)
+            .next_rowid(self.txn, seq)
             .await
             .map_err(engine_error)?;
         encode_key(&[Datum::Int8(id)]).map_err(engine_error)
@@ -1685,13 +1695,16 @@ impl<'a> Exec<'a> {
         rows: &[Vec<Datum>],
     ) -> Result<(), (Option<usize>, SqlError)> {
         let mut keys = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            let key = if t.pk.is_empty() {
-                self.hidden_key(t).await.map_err(|e| (None, e))?
-            } else {
-                self.row_key(t, row).map_err(|e| (Some(i), e))?
-            };
-            keys.push(key);
+        if t.pk.is_empty() {
+            // Looked up once per batch, not per row.
+            let seq = self.rowid_sequence(t).map_err(|e| (None, e))?;
+            for _ in rows {
+                keys.push(self.next_hidden_key(&seq).await.map_err(|e| (None, e))?);
+            }
+        } else {
+            for (i, row) in rows.iter().enumerate() {
+                keys.push(self.row_key(t, row).map_err(|e| (Some(i), e))?);
+            }
         }
         let constraint = pk_constraint(t);
         self.engine
@@ -2335,8 +2348,9 @@ pub(crate) async fn execute(
             object_type,
             if_exists,
             names,
+            cascade,
             ..
-        } => drop_objects(&mut ex, object_type, *if_exists, names).await,
+        } => drop_objects(&mut ex, object_type, *if_exists, names, *cascade).await,
         Statement::Truncate(t) => truncate(&mut ex, t).await,
         Statement::AlterTable(at) => alter_table(&mut ex, at).await,
         Statement::CreateIndex(ci) => create_index(&mut ex, ci).await,
@@ -3032,7 +3046,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
             create_sequence(
                 ex,
                 &format!("{name}_rowid_seq"),
-                Some((oid, usize::MAX)),
+                Some((oid, ROWID_COLUMN)),
                 default_sequence(),
             )
             .await?,
@@ -3087,6 +3101,7 @@ async fn drop_objects(
     object_type: &ast::ObjectType,
     if_exists: bool,
     names: &[ast::ObjectName],
+    cascade: bool,
 ) -> Result<ExecResult, SqlError> {
     ex.check_writable()?;
     let (kind, tag) = match object_type {
@@ -3141,7 +3156,7 @@ async fn drop_objects(
         let Some(t) = ex
             .catalog
             .iter()
-            .find(|t| t.name == name && t.kind == kind)
+            .find(|t| t.name == name && t.kind == kind && !t.is_rowid_sequence())
             .cloned()
         else {
             if if_exists {
@@ -3159,6 +3174,9 @@ async fn drop_objects(
                 ),
             ));
         };
+        if kind == RelKind::Sequence {
+            check_sequence_unused(&ex.catalog, &t, cascade)?;
+        }
         // Writers of the table finish first (its indexes go with its catalog entry).
         if kind == RelKind::Table {
             ex.lock_for_ddl(&t).await?;
@@ -3188,6 +3206,46 @@ async fn drop_objects(
         ex.catalog.retain(|x| x.oid != t.oid);
     }
     Ok(ExecResult::Command { tag: tag.into() })
+}
+
+/// PostgreSQL refuses to drop a sequence that a column default still calls (the
+/// default depends on it): 2BP01 unless CASCADE, which would drop the default too.
+/// Without the check the drop succeeded and every later INSERT relying on the
+/// default failed.
+fn check_sequence_unused(
+    catalog: &[Arc<TableDef>],
+    seq: &TableDef,
+    cascade: bool,
+) -> Result<(), SqlError> {
+    let name = &seq.name;
+    // How defaults name a sequence: serial's `nextval('s'::regclass)` or a user's
+    // `nextval('s')` (unquoted names are stored folded to lower case).
+    let call = format!("nextval('{name}'");
+    let user = catalog.iter().find_map(|t| {
+        let c = t.columns.iter().find(|c| {
+            c.default
+                .as_deref()
+                .is_some_and(|d| d.to_lowercase().contains(&call))
+        })?;
+        Some((t, c))
+    });
+    let Some((table, column)) = user else {
+        return Ok(());
+    };
+    if cascade {
+        return Err(SqlError::unsupported(
+            "DROP SEQUENCE ... CASCADE of a sequence a column default uses",
+        ));
+    }
+    Err(SqlError::new(
+        "2BP01",
+        format!("cannot drop sequence {name} because other objects depend on it"),
+    )
+    .with_detail(format!(
+        "default value for column {} of table {} depends on sequence {name}",
+        column.name, table.name
+    ))
+    .with_hint("Use DROP ... CASCADE to drop the dependent objects too."))
 }
 
 async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, SqlError> {

@@ -43,8 +43,8 @@
 use crate::{Topology, VolumeError};
 use borealis_common::{Epoch, Geometry, Lsn, PageNo, PgId};
 use borealis_redo::{Op, Record, CPL_FLAG};
-use bytes::Bytes;
 use borealis_storage::proto::{Append, ErrorCode, PgBatch, Request, Response, Truncation};
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
