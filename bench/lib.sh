@@ -213,6 +213,20 @@ pss_kb_sum() { # pids...
     echo $s
 }
 pg_pids() { local pm; pm=$(pg_postmaster_pid); [ -n "$pm" ] && echo "$pm $(pgrep -P "$pm" | tr '\n' ' ')"; }
+# wait_gone PIDS...: until every one has exited (a zombie counts: it no longer holds
+# PostgreSQL's shared memory), at most 10 s
+wait_gone() {
+    local p left deadline=$((SECONDS + 10))
+    while [ $SECONDS -lt $deadline ]; do
+        left=
+        for p in "$@"; do
+            [ -r "/proc/$p/status" ] && ! grep -q '^State:.*Z' "/proc/$p/status" 2>/dev/null && left=1
+        done
+        [ -z "$left" ] && return 0
+        sleep 0.01
+    done
+    return 1
+}
 
 # ---- results ----------------------------------------------------------------------
 # record KEY SYS FIELD VALUE  -> one TSV line (value may contain spaces, no tabs/newlines)

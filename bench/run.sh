@@ -314,6 +314,10 @@ crash_test() {
         local w; w=$(q pg "select pg_wal_lsn_diff(pg_current_wal_lsn(), '$PG_LSN0'), pg_wal_lsn_diff(pg_current_wal_lsn(), redo_lsn) from pg_control_checkpoint()")
         record crash pg wal_total_bytes "${w%%|*}"
         record crash pg wal_since_checkpoint_bytes "${w##*|}"
+        # Stopped first, the postmaster cannot fork a backend between the listing
+        # and the kill: one that escaped kept the shared memory attached, and the
+        # restart refused ("pre-existing shared memory block is still in use").
+        kill -STOP "$(pg_postmaster_pid)" 2>/dev/null
         victims=$(pg_pids)
     else
         local st; st=$(bstatus)
@@ -329,6 +333,7 @@ crash_test() {
     local t
     if [ "$sys" = pg ]; then
         wait "$PG_WRAPPER_PID" 2>/dev/null   # reaps the postmaster (see pg_ctl_start)
+        wait_gone $victims || log "WARNING: killed PostgreSQL processes still there after 10 s"
         pg_ctl_start || record crash pg error "pg_ctl start failed: $(tail -3 "$WORK/pg/server.log" | tr '\n' ' ')"
     fi
     if t=$(wait_sql "$sys" "select 1" 120); then

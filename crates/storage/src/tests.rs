@@ -57,6 +57,16 @@ fn append(epoch: u64, recs: &[Record], complete_to: Lsn) -> Request {
     })
 }
 
+/// An append carrying the writer's VDL hint and PGMRPL, which let a segment fold.
+fn append_hinted(epoch: u64, recs: &[Record], complete_to: Lsn, vdl: Lsn, pgmrpl: Lsn) -> Request {
+    let mut req = append(epoch, recs, complete_to);
+    if let Request::Append(a) = &mut req {
+        a.vdl_hint = vdl;
+        a.pgmrpl = pgmrpl;
+    }
+    req
+}
+
 fn open(disk: &MemDisk) -> Node<MemDisk> {
     Node::open("t", disk.clone(), NodeLimits::default()).unwrap()
 }
@@ -221,12 +231,7 @@ fn gc_folds_records_into_pages_and_refuses_reads_below_the_floor() {
     let mut node = open(&disk);
     install(&mut node, 1, &[]);
     let recs = records(30);
-    let mut req = append(1, &recs, Lsn(30));
-    if let Request::Append(a) = &mut req {
-        a.vdl_hint = Lsn(30);
-        a.pgmrpl = Lsn(20);
-    }
-    node.handle(req);
+    node.handle(append_hinted(1, &recs, Lsn(30), Lsn(30), Lsn(20)));
     sync(&mut node);
     node.tick();
     let seg = node.segment(PG).unwrap();
@@ -280,19 +285,12 @@ fn a_segment_the_writer_stopped_writing_still_folds_its_records() {
     let mut node = open(&disk);
     install(&mut node, 1, &[]);
     let recs = records(30);
-    let mut req = append(1, &recs, Lsn(30));
-    if let Request::Append(a) = &mut req {
-        a.vdl_hint = Lsn(5);
-        a.pgmrpl = Lsn(5);
-    }
-    node.handle(req);
+    node.handle(append_hinted(1, &recs, Lsn(30), Lsn(5), Lsn(5)));
     sync(&mut node);
     node.tick();
     assert_eq!(node.segment(PG).unwrap().gc_floor(), Lsn(5));
-    let mut quiet = append(1, &[], Lsn(30));
+    let mut quiet = append_hinted(1, &[], Lsn(30), Lsn(30), Lsn(30));
     if let Request::Append(a) = &mut quiet {
-        a.vdl_hint = Lsn(30);
-        a.pgmrpl = Lsn(30);
         a.pgs[0].pg_last = Lsn(30);
     }
     node.handle(quiet);
@@ -682,12 +680,7 @@ fn a_fresh_segment_is_rebuilt_from_a_gc_ed_peer_by_snapshot() {
     let mut peer = open(&peer_disk);
     install(&mut peer, 1, &[]);
     let recs = records(40);
-    let mut req = append(1, &recs[..30], Lsn(30));
-    if let Request::Append(a) = &mut req {
-        a.vdl_hint = Lsn(30);
-        a.pgmrpl = Lsn(25);
-    }
-    peer.handle(req);
+    peer.handle(append_hinted(1, &recs[..30], Lsn(30), Lsn(30), Lsn(25)));
     sync(&mut peer);
     peer.tick();
     let floor = peer.segment(PG).unwrap().gc_floor();
@@ -985,12 +978,7 @@ fn fill_bounded<D: Disk>(node: &mut Node<D>, recs: &[Record], batch: usize, boun
     });
     for chunk in recs.chunks(batch) {
         let to = chunk.last().unwrap().lsn;
-        let mut req = append(1, chunk, to);
-        if let Request::Append(a) = &mut req {
-            a.vdl_hint = to;
-            a.pgmrpl = to;
-        }
-        node.handle(req);
+        node.handle(append_hinted(1, chunk, to, to, to));
         sync(node);
         node.tick();
         let m = node.segment(PG).unwrap().memory();
