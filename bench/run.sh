@@ -332,6 +332,9 @@ crash_test() {
     kill -9 $victims
     local t
     if [ "$sys" = pg ]; then
+        # runuser stops itself when its child (the postmaster) is stopped, like su;
+        # stopped, it would never reap the killed postmaster.
+        kill -CONT "$PG_WRAPPER_PID" 2>/dev/null
         wait "$PG_WRAPPER_PID" 2>/dev/null   # reaps the postmaster (see pg_ctl_start)
         wait_gone $victims || log "WARNING: killed PostgreSQL processes still there after 10 s"
         pg_ctl_start || record crash pg error "pg_ctl start failed: $(tail -3 "$WORK/pg/server.log" | tr '\n' ' ')"
