@@ -66,11 +66,17 @@ fn find_table(
 ) -> Result<Arc<TableDef>, SqlError> {
     schema_ok(name)?;
     let n = ident(name);
+    named_relation(catalog, &n, RelKind::Table)
+        .ok_or_else(|| SqlError::new("42P01", format!("relation \"{n}\" does not exist")))
+}
+
+/// The relation of `kind` that SQL calls `name`. A hidden row-id sequence is never
+/// one (`TableDef::is_rowid_sequence`): PostgreSQL has no such object.
+fn named_relation(catalog: &[Arc<TableDef>], name: &str, kind: RelKind) -> Option<Arc<TableDef>> {
     catalog
         .iter()
-        .find(|t| t.name == n && t.kind == RelKind::Table)
+        .find(|t| t.name == name && t.kind == kind && !t.is_rowid_sequence())
         .cloned()
-        .ok_or_else(|| SqlError::new("42P01", format!("relation \"{n}\" does not exist")))
 }
 
 fn table_scope(t: &TableDef, alias: Option<&str>) -> Scope {
@@ -1282,14 +1288,9 @@ impl<'a> Exec<'a> {
                 continue;
             }
             let n = n.trim_start_matches("public.");
-            let seq = self
-                .catalog
-                .iter()
-                .find(|t| t.name == n && t.kind == RelKind::Sequence && !t.is_rowid_sequence())
-                .cloned()
-                .ok_or_else(|| {
-                    SqlError::new("42P01", format!("relation \"{n}\" does not exist"))
-                })?;
+            let seq = named_relation(&self.catalog, n, RelKind::Sequence).ok_or_else(|| {
+                SqlError::new("42P01", format!("relation \"{n}\" does not exist"))
+            })?;
             out.push(Datum::Int8(
                 self.engine
                     .nextval(self.txn, &seq)
@@ -3153,12 +3154,7 @@ async fn drop_objects(
     for n in names {
         schema_ok(n)?;
         let name = ident(n);
-        let Some(t) = ex
-            .catalog
-            .iter()
-            .find(|t| t.name == name && t.kind == kind && !t.is_rowid_sequence())
-            .cloned()
-        else {
+        let Some(t) = named_relation(&ex.catalog, &name, kind) else {
             if if_exists {
                 continue;
             }

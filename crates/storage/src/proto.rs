@@ -422,13 +422,17 @@ pub fn encode_request(id: u64, req: &Request) -> Vec<u8> {
         Request::Append(a) => {
             w = start_frame(id, kind::APPEND);
             // Sized once: a bulk load's batch is megabytes, and growing the frame by
-            // doubling copied it about twice more.
-            let records: usize = a
+            // doubling copied it about twice more. Layout as written below: epoch,
+            // VDL hint, PGMRPL and a PG count, then per PG its id, membership epoch,
+            // complete_to, pg_last and a record count, then length-prefixed records.
+            const APPEND_HEAD: usize = 3 * 8 + 4;
+            const PG_HEAD: usize = 4 + 3 * 8 + 4;
+            let body: usize = a
                 .pgs
                 .iter()
-                .map(|b| 32 + b.records.iter().map(|r| 4 + r.len()).sum::<usize>())
+                .map(|b| PG_HEAD + b.records.iter().map(|r| 4 + r.len()).sum::<usize>())
                 .sum();
-            w.0.reserve(28 + records);
+            w.0.reserve(APPEND_HEAD + body);
             w.u64(a.epoch.0);
             w.u64(a.vdl_hint.0);
             w.u64(a.pgmrpl.0);
