@@ -61,6 +61,19 @@ fn child_of(item: &[u8]) -> Result<PageNo, EngineError> {
     Ok(u64::from_le_bytes(arr))
 }
 
+/// The children of an internal page: the leftmost (`aux`), then one per item.
+pub fn children(page: &Page) -> Result<Vec<PageNo>, EngineError> {
+    let mut out = Vec::with_capacity(page.nslots() as usize + 1);
+    out.push(page.aux());
+    for slot in 0..page.nslots() {
+        out.push(child_of(
+            page.item(slot)
+                .ok_or_else(|| EngineError::Corrupt("slot".into()))?,
+        )?);
+    }
+    Ok(out)
+}
+
 /// Asks the CPU to start loading the cache line at the start of `bytes`. Only a
 /// hint: it cannot fault and changes no result.
 #[inline(always)]

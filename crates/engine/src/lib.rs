@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod index;
 pub mod mvcc;
 pub mod row;
+pub mod space;
 pub mod store;
 pub mod types;
 
@@ -22,6 +23,7 @@ use borealis_redo::{ItemShrink, Op, PageKind};
 use borealis_volume::{Volume, VolumeError};
 use catalog::*;
 use mvcc::*;
+use space::Alloc;
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
@@ -102,6 +104,11 @@ const SB_VERSION: u16 = 8;
 const SB_NEXT_PAGE: u16 = 16;
 const SB_TXID_HWM: u16 = 24;
 const SB_NEXT_OID: u16 = 32;
+/// Free-page list head, free pages in all, garbage-tree root (see `space`). Zero on
+/// volumes formatted before they existed, which reads as "none".
+const SB_FREE_HEAD: u16 = 40;
+const SB_FREE_PAGES: u16 = 48;
+const SB_GARBAGE_ROOT: u16 = 56;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -297,6 +304,8 @@ struct Inner {
     /// Hidden row ids reserved per row-id sequence: (next, end of reserved block).
     rowid_blocks: std::sync::Mutex<IdHashMap<u32, (i64, i64)>>,
     txn_ended: Notify,
+    /// One `reclaim` at a time: two could free the same tree twice.
+    reclaiming: Mutex<()>,
     volume: Volume,
     /// The same as `State::read_points`.
     read_points: Arc<ReadPoints>,
@@ -305,6 +314,12 @@ struct Inner {
 struct State {
     store: Store,
     next_page: PageNo,
+    /// Pages freed for reuse (see `space`).
+    free: space::FreeList,
+    /// Root of the garbage tree (0: not created yet).
+    garbage_root: PageNo,
+    /// Makes garbage keys unique within a transaction.
+    garbage_seq: u64,
     next_txid: TxnId,
     txid_hwm: TxnId,
     next_oid: u32,
@@ -361,16 +376,12 @@ macro_rules! walk {
     };
 }
 
-/// Page allocation inside one MTR; committed to the state only if the MTR is written.
-struct Alloc {
-    next: PageNo,
-}
-impl btree::PageAllocator for Alloc {
-    fn allocate(&mut self) -> PageNo {
-        let p = self.next;
-        self.next += 1;
-        p
-    }
+/// About how many pages a bulk build of `items` takes (at least half-full pages,
+/// plus the levels above): how much of the free list to mirror before it, so the
+/// build can take its pages from the list rather than fresh ones.
+fn bulk_pages(items: &[Vec<u8>]) -> usize {
+    let bytes: usize = items.iter().map(|i| i.len() + 4).sum();
+    bytes / (BODY_BYTES / 2) * 101 / 100 + 8
 }
 
 fn u64_at(body: &[u8], off: u16) -> u64 {
@@ -488,6 +499,80 @@ impl State {
         )
     }
 
+    /// Allocates and formats an empty B+tree root for `txn`, recorded as garbage
+    /// should the (sub)transaction abort; `extra` ops join the same MTR.
+    async fn new_tree(
+        &mut self,
+        txn: &mut Txn,
+        extra: Vec<(PageNo, Op)>,
+    ) -> Result<PageNo, EngineError> {
+        self.ensure_garbage_root(txn).await?;
+        let xid = txn.write_xid;
+        let seq = self.garbage_seq;
+        self.garbage_seq += 1;
+        let (ops, alloc, root) = walk!(self, {
+            let mut alloc = self.alloc();
+            let root = btree::PageAllocator::allocate(&mut alloc);
+            let (key, payload) = space::garbage_item(xid, seq, space::When::IfAborted, root);
+            btree::put(&self.store, self.garbage_root, &key, &payload, &mut alloc)
+                .map(|ops| (ops, alloc, root))
+        })?;
+        let mut all = vec![(
+            root,
+            Op::Init {
+                kind: PageKind::BtreeLeaf as u16,
+            },
+        )];
+        all.extend(extra);
+        all.extend(ops);
+        self.write_mtr(txn, all, Some(alloc)).await?;
+        Ok(root)
+    }
+
+    /// Records a garbage entry (see `space`) for `txn`'s current (sub)transaction.
+    async fn record_garbage(
+        &mut self,
+        txn: &mut Txn,
+        when: space::When,
+        root: PageNo,
+    ) -> Result<(), EngineError> {
+        self.assign_txid(txn).await?;
+        self.ensure_garbage_root(txn).await?;
+        let xid = txn.write_xid;
+        let seq = self.garbage_seq;
+        self.garbage_seq += 1;
+        let (key, payload) = space::garbage_item(xid, seq, when, root);
+        let (ops, alloc) = walk!(self, {
+            let mut alloc = self.alloc();
+            btree::put(&self.store, self.garbage_root, &key, &payload, &mut alloc)
+                .map(|ops| (ops, alloc))
+        })?;
+        self.write_mtr(txn, ops, Some(alloc)).await?;
+        Ok(())
+    }
+
+    /// Creates the garbage tree on first use (volumes formatted before it existed
+    /// have none either).
+    async fn ensure_garbage_root(&mut self, txn: &mut Txn) -> Result<(), EngineError> {
+        if self.garbage_root != 0 {
+            return Ok(());
+        }
+        let mut alloc = self.alloc();
+        let root = btree::PageAllocator::allocate(&mut alloc);
+        let ops = vec![
+            (
+                root,
+                Op::Init {
+                    kind: PageKind::BtreeLeaf as u16,
+                },
+            ),
+            self.superblock_op(SB_GARBAGE_ROOT, root),
+        ];
+        self.write_mtr(txn, ops, Some(alloc)).await?;
+        self.garbage_root = root;
+        Ok(())
+    }
+
     /// Prunes a row's version chain and writes it back under `key`, together with
     /// the row's new secondary-index entries (index root, entry key), as one MTR
     /// (splitting leaves as needed): the common tail of every row write.
@@ -507,7 +592,7 @@ impl State {
         let (mut ops, mut alloc) = walk!(self, self.row_ops(root, key, leaf, &payload, entries))?;
         // A split (in any of the trees) allocates pages: only then can the row's leaf
         // be full, and only then is it looked at again.
-        if alloc.next != self.next_page {
+        if alloc.taken > 0 {
             let item_len = 2 + key.len() + payload.len();
             if let Some(prune) = walk!(self, self.leaf_prune(root, key, item_len))? {
                 self.store.write(vec![prune]).await?;
@@ -598,9 +683,7 @@ impl State {
         payload: &[u8],
         entries: &[(PageNo, Vec<u8>)],
     ) -> Result<(Vec<(PageNo, Op)>, Alloc), EngineError> {
-        let mut alloc = Alloc {
-            next: self.next_page,
-        };
+        let mut alloc = self.alloc();
         let in_place = match leaf {
             Some(leaf) => btree::replace_in_leaf(&self.store, leaf, key, payload)?,
             None => None,
@@ -820,6 +903,11 @@ impl State {
         Ok(decided)
     }
 
+    /// A page allocator for one MTR (see `space::Alloc`).
+    fn alloc(&self) -> Alloc {
+        Alloc::new(self.next_page, &self.free)
+    }
+
     async fn write_mtr(
         &mut self,
         txn: &mut Txn,
@@ -827,14 +915,52 @@ impl State {
         alloc: Option<Alloc>,
     ) -> Result<Lsn, EngineError> {
         if let Some(a) = alloc {
-            if a.next != self.next_page {
-                ops.push(self.superblock_op(SB_NEXT_PAGE, a.next));
-                self.next_page = a.next;
+            let next = a.next;
+            if self.free.consume(a, &mut ops)? {
+                ops.push(self.superblock_op(SB_FREE_HEAD, self.free.head));
+                ops.push(self.superblock_op(SB_FREE_PAGES, self.free.total));
+            }
+            if next != self.next_page {
+                ops.push(self.superblock_op(SB_NEXT_PAGE, next));
+                self.next_page = next;
             }
         }
         let lsn = self.store.write(ops).await?;
         txn.last_write = lsn;
+        if self.free.mirror.is_empty() && self.free.head != 0 {
+            // The MTR used up the mirrored pages of the list: mirror the new head
+            // now, so the next allocation can take from it.
+            self.mirror_free(1).await;
+        }
         Ok(lsn)
+    }
+
+    /// Mirrors free-list pages until `want` free pages can be taken without a read
+    /// (or the list ends). A page that cannot be read or is malformed stops the
+    /// mirroring: allocation then takes what is mirrored, then fresh pages, and the
+    /// rest of the list stays unused (logged), never handed out twice.
+    async fn mirror_free(&mut self, want: usize) {
+        while self.free.mirrored() < want && !self.free.broken {
+            let p = self.free.to_read();
+            if p == 0 {
+                return;
+            }
+            let read = match self.store.load(p).await {
+                Ok(()) => self
+                    .store
+                    .page(p)
+                    .and_then(|page| space::ListPage::read(p, page, self.next_page)),
+                Err(e) => Err(e),
+            };
+            match read {
+                Ok(list_page) => Arc::make_mut(&mut self.free.mirror).push(list_page),
+                Err(e) => {
+                    log::error!("free-page list: page {p} unusable ({e}); allocating fresh pages");
+                    self.free.broken = true;
+                    return;
+                }
+            }
+        }
     }
 
     /// Writes a bottom-up build: its pages in MTRs of `BULK_PAGES_PER_MTR` (moved,
@@ -870,9 +996,7 @@ impl State {
         let mut at = 0;
         while at < items.len() {
             let (ops, used, alloc) = walk!(self, {
-                let mut alloc = Alloc {
-                    next: self.next_page,
-                };
+                let mut alloc = self.alloc();
                 btree::put_run(&self.store, root, &items[at..], &mut alloc)
                     .map(|(ops, used)| (ops, used, alloc))
             })?;
@@ -963,7 +1087,7 @@ impl Engine {
         let mut store = Store::new(volume.clone(), cache_pages);
         store.load(SUPERBLOCK_PAGE).await?;
         let sb = store.page(SUPERBLOCK_PAGE)?.clone();
-        let (next_page, txid_hwm, next_oid) = match sb.kind() {
+        let (next_page, txid_hwm, next_oid, free_head, free_total, garbage_root) = match sb.kind() {
             Some(PageKind::Uninit) => {
                 let mut ops = vec![(
                     SUPERBLOCK_PAGE,
@@ -1000,7 +1124,7 @@ impl Engine {
                 ));
                 let lsn = store.write(ops).await?;
                 volume.wait_durable(lsn).await?;
-                (FIRST_FREE_PAGE, TXID_BLOCK, FIRST_USER_OID)
+                (FIRST_FREE_PAGE, TXID_BLOCK, FIRST_USER_OID, 0, 0, 0)
             }
             Some(PageKind::Raw) => {
                 let body = sb.body();
@@ -1011,6 +1135,9 @@ impl Engine {
                     u64_at(body, SB_NEXT_PAGE),
                     u64_at(body, SB_TXID_HWM),
                     u64_at(body, SB_NEXT_OID) as u32,
+                    u64_at(body, SB_FREE_HEAD),
+                    u64_at(body, SB_FREE_PAGES),
+                    u64_at(body, SB_GARBAGE_ROOT),
                 )
             }
             _ => return Err(EngineError::IncompatibleVolume),
@@ -1018,11 +1145,23 @@ impl Engine {
         // Transaction ids from before this start that never committed were cut off by
         // recovery: everything below the persisted high-water mark is decided.
         let read_points = Arc::new(ReadPoints::default());
-        let state = State {
+        if garbage_root != 0 && !(FIRST_FREE_PAGE..next_page).contains(&garbage_root) {
+            return Err(EngineError::Corrupt(format!(
+                "superblock: garbage tree root {garbage_root} out of range"
+            )));
+        }
+        let mut state = State {
             read_points: read_points.clone(),
             leaf_prunes: 0,
             store,
             next_page,
+            free: space::FreeList {
+                head: free_head,
+                total: free_total,
+                ..Default::default()
+            },
+            garbage_root,
+            garbage_seq: 0,
             next_txid: txid_hwm,
             txid_hwm,
             next_oid,
@@ -1038,6 +1177,7 @@ impl Engine {
             catalog_commit_lsn: Lsn::ZERO,
             catalog_cached: None,
         };
+        state.mirror_free(1).await;
         Ok(Engine {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -1045,6 +1185,7 @@ impl Engine {
                 rowid_blocks: std::sync::Mutex::new(IdHashMap::default()),
                 commit_latency: CommitLatency::default(),
                 txn_ended: Notify::new(),
+                reclaiming: Mutex::new(()),
                 volume,
                 read_points,
             }),
@@ -2092,28 +2233,21 @@ impl Engine {
             .find(|t| t.name == name))
     }
 
-    /// Allocates an OID and (unless `root` is given) a fresh B+tree root page.
+    /// Allocates an OID and a fresh B+tree root page (recorded as garbage should
+    /// the transaction abort, see `space`).
     pub async fn allocate_relation(&self, txn: &mut Txn) -> Result<(u32, PageNo), EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
         let oid = st.next_oid;
-        let root = st.next_page;
         st.next_oid += 1;
-        let ops = vec![
-            (
-                root,
-                Op::Init {
-                    kind: PageKind::BtreeLeaf as u16,
-                },
-            ),
-            st.superblock_op(SB_NEXT_OID, st.next_oid as u64),
-        ];
-        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 }))
-            .await?;
+        let next_oid = st.superblock_op(SB_NEXT_OID, st.next_oid as u64);
+        let root = st.new_tree(txn, vec![next_oid]).await?;
         Ok((oid, root))
     }
 
-    /// Stores (inserts or replaces) a relation definition in the catalog.
+    /// Stores (inserts or replaces) a relation definition in the catalog. Trees the
+    /// old definition had and the new one does not (TRUNCATE, rewrites, dropped
+    /// indexes) are retired: freed once the change commits and no snapshot sees them.
     pub async fn put_relation(
         &self,
         txn: &mut Txn,
@@ -2126,33 +2260,60 @@ impl Engine {
         let row = vec![Datum::Text(json)];
         let cat = Self::catalog_table();
         if create {
-            self.insert_row(txn, &cat, &key, &row, "borealis_catalog_pkey")
-                .await
-        } else {
-            let mut action = Some(RowAction::Update(row));
-            match self
-                .modify_row(txn, &cat, &key, &mut |_| {
-                    Ok(action.take().unwrap_or(RowAction::Skip))
-                })
-                .await?
-            {
-                RowOutcome::Done(_) => Ok(()),
-                _ => Err(EngineError::Internal(format!(
-                    "catalog entry {} vanished",
-                    def.oid
-                ))),
+            return self
+                .insert_row(txn, &cat, &key, &row, "borealis_catalog_pkey")
+                .await;
+        }
+        let mut action = Some(RowAction::Update(row));
+        let mut old = None;
+        match self
+            .modify_row(txn, &cat, &key, &mut |row| {
+                old = row.first().cloned();
+                Ok(action.take().unwrap_or(RowAction::Skip))
+            })
+            .await?
+        {
+            RowOutcome::Done(_) => {
+                let kept = space::roots_of(def);
+                let gone: Vec<PageNo> = Self::roots_of_entry(old)?
+                    .into_iter()
+                    .filter(|r| !kept.contains(r))
+                    .collect();
+                self.retire_trees(txn, &gone).await
             }
+            _ => Err(EngineError::Internal(format!(
+                "catalog entry {} vanished",
+                def.oid
+            ))),
         }
     }
 
+    /// Deletes a relation's catalog entry; its trees are retired (see `put_relation`).
     pub async fn drop_relation(&self, txn: &mut Txn, oid: u32) -> Result<(), EngineError> {
         txn.catalog_dirty = true;
         let key = row::encode_key(&[Datum::Int8(oid as i64)])?;
-        self.modify_row(txn, &Self::catalog_table(), &key, &mut |_| {
-            Ok(RowAction::Delete)
-        })
-        .await?;
+        let mut old = None;
+        let outcome = self
+            .modify_row(txn, &Self::catalog_table(), &key, &mut |row| {
+                old = row.first().cloned();
+                Ok(RowAction::Delete)
+            })
+            .await?;
+        if let RowOutcome::Done(_) = outcome {
+            let gone = Self::roots_of_entry(old)?;
+            self.retire_trees(txn, &gone).await?;
+        }
         Ok(())
+    }
+
+    /// The trees of a catalog entry as `modify_row` showed it (its text column).
+    fn roots_of_entry(entry: Option<Datum>) -> Result<Vec<PageNo>, EngineError> {
+        let Some(Datum::Text(json)) = entry else {
+            return Ok(Vec::new());
+        };
+        let def: TableDef = serde_json::from_str(&json)
+            .map_err(|e| EngineError::Corrupt(format!("catalog entry: {e}")))?;
+        Ok(space::roots_of(&def))
     }
 
     // ---- sequences (non-transactional, like PostgreSQL's) ----
@@ -2170,7 +2331,7 @@ impl Engine {
         let mut payload = value.to_le_bytes().to_vec();
         payload.push(is_called as u8);
         let mut st = self.lock().await;
-        let mut alloc = Alloc { next: st.next_page };
+        let mut alloc = st.alloc();
         let ops = walk!(
             st,
             btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
@@ -2214,7 +2375,7 @@ impl Engine {
             let last = first + ROWID_BLOCK - 1;
             let mut payload = last.to_le_bytes().to_vec();
             payload.push(1);
-            let mut alloc = Alloc { next: st.next_page };
+            let mut alloc = st.alloc();
             let ops = walk!(
                 st,
                 btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
@@ -2271,7 +2432,7 @@ impl Engine {
         };
         let mut payload = next.to_le_bytes().to_vec();
         payload.push(1);
-        let mut alloc = Alloc { next: st.next_page };
+        let mut alloc = st.alloc();
         let ops = walk!(
             st,
             btree::put(&st.store, SEQUENCES_ROOT, &key, &payload, &mut alloc)
@@ -2293,21 +2454,119 @@ impl Engine {
         })
     }
 
-    /// Removes every key of a B+tree's rows visible... (TRUNCATE): replaces the tree
-    /// with a fresh root page and returns it.
+    /// A fresh, empty B+tree for `txn` (TRUNCATE's new trees, index builds); it is
+    /// freed again should the transaction abort.
     pub async fn new_root(&self, txn: &mut Txn) -> Result<PageNo, EngineError> {
         let mut st = self.lock().await;
         st.assign_txid(txn).await?;
-        let root = st.next_page;
-        let ops = vec![(
-            root,
-            Op::Init {
-                kind: PageKind::BtreeLeaf as u16,
-            },
-        )];
-        st.write_mtr(txn, ops, Some(Alloc { next: root + 1 }))
-            .await?;
-        Ok(root)
+        st.new_tree(txn, Vec::new()).await
+    }
+
+    /// Records that `txn`'s current (sub)transaction no longer uses the trees at
+    /// `roots`: they are freed once it commits and no snapshot can see them.
+    async fn retire_trees(&self, txn: &mut Txn, roots: &[PageNo]) -> Result<(), EngineError> {
+        let mut st = self.lock().await;
+        for &root in roots {
+            st.record_garbage(txn, space::When::IfCommitted, root)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Frees the trees of finished transactions that no snapshot can see any more
+    /// (see `space`): DROP, TRUNCATE and table rewrites once committed, the trees of
+    /// CREATE and of rolled-back rewrites once aborted. Runs in the background and
+    /// at VACUUM; one tree per MTR.
+    pub async fn reclaim(&self) -> Result<ReclaimStats, EngineError> {
+        let _one = self.inner.reclaiming.lock().await;
+        let mut stats = ReclaimStats::default();
+        let mut st = self.lock().await;
+        if st.garbage_root == 0 {
+            return Ok(stats);
+        }
+        let mut entries = Vec::new();
+        let mut leaf: Option<PageNo> = None;
+        loop {
+            let root = st.garbage_root;
+            let batch = match leaf {
+                None => walk!(st, btree::scan_leaf_from(&st.store, root, None))?,
+                Some(p) => walk!(st, btree::read_leaf(&st.store, p, None))?,
+            };
+            for (key, payload) in &batch.items {
+                entries.push(space::decode_garbage(key, payload)?);
+            }
+            if batch.next_leaf == 0 {
+                break;
+            }
+            leaf = Some(batch.next_leaf);
+        }
+        let horizon = st.prune_horizon();
+        let mut txn = self.begin(Isolation::ReadCommitted, false);
+        for g in entries {
+            let free = match walk!(st, st.txn_state(g.xid))? {
+                TxnState::InProgress => continue,
+                TxnState::Committed(lsn) => match g.when {
+                    space::When::IfCommitted if lsn > horizon => continue,
+                    space::When::IfCommitted => true,
+                    space::When::IfAborted => false,
+                },
+                TxnState::Aborted => g.when == space::When::IfAborted,
+            };
+            let pages = if free {
+                let walked = async {
+                    let mut w = space::TreeWalk::new(g.root, st.next_page)?;
+                    loop {
+                        match w.step(&st.store) {
+                            Ok(()) => return Ok(w.pages()),
+                            Err(EngineError::PageMiss(p)) => st.store.load(p).await?,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                .await;
+                match walked {
+                    Ok(pages) => pages,
+                    Err(e @ EngineError::Corrupt(_)) => {
+                        // Freeing what is not certainly this tree's could hand a
+                        // live page out twice: leave the entry (and the pages).
+                        log::error!("not freeing the tree at page {}: {e}", g.root);
+                        stats.skipped += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                Vec::new()
+            };
+            let key = g.key.clone();
+            let mut ops = walk!(st, btree::delete(&st.store, st.garbage_root, &key))?;
+            // The list is changed in memory only once the MTR is written: a failed
+            // write must not leave pages on it that are still in use.
+            let mut free_list = st.free.clone();
+            if !pages.is_empty() {
+                st.mirror_free(1).await;
+                if st.free.broken {
+                    stats.skipped += 1;
+                    continue;
+                }
+                free_list = st.free.clone();
+                free_list.push_ops(&pages, &mut ops);
+                ops.push(st.superblock_op(SB_FREE_HEAD, free_list.head));
+                ops.push(st.superblock_op(SB_FREE_PAGES, free_list.total));
+            }
+            st.write_mtr(&mut txn, ops, None).await?;
+            st.free = free_list;
+            stats.entries += 1;
+            stats.trees_freed += free as u64;
+            stats.pages_freed += pages.len() as u64;
+        }
+        Ok(stats)
+    }
+
+    /// Free pages waiting for reuse (for metrics and tests).
+    pub async fn free_pages(&self) -> (u64, PageNo) {
+        let st = self.lock().await;
+        (st.free.total, st.next_page)
     }
 
     /// VACUUM: rewrites every row whose version chain holds versions no snapshot can
@@ -2342,12 +2601,12 @@ impl Engine {
                     walk!(st, btree::delete(&st.store, root, &key))?
                 } else if pruned.len() < before {
                     stats.versions_removed += (before - pruned.len()) as u64;
-                    let mut alloc = Alloc { next: st.next_page };
+                    let mut alloc = st.alloc();
                     let ops = walk!(
                         st,
                         btree::put(&st.store, root, &key, &encode_versions(&pruned), &mut alloc)
                     )?;
-                    if alloc.next != st.next_page {
+                    if alloc.taken > 0 {
                         return Err(EngineError::Internal("vacuum would split a page".into()));
                     }
                     ops
@@ -2386,7 +2645,8 @@ impl Engine {
             let version = txn.new_version(row);
             items.push(btree::make_item(&key, &encode_versions(&[version])));
         }
-        let mut alloc = Alloc { next: st.next_page };
+        st.mirror_free(bulk_pages(&items)).await;
+        let mut alloc = st.alloc();
         let build = btree::bulk_build(root, items, &mut alloc)?;
         st.write_bulk_build(txn, build, alloc).await
     }
@@ -2633,7 +2893,8 @@ impl Engine {
             .collect();
         drop(entries);
         let mut st = self.lock().await;
-        let mut alloc = Alloc { next: st.next_page };
+        st.mirror_free(bulk_pages(&items)).await;
+        let mut alloc = st.alloc();
         let build = btree::bulk_build(root, items, &mut alloc)?;
         st.write_bulk_build(txn, build, alloc).await?;
         Ok(root)
@@ -2723,6 +2984,8 @@ impl Engine {
             leaf_prunes: st.leaf_prunes,
             read_points: st.read_points.held(),
             prune_lag: st.store.volume.vdl().0.saturating_sub(st.prune_horizon().0),
+            free_pages: st.free.total,
+            allocated_pages: st.next_page,
         }
     }
 }
@@ -2804,6 +3067,17 @@ pub struct VacuumStats {
     pub index_entries_removed: u64,
 }
 
+/// What one [`Engine::reclaim`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ReclaimStats {
+    /// Garbage entries settled (freed or dropped).
+    pub entries: u64,
+    pub trees_freed: u64,
+    pub pages_freed: u64,
+    /// Entries left because their tree could not be walked safely.
+    pub skipped: u64,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EngineStats {
     pub cache_pages: u64,
@@ -2811,6 +3085,10 @@ pub struct EngineStats {
     pub cache_misses: u64,
     pub active_transactions: u64,
     pub leaf_prunes: u64,
+    /// Pages on the free-page list, waiting for reuse.
+    pub free_pages: u64,
+    /// Page numbers ever handed out (the volume's high-water mark in pages).
+    pub allocated_pages: u64,
     /// Snapshots held by transactions (see `ReadPoints`).
     pub read_points: u64,
     /// How far (in LSNs) the oldest snapshot in use holds pruning behind VDL: an

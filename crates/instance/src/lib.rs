@@ -55,6 +55,9 @@ pub enum InstanceError {
 
 /// How often the instance reports its oldest read point to storage.
 const MIN_READ_POINT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the writer frees the trees of dropped and rewritten tables that no
+/// snapshot can see any more (`Engine::reclaim`).
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Bounded wait for the control plane at start-up.
 const CONTROL_WAIT: Duration = Duration::from_secs(30);
@@ -145,6 +148,8 @@ async fn health_json(
         v["leaf_prunes"] = json!(s.leaf_prunes);
         v["read_points"] = json!(s.read_points);
         v["prune_lag"] = json!(s.prune_lag);
+        v["free_pages"] = json!(s.free_pages);
+        v["allocated_pages"] = json!(s.allocated_pages);
     }
     v
 }
@@ -237,6 +242,16 @@ fn metrics_text(v: &serde_json::Value, db: Option<&Database>, connections: usize
             "prune_lag",
             "borealis_prune_lag_lsns",
             "LSNs between VDL and the oldest snapshot in use (how far pruning is held back)",
+        ),
+        (
+            "free_pages",
+            "borealis_free_pages",
+            "Pages of dropped, truncated or rewritten tables waiting on the free list for reuse",
+        ),
+        (
+            "allocated_pages",
+            "borealis_allocated_pages",
+            "Page numbers ever handed out (the volume's high-water mark in 8 KiB pages)",
         ),
     ] {
         if let Some(x) = v.get(key).and_then(|x| x.as_f64()) {
@@ -352,6 +367,27 @@ pub async fn run(config: InstanceConfig) -> Result<(), InstanceError> {
             loop {
                 tick.tick().await;
                 volume.set_min_read_point(db.engine().min_read_point().await);
+            }
+        });
+    }
+    // Put the pages of dropped, truncated and rewritten tables back into use once no
+    // snapshot can see them.
+    {
+        let db = db.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECLAIM_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match db.engine().reclaim().await {
+                    Ok(s) if s.pages_freed > 0 => log::info!(
+                        "freed {} pages of {} dropped or rewritten trees",
+                        s.pages_freed,
+                        s.trees_freed
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("freeing the pages of dropped trees: {e}"),
+                }
             }
         });
     }

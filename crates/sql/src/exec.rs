@@ -2391,6 +2391,10 @@ pub(crate) async fn execute(
             for t in tables {
                 ex.engine.vacuum_table(&t).await.map_err(engine_error)?;
             }
+            // And puts the trees of dropped, truncated and rewritten tables that no
+            // snapshot can see any more on the free-page list (also done in the
+            // background).
+            ex.engine.reclaim().await.map_err(engine_error)?;
             Ok(ExecResult::Command {
                 tag: "VACUUM".into(),
             })
