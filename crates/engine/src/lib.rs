@@ -506,49 +506,46 @@ impl State {
         txn: &mut Txn,
         extra: Vec<(PageNo, Op)>,
     ) -> Result<PageNo, EngineError> {
-        self.ensure_garbage_root(txn).await?;
-        let xid = txn.write_xid;
-        let seq = self.garbage_seq;
-        self.garbage_seq += 1;
-        let (ops, alloc, root) = walk!(self, {
-            let mut alloc = self.alloc();
-            let root = btree::PageAllocator::allocate(&mut alloc);
-            let (key, payload) = space::garbage_item(xid, seq, space::When::IfAborted, root);
-            btree::put(&self.store, self.garbage_root, &key, &payload, &mut alloc)
-                .map(|ops| (ops, alloc, root))
-        })?;
-        let mut all = vec![(
-            root,
-            Op::Init {
-                kind: PageKind::BtreeLeaf as u16,
-            },
-        )];
-        all.extend(extra);
-        all.extend(ops);
-        self.write_mtr(txn, all, Some(alloc)).await?;
-        Ok(root)
+        self.record_garbage(txn, space::When::IfAborted, None, extra)
+            .await
     }
 
-    /// Records a garbage entry (see `space`) for `txn`'s current (sub)transaction.
+    /// Records a garbage entry (see `space`) for `txn`'s current (sub)transaction:
+    /// for the tree at `root`, or (None) for a new empty tree allocated and
+    /// formatted in the same MTR. Returns the root.
     async fn record_garbage(
         &mut self,
         txn: &mut Txn,
         when: space::When,
-        root: PageNo,
-    ) -> Result<(), EngineError> {
+        root: Option<PageNo>,
+        extra: Vec<(PageNo, Op)>,
+    ) -> Result<PageNo, EngineError> {
         self.assign_txid(txn).await?;
         self.ensure_garbage_root(txn).await?;
         let xid = txn.write_xid;
         let seq = self.garbage_seq;
         self.garbage_seq += 1;
-        let (key, payload) = space::garbage_item(xid, seq, when, root);
-        let (ops, alloc) = walk!(self, {
+        let fresh = root.is_none();
+        let (entry_ops, alloc, root) = walk!(self, {
             let mut alloc = self.alloc();
+            let root = root.unwrap_or_else(|| btree::PageAllocator::allocate(&mut alloc));
+            let (key, payload) = space::garbage_item(xid, seq, when, root);
             btree::put(&self.store, self.garbage_root, &key, &payload, &mut alloc)
-                .map(|ops| (ops, alloc))
+                .map(|ops| (ops, alloc, root))
         })?;
+        let mut ops = Vec::new();
+        if fresh {
+            ops.push((
+                root,
+                Op::Init {
+                    kind: PageKind::BtreeLeaf as u16,
+                },
+            ));
+        }
+        ops.extend(extra);
+        ops.extend(entry_ops);
         self.write_mtr(txn, ops, Some(alloc)).await?;
-        Ok(())
+        Ok(root)
     }
 
     /// Creates the garbage tree on first use (volumes formatted before it existed
@@ -2467,7 +2464,7 @@ impl Engine {
     async fn retire_trees(&self, txn: &mut Txn, roots: &[PageNo]) -> Result<(), EngineError> {
         let mut st = self.lock().await;
         for &root in roots {
-            st.record_garbage(txn, space::When::IfCommitted, root)
+            st.record_garbage(txn, space::When::IfCommitted, Some(root), Vec::new())
                 .await?;
         }
         Ok(())
@@ -2493,7 +2490,15 @@ impl Engine {
                 Some(p) => walk!(st, btree::read_leaf(&st.store, p, None))?,
             };
             for (key, payload) in &batch.items {
-                entries.push(space::decode_garbage(key, payload)?);
+                match space::decode_garbage(key, payload) {
+                    Ok(g) => entries.push(g),
+                    Err(e) => {
+                        // Left in place: what it names cannot be known, so nothing
+                        // is freed for it.
+                        log::error!("garbage tree: {e}");
+                        stats.skipped += 1;
+                    }
+                }
             }
             if batch.next_leaf == 0 {
                 break;
