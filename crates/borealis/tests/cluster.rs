@@ -533,6 +533,22 @@ fn committed_rows_survive_faults_and_a_cluster_restart() {
         port,
         "INSERT INTO e2e VALUES (1, 'first'), (2, 'second')",
     ));
+    // A dropped table's pages go on the free list (VACUUM frees at once what the
+    // writer would free within a second).
+    let churn = format!(
+        "CREATE TABLE churn (id int PRIMARY KEY, v text); \
+         INSERT INTO churn SELECT g, '{}' FROM generate_series(1, 20000) g",
+        "x".repeat(100)
+    );
+    ok(psql(port, &churn));
+    ok(psql(port, "DROP TABLE churn"));
+    ok(psql(port, "VACUUM"));
+    // (`status` shows the writer's health as the control plane last polled it.)
+    let (allocated, free) = pages(
+        &up.wait_for("the dropped table's pages on the free list", |s| {
+            node(s, "instance-1")["health"]["free_pages"].as_u64() >= Some(200)
+        }),
+    );
 
     // The writer crashes: restarted under a new epoch; the writer endpoint holds new
     // connections until it is back, and nothing committed is lost.
@@ -541,6 +557,20 @@ fn committed_rows_survive_faults_and_a_cluster_restart() {
         port,
         "INSERT INTO e2e VALUES (3, 'after writer kill')",
     ));
+    // The free list survived the crash: the table again takes the freed pages.
+    ok(psql(port, &churn));
+    let (allocated_after, free_after) = pages(&up.wait_for("the freed pages in use again", |s| {
+        matches!(node(s, "instance-1")["health"]["free_pages"].as_u64(), Some(f) if f < free / 4)
+    }));
+    assert!(
+        allocated_after <= allocated + 8 && free_after < free / 4,
+        "pages reused after the crash: {allocated} -> {allocated_after} allocated, \
+         {free} -> {free_after} free"
+    );
+    assert_eq!(
+        ok(psql(port, "SELECT count(*), sum(id) FROM churn")).trim(),
+        "20000|200010000"
+    );
 
     // An AZ is down: 4 of 6 segments still make a write quorum.
     ok(cli(&dir, &["az", "stop", "az-c"]));
@@ -572,6 +602,17 @@ fn committed_rows_survive_faults_and_a_cluster_restart() {
     // The reader endpoint answers too (it routes to the writer while there are no readers).
     assert_eq!(ok(psql(port + 1, "SELECT count(*) FROM e2e")).trim(), "4");
     assert!(up.terminate());
+}
+
+/// (page numbers handed out, pages on the free list) from the writer's health.
+fn pages(s: &Value) -> (u64, u64) {
+    let health = &node(s, "instance-1")["health"];
+    let get = |k: &str| {
+        health[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in the writer's health: {s:#}"))
+    };
+    (get("allocated_pages"), get("free_pages"))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
