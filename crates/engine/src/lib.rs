@@ -951,9 +951,14 @@ impl State {
             };
             match read {
                 Ok(list_page) => Arc::make_mut(&mut self.free.mirror).push(list_page),
-                Err(e) => {
+                Err(e @ EngineError::Corrupt(_)) => {
                     log::error!("free-page list: page {p} unusable ({e}); allocating fresh pages");
                     self.free.broken = true;
+                    return;
+                }
+                Err(e) => {
+                    // Not readable now (the volume): tried again at the next write.
+                    log::warn!("free-page list: reading page {p}: {e}");
                     return;
                 }
             }
@@ -2547,14 +2552,13 @@ impl Engine {
             let mut ops = walk!(st, btree::delete(&st.store, st.garbage_root, &key))?;
             // The list is changed in memory only once the MTR is written: a failed
             // write must not leave pages on it that are still in use.
+            if !pages.is_empty() {
+                // To fill the head page's spare room first; without it (unreadable)
+                // the pages go on new list pages linked in front of it.
+                st.mirror_free(1).await;
+            }
             let mut free_list = st.free.clone();
             if !pages.is_empty() {
-                st.mirror_free(1).await;
-                if st.free.broken {
-                    stats.skipped += 1;
-                    continue;
-                }
-                free_list = st.free.clone();
                 free_list.push_ops(&pages, &mut ops);
                 ops.push(st.superblock_op(SB_FREE_HEAD, free_list.head));
                 ops.push(st.superblock_op(SB_FREE_PAGES, free_list.total));
