@@ -26,11 +26,12 @@
 //! pushes every page of it onto the list and deletes its entry in one MTR, so a crash
 //! never frees a tree twice nor half of one.
 //!
-//! The list's head page is mirrored in memory (`FreeList`) so that allocation, which
-//! happens inside synchronous B+tree walks, never reads a page; the rest of the list
-//! is read only when the head page is used up. Pages on the list keep their old
-//! contents: whoever allocates one formats it (`Init`/`InitWithItems`), as with a
-//! fresh page.
+//! The first pages of the list are mirrored in memory (`FreeList::mirror`: the head
+//! page, up to 64 after a push, as many as a bulk build will need before it) so
+//! that allocation, which happens inside synchronous B+tree walks, never reads a
+//! page; the rest of the list is read when the mirrored part is used up. Pages on
+//! the list keep their old contents: whoever allocates one formats it
+//! (`Init`/`InitWithItems`), as with a fresh page.
 
 use crate::btree;
 use crate::catalog::{TableDef, FIRST_FREE_PAGE};
