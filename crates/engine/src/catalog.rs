@@ -98,7 +98,34 @@ pub struct TableDef {
     pub checks: Vec<CheckDef>,
     pub rowid_seq: Option<u32>,
     pub sequence: Option<SequenceDef>,
+    /// What the last ANALYZE found (None: never analyzed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<TableStats>,
 }
+
+/// What ANALYZE learned about a table, for the planner: PostgreSQL's `reltuples`
+/// and, per secondary index, the bounds of an equi-depth histogram of its keys (as
+/// `pg_stats.histogram_bounds`, but over the index's encoded key, so a resolved
+/// index range is compared with them byte-wise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TableStats {
+    /// Rows visible to ANALYZE's snapshot.
+    pub rows: u64,
+    pub histograms: Vec<IndexHistogram>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexHistogram {
+    /// The index's oid.
+    pub index: u32,
+    /// Ascending bounds (hex of the encoded key, cut to `HISTOGRAM_KEY_BYTES`); each
+    /// bucket between two neighbours holds about the same number of rows.
+    pub bounds: Vec<String>,
+}
+
+/// Bytes of an index key kept in a histogram bound: enough to order typical keys,
+/// small enough that the statistics stay a small part of the catalog entry.
+pub const HISTOGRAM_KEY_BYTES: usize = 16;
 
 /// The "column" that owns a table's hidden row-id sequence (`TableDef::rowid_seq`).
 pub const ROWID_COLUMN: usize = usize::MAX;

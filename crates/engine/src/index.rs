@@ -254,6 +254,7 @@ mod tests {
             checks: vec![],
             rowid_seq: None,
             sequence: None,
+            stats: None,
         };
         engine.commit(txn).await.unwrap();
         (engine, table)

@@ -2141,6 +2141,7 @@ impl Engine {
             checks: vec![],
             rowid_seq: None,
             sequence: None,
+            stats: None,
         }
     }
 

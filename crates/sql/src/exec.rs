@@ -1440,10 +1440,27 @@ impl<'a> Exec<'a> {
             }
             Ok(limit.is_none_or(|l| rows.len() < l))
         };
-        match key.index.and_then(|i| def.indexes.get(i)) {
+        let index = key
+            .index
+            .and_then(|i| def.indexes.get(i))
+            .filter(|_| !plan::prefer_seq_scan(def, key, &lo, &hi));
+        match index {
             Some(index) => {
                 self.engine
                     .index_scan(self.txn, def, index, lo, hi, &mut visit)
+                    .await
+            }
+            // The index range holds most of the table (ANALYZE's statistics): the
+            // whole clustered tree instead; the filter is the whole WHERE clause.
+            None if key.index.is_some() => {
+                self.engine
+                    .scan(
+                        self.txn,
+                        def.root,
+                        Bound::Unbounded,
+                        Bound::Unbounded,
+                        &mut visit,
+                    )
                     .await
             }
             None => {
@@ -2399,16 +2416,31 @@ pub(crate) async fn execute(
                 tag: "VACUUM".into(),
             })
         }
-        Statement::Analyze(_) => Ok(ExecResult::Command {
-            tag: "ANALYZE".into(),
-        }),
+        Statement::Analyze(a) => {
+            ex.check_writable()?;
+            let tables: Vec<Arc<TableDef>> = match &a.table_name {
+                Some(n) => vec![find_table(&ex.catalog, n)?],
+                None => ex
+                    .catalog
+                    .iter()
+                    .filter(|t| t.kind == RelKind::Table)
+                    .cloned()
+                    .collect(),
+            };
+            for t in tables {
+                analyze(&mut ex, &t).await?;
+            }
+            Ok(ExecResult::Command {
+                tag: "ANALYZE".into(),
+            })
+        }
         Statement::Explain {
             statement, analyze, ..
         } => {
             if *analyze {
                 return Err(SqlError::unsupported("EXPLAIN ANALYZE"));
             }
-            let lines = explain(&ex.catalog, statement)?;
+            let lines = explain(&ex.catalog, statement, &ex.ctx(&[]))?;
             let rows = lines.into_iter().map(|l| vec![Datum::Text(l)]).collect();
             Ok(rows_result(
                 vec![Column::new("QUERY PLAN", Type::Text)],
@@ -2660,12 +2692,25 @@ fn set_variable(s: &mut Session, set: &ast::Set) -> Result<ExecResult, SqlError>
     }
 }
 
-fn explain(catalog: &[Arc<TableDef>], stmt: &Statement) -> Result<Vec<String>, SqlError> {
+fn explain(
+    catalog: &[Arc<TableDef>],
+    stmt: &Statement,
+    ctx: &EvalCtx<'_>,
+) -> Result<Vec<String>, SqlError> {
     let (bound, _) = bind_statement(catalog, stmt, &[])?;
     let mut lines = Vec::new();
     let scan_line = |def: &TableDef, key: &KeyPlan, filter: bool| -> Vec<String> {
         let mut v = Vec::new();
-        if key.is_seq_scan() {
+        // The same choice `scan_table` makes once the bounds are known.
+        let whole_table = key.index.is_some()
+            && match plan::resolve(key, def, ctx) {
+                Ok(Resolved::Range(lo, hi)) => plan::prefer_seq_scan(def, key, &lo, &hi),
+                Ok(Resolved::Full) => {
+                    plan::prefer_seq_scan(def, key, &Bound::Unbounded, &Bound::Unbounded)
+                }
+                _ => false,
+            };
+        if key.is_seq_scan() || whole_table {
             v.push(format!("Seq Scan on {}", def.name));
         } else {
             v.push(format!(
@@ -2854,6 +2899,7 @@ async fn create_sequence(
         checks: vec![],
         rowid_seq: None,
         sequence: Some(seq),
+        stats: None,
     };
     ex.engine
         .put_relation(ex.txn, &def, true)
@@ -3029,6 +3075,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
         checks: checks.clone(),
         rowid_seq: None,
         sequence: None,
+        stats: None,
     };
     Binder {
         catalog: &ex.catalog,
@@ -3071,6 +3118,7 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
         checks,
         rowid_seq,
         sequence: None,
+        stats: None,
     };
     // The table is empty: each unique index starts as an empty tree.
     for (name, cols) in uniques {
@@ -3268,6 +3316,95 @@ async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, Sq
     Ok(ExecResult::Command {
         tag: "TRUNCATE TABLE".into(),
     })
+}
+
+/// Rows ANALYZE keeps for its histograms (PostgreSQL samples 300 × the statistics
+/// target, 30,000 by default).
+const ANALYZE_SAMPLE_ROWS: usize = 30_000;
+/// Buckets of an index histogram.
+const HISTOGRAM_BUCKETS: usize = 20;
+
+/// ANALYZE of one table: counts the rows its snapshot sees and keeps a uniform
+/// sample of them (reservoir sampling over one scan, seeded by the table so runs
+/// repeat), from which each secondary index gets an equi-depth histogram of its
+/// keys; stored in the catalog entry, where the planner reads them
+/// (`plan::prefer_seq_scan`). Takes the table's shared lock, as DML does: DDL in
+/// progress is waited for and its catalog entry is the one updated.
+async fn analyze(ex: &mut Exec<'_>, def: &TableDef) -> Result<(), SqlError> {
+    let mut def = match ex.lock_table(def.oid, TableLockMode::Shared).await? {
+        Some(d) => (*d).clone(),
+        None => {
+            return Err(SqlError::new(
+                "42P01",
+                format!("relation \"{}\" does not exist", def.name),
+            ))
+        }
+    };
+    let indexes: Vec<IndexDef> = def.secondary_indexes().cloned().collect();
+    let mut rows: u64 = 0;
+    let mut sample: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(def.oid);
+    let mut visit = |_: &[u8], row: Vec<Datum>| {
+        rows += 1;
+        if indexes.is_empty() {
+            return Ok(true);
+        }
+        let slot = if sample.len() < ANALYZE_SAMPLE_ROWS {
+            Some(sample.len())
+        } else {
+            // xorshift64*: row `rows` replaces a kept one with probability N/rows.
+            rng ^= rng >> 12;
+            rng ^= rng << 25;
+            rng ^= rng >> 27;
+            let r = rng.wrapping_mul(0x2545_F491_4F6C_DD1D) % rows;
+            (r < ANALYZE_SAMPLE_ROWS as u64).then_some(r as usize)
+        };
+        if let Some(slot) = slot {
+            let mut keys = Vec::with_capacity(indexes.len());
+            for index in &indexes {
+                let (mut k, _) = borealis_engine::index::index_key(index, &row)?;
+                k.truncate(borealis_engine::catalog::HISTOGRAM_KEY_BYTES);
+                keys.push(k);
+            }
+            if slot == sample.len() {
+                sample.push(keys);
+            } else {
+                sample[slot] = keys;
+            }
+        }
+        Ok(true)
+    };
+    ex.engine
+        .scan(
+            ex.txn,
+            def.root,
+            Bound::Unbounded,
+            Bound::Unbounded,
+            &mut visit,
+        )
+        .await
+        .map_err(engine_error)?;
+    let mut histograms = Vec::with_capacity(indexes.len());
+    for (i, index) in indexes.iter().enumerate() {
+        let mut keys: Vec<&[u8]> = sample.iter().map(|k| k[i].as_slice()).collect();
+        keys.sort_unstable();
+        let bounds = if keys.is_empty() {
+            Vec::new()
+        } else {
+            (0..=HISTOGRAM_BUCKETS)
+                .map(|b| plan::to_hex(keys[b * (keys.len() - 1) / HISTOGRAM_BUCKETS]))
+                .collect()
+        };
+        histograms.push(borealis_engine::catalog::IndexHistogram {
+            index: index.oid,
+            bounds,
+        });
+    }
+    def.stats = Some(borealis_engine::catalog::TableStats { rows, histograms });
+    ex.engine
+        .put_relation(ex.txn, &def, false)
+        .await
+        .map_err(engine_error)
 }
 
 /// Rewrites a table into a new tree keyed by `new_pk` (ADD PRIMARY KEY), checking

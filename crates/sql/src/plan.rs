@@ -2,7 +2,7 @@
 //! the clustered primary-key B+tree or a secondary index, and how the chosen plan
 //! reads in EXPLAIN.
 //!
-//! There are no statistics yet, so the choice is by shape: the clustered key when
+//! The choice is by shape first: the clustered key when
 //! the WHERE clause fixes all of it; otherwise the access path whose leading
 //! columns the WHERE clause bounds best (equalities count more than a range; ties
 //! go to the clustered key, whose scan needs no second lookup). An index scan
@@ -11,6 +11,11 @@
 //! one exception is a clustered-key range that is provably the whole WHERE clause
 //! (`KeyPlan::exact`: integer key columns, every conjunct used, bounds converted
 //! without loss), where the check could only ever pass.
+//!
+//! Then by statistics, once the bounds are known (`prefer_seq_scan`): when ANALYZE's
+//! histogram of a secondary index puts more than `SEQ_SCAN_FRACTION` of the rows in
+//! the range, a scan of the whole clustered tree replaces the index scan, since the
+//! index scan reads every matching row a second time through its clustered key.
 
 use crate::expr::{cast, compare, eval, BinOp, EvalCtx, Expr};
 use crate::SqlError;
@@ -120,6 +125,63 @@ fn conjuncts<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
         }
         other => out.push(other),
     }
+}
+
+/// Share of a table's rows past which reading the whole clustered tree in key order
+/// beats an index scan's lookup per row (PostgreSQL's planner switches to a
+/// sequential scan at a similar point for uncorrelated indexes).
+pub const SEQ_SCAN_FRACTION: f64 = 0.3;
+
+/// Whether ANALYZE's statistics say the secondary-index range `lo..hi` of `key`
+/// covers more than `SEQ_SCAN_FRACTION` of the table (see the module comment).
+/// False without statistics, for the clustered key, and for a scan in ORDER BY
+/// order (a LIMIT may stop it early).
+pub fn prefer_seq_scan(
+    table: &TableDef,
+    key: &KeyPlan,
+    lo: &Bound<Vec<u8>>,
+    hi: &Bound<Vec<u8>>,
+) -> bool {
+    let (Some(index), Some(stats)) = (key.index.and_then(|i| table.indexes.get(i)), &table.stats)
+    else {
+        return false;
+    };
+    if key.ordered {
+        return false;
+    }
+    let Some(h) = stats.histograms.iter().find(|h| h.index == index.oid) else {
+        return false;
+    };
+    let bounds: Vec<Vec<u8>> = h.bounds.iter().filter_map(|b| from_hex(b)).collect();
+    if bounds.len() < 2 {
+        return false;
+    }
+    let above_lo = |b: &[u8]| match lo {
+        Bound::Unbounded => true,
+        // A bound is a key cut short: compare it with as much of `lo`.
+        Bound::Included(l) | Bound::Excluded(l) => b >= &l[..b.len().min(l.len())],
+    };
+    let below_hi = |b: &[u8]| match hi {
+        Bound::Unbounded => true,
+        Bound::Included(h) | Bound::Excluded(h) => b <= h.as_slice(),
+    };
+    // Buckets (between neighbouring bounds) that overlap the range.
+    let overlapping = bounds
+        .windows(2)
+        .filter(|w| above_lo(&w[1]) && below_hi(&w[0]))
+        .count();
+    overlapping as f64 / (bounds.len() - 1) as f64 > SEQ_SCAN_FRACTION
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 /// Chooses the access path for `filter` (columns are positions in the table).
