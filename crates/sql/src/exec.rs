@@ -1270,6 +1270,18 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// Every row of the tree at `root` that the transaction sees, in key order.
+    async fn scan_whole(
+        &mut self,
+        root: u64,
+        visit: &mut (dyn FnMut(&[u8], Vec<Datum>) -> Result<bool, EngineError> + Send),
+    ) -> Result<(), SqlError> {
+        self.engine
+            .scan(self.txn, root, Bound::Unbounded, Bound::Unbounded, visit)
+            .await
+            .map_err(engine_error)
+    }
+
     fn check_writable(&self) -> Result<(), SqlError> {
         if self.txn.read_only {
             return Err(SqlError::new(
@@ -2396,16 +2408,7 @@ pub(crate) async fn execute(
         }
         Statement::Vacuum(v) => {
             // Prunes row versions no snapshot can see any more, table by table.
-            let tables: Vec<Arc<TableDef>> = match &v.table_name {
-                Some(n) => vec![find_table(&ex.catalog, n)?],
-                None => ex
-                    .catalog
-                    .iter()
-                    .filter(|t| t.kind == RelKind::Table)
-                    .cloned()
-                    .collect(),
-            };
-            for t in tables {
+            for t in maintained_tables(&ex.catalog, v.table_name.as_ref())? {
                 ex.engine.vacuum_table(&t).await.map_err(engine_error)?;
             }
             // And puts the trees of dropped, truncated and rewritten tables that no
@@ -2418,16 +2421,7 @@ pub(crate) async fn execute(
         }
         Statement::Analyze(a) => {
             ex.check_writable()?;
-            let tables: Vec<Arc<TableDef>> = match &a.table_name {
-                Some(n) => vec![find_table(&ex.catalog, n)?],
-                None => ex
-                    .catalog
-                    .iter()
-                    .filter(|t| t.kind == RelKind::Table)
-                    .cloned()
-                    .collect(),
-            };
-            for t in tables {
+            for t in maintained_tables(&ex.catalog, a.table_name.as_ref())? {
                 analyze(&mut ex, &t).await?;
             }
             Ok(ExecResult::Command {
@@ -3318,6 +3312,21 @@ async fn truncate(ex: &mut Exec<'_>, t: &ast::Truncate) -> Result<ExecResult, Sq
     })
 }
 
+/// The tables VACUUM or ANALYZE works on: the one named, or every table.
+fn maintained_tables(
+    catalog: &[Arc<TableDef>],
+    name: Option<&ast::ObjectName>,
+) -> Result<Vec<Arc<TableDef>>, SqlError> {
+    Ok(match name {
+        Some(n) => vec![find_table(catalog, n)?],
+        None => catalog
+            .iter()
+            .filter(|t| t.kind == RelKind::Table)
+            .cloned()
+            .collect(),
+    })
+}
+
 /// Rows ANALYZE keeps for its histograms (PostgreSQL samples 300 × the statistics
 /// target, 30,000 by default).
 const ANALYZE_SAMPLE_ROWS: usize = 30_000;
@@ -3374,16 +3383,7 @@ async fn analyze(ex: &mut Exec<'_>, def: &TableDef) -> Result<(), SqlError> {
         }
         Ok(true)
     };
-    ex.engine
-        .scan(
-            ex.txn,
-            def.root,
-            Bound::Unbounded,
-            Bound::Unbounded,
-            &mut visit,
-        )
-        .await
-        .map_err(engine_error)?;
+    ex.scan_whole(def.root, &mut visit).await?;
     let mut histograms = Vec::with_capacity(indexes.len());
     for (i, index) in indexes.iter().enumerate() {
         let mut keys: Vec<&[u8]> = sample.iter().map(|k| k[i].as_slice()).collect();
@@ -3449,16 +3449,7 @@ async fn rekey(
                 }
             }
         };
-        ex.engine
-            .scan(
-                ex.txn,
-                def.root,
-                Bound::Unbounded,
-                Bound::Unbounded,
-                &mut visit,
-            )
-            .await
-            .map_err(engine_error)?;
+        ex.scan_whole(def.root, &mut visit).await?;
     }
     if let Some(e) = err {
         return Err(e);
