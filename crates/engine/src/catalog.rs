@@ -118,9 +118,38 @@ pub struct TableStats {
 pub struct IndexHistogram {
     /// The index's oid.
     pub index: u32,
-    /// Ascending bounds (hex of the encoded key, cut to `HISTOGRAM_KEY_BYTES`); each
-    /// bucket between two neighbours holds about the same number of rows.
-    pub bounds: Vec<String>,
+    /// Ascending bounds (the encoded key, cut to `HISTOGRAM_KEY_BYTES`; hex in the
+    /// catalog's JSON, decoded once with the entry); each bucket between two
+    /// neighbours holds about the same number of rows.
+    #[serde(with = "hex_keys")]
+    pub bounds: Vec<Vec<u8>>,
+}
+
+/// Byte strings as hex strings in the catalog's JSON (a `Vec<u8>` would be an array
+/// of numbers, about twice the size).
+mod hex_keys {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(keys: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            keys.iter()
+                .map(|k| k.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|h| {
+                (0..h.len())
+                    .step_by(2)
+                    .map(|i| h.get(i..i + 2).and_then(|x| u8::from_str_radix(x, 16).ok()))
+                    .collect::<Option<Vec<u8>>>()
+                    .ok_or_else(|| D::Error::custom("histogram bound is not hex"))
+            })
+            .collect()
+    }
 }
 
 /// Bytes of an index key kept in a histogram bound: enough to order typical keys,

@@ -2502,7 +2502,6 @@ impl Engine {
                         // Left in place: what it names cannot be known, so nothing
                         // is freed for it.
                         log::error!("garbage tree: {e}");
-                        stats.skipped += 1;
                     }
                 }
             }
@@ -2541,7 +2540,6 @@ impl Engine {
                         // Freeing what is not certainly this tree's could hand a
                         // live page out twice: leave the entry (and the pages).
                         log::error!("not freeing the tree at page {}: {e}", g.root);
-                        stats.skipped += 1;
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -2549,34 +2547,26 @@ impl Engine {
             } else {
                 Vec::new()
             };
-            let key = g.key.clone();
-            let mut ops = walk!(st, btree::delete(&st.store, st.garbage_root, &key))?;
-            // The list is changed in memory only once the MTR is written: a failed
-            // write must not leave pages on it that are still in use.
-            if !pages.is_empty() {
-                // To fill the head page's spare room first; without it (unreadable)
-                // the pages go on new list pages linked in front of it.
+            let mut ops = walk!(st, btree::delete(&st.store, st.garbage_root, &g.key))?;
+            if pages.is_empty() {
+                st.write_mtr(&mut txn, ops, None).await?;
+            } else {
+                // Mirrored to fill the head page's spare room first; without it
+                // (unreadable) the pages go on new list pages linked in front of it.
                 st.mirror_free(1).await;
-            }
-            let mut free_list = st.free.clone();
-            if !pages.is_empty() {
+                // The list changes in memory only once the MTR is written: a failed
+                // write must not leave pages on it that are still in use.
+                let mut free_list = st.free.clone();
                 free_list.push_ops(&pages, &mut ops);
                 ops.push(st.superblock_op(SB_FREE_HEAD, free_list.head));
                 ops.push(st.superblock_op(SB_FREE_PAGES, free_list.total));
+                st.write_mtr(&mut txn, ops, None).await?;
+                st.free = free_list;
             }
-            st.write_mtr(&mut txn, ops, None).await?;
-            st.free = free_list;
-            stats.entries += 1;
             stats.trees_freed += free as u64;
             stats.pages_freed += pages.len() as u64;
         }
         Ok(stats)
-    }
-
-    /// Free pages waiting for reuse (for metrics and tests).
-    pub async fn free_pages(&self) -> (u64, PageNo) {
-        let st = self.lock().await;
-        (st.free.total, st.next_page)
     }
 
     /// VACUUM: rewrites every row whose version chain holds versions no snapshot can
@@ -3080,12 +3070,8 @@ pub struct VacuumStats {
 /// What one [`Engine::reclaim`] did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ReclaimStats {
-    /// Garbage entries settled (freed or dropped).
-    pub entries: u64,
     pub trees_freed: u64,
     pub pages_freed: u64,
-    /// Entries left because their tree could not be walked safely.
-    pub skipped: u64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]

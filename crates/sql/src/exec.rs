@@ -3392,7 +3392,7 @@ async fn analyze(ex: &mut Exec<'_>, def: &TableDef) -> Result<(), SqlError> {
             Vec::new()
         } else {
             (0..=HISTOGRAM_BUCKETS)
-                .map(|b| plan::to_hex(keys[b * (keys.len() - 1) / HISTOGRAM_BUCKETS]))
+                .map(|b| keys[b * (keys.len() - 1) / HISTOGRAM_BUCKETS].to_vec())
                 .collect()
         };
         histograms.push(borealis_engine::catalog::IndexHistogram {

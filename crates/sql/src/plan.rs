@@ -152,7 +152,7 @@ pub fn prefer_seq_scan(
     let Some(h) = stats.histograms.iter().find(|h| h.index == index.oid) else {
         return false;
     };
-    let bounds: Vec<Vec<u8>> = h.bounds.iter().filter_map(|b| from_hex(b)).collect();
+    let bounds = &h.bounds;
     if bounds.len() < 2 {
         return false;
     }
@@ -171,17 +171,6 @@ pub fn prefer_seq_scan(
         .filter(|w| above_lo(&w[1]) && below_hi(&w[0]))
         .count();
     overlapping as f64 / (bounds.len() - 1) as f64 > SEQ_SCAN_FRACTION
-}
-
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
 }
 
 /// Chooses the access path for `filter` (columns are positions in the table).
