@@ -20,7 +20,7 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
 
 # Work dir for this run (temp data dirs, logs, raw outputs). Kept with BENCH_KEEP=1.
-WORK=$(mktemp -d /tmp/borealis-bench.XXXXXX) || die "mktemp failed"
+WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/borealis-bench.XXXXXX") || die "mktemp failed"
 chmod 755 "$WORK"
 
 # ---- port selection ---------------------------------------------------------------

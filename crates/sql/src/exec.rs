@@ -7,7 +7,10 @@
 //! the engine's lock (PostgreSQL's READ COMMITTED re-check) and waits for
 //! concurrent writers.
 
-use crate::expr::{self, AggBinding, AggCall, AggFunc, BindCtx, EvalCtx, Expr, Scope, ScopeColumn};
+use crate::expr::{
+    self, AggBinding, AggCall, AggFunc, BindCtx, EvalCtx, Expr, Scope, ScopeColumn, SubKind,
+    SubValue, SubqueryBinder,
+};
 use crate::plan::{self, KeyPlan, Resolved};
 use crate::session::{
     engine_error, unsupported_isolation, Column, CopyFormat, ExecResult, Session,
@@ -93,6 +96,7 @@ fn table_scope(t: &TableDef, alias: Option<&str>) -> Scope {
                 column_id: i as i16 + 1,
             })
             .collect(),
+        outer: vec![],
     }
 }
 
@@ -203,6 +207,14 @@ struct ModifyPlan {
     returning: Option<Returning>,
 }
 
+/// A subquery of a statement, run once before the statement's rows (see
+/// `expr::SubValue`).
+#[derive(Debug, Clone)]
+struct SubPlan {
+    plan: SelectPlan,
+    kind: SubKind,
+}
+
 #[derive(Debug)]
 enum Bound_ {
     Select(SelectPlan),
@@ -227,6 +239,8 @@ pub(crate) struct CachedPlan {
     catalog: Vec<Arc<TableDef>>,
     param_types: Vec<Type>,
     bound: Bound_,
+    /// Its subqueries, in the order they run (a subquery's own subqueries first).
+    subplans: Vec<SubPlan>,
     /// The result columns, shared by every execution's result.
     columns: Option<Arc<Vec<Column>>>,
 }
@@ -250,14 +264,78 @@ struct Binder<'a> {
     catalog: &'a [Arc<TableDef>],
     params: Vec<Type>,
     nextvals: Vec<String>,
+    /// None where PostgreSQL allows no subquery (DDL expressions, COPY).
+    subs: Option<Subqueries<'a>>,
+}
+
+/// The subqueries of the statement being bound.
+struct Subqueries<'a> {
+    catalog: &'a [Arc<TableDef>],
+    /// Columns of the queries enclosing the one being bound (see `Scope::outer`).
+    outer: Vec<ScopeColumn>,
+    plans: Vec<SubPlan>,
+}
+
+impl SubqueryBinder for Subqueries<'_> {
+    fn bind_subquery(
+        &mut self,
+        outer: &Scope,
+        query: &ast::Query,
+        kind: SubKind,
+        params: &mut Vec<Type>,
+    ) -> Result<(usize, Vec<Type>), SqlError> {
+        let mut enclosing = outer.columns.clone();
+        enclosing.extend(outer.outer.iter().cloned());
+        // Parameters are the statement's: `$1` means the same inside and out.
+        let mut b = Binder {
+            catalog: self.catalog,
+            params: std::mem::take(params),
+            nextvals: vec![],
+            subs: Some(Subqueries {
+                catalog: self.catalog,
+                outer: enclosing,
+                plans: std::mem::take(&mut self.plans),
+            }),
+        };
+        let bound = b.select(query);
+        *params = b.params;
+        if let Some(inner) = b.subs {
+            self.plans = inner.plans;
+        }
+        let mut plan = bound?;
+        if !plan.nextvals.is_empty() {
+            return Err(SqlError::unsupported("nextval() in a subquery"));
+        }
+        if plan.lock {
+            return Err(SqlError::unsupported("FOR UPDATE/FOR SHARE in a subquery"));
+        }
+        if kind == SubKind::Exists && plan.limit.is_none() {
+            // EXISTS needs one row at most.
+            plan.limit = Some(Expr::Const(Datum::Int8(1), Type::Int8));
+        }
+        let types = plan.columns.iter().map(|c| c.ty).collect();
+        self.plans.push(SubPlan { plan, kind });
+        Ok((self.plans.len() - 1, types))
+    }
 }
 
 impl<'a> Binder<'a> {
+    /// A binder for expressions that may not hold subqueries.
+    fn new(catalog: &'a [Arc<TableDef>]) -> Self {
+        Binder {
+            catalog,
+            params: vec![],
+            nextvals: vec![],
+            subs: None,
+        }
+    }
+
     fn ctx(&mut self) -> BindCtx<'_> {
         BindCtx {
             params: &mut self.params,
             nextvals: &mut self.nextvals,
             agg: None,
+            subqueries: self.subs.as_mut().map(|s| s as &mut dyn SubqueryBinder),
         }
     }
 
@@ -272,7 +350,10 @@ impl<'a> Binder<'a> {
 
     fn checks(&mut self, t: &TableDef) -> Result<Vec<(String, Expr)>, SqlError> {
         let scope = table_scope(t, None);
-        t.checks
+        // PostgreSQL allows no subquery in a CHECK constraint.
+        let subs = self.subs.take();
+        let bound = t
+            .checks
             .iter()
             .map(|c| {
                 Ok((
@@ -280,7 +361,9 @@ impl<'a> Binder<'a> {
                     self.bind(&scope, &parse_expr_text(&c.expr)?, Some(Type::Bool))?,
                 ))
             })
-            .collect()
+            .collect();
+        self.subs = subs;
+        bound
     }
 
     fn returning(
@@ -419,6 +502,7 @@ impl<'a> Binder<'a> {
                     .map(|a| expr::norm(&a.name))
                     .unwrap_or_else(|| "generate_series".into());
                 let scope = Scope {
+                    outer: vec![],
                     columns: vec![ScopeColumn {
                         table: Some(table_name),
                         name: col_name,
@@ -454,7 +538,14 @@ impl<'a> Binder<'a> {
         }
         // FROM and joins.
         let mut from = Vec::new();
-        let mut scope = Scope::default();
+        let mut scope = Scope {
+            columns: vec![],
+            outer: self
+                .subs
+                .as_ref()
+                .map(|s| s.outer.clone())
+                .unwrap_or_default(),
+        };
         if select.from.is_empty() {
             from.push(JoinStep {
                 item: FromItem::Unit,
@@ -509,17 +600,14 @@ impl<'a> Binder<'a> {
             ast::GroupByExpr::Expressions(es, _) => es.clone(),
             ast::GroupByExpr::All(_) => return Err(SqlError::unsupported("GROUP BY ALL")),
         };
-        let has_agg = !group_exprs.is_empty() || select.having.is_some() || {
-            let text = select
-                .projection
-                .iter()
-                .map(|p| p.to_string().to_lowercase())
-                .collect::<Vec<_>>()
-                .join(",");
-            ["count(", "sum(", "avg(", "min(", "max("]
-                .iter()
-                .any(|f| text.contains(f))
-        };
+        let has_agg = !group_exprs.is_empty()
+            || select.having.is_some()
+            || select.projection.iter().any(|p| match p {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                    expr::has_aggregate(e)
+                }
+                _ => false,
+            });
         let mut agg_plan = None;
         let (mut project, mut columns);
         let out_scope;
@@ -561,6 +649,7 @@ impl<'a> Binder<'a> {
                 params: &mut self.params,
                 nextvals: &mut self.nextvals,
                 agg: Some(binding),
+                subqueries: self.subs.as_mut().map(|s| s as &mut dyn SubqueryBinder),
             };
             project = Vec::new();
             columns = Vec::new();
@@ -658,6 +747,10 @@ impl<'a> Binder<'a> {
                                     params: &mut self.params,
                                     nextvals: &mut self.nextvals,
                                     agg: Some(std::mem::take(binding)),
+                                    subqueries: self
+                                        .subs
+                                        .as_mut()
+                                        .map(|s| s as &mut dyn SubqueryBinder),
                                 };
                                 let r = ctx.bind(&Scope::default(), &oe.expr, None);
                                 *binding = ctx.agg.take().unwrap_or_default();
@@ -926,7 +1019,10 @@ impl<'a> Binder<'a> {
 
     fn defaults(&mut self, t: &TableDef) -> Result<Vec<Option<Expr>>, SqlError> {
         let empty = Scope::default();
-        t.columns
+        // PostgreSQL allows no subquery in a default.
+        let subs = self.subs.take();
+        let bound = t
+            .columns
             .iter()
             .map(|c| match &c.default {
                 Some(text) => Ok(Some(self.bind(
@@ -936,7 +1032,9 @@ impl<'a> Binder<'a> {
                 )?)),
                 None => Ok(None),
             })
-            .collect()
+            .collect();
+        self.subs = subs;
+        bound
     }
 
     fn assignments(
@@ -1088,6 +1186,7 @@ fn map_expr(e: Expr, f: &dyn Fn(Expr) -> Expr) -> Expr {
         Expr::InList(x, items, n) => {
             Expr::InList(m(x), items.into_iter().map(|i| map_expr(i, f)).collect(), n)
         }
+        Expr::InSub(x, slot, n) => Expr::InSub(m(x), slot, n),
         Expr::Between(x, a, b, n) => Expr::Between(m(x), m(a), m(b), n),
         Expr::Like(x, p, n, ci) => Expr::Like(m(x), m(p), n, ci),
         Expr::Case(o, w, el, t) => Expr::Case(
@@ -1116,15 +1215,22 @@ fn out_type(t: Type) -> Type {
     }
 }
 
+/// Binds a statement: its plan (None for statements that are not queries or
+/// DML), its subqueries and its parameter types.
 fn bind_statement(
     catalog: &[Arc<TableDef>],
     stmt: &Statement,
     param_types: &[Type],
-) -> Result<(Option<Bound_>, Vec<Type>), SqlError> {
+) -> Result<(Option<Bound_>, Vec<SubPlan>, Vec<Type>), SqlError> {
     let mut b = Binder {
         catalog,
         params: param_types.to_vec(),
         nextvals: vec![],
+        subs: Some(Subqueries {
+            catalog,
+            outer: vec![],
+            plans: vec![],
+        }),
     };
     let bound = match stmt {
         Statement::Query(q) => Some(Bound_::Select(b.select(q)?)),
@@ -1138,7 +1244,8 @@ fn bind_statement(
         .into_iter()
         .map(|t| if t == Type::Unknown { Type::Text } else { t })
         .collect();
-    Ok((bound, params))
+    let subplans = b.subs.map(|s| s.plans).unwrap_or_default();
+    Ok((bound, subplans, params))
 }
 
 /// Parameter types and result columns of a statement, for Describe.
@@ -1147,7 +1254,7 @@ pub(crate) fn describe(
     stmt: &Statement,
     param_types: &[Type],
 ) -> Result<(Vec<Type>, Vec<Column>), SqlError> {
-    let (bound, params) = bind_statement(catalog, stmt, param_types)?;
+    let (bound, _, params) = bind_statement(catalog, stmt, param_types)?;
     let columns = match bound {
         Some(Bound_::Select(p)) => p.columns,
         Some(Bound_::Insert(InsertPlan {
@@ -1183,6 +1290,8 @@ struct Exec<'a> {
     user: Arc<str>,
     now: i64,
     catalog: Vec<Arc<TableDef>>,
+    /// The statement's subquery results (`run_subqueries`), by slot.
+    subs: Arc<Vec<SubValue>>,
 }
 
 /// What evaluating an expression needs from the statement, owned (the names are
@@ -1193,6 +1302,7 @@ struct EvalEnv<'p> {
     database: Arc<str>,
     user: Arc<str>,
     now: i64,
+    subs: Arc<Vec<SubValue>>,
 }
 
 impl EvalEnv<'_> {
@@ -1200,6 +1310,7 @@ impl EvalEnv<'_> {
         EvalCtx {
             params: self.params,
             precomputed: &[],
+            subqueries: &self.subs,
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -1214,6 +1325,7 @@ impl<'a> Exec<'a> {
             database: self.database.clone(),
             user: self.user.clone(),
             now: self.now,
+            subs: self.subs.clone(),
         }
     }
 
@@ -1221,6 +1333,7 @@ impl<'a> Exec<'a> {
         EvalCtx {
             params: self.params,
             precomputed: pre,
+            subqueries: &self.subs,
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -1508,6 +1621,36 @@ impl<'a> Exec<'a> {
                 }
             }
         }
+    }
+
+    /// Runs a statement's subqueries, in order, at the statement's snapshot; each
+    /// may use the ones before it (its own subqueries).
+    async fn run_subqueries(&mut self, plans: &[SubPlan]) -> Result<(), SqlError> {
+        for sp in plans {
+            let rows = self.select(&sp.plan).await?;
+            let value = match sp.kind {
+                SubKind::Exists => SubValue::Exists(!rows.is_empty()),
+                SubKind::Scalar if rows.len() > 1 => {
+                    return Err(SqlError::new(
+                        "21000",
+                        "more than one row returned by a subquery used as an expression",
+                    ))
+                }
+                SubKind::Scalar => SubValue::Scalar(
+                    rows.into_iter()
+                        .next()
+                        .and_then(|r| r.into_iter().next())
+                        .unwrap_or(Datum::Null),
+                ),
+                SubKind::In => expr::sub_set(
+                    rows.into_iter()
+                        .filter_map(|r| r.into_iter().next())
+                        .collect(),
+                ),
+            };
+            Arc::make_mut(&mut self.subs).push(value);
+        }
+        Ok(())
     }
 
     async fn select(&mut self, p: &SelectPlan) -> Result<Vec<Vec<Datum>>, SqlError> {
@@ -2347,6 +2490,7 @@ pub(crate) async fn execute(
         user,
         now: now_timestamp(),
         catalog,
+        subs: Arc::default(),
     };
     match stmt {
         Statement::Query(_)
@@ -2468,7 +2612,7 @@ async fn dml(
     let plan = match cached {
         Some(plan) => plan,
         None => {
-            let (bound, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
+            let (bound, subplans, _) = bind_statement(&ex.catalog, stmt, &param_types)?;
             let Some(bound) = bound else {
                 return Err(SqlError::internal("unbound statement"));
             };
@@ -2482,6 +2626,7 @@ async fn dml(
                 catalog: ex.catalog.clone(),
                 param_types,
                 bound,
+                subplans,
                 columns,
             });
             if let Some(slot) = slot {
@@ -2491,6 +2636,7 @@ async fn dml(
         }
     };
     let columns = || plan.columns.clone().unwrap_or_default();
+    ex.run_subqueries(&plan.subplans).await?;
     match &plan.bound {
         Bound_::Select(p) => {
             let rows = ex.select(p).await?;
@@ -2691,103 +2837,17 @@ fn explain(
     stmt: &Statement,
     ctx: &EvalCtx<'_>,
 ) -> Result<Vec<String>, SqlError> {
-    let (bound, _) = bind_statement(catalog, stmt, &[])?;
+    let (bound, subplans, _) = bind_statement(catalog, stmt, &[])?;
     let mut lines = Vec::new();
-    let scan_line = |def: &TableDef, key: &KeyPlan, filter: bool| -> Vec<String> {
-        let mut v = Vec::new();
-        // The same choice `scan_table` makes once the bounds are known.
-        let whole_table = key.index.is_some()
-            && match plan::resolve(key, def, ctx) {
-                Ok(Resolved::Range(lo, hi)) => plan::prefer_seq_scan(def, key, &lo, &hi),
-                Ok(Resolved::Full) => {
-                    plan::prefer_seq_scan(def, key, &Bound::Unbounded, &Bound::Unbounded)
-                }
-                _ => false,
-            };
-        if key.is_seq_scan() || whole_table {
-            v.push(format!("Seq Scan on {}", def.name));
-        } else {
-            v.push(format!(
-                "Index Scan using {} on {}",
-                key.index_name(def),
-                def.name
-            ));
-            if !key.is_full_scan() {
-                v.push(format!("  Index Cond: ({})", key.describe(def)));
-            }
-        }
-        if filter {
-            v.push("  Filter: (re-checked WHERE clause)".into());
-        }
-        v
-    };
     match bound {
-        Some(Bound_::Select(p)) => {
-            let mut indent = 0;
-            let mut push = |s: String, lines: &mut Vec<String>| {
-                let prefix = if indent == 0 {
-                    String::new()
-                } else {
-                    format!("{}->  ", " ".repeat(indent * 2 - 2))
-                };
-                lines.push(format!("{prefix}{s}"));
-                indent += 1;
-            };
-            if p.limit.is_some() || p.offset.is_some() {
-                push("Limit".into(), &mut lines);
-            }
-            if !p.order.is_empty() {
-                push("Sort".into(), &mut lines);
-            }
-            if p.distinct {
-                push("Unique".into(), &mut lines);
-            }
-            if let Some(a) = &p.agg {
-                push(
-                    if a.group.is_empty() {
-                        "Aggregate".into()
-                    } else {
-                        "HashAggregate".into()
-                    },
-                    &mut lines,
-                );
-            }
-            if p.from.len() > 1 {
-                push("Nested Loop".into(), &mut lines);
-            }
-            for step in &p.from {
-                let pad = if indent == 0 {
-                    String::new()
-                } else {
-                    format!("{}->  ", " ".repeat(indent * 2 - 2))
-                };
-                match &step.item {
-                    FromItem::Table { def, key } => {
-                        for (i, l) in scan_line(def, key, p.filter.is_some())
-                            .into_iter()
-                            .enumerate()
-                        {
-                            lines.push(if i == 0 {
-                                format!("{pad}{l}")
-                            } else {
-                                format!("{}{l}", " ".repeat(pad.len()))
-                            });
-                        }
-                    }
-                    FromItem::Series { .. } => {
-                        lines.push(format!("{pad}Function Scan on generate_series"))
-                    }
-                    FromItem::Unit => lines.push(format!("{pad}Result")),
-                }
-            }
-        }
+        Some(Bound_::Select(p)) => explain_select(&p, ctx, &mut lines),
         Some(Bound_::Modify(p)) => {
             lines.push(format!(
                 "{} on {}",
                 if p.sets.is_some() { "Update" } else { "Delete" },
                 p.table.name
             ));
-            for l in scan_line(&p.table, &p.key, p.filter.is_some()) {
+            for l in explain_scan(&p.table, &p.key, p.filter.is_some(), ctx) {
                 lines.push(format!("  ->  {l}"));
             }
         }
@@ -2797,7 +2857,108 @@ fn explain(
         }
         None => return Err(SqlError::unsupported("EXPLAIN of this statement")),
     }
+    // Subqueries run once, before the statement: PostgreSQL's InitPlans.
+    for (i, sp) in subplans.iter().enumerate() {
+        lines.push(format!("  InitPlan {} (returns ${i})", i + 1));
+        let mut sub = Vec::new();
+        explain_select(&sp.plan, ctx, &mut sub);
+        for (j, l) in sub.into_iter().enumerate() {
+            lines.push(if j == 0 {
+                format!("    ->  {l}")
+            } else {
+                format!("        {l}")
+            });
+        }
+    }
     Ok(lines)
+}
+
+/// EXPLAIN's lines for one scan: the access path `scan_table` will take.
+fn explain_scan(def: &TableDef, key: &KeyPlan, filter: bool, ctx: &EvalCtx<'_>) -> Vec<String> {
+    let mut v = Vec::new();
+    // The same choice `scan_table` makes once the bounds are known.
+    let whole_table = key.index.is_some()
+        && match plan::resolve(key, def, ctx) {
+            Ok(Resolved::Range(lo, hi)) => plan::prefer_seq_scan(def, key, &lo, &hi),
+            Ok(Resolved::Full) => {
+                plan::prefer_seq_scan(def, key, &Bound::Unbounded, &Bound::Unbounded)
+            }
+            _ => false,
+        };
+    if key.is_seq_scan() || whole_table {
+        v.push(format!("Seq Scan on {}", def.name));
+    } else {
+        v.push(format!(
+            "Index Scan using {} on {}",
+            key.index_name(def),
+            def.name
+        ));
+        if !key.is_full_scan() {
+            v.push(format!("  Index Cond: ({})", key.describe(def)));
+        }
+    }
+    if filter {
+        v.push("  Filter: (re-checked WHERE clause)".into());
+    }
+    v
+}
+
+fn explain_select(p: &SelectPlan, ctx: &EvalCtx<'_>, lines: &mut Vec<String>) {
+    let mut indent = 0;
+    let mut push = |s: String, lines: &mut Vec<String>| {
+        let prefix = if indent == 0 {
+            String::new()
+        } else {
+            format!("{}->  ", " ".repeat(indent * 2 - 2))
+        };
+        lines.push(format!("{prefix}{s}"));
+        indent += 1;
+    };
+    if p.limit.is_some() || p.offset.is_some() {
+        push("Limit".into(), lines);
+    }
+    if !p.order.is_empty() {
+        push("Sort".into(), lines);
+    }
+    if p.distinct {
+        push("Unique".into(), lines);
+    }
+    if let Some(a) = &p.agg {
+        push(
+            if a.group.is_empty() {
+                "Aggregate".into()
+            } else {
+                "HashAggregate".into()
+            },
+            lines,
+        );
+    }
+    if p.from.len() > 1 {
+        push("Nested Loop".into(), lines);
+    }
+    for step in &p.from {
+        let pad = if indent == 0 {
+            String::new()
+        } else {
+            format!("{}->  ", " ".repeat(indent * 2 - 2))
+        };
+        match &step.item {
+            FromItem::Table { def, key } => {
+                for (i, l) in explain_scan(def, key, p.filter.is_some(), ctx)
+                    .into_iter()
+                    .enumerate()
+                {
+                    lines.push(if i == 0 {
+                        format!("{pad}{l}")
+                    } else {
+                        format!("{}{l}", " ".repeat(pad.len()))
+                    });
+                }
+            }
+            FromItem::Series { .. } => lines.push(format!("{pad}Function Scan on generate_series")),
+            FromItem::Unit => lines.push(format!("{pad}Result")),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -2807,12 +2968,7 @@ fn explain(
 /// descending sequences.
 fn sequence_def(ex: &Exec<'_>, options: &[ast::SequenceOptions]) -> Result<SequenceDef, SqlError> {
     let int = |e: &ast::Expr| -> Result<i64, SqlError> {
-        let b = Binder {
-            catalog: &ex.catalog,
-            params: vec![],
-            nextvals: vec![],
-        }
-        .bind(&Scope::default(), e, Some(Type::Int8));
+        let b = Binder::new(&ex.catalog).bind(&Scope::default(), e, Some(Type::Int8));
         let v = expr::eval(&b?, &[], &ex.ctx(&[]))?;
         v.as_i64()
             .or_else(|| expr::cast(v, Type::Int8, -1).ok()?.as_i64())
@@ -3071,12 +3227,9 @@ async fn create_table(ex: &mut Exec<'_>, ct: &ast::CreateTable) -> Result<ExecRe
         sequence: None,
         stats: None,
     };
-    Binder {
-        catalog: &ex.catalog,
-        params: vec![],
-        nextvals: vec![],
-    }
-    .checks(&probe)?;
+    let mut probe_binder = Binder::new(&ex.catalog);
+    probe_binder.checks(&probe)?;
+    probe_binder.defaults(&probe)?;
     let (oid, root) = ex
         .engine
         .allocate_relation(ex.txn)
@@ -3570,12 +3723,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 };
                 let mut probe = def.clone();
                 probe.checks = vec![check.clone()];
-                let bound = Binder {
-                    catalog: &ex.catalog,
-                    params: vec![],
-                    nextvals: vec![],
-                }
-                .checks(&probe)?;
+                let bound = Binder::new(&ex.catalog).checks(&probe)?;
                 let (rows, _) = ex.scan_table(&def, &KeyPlan::default(), None, None).await?;
                 for row in rows {
                     ex.check_row(&probe, &row, &bound).map_err(|mut e| {
@@ -3632,12 +3780,7 @@ async fn alter_table(ex: &mut Exec<'_>, at: &ast::AlterTable) -> Result<ExecResu
                 // Existing rows get the default (evaluated once) or NULL.
                 let fill = match &col.default {
                     Some(text) => {
-                        let e = Binder {
-                            catalog: &ex.catalog,
-                            params: vec![],
-                            nextvals: vec![],
-                        }
-                        .bind(
+                        let e = Binder::new(&ex.catalog).bind(
                             &Scope::default(),
                             &parse_expr_text(text)?,
                             Some(ty),
@@ -4110,11 +4253,7 @@ async fn copy_start(
             "COPY from a file is not allowed; use COPY FROM STDIN",
         ));
     }
-    let mut b = Binder {
-        catalog,
-        params: vec![],
-        nextvals: vec![],
-    };
+    let mut b = Binder::new(catalog);
     let plan = InsertPlan {
         table: def.clone(),
         targets: targets.clone(),
@@ -4321,6 +4460,7 @@ fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
         user,
         now: now_timestamp(),
         catalog: st.catalog.clone(),
+        subs: Arc::default(),
     }
 }
 

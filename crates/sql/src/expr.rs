@@ -24,6 +24,10 @@ pub struct ScopeColumn {
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     pub columns: Vec<ScopeColumn>,
+    /// Columns of the queries this one is a subquery of. Nothing binds to them
+    /// (correlated subqueries are not supported yet); they only turn what would
+    /// be "column does not exist" into an honest 0A000.
+    pub outer: Vec<ScopeColumn>,
 }
 
 impl Scope {
@@ -39,6 +43,16 @@ impl Scope {
                 }
                 found = Some(i);
             }
+        }
+        if found.is_none()
+            && self
+                .outer
+                .iter()
+                .any(|c| c.name == name && (table.is_none() || c.table.as_deref() == table))
+        {
+            return Err(SqlError::unsupported(
+                "a reference to an outer query's column (correlated subqueries)",
+            ));
         }
         found.ok_or_else(|| match table {
             Some(t) if !self.columns.iter().any(|c| c.table.as_deref() == Some(t)) => {
@@ -139,6 +153,47 @@ pub enum Expr {
     /// Output of aggregation: group key `i` / aggregate `i` of the aggregated row.
     GroupRef(usize, Type),
     AggRef(usize, Type),
+    /// A scalar subquery's value, by subquery slot (see [`SubValue`]).
+    ScalarSub(usize, Type),
+    /// EXISTS (subquery), by slot.
+    Exists(usize),
+    /// `x [NOT] IN (subquery)`, by slot.
+    InSub(Box<Expr>, usize, bool),
+}
+
+/// What a subquery gives the expressions that use it. Subqueries are not
+/// correlated, so each is run once per statement, before the statement's own
+/// rows, at the statement's snapshot (PostgreSQL's InitPlan).
+#[derive(Debug, Clone)]
+pub enum SubValue {
+    /// The only row's only column; NULL when there is no row.
+    Scalar(Datum),
+    Exists(bool),
+    /// The non-NULL values, sorted by [`compare`], and whether there was a NULL.
+    Set {
+        sorted: Vec<Datum>,
+        has_null: bool,
+    },
+}
+
+/// How a subquery is used, which decides what [`SubValue`] it yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubKind {
+    Scalar,
+    Exists,
+    In,
+}
+
+/// Binds a subquery for [`BindCtx`]: the executor's binder, which knows the
+/// catalog. Returns the subquery's slot and its result column types.
+pub trait SubqueryBinder {
+    fn bind_subquery(
+        &mut self,
+        outer: &Scope,
+        query: &ast::Query,
+        kind: SubKind,
+        params: &mut Vec<Type>,
+    ) -> Result<(usize, Vec<Type>), SqlError>;
 }
 
 impl Expr {
@@ -153,14 +208,17 @@ impl Expr {
             | Expr::Func(_, _, t)
             | Expr::Precomputed(_, t)
             | Expr::GroupRef(_, t)
-            | Expr::AggRef(_, t) => *t,
+            | Expr::AggRef(_, t)
+            | Expr::ScalarSub(_, t) => *t,
             Expr::Param(i) => params.get(*i).copied().unwrap_or(Type::Unknown),
             Expr::Not(_)
             | Expr::IsNull(..)
             | Expr::IsBool(..)
             | Expr::InList(..)
             | Expr::Between(..)
-            | Expr::Like(..) => Type::Bool,
+            | Expr::Like(..)
+            | Expr::Exists(_)
+            | Expr::InSub(..) => Type::Bool,
         }
     }
 }
@@ -220,7 +278,92 @@ fn column_name_strength(e: &ast::Expr) -> (String, u8) {
         }
         ast::Expr::Nested(e) => column_name_strength(e),
         ast::Expr::Case { .. } => ("case".into(), 1),
+        ast::Expr::Exists { .. } => ("exists".into(), 2),
+        // A scalar subquery is named after its one column.
+        ast::Expr::Subquery(q) => (query_column_name(q), 2),
         _ => ("?column?".into(), 0),
+    }
+}
+
+/// The name of a query's first result column, as far as its text tells.
+fn query_column_name(q: &ast::Query) -> String {
+    let mut body = &*q.body;
+    loop {
+        match body {
+            ast::SetExpr::Query(inner) => body = &inner.body,
+            ast::SetExpr::SetOperation { left, .. } => body = left,
+            ast::SetExpr::Select(s) => {
+                return match s.projection.first() {
+                    Some(ast::SelectItem::ExprWithAlias { alias, .. }) => norm(alias),
+                    Some(ast::SelectItem::UnnamedExpr(e)) => column_name(e),
+                    _ => "?column?".into(),
+                }
+            }
+            _ => return "?column?".into(),
+        }
+    }
+}
+
+/// Whether `e` calls an aggregate function of the query it is in; aggregates
+/// inside its subqueries belong to those.
+pub fn has_aggregate(e: &ast::Expr) -> bool {
+    use ast::Expr as E;
+    let any = |es: &[&ast::Expr]| es.iter().any(|e| has_aggregate(e));
+    match e {
+        E::Identifier(_) | E::CompoundIdentifier(_) | E::Value(_) | E::TypedString(_) => false,
+        E::Subquery(_) | E::Exists { .. } => false,
+        E::InSubquery { expr, .. } => has_aggregate(expr),
+        E::Function(f) => {
+            let name = f.name.to_string().to_lowercase();
+            if matches!(name.as_str(), "count" | "sum" | "avg" | "min" | "max") {
+                return true;
+            }
+            match &f.args {
+                ast::FunctionArguments::List(l) => l.args.iter().any(|a| match a {
+                    ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => has_aggregate(e),
+                    ast::FunctionArg::Named {
+                        arg: ast::FunctionArgExpr::Expr(e),
+                        ..
+                    } => has_aggregate(e),
+                    _ => false,
+                }),
+                _ => false,
+            }
+        }
+        E::BinaryOp { left, right, .. } => any(&[left, right]),
+        E::UnaryOp { expr, .. }
+        | E::Nested(expr)
+        | E::Cast { expr, .. }
+        | E::IsNull(expr)
+        | E::IsNotNull(expr)
+        | E::IsTrue(expr)
+        | E::IsNotTrue(expr)
+        | E::IsFalse(expr)
+        | E::IsNotFalse(expr) => has_aggregate(expr),
+        E::Between {
+            expr, low, high, ..
+        } => any(&[expr, low, high]),
+        E::Like { expr, pattern, .. } | E::ILike { expr, pattern, .. } => any(&[expr, pattern]),
+        E::InList { expr, list, .. } => has_aggregate(expr) || list.iter().any(has_aggregate),
+        E::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
+            operand.as_deref().is_some_and(has_aggregate)
+                || conditions
+                    .iter()
+                    .any(|c| has_aggregate(&c.condition) || has_aggregate(&c.result))
+                || else_result.as_deref().is_some_and(has_aggregate)
+        }
+        // Anything else: by its text, as before this walk existed.
+        other => {
+            let text = other.to_string().to_lowercase();
+            ["count(", "sum(", "avg(", "min(", "max("]
+                .iter()
+                .any(|f| text.contains(f))
+        }
     }
 }
 
@@ -319,6 +462,9 @@ pub struct BindCtx<'a> {
     pub nextvals: &'a mut Vec<String>,
     /// When aggregating: GROUP BY expressions (as text) and the aggregate calls found.
     pub agg: Option<AggBinding>,
+    /// Where subqueries are bound; None where PostgreSQL allows none (CHECK
+    /// constraints, column defaults, COPY).
+    pub subqueries: Option<&'a mut dyn SubqueryBinder>,
 }
 
 #[derive(Debug, Default)]
@@ -400,6 +546,22 @@ impl<'a> BindCtx<'a> {
             }
             Expr::Const(d, Type::Unknown) => Expr::Const(d.clone(), t),
             _ => e,
+        }
+    }
+
+    fn subquery(
+        &mut self,
+        scope: &Scope,
+        q: &ast::Query,
+        kind: SubKind,
+    ) -> Result<(usize, Vec<Type>), SqlError> {
+        match self.subqueries.as_deref_mut() {
+            Some(b) => b.bind_subquery(scope, q, kind, self.params),
+            // PostgreSQL allows none in CHECK constraints, defaults and COPY.
+            None => Err(SqlError::new(
+                "0A000",
+                "cannot use a subquery in this expression",
+            )),
         }
     }
 
@@ -640,8 +802,33 @@ impl<'a> BindCtx<'a> {
                     if t.is_integer() { Type::Float8 } else { t },
                 )
             }
-            E::Subquery(_) | E::Exists { .. } | E::InSubquery { .. } => {
-                return Err(SqlError::unsupported("subqueries"))
+            E::Subquery(q) => {
+                let (slot, cols) = self.subquery(scope, q, SubKind::Scalar)?;
+                match cols.as_slice() {
+                    [t] => Expr::ScalarSub(slot, *t),
+                    _ => return Err(SqlError::syntax("subquery must return only one column")),
+                }
+            }
+            E::Exists { subquery, negated } => {
+                let (slot, _) = self.subquery(scope, subquery, SubKind::Exists)?;
+                if *negated {
+                    Expr::Not(Box::new(Expr::Exists(slot)))
+                } else {
+                    Expr::Exists(slot)
+                }
+            }
+            E::InSubquery {
+                expr,
+                subquery,
+                negated,
+            } => {
+                let x = self.bind_inner(scope, expr)?;
+                let (slot, cols) = self.subquery(scope, subquery, SubKind::In)?;
+                match cols.as_slice() {
+                    [t] => Expr::InSub(Box::new(self.coerce(x, *t)), slot, *negated),
+                    [] => return Err(SqlError::syntax("subquery has too few columns")),
+                    _ => return Err(SqlError::syntax("subquery has too many columns")),
+                }
             }
             other => return Err(SqlError::unsupported(format!("expression {other}"))),
         })
@@ -1013,6 +1200,8 @@ fn op_symbol(op: BinOp) -> &'static str {
 pub struct EvalCtx<'a> {
     pub params: &'a [Datum],
     pub precomputed: &'a [Datum],
+    /// The statement's subquery results, by slot.
+    pub subqueries: &'a [SubValue],
     pub database: &'a str,
     pub user: &'a str,
     /// Statement start time (PostgreSQL's now() is the transaction start; close enough
@@ -1414,6 +1603,35 @@ fn arith(op: BinOp, a: Datum, b: Datum, ty: Type) -> Result<Datum, SqlError> {
     }
 }
 
+fn missing_subquery(slot: usize) -> SqlError {
+    SqlError::internal(format!("subquery {slot} was not computed"))
+}
+
+/// Sorts a subquery's values for [`set_contains`] and notes whether one was NULL.
+pub fn sub_set(values: Vec<Datum>) -> SubValue {
+    let has_null = values.iter().any(Datum::is_null);
+    let mut sorted: Vec<Datum> = values.into_iter().filter(|d| !d.is_null()).collect();
+    sorted.sort_by(|a, b| compare(a, b).unwrap_or(Ordering::Equal));
+    sorted.dedup_by(|a, b| compare(a, b) == Some(Ordering::Equal));
+    SubValue::Set { sorted, has_null }
+}
+
+/// Binary search of `v` (not NULL) in a [`sub_set`], comparing as `=` would.
+fn set_contains(sorted: &[Datum], v: &Datum) -> Result<bool, SqlError> {
+    let (mut lo, mut hi) = (0, sorted.len());
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let (a, b) = unify_for_compare(v.clone(), sorted[mid].clone())?;
+        match compare(&a, &b) {
+            Some(Ordering::Equal) => return Ok(true),
+            Some(Ordering::Greater) => lo = mid + 1,
+            Some(Ordering::Less) => hi = mid,
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
 pub fn eval(e: &Expr, row: &[Datum], ctx: &EvalCtx<'_>) -> Result<Datum, SqlError> {
     Ok(match e {
         Expr::Const(d, _) => d.clone(),
@@ -1425,6 +1643,34 @@ pub fn eval(e: &Expr, row: &[Datum], ctx: &EvalCtx<'_>) -> Result<Datum, SqlErro
             })?
         }
         Expr::Precomputed(i, _) => ctx.precomputed.get(*i).cloned().unwrap_or(Datum::Null),
+        Expr::ScalarSub(i, _) => match ctx.subqueries.get(*i) {
+            Some(SubValue::Scalar(d)) => d.clone(),
+            _ => return Err(missing_subquery(*i)),
+        },
+        Expr::Exists(i) => match ctx.subqueries.get(*i) {
+            Some(SubValue::Exists(b)) => Datum::Bool(*b),
+            _ => return Err(missing_subquery(*i)),
+        },
+        Expr::InSub(x, i, neg) => {
+            let Some(SubValue::Set { sorted, has_null }) = ctx.subqueries.get(*i) else {
+                return Err(missing_subquery(*i));
+            };
+            if sorted.is_empty() && !has_null {
+                // PostgreSQL: IN of no rows is false even for a NULL operand.
+                return Ok(Datum::Bool(*neg));
+            }
+            let v = eval(x, row, ctx)?;
+            if v.is_null() {
+                return Ok(Datum::Null);
+            }
+            if set_contains(sorted, &v)? {
+                Datum::Bool(!neg)
+            } else if *has_null {
+                Datum::Null
+            } else {
+                Datum::Bool(*neg)
+            }
+        }
         Expr::Binary(op, l, r, ty) => match op {
             BinOp::And => {
                 let a = truthy(&eval(l, row, ctx)?)?;

@@ -107,7 +107,8 @@ impl KeyPlan {
 
 fn is_constant(e: &Expr) -> bool {
     match e {
-        Expr::Const(..) | Expr::Param(_) => true,
+        // A scalar subquery is computed before the statement's rows are read.
+        Expr::Const(..) | Expr::Param(_) | Expr::ScalarSub(..) => true,
         Expr::Cast(x, _, _) => is_constant(x),
         Expr::Neg(x, _) => is_constant(x),
         Expr::Binary(op, l, r, _) => {
