@@ -122,6 +122,46 @@ enum FromItem {
     },
     /// One row, no columns (SELECT without FROM).
     Unit,
+    /// A subquery in FROM, or a query with ORDER BY/LIMIT around a set operation.
+    Derived(Box<SelectPlan>),
+    /// UNION/INTERSECT/EXCEPT of two queries whose columns are cast to `types`.
+    SetOp {
+        op: SetOpKind,
+        all: bool,
+        left: Box<SelectPlan>,
+        right: Box<SelectPlan>,
+        types: Vec<Type>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetOpKind {
+    Union,
+    Intersect,
+    Except,
+}
+
+impl SetOpKind {
+    fn name(self) -> &'static str {
+        match self {
+            SetOpKind::Union => "UNION",
+            SetOpKind::Intersect => "INTERSECT",
+            SetOpKind::Except => "EXCEPT",
+        }
+    }
+}
+
+impl FromItem {
+    /// How many columns each of its rows has.
+    fn width(&self) -> usize {
+        match self {
+            FromItem::Table { def, .. } => def.columns.len(),
+            FromItem::Series { .. } => 1,
+            FromItem::Unit => 0,
+            FromItem::Derived(p) => p.columns.len(),
+            FromItem::SetOp { types, .. } => types.len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +245,141 @@ struct ModifyPlan {
     sets: Option<Vec<(usize, Expr)>>,
     checks: Vec<(String, Expr)>,
     returning: Option<Returning>,
+}
+
+impl SelectPlan {
+    /// All columns of one FROM item, as they are.
+    fn over(item: FromItem, columns: Vec<Column>) -> SelectPlan {
+        SelectPlan {
+            project: columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Expr::Column(i, c.ty))
+                .collect(),
+            from: vec![JoinStep {
+                item,
+                on: None,
+                left_outer: false,
+            }],
+            filter: None,
+            agg: None,
+            columns,
+            hidden: 0,
+            order: vec![],
+            distinct: false,
+            limit: None,
+            offset: None,
+            lock: false,
+            nextvals: vec![],
+        }
+    }
+}
+
+/// The type both sides of a set operation become (PostgreSQL's
+/// select_common_type for the types we have): the same type; an unknown literal
+/// takes the other's; numbers widen (int2 < int4 < int8 < numeric < real <
+/// double precision); strings become text; dates and timestamps widen to the
+/// timestamp with time zone when one side has it. None: no common type (42804).
+fn common_type(a: Type, b: Type) -> Option<Type> {
+    use Type as T;
+    let numeric_rank = |t: Type| match t {
+        T::Int2 => Some(0),
+        T::Int4 => Some(1),
+        T::Int8 => Some(2),
+        T::Numeric => Some(3),
+        T::Float4 => Some(4),
+        T::Float8 => Some(5),
+        _ => None,
+    };
+    let time_rank = |t: Type| match t {
+        T::Date => Some(0),
+        T::Timestamp => Some(1),
+        T::TimestampTz => Some(2),
+        _ => None,
+    };
+    Some(match (a, b) {
+        _ if a == b => {
+            if a == T::Unknown {
+                T::Text
+            } else {
+                a
+            }
+        }
+        (T::Unknown, t) | (t, T::Unknown) => t,
+        _ if a.is_text() && b.is_text() => T::Text,
+        _ => match (numeric_rank(a), numeric_rank(b), time_rank(a), time_rank(b)) {
+            (Some(x), Some(y), _, _) => {
+                if x >= y {
+                    a
+                } else {
+                    b
+                }
+            }
+            (_, _, Some(x), Some(y)) => {
+                if x >= y {
+                    a
+                } else {
+                    b
+                }
+            }
+            _ => return None,
+        },
+    })
+}
+
+/// UNION, INTERSECT and EXCEPT, with or without ALL, as PostgreSQL defines them:
+/// rows are equal when all their values are equal or both NULL; without ALL the
+/// result has no duplicates; INTERSECT ALL keeps a row as often as both sides
+/// have it, EXCEPT ALL as often as the left has it more than the right.
+fn combine_sets(
+    op: SetOpKind,
+    all: bool,
+    mut left: Vec<Vec<Datum>>,
+    right: Vec<Vec<Datum>>,
+) -> Vec<Vec<Datum>> {
+    if op == SetOpKind::Union {
+        left.extend(right);
+        if !all {
+            let mut seen = HashSet::new();
+            left.retain(|r| seen.insert(row_fingerprint(r)));
+        }
+        return left;
+    }
+    let mut counts: HashMap<Vec<u8>, usize> = HashMap::new();
+    for r in &right {
+        *counts.entry(row_fingerprint(r)).or_default() += 1;
+    }
+    let mut emitted = HashSet::new();
+    left.retain(|r| {
+        let fp = row_fingerprint(r);
+        let n = counts.get_mut(&fp);
+        match (op, all) {
+            (SetOpKind::Intersect, true) => match n {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    true
+                }
+                _ => false,
+            },
+            (SetOpKind::Intersect, false) => n.is_some() && emitted.insert(fp),
+            (_, true) => match n {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            },
+            (_, false) => n.is_none() && emitted.insert(fp),
+        }
+    });
+    left
+}
+
+fn set_order_error() -> SqlError {
+    SqlError::new(
+        "0A000",
+        "invalid UNION/INTERSECT/EXCEPT ORDER BY clause: only result column names and positions can be used",
+    )
 }
 
 /// A subquery of a statement, run once before the statement's rows (see
@@ -513,6 +688,49 @@ impl<'a> Binder<'a> {
                 };
                 Ok((FromItem::Series { args: bound, ty }, scope))
             }
+            TableFactor::Derived {
+                lateral,
+                subquery,
+                alias,
+                ..
+            } => {
+                if *lateral {
+                    return Err(SqlError::unsupported("LATERAL"));
+                }
+                let Some(alias) = alias else {
+                    return Err(SqlError::syntax("subquery in FROM must have an alias"));
+                };
+                let plan = self.nested(|b| b.select(subquery))?;
+                let table = expr::norm(&alias.name);
+                let renames: Vec<String> =
+                    alias.columns.iter().map(|c| expr::norm(&c.name)).collect();
+                if renames.len() > plan.columns.len() {
+                    return Err(SqlError::new(
+                        "42P10",
+                        format!(
+                            "table \"{table}\" has {} columns available but {} columns specified",
+                            plan.columns.len(),
+                            renames.len()
+                        ),
+                    ));
+                }
+                let scope = Scope {
+                    columns: plan
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| ScopeColumn {
+                            table: Some(table.clone()),
+                            name: renames.get(i).cloned().unwrap_or_else(|| c.name.clone()),
+                            ty: c.ty,
+                            table_oid: 0,
+                            column_id: 0,
+                        })
+                        .collect(),
+                    outer: vec![],
+                };
+                Ok((FromItem::Derived(Box::new(plan)), scope))
+            }
             other => Err(SqlError::unsupported(format!("FROM item {other}"))),
         }
     }
@@ -521,15 +739,163 @@ impl<'a> Binder<'a> {
         if q.with.is_some() {
             return Err(SqlError::unsupported("WITH queries"));
         }
-        let select = match &*q.body {
-            SetExpr::Select(s) => s,
-            SetExpr::Values(_) => return Err(SqlError::unsupported("VALUES as a query")),
-            SetExpr::Query(inner) => return self.select(inner),
-            SetExpr::SetOperation { .. } => {
-                return Err(SqlError::unsupported("UNION/INTERSECT/EXCEPT"))
+        let plain = q.order_by.is_none() && q.limit_clause.is_none() && q.locks.is_empty();
+        match &*q.body {
+            SetExpr::Select(s) => self.select_core(s, Some(q)),
+            SetExpr::Query(inner) if plain => self.select(inner),
+            SetExpr::Query(inner) if inner.order_by.is_some() && q.order_by.is_some() => {
+                Err(SqlError::syntax("multiple ORDER BY clauses not allowed"))
             }
-            other => return Err(SqlError::unsupported(format!("query {other}"))),
-        };
+            SetExpr::Query(inner) if inner.limit_clause.is_some() && q.limit_clause.is_some() => {
+                Err(SqlError::syntax("multiple LIMIT clauses not allowed"))
+            }
+            body @ (SetExpr::Query(_) | SetExpr::SetOperation { .. }) => {
+                let inner = self.set_operand(body)?;
+                if plain {
+                    return Ok(inner);
+                }
+                self.order_output(inner, q)
+            }
+            SetExpr::Values(_) => Err(SqlError::unsupported("VALUES as a query")),
+            other => Err(SqlError::unsupported(format!("query {other}"))),
+        }
+    }
+
+    /// Binds a query nested in the one being bound (a set operation's side, a
+    /// subquery in FROM): it keeps its own nextval() slots, and the outer query's
+    /// are left as they were.
+    fn nested(
+        &mut self,
+        bind: impl FnOnce(&mut Self) -> Result<SelectPlan, SqlError>,
+    ) -> Result<SelectPlan, SqlError> {
+        let outer = std::mem::take(&mut self.nextvals);
+        let r = bind(self);
+        self.nextvals = outer;
+        r
+    }
+
+    /// One side of a set operation, or a parenthesized query.
+    fn set_operand(&mut self, body: &SetExpr) -> Result<SelectPlan, SqlError> {
+        match body {
+            SetExpr::Select(s) => self.nested(|b| b.select_core(s, None)),
+            SetExpr::Query(q) => self.nested(|b| b.select(q)),
+            SetExpr::SetOperation {
+                op,
+                set_quantifier,
+                left,
+                right,
+            } => {
+                let op = match op {
+                    ast::SetOperator::Union => SetOpKind::Union,
+                    ast::SetOperator::Intersect => SetOpKind::Intersect,
+                    ast::SetOperator::Except => SetOpKind::Except,
+                    other => return Err(SqlError::unsupported(format!("set operator {other}"))),
+                };
+                let all = match set_quantifier {
+                    ast::SetQuantifier::All => true,
+                    ast::SetQuantifier::Distinct | ast::SetQuantifier::None => false,
+                    other => return Err(SqlError::unsupported(format!("{} {other}", op.name()))),
+                };
+                let left = self.set_operand(left)?;
+                let right = self.set_operand(right)?;
+                if left.columns.len() != right.columns.len() {
+                    return Err(SqlError::syntax(format!(
+                        "each {} query must have the same number of columns",
+                        op.name()
+                    )));
+                }
+                let mut columns = left.columns.clone();
+                let mut types = Vec::with_capacity(columns.len());
+                for (c, r) in columns.iter_mut().zip(&right.columns) {
+                    let ty = common_type(c.ty, r.ty).ok_or_else(|| {
+                        SqlError::new(
+                            "42804",
+                            format!(
+                                "{} types {} and {} cannot be matched",
+                                op.name(),
+                                c.ty.name(),
+                                r.ty.name()
+                            ),
+                        )
+                    })?;
+                    *c = Column::new(c.name.clone(), ty);
+                    types.push(ty);
+                }
+                Ok(SelectPlan::over(
+                    FromItem::SetOp {
+                        op,
+                        all,
+                        left: Box::new(left),
+                        right: Box::new(right),
+                        types,
+                    },
+                    columns,
+                ))
+            }
+            SetExpr::Values(_) => Err(SqlError::unsupported("VALUES as a query")),
+            other => Err(SqlError::unsupported(format!("query {other}"))),
+        }
+    }
+
+    /// ORDER BY, LIMIT and OFFSET around a set operation's (or a parenthesized
+    /// query's) result: PostgreSQL allows only result column names and positions.
+    fn order_output(&mut self, inner: SelectPlan, q: &ast::Query) -> Result<SelectPlan, SqlError> {
+        if !q.locks.is_empty() {
+            return Err(SqlError::unsupported(
+                "FOR UPDATE/FOR SHARE with UNION/INTERSECT/EXCEPT",
+            ));
+        }
+        let columns = inner.columns.clone();
+        let mut order = Vec::new();
+        if let Some(ob) = &q.order_by {
+            let ast::OrderByKind::Expressions(exprs) = &ob.kind else {
+                return Err(SqlError::unsupported("ORDER BY ALL"));
+            };
+            for oe in exprs {
+                let desc = matches!(oe.options.sort, Some(ast::OrderBySort::Desc));
+                let nulls_first = oe.options.nulls_first.unwrap_or(desc);
+                let pos = match &oe.expr {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::Number(n, _) => n
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|i| (1..=columns.len()).contains(i))
+                            .map(|i| i - 1)
+                            .ok_or_else(|| {
+                                SqlError::new(
+                                    "42P10",
+                                    format!("ORDER BY position {n} is not in select list"),
+                                )
+                            })?,
+                        _ => return Err(set_order_error()),
+                    },
+                    ast::Expr::Identifier(id) => {
+                        let name = expr::norm(id);
+                        columns.iter().position(|c| c.name == name).ok_or_else(|| {
+                            SqlError::new("42703", format!("column \"{name}\" does not exist"))
+                        })?
+                    }
+                    _ => return Err(set_order_error()),
+                };
+                order.push((pos, desc, nulls_first));
+            }
+        }
+        let (limit, offset) = self.limit_offset(q)?;
+        Ok(SelectPlan {
+            order,
+            limit,
+            offset,
+            ..SelectPlan::over(FromItem::Derived(Box::new(inner)), columns)
+        })
+    }
+
+    /// One SELECT; `q` is the query it is the body of, for ORDER BY, LIMIT and
+    /// FOR UPDATE (None: a side of a set operation, which has none of its own).
+    fn select_core(
+        &mut self,
+        select: &ast::Select,
+        q: Option<&ast::Query>,
+    ) -> Result<SelectPlan, SqlError> {
         if select.top.is_some() {
             return Err(SqlError::syntax("syntax error at or near \"TOP\""));
         }
@@ -697,7 +1063,7 @@ impl<'a> Binder<'a> {
         // ORDER BY: output positions, output names, or expressions (hidden columns).
         let mut order = Vec::new();
         let mut hidden = 0;
-        if let Some(ob) = &q.order_by {
+        if let Some(ob) = q.and_then(|q| q.order_by.as_ref()) {
             let exprs = match &ob.kind {
                 ast::OrderByKind::Expressions(es) => es.clone(),
                 ast::OrderByKind::All(_) => return Err(SqlError::unsupported("ORDER BY ALL")),
@@ -772,7 +1138,10 @@ impl<'a> Binder<'a> {
             Some(ast::Distinct::Distinct) => true,
             Some(ast::Distinct::On(_)) => return Err(SqlError::unsupported("DISTINCT ON")),
         };
-        let (limit, offset) = self.limit_offset(q)?;
+        let (limit, offset) = match q {
+            Some(q) => self.limit_offset(q)?,
+            None => (None, None),
+        };
         // ORDER BY plain columns, ascending with NULLs last, plus a LIMIT: an index
         // (or the clustered key) in that order lets the scan stop early.
         if limit.is_some() && agg_plan.is_none() && !distinct && from.len() == 1 {
@@ -787,8 +1156,15 @@ impl<'a> Binder<'a> {
                 *key = plan::order_plan(def, std::mem::take(key), &cols);
             }
         }
-        let lock = !q.locks.is_empty();
-        if lock && (from.len() != 1 || agg_plan.is_some()) {
+        let lock = q.is_some_and(|q| !q.locks.is_empty());
+        let one_table = matches!(
+            &from[..],
+            [JoinStep {
+                item: FromItem::Table { .. },
+                ..
+            }]
+        );
+        if lock && (!one_table || agg_plan.is_some()) {
             return Err(SqlError::new(
                 "0A000",
                 "FOR UPDATE/FOR SHARE is only supported on a single table without aggregates",
@@ -1473,7 +1849,39 @@ impl<'a> Exec<'a> {
                 Ok((rows, vec![]))
             }
             FromItem::Table { def, key } => self.scan_table(def, key, None, None).await,
+            FromItem::Derived(p) => Ok((Box::pin(self.select(p)).await?, vec![])),
+            FromItem::SetOp {
+                op,
+                all,
+                left,
+                right,
+                types,
+            } => {
+                let l = self.set_side(left, types).await?;
+                let r = self.set_side(right, types).await?;
+                Ok((combine_sets(*op, *all, l, r), vec![]))
+            }
         }
+    }
+
+    /// One side of a set operation, its values cast to the common types.
+    async fn set_side(
+        &mut self,
+        p: &SelectPlan,
+        types: &[Type],
+    ) -> Result<Vec<Vec<Datum>>, SqlError> {
+        let mut rows = Box::pin(self.select(p)).await?;
+        for (i, (c, &ty)) in p.columns.iter().zip(types).enumerate() {
+            if c.ty == ty {
+                continue;
+            }
+            for row in &mut rows {
+                if let Some(d) = row.get_mut(i) {
+                    *d = expr::cast(std::mem::replace(d, Datum::Null), ty, -1)?;
+                }
+            }
+        }
+        Ok(rows)
     }
 
     /// The resolved key of a plan that names one row by its whole primary key
@@ -1685,11 +2093,7 @@ impl<'a> Exec<'a> {
                 if n == 0 {
                     keys = k;
                 }
-                let right_width = match &step.item {
-                    FromItem::Table { def, .. } => def.columns.len(),
-                    FromItem::Series { .. } => 1,
-                    FromItem::Unit => 0,
-                };
+                let right_width = step.item.width();
                 let mut next = Vec::new();
                 for l in &acc {
                     let mut matched = false;
@@ -2903,6 +3307,20 @@ fn explain_scan(def: &TableDef, key: &KeyPlan, filter: bool, ctx: &EvalCtx<'_>) 
     v
 }
 
+/// A nested plan's lines as a child at `indent` columns.
+fn explain_nested(p: &SelectPlan, ctx: &EvalCtx<'_>, indent: usize, lines: &mut Vec<String>) {
+    let mut sub = Vec::new();
+    explain_select(p, ctx, &mut sub);
+    let pad = " ".repeat(indent.saturating_sub(4));
+    for (j, l) in sub.into_iter().enumerate() {
+        lines.push(if j == 0 {
+            format!("{pad}->  {l}")
+        } else {
+            format!("{pad}    {l}")
+        });
+    }
+}
+
 fn explain_select(p: &SelectPlan, ctx: &EvalCtx<'_>, lines: &mut Vec<String>) {
     let mut indent = 0;
     let mut push = |s: String, lines: &mut Vec<String>| {
@@ -2957,6 +3375,26 @@ fn explain_select(p: &SelectPlan, ctx: &EvalCtx<'_>, lines: &mut Vec<String>) {
             }
             FromItem::Series { .. } => lines.push(format!("{pad}Function Scan on generate_series")),
             FromItem::Unit => lines.push(format!("{pad}Result")),
+            FromItem::Derived(inner) => {
+                lines.push(format!("{pad}Subquery Scan"));
+                explain_nested(inner, ctx, pad.len() + 6, lines);
+            }
+            FromItem::SetOp {
+                op,
+                all,
+                left,
+                right,
+                ..
+            } => {
+                lines.push(match (op, all) {
+                    (SetOpKind::Union, true) => format!("{pad}Append"),
+                    (SetOpKind::Union, false) => format!("{pad}HashAggregate (Append)"),
+                    (op, true) => format!("{pad}HashSetOp {} All", op.name()),
+                    (op, false) => format!("{pad}HashSetOp {}", op.name()),
+                });
+                explain_nested(left, ctx, pad.len() + 6, lines);
+                explain_nested(right, ctx, pad.len() + 6, lines);
+            }
         }
     }
 }
