@@ -247,6 +247,40 @@ struct ModifyPlan {
     returning: Option<Returning>,
 }
 
+/// A query read as a FROM item named `table`, its columns renamed by `renames`.
+fn derived_item(
+    plan: SelectPlan,
+    table: String,
+    renames: Vec<String>,
+) -> Result<(FromItem, Scope), SqlError> {
+    if renames.len() > plan.columns.len() {
+        return Err(SqlError::new(
+            "42P10",
+            format!(
+                "table \"{table}\" has {} columns available but {} columns specified",
+                plan.columns.len(),
+                renames.len()
+            ),
+        ));
+    }
+    let scope = Scope {
+        columns: plan
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ScopeColumn {
+                table: Some(table.clone()),
+                name: renames.get(i).cloned().unwrap_or_else(|| c.name.clone()),
+                ty: c.ty,
+                table_oid: 0,
+                column_id: 0,
+            })
+            .collect(),
+        outer: vec![],
+    };
+    Ok((FromItem::Derived(Box::new(plan)), scope))
+}
+
 impl SelectPlan {
     /// All columns of one FROM item, as they are.
     fn over(item: FromItem, columns: Vec<Column>) -> SelectPlan {
@@ -449,6 +483,9 @@ struct Subqueries<'a> {
     /// Columns of the queries enclosing the one being bound (see `Scope::outer`).
     outer: Vec<ScopeColumn>,
     plans: Vec<SubPlan>,
+    /// WITH queries in scope, innermost last: a name in FROM that matches one
+    /// reads its rows (each reference runs it, at the statement's snapshot).
+    ctes: Vec<(String, SelectPlan)>,
 }
 
 impl SubqueryBinder for Subqueries<'_> {
@@ -470,6 +507,7 @@ impl SubqueryBinder for Subqueries<'_> {
                 catalog: self.catalog,
                 outer: enclosing,
                 plans: std::mem::take(&mut self.plans),
+                ctes: self.ctes.clone(),
             }),
         };
         let bound = b.select(query);
@@ -615,6 +653,25 @@ impl<'a> Binder<'a> {
                 alias,
                 args: None,
                 ..
+            } if self.cte(name).is_some() => {
+                let Some(plan) = self.cte(name).cloned() else {
+                    return Err(SqlError::internal("WITH query vanished"));
+                };
+                let table = alias
+                    .as_ref()
+                    .map(|a| expr::norm(&a.name))
+                    .unwrap_or_else(|| ident(name));
+                let renames = alias
+                    .as_ref()
+                    .map(|a| a.columns.iter().map(|c| expr::norm(&c.name)).collect())
+                    .unwrap_or_default();
+                derived_item(plan, table, renames)
+            }
+            TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
             } => {
                 let def = find_table(self.catalog, name)?;
                 let alias_name = alias.as_ref().map(|a| expr::norm(&a.name));
@@ -702,43 +759,77 @@ impl<'a> Binder<'a> {
                 };
                 let plan = self.nested(|b| b.select(subquery))?;
                 let table = expr::norm(&alias.name);
-                let renames: Vec<String> =
-                    alias.columns.iter().map(|c| expr::norm(&c.name)).collect();
-                if renames.len() > plan.columns.len() {
-                    return Err(SqlError::new(
-                        "42P10",
-                        format!(
-                            "table \"{table}\" has {} columns available but {} columns specified",
-                            plan.columns.len(),
-                            renames.len()
-                        ),
-                    ));
-                }
-                let scope = Scope {
-                    columns: plan
-                        .columns
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| ScopeColumn {
-                            table: Some(table.clone()),
-                            name: renames.get(i).cloned().unwrap_or_else(|| c.name.clone()),
-                            ty: c.ty,
-                            table_oid: 0,
-                            column_id: 0,
-                        })
-                        .collect(),
-                    outer: vec![],
-                };
-                Ok((FromItem::Derived(Box::new(plan)), scope))
+                let renames = alias.columns.iter().map(|c| expr::norm(&c.name)).collect();
+                derived_item(plan, table, renames)
             }
             other => Err(SqlError::unsupported(format!("FROM item {other}"))),
         }
     }
 
-    fn select(&mut self, q: &ast::Query) -> Result<SelectPlan, SqlError> {
-        if q.with.is_some() {
-            return Err(SqlError::unsupported("WITH queries"));
+    /// The WITH query a one-part table name refers to, innermost first.
+    fn cte(&self, name: &ast::ObjectName) -> Option<&SelectPlan> {
+        if name.0.len() != 1 {
+            return None;
         }
+        let wanted = ident(name);
+        let subs = self.subs.as_ref()?;
+        subs.ctes
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == wanted)
+            .map(|(_, p)| p)
+    }
+
+    fn select(&mut self, q: &ast::Query) -> Result<SelectPlan, SqlError> {
+        let Some(with) = &q.with else {
+            return self.select_body(q);
+        };
+        if with.recursive {
+            return Err(SqlError::unsupported("WITH RECURSIVE"));
+        }
+        let Some(depth) = self.subs.as_ref().map(|s| s.ctes.len()) else {
+            return Err(SqlError::unsupported("WITH here"));
+        };
+        let r = self.with_ctes(&with.cte_tables, q);
+        if let Some(subs) = self.subs.as_mut() {
+            subs.ctes.truncate(depth);
+        }
+        r
+    }
+
+    /// Binds each WITH query (seeing the ones before it), then the query.
+    fn with_ctes(&mut self, ctes: &[ast::Cte], q: &ast::Query) -> Result<SelectPlan, SqlError> {
+        for cte in ctes {
+            let name = expr::norm(&cte.alias.name);
+            let mut plan = self.nested(|b| b.select(&cte.query))?;
+            let renames: Vec<String> = cte
+                .alias
+                .columns
+                .iter()
+                .map(|c| expr::norm(&c.name))
+                .collect();
+            if renames.len() > plan.columns.len() {
+                return Err(SqlError::new(
+                    "42P10",
+                    format!(
+                        "WITH query \"{name}\" has {} columns available but {} columns specified",
+                        plan.columns.len(),
+                        renames.len()
+                    ),
+                ));
+            }
+            for (c, n) in plan.columns.iter_mut().zip(renames) {
+                c.name = n;
+            }
+            if let Some(subs) = self.subs.as_mut() {
+                subs.ctes.push((name, plan));
+            }
+        }
+        self.select_body(q)
+    }
+
+    /// A query without its WITH clause.
+    fn select_body(&mut self, q: &ast::Query) -> Result<SelectPlan, SqlError> {
         let plain = q.order_by.is_none() && q.limit_clause.is_none() && q.locks.is_empty();
         match &*q.body {
             SetExpr::Select(s) => self.select_core(s, Some(q)),
@@ -1606,6 +1697,7 @@ fn bind_statement(
             catalog,
             outer: vec![],
             plans: vec![],
+            ctes: vec![],
         }),
     };
     let bound = match stmt {
