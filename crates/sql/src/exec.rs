@@ -247,22 +247,28 @@ struct ModifyPlan {
     returning: Option<Returning>,
 }
 
+/// 42P10 when a column alias list names more columns than the query has.
+fn check_aliases(what: &str, plan: &SelectPlan, renames: &[String]) -> Result<(), SqlError> {
+    if renames.len() > plan.columns.len() {
+        return Err(SqlError::new(
+            "42P10",
+            format!(
+                "{what} has {} columns available but {} columns specified",
+                plan.columns.len(),
+                renames.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A query read as a FROM item named `table`, its columns renamed by `renames`.
 fn derived_item(
     plan: SelectPlan,
     table: String,
     renames: Vec<String>,
 ) -> Result<(FromItem, Scope), SqlError> {
-    if renames.len() > plan.columns.len() {
-        return Err(SqlError::new(
-            "42P10",
-            format!(
-                "table \"{table}\" has {} columns available but {} columns specified",
-                plan.columns.len(),
-                renames.len()
-            ),
-        ));
-    }
+    check_aliases(&format!("table \"{table}\""), &plan, &renames)?;
     let scope = Scope {
         columns: plan
             .columns
@@ -808,16 +814,7 @@ impl<'a> Binder<'a> {
                 .iter()
                 .map(|c| expr::norm(&c.name))
                 .collect();
-            if renames.len() > plan.columns.len() {
-                return Err(SqlError::new(
-                    "42P10",
-                    format!(
-                        "WITH query \"{name}\" has {} columns available but {} columns specified",
-                        plan.columns.len(),
-                        renames.len()
-                    ),
-                ));
-            }
+            check_aliases(&format!("WITH query \"{name}\""), &plan, &renames)?;
             for (c, n) in plan.columns.iter_mut().zip(renames) {
                 c.name = n;
             }
