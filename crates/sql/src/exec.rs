@@ -894,18 +894,27 @@ impl<'a> Binder<'a> {
                 }
                 let mut columns = left.columns.clone();
                 let mut types = Vec::with_capacity(columns.len());
-                for (c, r) in columns.iter_mut().zip(&right.columns) {
-                    let ty = common_type(c.ty, r.ty).ok_or_else(|| {
+                for (i, c) in columns.iter_mut().enumerate() {
+                    let (lt, rt) = (self.output_type(&left, i), self.output_type(&right, i));
+                    let ty = common_type(lt, rt).ok_or_else(|| {
                         SqlError::new(
                             "42804",
                             format!(
                                 "{} types {} and {} cannot be matched",
                                 op.name(),
-                                c.ty.name(),
-                                r.ty.name()
+                                lt.name(),
+                                rt.name()
                             ),
                         )
                     })?;
+                    // `SELECT $1 UNION SELECT 2`: the parameter is an integer.
+                    for side in [&left, &right] {
+                        if let Some(Expr::Param(k)) = side.project.get(i) {
+                            if self.params.get(*k) == Some(&Type::Unknown) {
+                                self.params[*k] = ty;
+                            }
+                        }
+                    }
                     *c = Column::new(c.name.clone(), ty);
                     types.push(ty);
                 }
@@ -922,6 +931,16 @@ impl<'a> Binder<'a> {
             }
             SetExpr::Values(_) => Err(SqlError::unsupported("VALUES as a query")),
             other => Err(SqlError::unsupported(format!("query {other}"))),
+        }
+    }
+
+    /// The type of a query's output column `i`, unknown for an untyped literal or
+    /// parameter (which then takes the other side's type in a set operation).
+    fn output_type(&self, p: &SelectPlan, i: usize) -> Type {
+        match p.project.get(i) {
+            Some(Expr::Const(_, Type::Unknown)) => Type::Unknown,
+            Some(Expr::Param(k)) => self.params.get(*k).copied().unwrap_or(Type::Unknown),
+            _ => p.columns.get(i).map_or(Type::Unknown, |c| c.ty),
         }
     }
 
