@@ -247,6 +247,11 @@ struct ModifyPlan {
     returning: Option<Returning>,
 }
 
+/// The column names an alias gives, `t (a, b)`.
+fn alias_columns(alias: &ast::TableAlias) -> Vec<String> {
+    alias.columns.iter().map(|c| expr::norm(&c.name)).collect()
+}
+
 /// 42P10 when a column alias list names more columns than the query has.
 fn check_aliases(what: &str, plan: &SelectPlan, renames: &[String]) -> Result<(), SqlError> {
     if renames.len() > plan.columns.len() {
@@ -415,6 +420,39 @@ fn combine_sets(
     left
 }
 
+/// An ORDER BY item's (descending, NULLs first), with PostgreSQL's defaults.
+fn order_direction(oe: &ast::OrderByExpr) -> (bool, bool) {
+    let desc = matches!(oe.options.sort, Some(ast::OrderBySort::Desc));
+    (desc, oe.options.nulls_first.unwrap_or(desc))
+}
+
+/// The output column an ORDER BY item names by position (42P10 when out of
+/// range) or by output name; None for anything else.
+fn output_position(e: &ast::Expr, columns: &[Column]) -> Result<Option<usize>, SqlError> {
+    Ok(match e {
+        ast::Expr::Value(v) => match &v.value {
+            ast::Value::Number(n, _) => {
+                let i: usize = n
+                    .parse()
+                    .map_err(|_| SqlError::syntax("bad ORDER BY position"))?;
+                if i == 0 || i > columns.len() {
+                    return Err(SqlError::new(
+                        "42P10",
+                        format!("ORDER BY position {i} is not in select list"),
+                    ));
+                }
+                Some(i - 1)
+            }
+            _ => None,
+        },
+        ast::Expr::Identifier(id) => {
+            let name = expr::norm(id);
+            columns.iter().position(|c| c.name == name)
+        }
+        _ => None,
+    })
+}
+
 fn set_order_error() -> SqlError {
     SqlError::new(
         "0A000",
@@ -570,19 +608,26 @@ impl<'a> Binder<'a> {
     fn checks(&mut self, t: &TableDef) -> Result<Vec<(String, Expr)>, SqlError> {
         let scope = table_scope(t, None);
         // PostgreSQL allows no subquery in a CHECK constraint.
+        self.without_subqueries(|b| {
+            t.checks
+                .iter()
+                .map(|c| {
+                    Ok((
+                        c.name.clone(),
+                        b.bind(&scope, &parse_expr_text(&c.expr)?, Some(Type::Bool))?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    /// Binds with subqueries refused (0A000), as PostgreSQL refuses them in
+    /// CHECK constraints and defaults.
+    fn without_subqueries<T>(&mut self, bind: impl FnOnce(&mut Self) -> T) -> T {
         let subs = self.subs.take();
-        let bound = t
-            .checks
-            .iter()
-            .map(|c| {
-                Ok((
-                    c.name.clone(),
-                    self.bind(&scope, &parse_expr_text(&c.expr)?, Some(Type::Bool))?,
-                ))
-            })
-            .collect();
+        let r = bind(self);
         self.subs = subs;
-        bound
+        r
     }
 
     fn returning(
@@ -659,26 +704,15 @@ impl<'a> Binder<'a> {
                 alias,
                 args: None,
                 ..
-            } if self.cte(name).is_some() => {
-                let Some(plan) = self.cte(name).cloned() else {
-                    return Err(SqlError::internal("WITH query vanished"));
-                };
-                let table = alias
-                    .as_ref()
-                    .map(|a| expr::norm(&a.name))
-                    .unwrap_or_else(|| ident(name));
-                let renames = alias
-                    .as_ref()
-                    .map(|a| a.columns.iter().map(|c| expr::norm(&c.name)).collect())
-                    .unwrap_or_default();
-                derived_item(plan, table, renames)
-            }
-            TableFactor::Table {
-                name,
-                alias,
-                args: None,
-                ..
             } => {
+                if let Some(plan) = self.cte(name).cloned() {
+                    let table = alias
+                        .as_ref()
+                        .map(|a| expr::norm(&a.name))
+                        .unwrap_or_else(|| ident(name));
+                    let renames = alias.as_ref().map(alias_columns).unwrap_or_default();
+                    return derived_item(plan, table, renames);
+                }
                 let def = find_table(self.catalog, name)?;
                 let alias_name = alias.as_ref().map(|a| expr::norm(&a.name));
                 let scope = table_scope(&def, alias_name.as_deref());
@@ -765,8 +799,7 @@ impl<'a> Binder<'a> {
                 };
                 let plan = self.nested(|b| b.select(subquery))?;
                 let table = expr::norm(&alias.name);
-                let renames = alias.columns.iter().map(|c| expr::norm(&c.name)).collect();
-                derived_item(plan, table, renames)
+                derived_item(plan, table, alias_columns(alias))
             }
             other => Err(SqlError::unsupported(format!("FROM item {other}"))),
         }
@@ -808,12 +841,7 @@ impl<'a> Binder<'a> {
         for cte in ctes {
             let name = expr::norm(&cte.alias.name);
             let mut plan = self.nested(|b| b.select(&cte.query))?;
-            let renames: Vec<String> = cte
-                .alias
-                .columns
-                .iter()
-                .map(|c| expr::norm(&c.name))
-                .collect();
+            let renames = alias_columns(&cte.alias);
             check_aliases(&format!("WITH query \"{name}\""), &plan, &renames)?;
             for (c, n) in plan.columns.iter_mut().zip(renames) {
                 c.name = n;
@@ -959,30 +987,16 @@ impl<'a> Binder<'a> {
                 return Err(SqlError::unsupported("ORDER BY ALL"));
             };
             for oe in exprs {
-                let desc = matches!(oe.options.sort, Some(ast::OrderBySort::Desc));
-                let nulls_first = oe.options.nulls_first.unwrap_or(desc);
-                let pos = match &oe.expr {
-                    ast::Expr::Value(v) => match &v.value {
-                        ast::Value::Number(n, _) => n
-                            .parse::<usize>()
-                            .ok()
-                            .filter(|i| (1..=columns.len()).contains(i))
-                            .map(|i| i - 1)
-                            .ok_or_else(|| {
-                                SqlError::new(
-                                    "42P10",
-                                    format!("ORDER BY position {n} is not in select list"),
-                                )
-                            })?,
-                        _ => return Err(set_order_error()),
-                    },
-                    ast::Expr::Identifier(id) => {
-                        let name = expr::norm(id);
-                        columns.iter().position(|c| c.name == name).ok_or_else(|| {
-                            SqlError::new("42703", format!("column \"{name}\" does not exist"))
-                        })?
+                let (desc, nulls_first) = order_direction(oe);
+                let pos = match (output_position(&oe.expr, &columns)?, &oe.expr) {
+                    (Some(p), _) => p,
+                    (None, ast::Expr::Identifier(id)) => {
+                        return Err(SqlError::new(
+                            "42703",
+                            format!("column \"{}\" does not exist", expr::norm(id)),
+                        ))
                     }
-                    _ => return Err(set_order_error()),
+                    (None, _) => return Err(set_order_error()),
                 };
                 order.push((pos, desc, nulls_first));
             }
@@ -1176,41 +1190,9 @@ impl<'a> Binder<'a> {
                 ast::OrderByKind::All(_) => return Err(SqlError::unsupported("ORDER BY ALL")),
             };
             for oe in &exprs {
-                let desc = oe
-                    .options
-                    .sort
-                    .as_ref()
-                    .map(|s| matches!(s, ast::OrderBySort::Desc))
-                    .unwrap_or(false);
-                let nulls_first = oe.options.nulls_first.unwrap_or(desc);
-                let pos = match &oe.expr {
-                    ast::Expr::Value(v) => match &v.value {
-                        ast::Value::Number(n, _) => {
-                            let i: usize = n
-                                .parse()
-                                .map_err(|_| SqlError::syntax("bad ORDER BY position"))?;
-                            if i == 0 || i > columns.len() {
-                                return Err(SqlError::new(
-                                    "42P10",
-                                    format!("ORDER BY position {i} is not in select list"),
-                                ));
-                            }
-                            Some(i - 1)
-                        }
-                        _ => None,
-                    },
-                    ast::Expr::Identifier(id) => {
-                        columns
-                            .iter()
-                            .position(|c| c.name == expr::norm(id))
-                            .filter(|_| {
-                                // An output name wins over an input column of the same name.
-                                true
-                            })
-                    }
-                    _ => None,
-                };
-                let pos = match pos {
+                let (desc, nulls_first) = order_direction(oe);
+                // An output name wins over an input column of the same name.
+                let pos = match output_position(&oe.expr, &columns)? {
                     Some(p) => p,
                     None => {
                         let b = match (&out_scope, &mut agg_plan) {
@@ -1503,21 +1485,19 @@ impl<'a> Binder<'a> {
     fn defaults(&mut self, t: &TableDef) -> Result<Vec<Option<Expr>>, SqlError> {
         let empty = Scope::default();
         // PostgreSQL allows no subquery in a default.
-        let subs = self.subs.take();
-        let bound = t
-            .columns
-            .iter()
-            .map(|c| match &c.default {
-                Some(text) => Ok(Some(self.bind(
-                    &empty,
-                    &parse_expr_text(text)?,
-                    Some(c.ty()),
-                )?)),
-                None => Ok(None),
-            })
-            .collect();
-        self.subs = subs;
-        bound
+        self.without_subqueries(|b| {
+            t.columns
+                .iter()
+                .map(|c| match &c.default {
+                    Some(text) => Ok(Some(b.bind(
+                        &empty,
+                        &parse_expr_text(text)?,
+                        Some(c.ty()),
+                    )?)),
+                    None => Ok(None),
+                })
+                .collect()
+        })
     }
 
     fn assignments(
@@ -1774,8 +1754,9 @@ struct Exec<'a> {
     user: Arc<str>,
     now: i64,
     catalog: Vec<Arc<TableDef>>,
-    /// The statement's subquery results (`run_subqueries`), by slot.
-    subs: Arc<Vec<SubValue>>,
+    /// The statement's subquery results (`run_subqueries`), by slot; None for
+    /// a statement without subqueries (no allocation on the point-lookup path).
+    subs: Option<Arc<Vec<SubValue>>>,
 }
 
 /// What evaluating an expression needs from the statement, owned (the names are
@@ -1786,7 +1767,7 @@ struct EvalEnv<'p> {
     database: Arc<str>,
     user: Arc<str>,
     now: i64,
-    subs: Arc<Vec<SubValue>>,
+    subs: Option<Arc<Vec<SubValue>>>,
 }
 
 impl EvalEnv<'_> {
@@ -1794,7 +1775,7 @@ impl EvalEnv<'_> {
         EvalCtx {
             params: self.params,
             precomputed: &[],
-            subqueries: &self.subs,
+            subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -1817,7 +1798,7 @@ impl<'a> Exec<'a> {
         EvalCtx {
             params: self.params,
             precomputed: pre,
-            subqueries: &self.subs,
+            subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -2164,7 +2145,7 @@ impl<'a> Exec<'a> {
                         .collect(),
                 ),
             };
-            Arc::make_mut(&mut self.subs).push(value);
+            Arc::make_mut(self.subs.get_or_insert_with(Arc::default)).push(value);
         }
         Ok(())
     }
@@ -3002,7 +2983,7 @@ pub(crate) async fn execute(
         user,
         now: now_timestamp(),
         catalog,
-        subs: Arc::default(),
+        subs: None,
     };
     match stmt {
         Statement::Query(_)
@@ -5006,7 +4987,7 @@ fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
         user,
         now: now_timestamp(),
         catalog: st.catalog.clone(),
-        subs: Arc::default(),
+        subs: None,
     }
 }
 

@@ -304,6 +304,9 @@ fn query_column_name(q: &ast::Query) -> String {
     }
 }
 
+/// The aggregate functions the binder knows (`AggFunc`).
+const AGGREGATES: [&str; 5] = ["count", "sum", "avg", "min", "max"];
+
 /// Whether `e` calls an aggregate function of the query it is in; aggregates
 /// inside its subqueries belong to those.
 pub fn has_aggregate(e: &ast::Expr) -> bool {
@@ -315,7 +318,7 @@ pub fn has_aggregate(e: &ast::Expr) -> bool {
         E::InSubquery { expr, .. } => has_aggregate(expr),
         E::Function(f) => {
             let name = f.name.to_string().to_lowercase();
-            if matches!(name.as_str(), "count" | "sum" | "avg" | "min" | "max") {
+            if AGGREGATES.contains(&name.as_str()) {
                 return true;
             }
             match &f.args {
@@ -360,9 +363,7 @@ pub fn has_aggregate(e: &ast::Expr) -> bool {
         // Anything else: by its text, as before this walk existed.
         other => {
             let text = other.to_string().to_lowercase();
-            ["count(", "sum(", "avg(", "min(", "max("]
-                .iter()
-                .any(|f| text.contains(f))
+            AGGREGATES.iter().any(|f| text.contains(&format!("{f}(")))
         }
     }
 }
@@ -1616,20 +1617,27 @@ pub fn sub_set(values: Vec<Datum>) -> SubValue {
     SubValue::Set { sorted, has_null }
 }
 
-/// Binary search of `v` (not NULL) in a [`sub_set`], comparing as `=` would.
+/// Whether `v` (not NULL) is in a [`sub_set`], comparing as `=` would: the probe
+/// is converted once to the set's type and binary-searched. A set of text
+/// searched for a non-text value converts each element instead (text order is
+/// not the value's order), one by one as `IN (list)` does.
 fn set_contains(sorted: &[Datum], v: &Datum) -> Result<bool, SqlError> {
-    let (mut lo, mut hi) = (0, sorted.len());
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        let (a, b) = unify_for_compare(v.clone(), sorted[mid].clone())?;
-        match compare(&a, &b) {
-            Some(Ordering::Equal) => return Ok(true),
-            Some(Ordering::Greater) => lo = mid + 1,
-            Some(Ordering::Less) => hi = mid,
-            None => return Ok(false),
+    let Some(first) = sorted.first() else {
+        return Ok(false);
+    };
+    if matches!(first, Datum::Text(_)) && !matches!(v, Datum::Text(_)) {
+        for d in sorted {
+            let (a, b) = unify_for_compare(v.clone(), d.clone())?;
+            if compare(&a, &b) == Some(Ordering::Equal) {
+                return Ok(true);
+            }
         }
+        return Ok(false);
     }
-    Ok(false)
+    let (probe, _) = unify_for_compare(v.clone(), first.clone())?;
+    Ok(sorted
+        .binary_search_by(|d| compare(d, &probe).unwrap_or(Ordering::Less))
+        .is_ok())
 }
 
 pub fn eval(e: &Expr, row: &[Datum], ctx: &EvalCtx<'_>) -> Result<Datum, SqlError> {

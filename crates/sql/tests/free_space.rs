@@ -104,14 +104,13 @@ async fn repeated_create_fill_drop_cycles_stay_bounded() {
     let db = common::db().await;
     let mut s = db.session("postgres", "postgres");
     let mut highs = Vec::new();
-    for round in 0..6 {
+    for _ in 0..6 {
         fill(&mut s, "c", 2000).await;
         // An index rewrite and a rekey add trees to free too.
         run(&mut s, "CREATE INDEX c_v ON c (v)").await;
         run(&mut s, "DROP TABLE c").await;
         run(&mut s, "VACUUM").await;
         highs.push(space(&db).await.1);
-        let _ = round;
     }
     // The first round sets the high-water mark; later rounds reuse its pages.
     assert!(
