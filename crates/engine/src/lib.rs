@@ -135,6 +135,9 @@ pub struct Txn {
     pub snapshot: Lsn,
     pub isolation: Isolation,
     pub read_only: bool,
+    /// When the transaction began (microseconds since 2000-01-01 UTC): what
+    /// PostgreSQL's now() and current_timestamp return for its whole length.
+    pub started_at: i64,
     /// Highest LSN this transaction wrote (its commit must cover it).
     last_write: Lsn,
     /// Transaction id stamped on new versions: the top id, or the innermost
@@ -1233,6 +1236,7 @@ impl Engine {
             snapshot: Lsn::ZERO,
             isolation,
             read_only,
+            started_at: types::now_timestamp(),
             last_write: Lsn::ZERO,
             write_xid: 0,
             savepoints: Vec::new(),

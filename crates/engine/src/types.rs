@@ -638,7 +638,7 @@ fn parse_date(t: &str) -> Option<i32> {
     i32::try_from(days_from_civil(y, m, d)).ok()
 }
 
-const USECS_PER_DAY: i64 = 86_400_000_000;
+pub const USECS_PER_DAY: i64 = 86_400_000_000;
 
 fn format_timestamp(us: i64) -> String {
     let days = us.div_euclid(USECS_PER_DAY);

@@ -1752,7 +1752,10 @@ struct Exec<'a> {
     params: &'a [Datum],
     database: Arc<str>,
     user: Arc<str>,
+    /// The transaction's start (now(), current_timestamp) and the statement's
+    /// (statement_timestamp()).
     now: i64,
+    statement_now: i64,
     catalog: Vec<Arc<TableDef>>,
     /// The statement's subquery results (`run_subqueries`), by slot; None for
     /// a statement without subqueries (no allocation on the point-lookup path).
@@ -1767,6 +1770,7 @@ struct EvalEnv<'p> {
     database: Arc<str>,
     user: Arc<str>,
     now: i64,
+    statement_now: i64,
     subs: Option<Arc<Vec<SubValue>>>,
 }
 
@@ -1779,6 +1783,7 @@ impl EvalEnv<'_> {
             database: &self.database,
             user: &self.user,
             now: self.now,
+            statement_now: self.statement_now,
         }
     }
 }
@@ -1790,6 +1795,7 @@ impl<'a> Exec<'a> {
             database: self.database.clone(),
             user: self.user.clone(),
             now: self.now,
+            statement_now: self.statement_now,
             subs: self.subs.clone(),
         }
     }
@@ -1802,6 +1808,7 @@ impl<'a> Exec<'a> {
             database: &self.database,
             user: &self.user,
             now: self.now,
+            statement_now: self.statement_now,
         }
     }
 
@@ -2975,13 +2982,15 @@ pub(crate) async fn execute(
     }
     let txn = s.txn_for_statement();
     let catalog = engine.relations(txn).await.map_err(engine_error)?;
+    let now = txn.started_at;
     let mut ex = Exec {
         engine: engine.clone(),
         txn,
         params,
         database,
         user,
-        now: now_timestamp(),
+        now,
+        statement_now: now_timestamp(),
         catalog,
         subs: None,
     };
@@ -4979,13 +4988,15 @@ fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
     let (database, user) = (s.database.clone(), s.user.clone());
     let (iso, read_only) = (s.default_isolation, s.default_read_only);
     let txn = s.txn.get_or_insert_with(|| engine.begin(iso, read_only));
+    let now = txn.started_at;
     Exec {
         engine,
         txn,
         params: &[],
         database,
         user,
-        now: now_timestamp(),
+        now,
+        statement_now: now_timestamp(),
         catalog: st.catalog.clone(),
         subs: None,
     }

@@ -106,6 +106,11 @@ pub struct AggCall {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Func {
     Now,
+    StatementTimestamp,
+    /// The wall clock at each call (volatile).
+    ClockTimestamp,
+    CurrentDate,
+    LocalTimestamp,
     Coalesce,
     Lower,
     Upper,
@@ -125,6 +130,61 @@ pub enum Func {
     OctetLength,
     /// char(n) to text: trailing spaces are not significant.
     BpcharTrim,
+    Text(TextFn),
+}
+
+/// PostgreSQL's string functions (all but concat and concat_ws return NULL for a
+/// NULL argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextFn {
+    Repeat,
+    Replace,
+    Left,
+    Right,
+    Lpad,
+    Rpad,
+    Btrim,
+    Ltrim,
+    Rtrim,
+    Strpos,
+    SplitPart,
+    Reverse,
+    Initcap,
+    Concat,
+    ConcatWs,
+}
+
+impl TextFn {
+    /// The function of a name, its arguments' types (the last one repeats for
+    /// concat and concat_ws) and how many arguments it takes.
+    fn signature(name: &str) -> Option<(TextFn, &'static [Type], usize, usize)> {
+        use Type::{Int4 as I, Text as T};
+        Some(match name {
+            "repeat" => (TextFn::Repeat, &[T, I], 2, 2),
+            "replace" => (TextFn::Replace, &[T, T, T], 3, 3),
+            "left" => (TextFn::Left, &[T, I], 2, 2),
+            "right" => (TextFn::Right, &[T, I], 2, 2),
+            "lpad" => (TextFn::Lpad, &[T, I, T], 2, 3),
+            "rpad" => (TextFn::Rpad, &[T, I, T], 2, 3),
+            "btrim" => (TextFn::Btrim, &[T, T], 1, 2),
+            "ltrim" => (TextFn::Ltrim, &[T, T], 1, 2),
+            "rtrim" => (TextFn::Rtrim, &[T, T], 1, 2),
+            "strpos" => (TextFn::Strpos, &[T, T], 2, 2),
+            "split_part" => (TextFn::SplitPart, &[T, T, I], 3, 3),
+            "reverse" => (TextFn::Reverse, &[T], 1, 1),
+            "initcap" => (TextFn::Initcap, &[T], 1, 1),
+            "concat" => (TextFn::Concat, &[T], 1, usize::MAX),
+            "concat_ws" => (TextFn::ConcatWs, &[T], 2, usize::MAX),
+            _ => return None,
+        })
+    }
+
+    fn result_type(self) -> Type {
+        match self {
+            TextFn::Strpos => Type::Int4,
+            _ => Type::Text,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -276,6 +336,16 @@ fn column_name_strength(e: &ast::Expr) -> (String, u8) {
                 (name, strength)
             }
         }
+        ast::Expr::Trim { trim_where, .. } => (
+            match trim_where {
+                Some(ast::TrimWhereField::Leading) => "ltrim",
+                Some(ast::TrimWhereField::Trailing) => "rtrim",
+                _ => "btrim",
+            }
+            .into(),
+            2,
+        ),
+        ast::Expr::Position { .. } => ("position".into(), 2),
         ast::Expr::Nested(e) => column_name_strength(e),
         ast::Expr::Case { .. } => ("case".into(), 1),
         ast::Expr::Exists { .. } => ("exists".into(), 2),
@@ -333,7 +403,9 @@ pub fn has_aggregate(e: &ast::Expr) -> bool {
                 _ => false,
             }
         }
-        E::BinaryOp { left, right, .. } => any(&[left, right]),
+        E::BinaryOp { left, right, .. }
+        | E::IsDistinctFrom(left, right)
+        | E::IsNotDistinctFrom(left, right) => any(&[left, right]),
         E::UnaryOp { expr, .. }
         | E::Nested(expr)
         | E::Cast { expr, .. }
@@ -641,6 +713,8 @@ impl<'a> BindCtx<'a> {
                     other => return Err(SqlError::unsupported(format!("operator {other}"))),
                 }
             }
+            E::IsDistinctFrom(l, r) => self.bind_distinct(scope, l, r)?,
+            E::IsNotDistinctFrom(l, r) => Expr::Not(Box::new(self.bind_distinct(scope, l, r)?)),
             E::IsNull(x) => Expr::IsNull(Box::new(self.bind_inner(scope, x)?), false),
             E::IsNotNull(x) => Expr::IsNull(Box::new(self.bind_inner(scope, x)?), true),
             E::IsTrue(x) => Expr::IsBool(Box::new(self.bind_inner(scope, x)?), true, false),
@@ -784,6 +858,33 @@ impl<'a> BindCtx<'a> {
                     args.push(self.bind(scope, f, Some(Type::Int4))?);
                 }
                 Expr::Func(Func::Substr, args, Type::Text)
+            }
+            E::Trim {
+                trim_where,
+                trim_what,
+                expr,
+                trim_characters,
+            } => {
+                if trim_characters.is_some() {
+                    return Err(SqlError::syntax("TRIM with a list of characters"));
+                }
+                let f = match trim_where {
+                    Some(ast::TrimWhereField::Leading) => TextFn::Ltrim,
+                    Some(ast::TrimWhereField::Trailing) => TextFn::Rtrim,
+                    _ => TextFn::Btrim,
+                };
+                let mut args = vec![self.bind_text_arg(scope, expr, Some(Type::Text))?];
+                if let Some(w) = trim_what {
+                    args.push(self.bind_text_arg(scope, w, Some(Type::Text))?);
+                }
+                Expr::Func(Func::Text(f), args, Type::Text)
+            }
+            E::Position { expr, r#in } => {
+                let args = vec![
+                    self.bind_text_arg(scope, r#in, Some(Type::Text))?,
+                    self.bind_text_arg(scope, expr, Some(Type::Text))?,
+                ];
+                Expr::Func(Func::Text(TextFn::Strpos), args, Type::Int4)
             }
             E::Floor { expr, .. } => {
                 let x = self.bind_inner(scope, expr)?;
@@ -1011,6 +1112,30 @@ impl<'a> BindCtx<'a> {
             self.agg = Some(binding);
             return Ok(Expr::AggRef(i, ty));
         }
+        if let Some((f, types, min, max)) = TextFn::signature(&name) {
+            if arg_list.len() < min || arg_list.len() > max {
+                return Err(SqlError::new(
+                    "42883",
+                    format!(
+                        "function {name} with {} arguments does not exist",
+                        arg_list.len()
+                    ),
+                ));
+            }
+            let mut args = Vec::with_capacity(arg_list.len());
+            for (i, a) in arg_list.iter().enumerate() {
+                let t = types.get(i).or(types.last()).copied();
+                let e = self.bind(scope, a, t)?;
+                // concat prints char(n) with its padding (its output function),
+                // where the others take it as text.
+                args.push(if matches!(f, TextFn::Concat | TextFn::ConcatWs) {
+                    e
+                } else {
+                    bpchar_trim(e, self.params)
+                });
+            }
+            return Ok(Expr::Func(Func::Text(f), args, f.result_type()));
+        }
         let mut args = Vec::with_capacity(arg_list.len());
         for a in &arg_list {
             args.push(self.bind_inner(scope, a)?);
@@ -1029,11 +1154,17 @@ impl<'a> BindCtx<'a> {
             }
         };
         let (func, ty) = match name.as_str() {
-            "now"
-            | "current_timestamp"
-            | "transaction_timestamp"
-            | "statement_timestamp"
-            | "clock_timestamp" => (Func::Now, Type::TimestampTz),
+            "now" | "current_timestamp" | "transaction_timestamp" => {
+                (Func::Now, Type::TimestampTz)
+            }
+            "statement_timestamp" => (Func::StatementTimestamp, Type::TimestampTz),
+            "clock_timestamp" => (Func::ClockTimestamp, Type::TimestampTz),
+            // The session time zone is always UTC, so local time is UTC time.
+            "current_date" => (Func::CurrentDate, Type::Date),
+            "localtimestamp" => (Func::LocalTimestamp, Type::Timestamp),
+            "current_time" | "localtime" => {
+                return Err(SqlError::unsupported("the time and timetz types"))
+            }
             "coalesce" => {
                 let t = args
                     .iter()
@@ -1124,6 +1255,48 @@ impl<'a> BindCtx<'a> {
     }
 }
 
+impl BindCtx<'_> {
+    /// `l IS DISTINCT FROM r`: `<>` with NULL as an ordinary value, written as
+    /// `CASE WHEN l IS NULL THEN r IS NOT NULL WHEN r IS NULL THEN true ELSE l <> r
+    /// END` over the operands `<>` binds (with its casts and parameter types).
+    fn bind_distinct(
+        &mut self,
+        scope: &Scope,
+        l: &ast::Expr,
+        r: &ast::Expr,
+    ) -> Result<Expr, SqlError> {
+        let ne = self.bind_binary(scope, l, &ast::BinaryOperator::NotEq, r)?;
+        let Expr::Binary(BinOp::NotEq, bl, br, _) = &ne else {
+            return Err(SqlError::unsupported("IS DISTINCT FROM on these operands"));
+        };
+        let (bl, br) = (bl.clone(), br.clone());
+        Ok(Expr::Case(
+            None,
+            vec![
+                (Expr::IsNull(bl, false), Expr::IsNull(br.clone(), true)),
+                (
+                    Expr::IsNull(br, false),
+                    Expr::Const(Datum::Bool(true), Type::Bool),
+                ),
+            ],
+            Some(Box::new(ne)),
+            Type::Bool,
+        ))
+    }
+
+    /// An argument of a string function: untyped ones take the parameter's type,
+    /// and char(n) loses its padding as it becomes text.
+    fn bind_text_arg(
+        &mut self,
+        scope: &Scope,
+        a: &ast::Expr,
+        t: Option<Type>,
+    ) -> Result<Expr, SqlError> {
+        let e = self.bind(scope, a, t)?;
+        Ok(bpchar_trim(e, self.params))
+    }
+}
+
 /// Strips char(n) padding where a char(n) value becomes text.
 fn bpchar_trim(e: Expr, params: &[Type]) -> Expr {
     if e.ty(params) == Type::Bpchar {
@@ -1205,9 +1378,11 @@ pub struct EvalCtx<'a> {
     pub subqueries: &'a [SubValue],
     pub database: &'a str,
     pub user: &'a str,
-    /// Statement start time (PostgreSQL's now() is the transaction start; close enough
-    /// per statement for this layer, kept stable within a statement).
+    /// The transaction's start time: now(), current_timestamp, current_date and
+    /// localtimestamp, stable for the whole transaction as in PostgreSQL.
     pub now: i64,
+    /// The statement's start time (statement_timestamp()).
+    pub statement_now: i64,
 }
 
 /// The SQLSTATE PostgreSQL gives a failed text-to-type conversion.
@@ -1839,6 +2014,10 @@ fn call(f: Func, mut v: Vec<Datum>, ty: Type, ctx: &EvalCtx<'_>) -> Result<Datum
     let text = |d: &Datum| d.to_text();
     Ok(match f {
         Func::Now => Datum::TimestampTz(ctx.now),
+        Func::StatementTimestamp => Datum::TimestampTz(ctx.statement_now),
+        Func::ClockTimestamp => Datum::TimestampTz(now_timestamp()),
+        Func::CurrentDate => Datum::Date(ctx.now.div_euclid(borealis_engine::types::USECS_PER_DAY) as i32),
+        Func::LocalTimestamp => Datum::Timestamp(ctx.now),
         Func::Coalesce => v.into_iter().find(|d| !d.is_null()).unwrap_or(Datum::Null),
         Func::NullIf => {
             let b = v.pop().unwrap_or(Datum::Null);
@@ -1867,6 +2046,7 @@ fn call(f: Func, mut v: Vec<Datum>, ty: Type, ctx: &EvalCtx<'_>) -> Result<Datum
             }
             best.unwrap_or(Datum::Null)
         }
+        Func::Text(f) => text_call(f, &v)?,
         Func::BpcharTrim => match v.into_iter().next() {
             Some(Datum::Text(s)) => Datum::Text(s.trim_end_matches(' ').to_string()),
             Some(other) => other,
@@ -2068,3 +2248,135 @@ mod tests {
         );
     }
 }
+
+/// PostgreSQL's string functions, counting in characters as PostgreSQL does for
+/// UTF-8.
+fn text_call(f: TextFn, v: &[Datum]) -> Result<Datum, SqlError> {
+    // concat and concat_ws skip NULLs; the others are strict.
+    let strict = !matches!(f, TextFn::Concat | TextFn::ConcatWs);
+    if strict && v.iter().any(Datum::is_null) {
+        return Ok(Datum::Null);
+    }
+    let text = |i: usize| v.get(i).and_then(Datum::to_text);
+    let int = |i: usize| v.get(i).and_then(Datum::as_i64).unwrap_or(0);
+    let s = text(0).unwrap_or_default();
+    let chars: Vec<char> = s.chars().collect();
+    let n = chars.len() as i64;
+    // Characters [from, to) of `s`, clamped.
+    let slice = |from: i64, to: i64| -> String {
+        let (from, to) = (from.clamp(0, n) as usize, to.clamp(0, n) as usize);
+        if from < to {
+            chars[from..to].iter().collect()
+        } else {
+            String::new()
+        }
+    };
+    let out = match f {
+        TextFn::Repeat => {
+            let times = int(1).max(0) as usize;
+            if s.len().saturating_mul(times) > MAX_TEXT_BYTES {
+                return Err(SqlError::new("54000", "requested length too large"));
+            }
+            s.repeat(times)
+        }
+        TextFn::Replace => {
+            let from = text(1).unwrap_or_default();
+            if from.is_empty() {
+                s
+            } else {
+                s.replace(&from, &text(2).unwrap_or_default())
+            }
+        }
+        TextFn::Left => {
+            let k = int(1);
+            slice(0, if k >= 0 { k } else { n + k })
+        }
+        TextFn::Right => {
+            let k = int(1);
+            slice(if k >= 0 { n - k } else { -k }, n)
+        }
+        TextFn::Lpad | TextFn::Rpad => {
+            let len = int(1).max(0);
+            if len as usize > MAX_TEXT_BYTES {
+                return Err(SqlError::new("54000", "requested length too large"));
+            }
+            let fill: Vec<char> = text(2).unwrap_or_else(|| " ".into()).chars().collect();
+            if len <= n || fill.is_empty() {
+                slice(0, len)
+            } else {
+                let pad: String = fill.iter().cycle().take((len - n) as usize).collect();
+                if f == TextFn::Lpad {
+                    pad + &s
+                } else {
+                    s + &pad
+                }
+            }
+        }
+        TextFn::Btrim | TextFn::Ltrim | TextFn::Rtrim => {
+            let set: Vec<char> = text(1).unwrap_or_else(|| " ".into()).chars().collect();
+            let strip = |c: char| set.contains(&c);
+            match f {
+                TextFn::Ltrim => s.trim_start_matches(strip).to_string(),
+                TextFn::Rtrim => s.trim_end_matches(strip).to_string(),
+                _ => s.trim_matches(strip).to_string(),
+            }
+        }
+        TextFn::Strpos => {
+            let sub = text(1).unwrap_or_default();
+            return Ok(Datum::Int4(match s.find(&sub) {
+                Some(byte) => s[..byte].chars().count() as i32 + 1,
+                None => 0,
+            }));
+        }
+        TextFn::SplitPart => {
+            let delim = text(1).unwrap_or_default();
+            let k = int(2);
+            if k == 0 {
+                return Err(SqlError::new("22023", "field position must not be zero"));
+            }
+            let fields: Vec<&str> = if delim.is_empty() {
+                vec![s.as_str()]
+            } else {
+                s.split(delim.as_str()).collect()
+            };
+            let i = if k > 0 { k - 1 } else { fields.len() as i64 + k };
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| fields.get(i))
+                .map(|f| f.to_string())
+                .unwrap_or_default()
+        }
+        TextFn::Reverse => chars.iter().rev().collect(),
+        TextFn::Initcap => {
+            let mut out = String::with_capacity(s.len());
+            let mut word = false;
+            for c in chars {
+                if c.is_alphanumeric() {
+                    if word {
+                        out.extend(c.to_lowercase());
+                    } else {
+                        out.extend(c.to_uppercase());
+                    }
+                    word = true;
+                } else {
+                    out.push(c);
+                    word = false;
+                }
+            }
+            out
+        }
+        TextFn::Concat => v.iter().filter_map(Datum::to_text).collect(),
+        TextFn::ConcatWs => {
+            let Some(sep) = text(0) else {
+                return Ok(Datum::Null);
+            };
+            let parts: Vec<String> = v[1..].iter().filter_map(Datum::to_text).collect();
+            parts.join(&sep)
+        }
+    };
+    Ok(Datum::Text(out))
+}
+
+/// The longest text a string function builds (PostgreSQL's limit for a value is
+/// 1 GB; beyond it, 54000).
+const MAX_TEXT_BYTES: usize = (1 << 30) - 1;
