@@ -8,8 +8,8 @@
 //! concurrent writers.
 
 use crate::expr::{
-    self, AggBinding, AggCall, AggFunc, BindCtx, EvalCtx, Expr, Scope, ScopeColumn, SubKind,
-    SubValue, SubqueryBinder,
+    self, AggBinding, AggCall, AggFunc, BindCtx, BoundSub, EvalCtx, Expr, Scope, ScopeColumn,
+    SubKind, SubValue, SubqueryBinder,
 };
 use crate::plan::{self, KeyPlan, Resolved};
 use crate::session::{
@@ -82,6 +82,30 @@ fn named_relation(catalog: &[Arc<TableDef>], name: &str, kind: RelKind) -> Optio
         .cloned()
 }
 
+/// What a subquery's rows give the expressions that use it.
+fn sub_value(kind: SubKind, rows: Vec<Vec<Datum>>) -> Result<SubValue, SqlError> {
+    Ok(match kind {
+        SubKind::Exists => SubValue::Exists(!rows.is_empty()),
+        SubKind::Scalar if rows.len() > 1 => {
+            return Err(SqlError::new(
+                "21000",
+                "more than one row returned by a subquery used as an expression",
+            ))
+        }
+        SubKind::Scalar => SubValue::Scalar(
+            rows.into_iter()
+                .next()
+                .and_then(|r| r.into_iter().next())
+                .unwrap_or(Datum::Null),
+        ),
+        SubKind::In => expr::sub_set(
+            rows.into_iter()
+                .filter_map(|r| r.into_iter().next())
+                .collect(),
+        ),
+    })
+}
+
 fn table_scope(t: &TableDef, alias: Option<&str>) -> Scope {
     Scope {
         columns: t
@@ -96,7 +120,7 @@ fn table_scope(t: &TableDef, alias: Option<&str>) -> Scope {
                 column_id: i as i16 + 1,
             })
             .collect(),
-        outer: vec![],
+        ..Scope::default()
     }
 }
 
@@ -193,6 +217,14 @@ struct SelectPlan {
     offset: Option<Expr>,
     lock: bool,
     nextvals: Vec<String>,
+    /// The conjuncts of WHERE that use correlated subqueries, split from `filter`
+    /// (which the scan applies first, so they run only for rows passing the rest),
+    /// and the subqueries to run for each row before evaluating them; by slot
+    /// (see `Exec::correlate`).
+    row_filter: Option<Expr>,
+    filter_subs: Vec<usize>,
+    /// The correlated subqueries of the select list, run before projecting a row.
+    project_subs: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -287,12 +319,55 @@ fn derived_item(
                 column_id: 0,
             })
             .collect(),
-        outer: vec![],
+        ..Scope::default()
     };
     Ok((FromItem::Derived(Box::new(plan)), scope))
 }
 
 impl SelectPlan {
+    /// Finds where this query's `n` correlated subqueries are used, which is where
+    /// the executor runs them per row: in WHERE (before the filter) and in the
+    /// select list (before projecting). Elsewhere is 0A000 for now.
+    fn place_correlated(&mut self, n: usize) -> Result<(), SqlError> {
+        let mut filter = vec![];
+        if let Some(f) = self.filter.take() {
+            let (mut plain, mut per_row) = (vec![], vec![]);
+            for c in expr::into_conjuncts(f) {
+                let before = filter.len();
+                expr::per_row_slots(&c, &mut filter);
+                if filter.len() > before {
+                    per_row.push(c);
+                } else {
+                    plain.push(c);
+                }
+            }
+            self.filter = expr::and_all(plain);
+            self.row_filter = expr::and_all(per_row);
+        }
+        let mut project = vec![];
+        for e in &self.project {
+            expr::per_row_slots(e, &mut project);
+        }
+        if filter.len() + project.len() < n {
+            return Err(SqlError::unsupported(
+                "correlated subqueries outside WHERE and the select list",
+            ));
+        }
+        if !project.is_empty() && self.agg.is_some() {
+            return Err(SqlError::unsupported(
+                "correlated subqueries in the select list of an aggregated query",
+            ));
+        }
+        if !filter.is_empty() && self.lock {
+            return Err(SqlError::unsupported(
+                "FOR UPDATE/FOR SHARE with a correlated subquery in WHERE",
+            ));
+        }
+        self.filter_subs = filter;
+        self.project_subs = project;
+        Ok(())
+    }
+
     /// All columns of one FROM item, as they are.
     fn over(item: FromItem, columns: Vec<Column>) -> SelectPlan {
         SelectPlan {
@@ -315,6 +390,9 @@ impl SelectPlan {
             limit: None,
             offset: None,
             lock: false,
+            row_filter: None,
+            filter_subs: vec![],
+            project_subs: vec![],
             nextvals: vec![],
         }
     }
@@ -466,6 +544,9 @@ fn set_order_error() -> SqlError {
 struct SubPlan {
     plan: SelectPlan,
     kind: SubKind,
+    /// Refers to its enclosing query's row: run per row (`Exec::correlate`), not
+    /// once before the statement.
+    correlated: bool,
 }
 
 #[derive(Debug)]
@@ -493,7 +574,7 @@ pub(crate) struct CachedPlan {
     param_types: Vec<Type>,
     bound: Bound_,
     /// Its subqueries, in the order they run (a subquery's own subqueries first).
-    subplans: Vec<SubPlan>,
+    subplans: Arc<[SubPlan]>,
     /// The result columns, shared by every execution's result.
     columns: Option<Arc<Vec<Column>>>,
 }
@@ -524,9 +605,13 @@ struct Binder<'a> {
 /// The subqueries of the statement being bound.
 struct Subqueries<'a> {
     catalog: &'a [Arc<TableDef>],
-    /// Columns of the queries enclosing the one being bound (see `Scope::outer`).
-    outer: Vec<ScopeColumn>,
+    /// The enclosing queries' columns, as the scope of the query being bound
+    /// starts (see `Scope::outer`); empty for a statement.
+    outer: Scope,
     plans: Vec<SubPlan>,
+    /// Correlated subqueries bound directly in the query being bound (not in
+    /// queries nested in it): `select_core` checks it can run each of them.
+    level_correlated: usize,
     /// WITH queries in scope, innermost last: a name in FROM that matches one
     /// reads its rows (each reference runs it, at the statement's snapshot).
     ctes: Vec<(String, SelectPlan)>,
@@ -539,9 +624,16 @@ impl SubqueryBinder for Subqueries<'_> {
         query: &ast::Query,
         kind: SubKind,
         params: &mut Vec<Type>,
-    ) -> Result<(usize, Vec<Type>), SqlError> {
-        let mut enclosing = outer.columns.clone();
-        enclosing.extend(outer.outer.iter().cloned());
+    ) -> Result<BoundSub, SqlError> {
+        let mut far = outer.outer.clone();
+        far.extend(outer.outer_far.iter().cloned());
+        let enclosing = Scope {
+            columns: vec![],
+            outer: outer.columns.clone(),
+            outer_far: far,
+            outer_used: Arc::default(),
+        };
+        let used = enclosing.outer_used.clone();
         // Parameters are the statement's: `$1` means the same inside and out.
         let mut b = Binder {
             catalog: self.catalog,
@@ -551,6 +643,7 @@ impl SubqueryBinder for Subqueries<'_> {
                 catalog: self.catalog,
                 outer: enclosing,
                 plans: std::mem::take(&mut self.plans),
+                level_correlated: 0,
                 ctes: self.ctes.clone(),
             }),
         };
@@ -571,8 +664,20 @@ impl SubqueryBinder for Subqueries<'_> {
             plan.limit = Some(Expr::Const(Datum::Int8(1), Type::Int8));
         }
         let types = plan.columns.iter().map(|c| c.ty).collect();
-        self.plans.push(SubPlan { plan, kind });
-        Ok((self.plans.len() - 1, types))
+        let correlated = used.load(std::sync::atomic::Ordering::Relaxed);
+        if correlated {
+            self.level_correlated += 1;
+        }
+        self.plans.push(SubPlan {
+            plan,
+            kind,
+            correlated,
+        });
+        Ok(BoundSub {
+            slot: self.plans.len() - 1,
+            types,
+            correlated,
+        })
     }
 }
 
@@ -774,7 +879,6 @@ impl<'a> Binder<'a> {
                     .map(|a| expr::norm(&a.name))
                     .unwrap_or_else(|| "generate_series".into());
                 let scope = Scope {
-                    outer: vec![],
                     columns: vec![ScopeColumn {
                         table: Some(table_name),
                         name: col_name,
@@ -782,6 +886,7 @@ impl<'a> Binder<'a> {
                         table_oid: 0,
                         column_id: 0,
                     }],
+                    ..Scope::default()
                 };
                 Ok((FromItem::Series { args: bound, ty }, scope))
             }
@@ -1017,6 +1122,26 @@ impl<'a> Binder<'a> {
         select: &ast::Select,
         q: Option<&ast::Query>,
     ) -> Result<SelectPlan, SqlError> {
+        let outer_level = self
+            .subs
+            .as_mut()
+            .map_or(0, |s| std::mem::take(&mut s.level_correlated));
+        let r = self.select_core_unchecked(select, q);
+        let here = self.subs.as_mut().map_or(0, |s| {
+            std::mem::replace(&mut s.level_correlated, outer_level)
+        });
+        let mut plan = r?;
+        if here > 0 {
+            plan.place_correlated(here)?;
+        }
+        Ok(plan)
+    }
+
+    fn select_core_unchecked(
+        &mut self,
+        select: &ast::Select,
+        q: Option<&ast::Query>,
+    ) -> Result<SelectPlan, SqlError> {
         if select.top.is_some() {
             return Err(SqlError::syntax("syntax error at or near \"TOP\""));
         }
@@ -1025,14 +1150,11 @@ impl<'a> Binder<'a> {
         }
         // FROM and joins.
         let mut from = Vec::new();
-        let mut scope = Scope {
-            columns: vec![],
-            outer: self
-                .subs
-                .as_ref()
-                .map(|s| s.outer.clone())
-                .unwrap_or_default(),
-        };
+        let mut scope = self
+            .subs
+            .as_ref()
+            .map(|s| s.outer.clone())
+            .unwrap_or_default();
         if select.from.is_empty() {
             from.push(JoinStep {
                 item: FromItem::Unit,
@@ -1272,6 +1394,9 @@ impl<'a> Binder<'a> {
             offset,
             lock,
             nextvals: std::mem::take(&mut self.nextvals),
+            row_filter: None,
+            filter_subs: vec![],
+            project_subs: vec![],
         })
     }
 
@@ -1691,8 +1816,9 @@ fn bind_statement(
         nextvals: vec![],
         subs: Some(Subqueries {
             catalog,
-            outer: vec![],
+            outer: Scope::default(),
             plans: vec![],
+            level_correlated: 0,
             ctes: vec![],
         }),
     };
@@ -1703,6 +1829,14 @@ fn bind_statement(
         Statement::Delete(d) => Some(Bound_::Modify(b.delete(d)?)),
         _ => None,
     };
+    // A SELECT's own correlated subqueries are checked by `select_core`; those of
+    // INSERT, UPDATE and DELETE (in SET, WHERE, VALUES, RETURNING) have no
+    // per-row execution yet.
+    if b.subs.as_ref().is_some_and(|s| s.level_correlated > 0) {
+        return Err(SqlError::unsupported(
+            "correlated subqueries in INSERT, UPDATE or DELETE (outside a SELECT)",
+        ));
+    }
     let params = b
         .params
         .into_iter()
@@ -1760,6 +1894,10 @@ struct Exec<'a> {
     /// The statement's subquery results (`run_subqueries`), by slot; None for
     /// a statement without subqueries (no allocation on the point-lookup path).
     subs: Option<Arc<Vec<SubValue>>>,
+    /// The statement's subqueries, kept when some are correlated (run per row).
+    sub_plans: Option<Arc<[SubPlan]>>,
+    /// The enclosing query's row while a correlated subquery runs.
+    outer: Arc<Vec<Datum>>,
 }
 
 /// What evaluating an expression needs from the statement, owned (the names are
@@ -1772,6 +1910,7 @@ struct EvalEnv<'p> {
     now: i64,
     statement_now: i64,
     subs: Option<Arc<Vec<SubValue>>>,
+    outer: Arc<Vec<Datum>>,
 }
 
 impl EvalEnv<'_> {
@@ -1780,6 +1919,7 @@ impl EvalEnv<'_> {
             params: self.params,
             precomputed: &[],
             subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
+            outer: &self.outer,
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -1797,6 +1937,7 @@ impl<'a> Exec<'a> {
             now: self.now,
             statement_now: self.statement_now,
             subs: self.subs.clone(),
+            outer: self.outer.clone(),
         }
     }
 
@@ -1805,6 +1946,7 @@ impl<'a> Exec<'a> {
             params: self.params,
             precomputed: pre,
             subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
+            outer: &self.outer,
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -2127,34 +2269,78 @@ impl<'a> Exec<'a> {
         }
     }
 
-    /// Runs a statement's subqueries, in order, at the statement's snapshot; each
-    /// may use the ones before it (its own subqueries).
-    async fn run_subqueries(&mut self, plans: &[SubPlan]) -> Result<(), SqlError> {
-        for sp in plans {
-            let rows = self.select(&sp.plan).await?;
-            let value = match sp.kind {
-                SubKind::Exists => SubValue::Exists(!rows.is_empty()),
-                SubKind::Scalar if rows.len() > 1 => {
-                    return Err(SqlError::new(
-                        "21000",
-                        "more than one row returned by a subquery used as an expression",
-                    ))
-                }
-                SubKind::Scalar => SubValue::Scalar(
-                    rows.into_iter()
-                        .next()
-                        .and_then(|r| r.into_iter().next())
-                        .unwrap_or(Datum::Null),
-                ),
-                SubKind::In => expr::sub_set(
-                    rows.into_iter()
-                        .filter_map(|r| r.into_iter().next())
-                        .collect(),
-                ),
+    /// Runs a statement's uncorrelated subqueries, in order, at the statement's
+    /// snapshot; each may use the ones before it (its own subqueries). Correlated
+    /// ones get their slot now and a value per row later (`correlate`).
+    async fn run_subqueries(&mut self, plans: &Arc<[SubPlan]>) -> Result<(), SqlError> {
+        if plans.iter().any(|sp| sp.correlated) {
+            self.sub_plans = Some(plans.clone());
+        }
+        for sp in plans.iter() {
+            let value = if sp.correlated {
+                SubValue::Scalar(Datum::Null)
+            } else {
+                let rows = self.select(&sp.plan).await?;
+                sub_value(sp.kind, rows)?
             };
             Arc::make_mut(self.subs.get_or_insert_with(Arc::default)).push(value);
         }
         Ok(())
+    }
+
+    /// Runs the correlated subqueries `slots` for one row of the query they refer
+    /// to (PostgreSQL's SubPlans), leaving their values in their slots for the
+    /// expressions about to be evaluated on that row. The subqueries see the row
+    /// as `Expr::Outer`; a key on an outer column makes each run an index lookup.
+    async fn correlate(&mut self, slots: &[usize], row: &[Datum]) -> Result<(), SqlError> {
+        let Some(plans) = self.sub_plans.clone() else {
+            return Err(SqlError::internal("correlated subquery without its plan"));
+        };
+        let saved = std::mem::replace(&mut self.outer, Arc::new(row.to_vec()));
+        let result = self.run_correlated(&plans, slots).await;
+        self.outer = saved;
+        result
+    }
+
+    async fn run_correlated(&mut self, plans: &[SubPlan], slots: &[usize]) -> Result<(), SqlError> {
+        for &slot in slots {
+            let sp = plans
+                .get(slot)
+                .ok_or_else(|| SqlError::internal("correlated subquery slot out of range"))?;
+            let rows = Box::pin(self.select(&sp.plan)).await?;
+            let value = sub_value(sp.kind, rows)?;
+            let subs = Arc::make_mut(self.subs.get_or_insert_with(Arc::default));
+            *subs
+                .get_mut(slot)
+                .ok_or_else(|| SqlError::internal("subquery results out of step"))? = value;
+        }
+        Ok(())
+    }
+
+    /// Keeps the rows (and their keys, when there are as many) that pass a filter
+    /// using correlated subqueries, running those for each row first.
+    async fn filter_per_row(
+        &mut self,
+        p: &SelectPlan,
+        pre: &[Datum],
+        rows: Vec<Vec<Datum>>,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<(Vec<Vec<Datum>>, Vec<Vec<u8>>), SqlError> {
+        let Some(f) = &p.row_filter else {
+            return Ok((rows, keys));
+        };
+        let mut kept = Vec::new();
+        let mut kept_keys = Vec::new();
+        let mut keys = keys.into_iter();
+        for row in rows {
+            let key = keys.next();
+            self.correlate(&p.filter_subs, &row).await?;
+            if expr::eval_pred(f, &row, &self.ctx(pre))? {
+                kept.push(row);
+                kept_keys.extend(key);
+            }
+        }
+        Ok((kept, kept_keys))
     }
 
     async fn select(&mut self, p: &SelectPlan) -> Result<Vec<Vec<Datum>>, SqlError> {
@@ -2165,8 +2351,15 @@ impl<'a> Exec<'a> {
         // An ordered scan (see `plan::order_plan`) returns rows in ORDER BY order, so
         // the limit applies to it too; the sort below then keeps that order.
         let ordered = matches!(&p.from[..], [JoinStep { item: FromItem::Table { key, .. }, .. }] if key.ordered);
-        let simple =
-            p.from.len() == 1 && p.agg.is_none() && (p.order.is_empty() || ordered) && !p.distinct;
+        // Conjuncts with correlated subqueries run per row here, after the scan
+        // applied the others (they cannot run inside it), so the limit is not
+        // pushed.
+        let filter_per_row = p.row_filter.is_some();
+        let simple = p.from.len() == 1
+            && p.agg.is_none()
+            && (p.order.is_empty() || ordered)
+            && !p.distinct
+            && !filter_per_row;
         // One table: the scan filters, and its rows are the input as they are
         // (joining each to the empty row would copy every value of every row). With
         // aggregation, a sort or DISTINCT the limit applies later, and the filter
@@ -2178,7 +2371,7 @@ impl<'a> Exec<'a> {
             }] if simple || pre.is_empty() => Some((def, key)),
             _ => None,
         };
-        let (mut input, keys) = if let Some((def, key)) = one_table {
+        let (input, keys) = if let Some((def, key)) = one_table {
             let pushed = limit.filter(|_| simple).map(|l| l + offset);
             self.scan_table(def, key, p.filter.as_ref(), pushed).await?
         } else {
@@ -2216,22 +2409,28 @@ impl<'a> Exec<'a> {
                 }
                 acc = next;
             }
-            if let Some(f) = &p.filter {
-                let ctx = self.ctx(&pre);
-                let mut kept = Vec::with_capacity(acc.len());
-                let mut kept_keys = Vec::new();
-                for (i, row) in acc.into_iter().enumerate() {
-                    if expr::eval_pred(f, &row, &ctx)? {
-                        kept.push(row);
-                        if let Some(k) = keys.get(i) {
-                            kept_keys.push(k.clone());
+            match &p.filter {
+                Some(f) => {
+                    let ctx = self.ctx(&pre);
+                    let mut kept = Vec::with_capacity(acc.len());
+                    let mut kept_keys = Vec::new();
+                    for (i, row) in acc.into_iter().enumerate() {
+                        if expr::eval_pred(f, &row, &ctx)? {
+                            kept.push(row);
+                            if let Some(k) = keys.get(i) {
+                                kept_keys.push(k.clone());
+                            }
                         }
                     }
+                    (kept, kept_keys)
                 }
-                (kept, kept_keys)
-            } else {
-                (acc, keys)
+                _ => (acc, keys),
             }
+        };
+        let (mut input, keys) = if filter_per_row {
+            self.filter_per_row(p, &pre, input, keys).await?
+        } else {
+            (input, keys)
         };
         if p.lock {
             if let FromItem::Table { def, .. } = &p.from[0].item {
@@ -2267,9 +2466,23 @@ impl<'a> Exec<'a> {
         } else {
             input
         };
-        let ctx = self.ctx(&pre);
         let mut out = Vec::with_capacity(rows_in.len());
-        for row in &rows_in {
+        if !p.project_subs.is_empty() {
+            // Correlated subqueries in the select list (never aggregated, see
+            // `place_correlated`): run for each row, then project it.
+            for row in &rows_in {
+                self.correlate(&p.project_subs, row).await?;
+                let ctx = self.ctx(&pre);
+                let o: Vec<Datum> = p
+                    .project
+                    .iter()
+                    .map(|e| expr::eval(e, row, &ctx))
+                    .collect::<Result<_, _>>()?;
+                out.push(o);
+            }
+        }
+        let ctx = self.ctx(&pre);
+        for row in rows_in.iter().filter(|_| p.project_subs.is_empty()) {
             if let Some(AggPlan {
                 having: Some(h), ..
             }) = &p.agg
@@ -2993,6 +3206,8 @@ pub(crate) async fn execute(
         statement_now: now_timestamp(),
         catalog,
         subs: None,
+        sub_plans: None,
+        outer: Arc::default(),
     };
     match stmt {
         Statement::Query(_)
@@ -3128,7 +3343,7 @@ async fn dml(
                 catalog: ex.catalog.clone(),
                 param_types,
                 bound,
-                subplans,
+                subplans: subplans.into(),
                 columns,
             });
             if let Some(slot) = slot {
@@ -3359,9 +3574,11 @@ fn explain(
         }
         None => return Err(SqlError::unsupported("EXPLAIN of this statement")),
     }
-    // Subqueries run once, before the statement: PostgreSQL's InitPlans.
+    // Uncorrelated subqueries run once, before the statement (PostgreSQL's
+    // InitPlans); correlated ones for each row of their query (SubPlans).
     for (i, sp) in subplans.iter().enumerate() {
-        lines.push(format!("  InitPlan {} (returns ${i})", i + 1));
+        let what = if sp.correlated { "SubPlan" } else { "InitPlan" };
+        lines.push(format!("  {what} {} (returns ${i})", i + 1));
         let mut sub = Vec::new();
         explain_select(&sp.plan, ctx, &mut sub);
         for (j, l) in sub.into_iter().enumerate() {
@@ -3460,9 +3677,10 @@ fn explain_select(p: &SelectPlan, ctx: &EvalCtx<'_>, lines: &mut Vec<String>) {
         };
         match &step.item {
             FromItem::Table { def, key } => {
-                for (i, l) in explain_scan(def, key, p.filter.is_some(), ctx)
-                    .into_iter()
-                    .enumerate()
+                for (i, l) in
+                    explain_scan(def, key, p.filter.is_some() || p.row_filter.is_some(), ctx)
+                        .into_iter()
+                        .enumerate()
                 {
                     lines.push(if i == 0 {
                         format!("{pad}{l}")
@@ -4999,6 +5217,8 @@ fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
         statement_now: now_timestamp(),
         catalog: st.catalog.clone(),
         subs: None,
+        sub_plans: None,
+        outer: Arc::default(),
     }
 }
 

@@ -11,6 +11,8 @@ use crate::SqlError;
 use borealis_engine::types::{now_timestamp, Datum, Numeric, Type};
 use sqlparser::ast::{self, BinaryOperator, UnaryOperator, Value};
 use std::cmp::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct ScopeColumn {
@@ -24,14 +26,70 @@ pub struct ScopeColumn {
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
     pub columns: Vec<ScopeColumn>,
-    /// Columns of the queries this one is a subquery of. Nothing binds to them
-    /// (correlated subqueries are not supported yet); they only turn what would
-    /// be "column does not exist" into an honest 0A000.
+    /// Columns of the row of the query this one is a subquery of: a name found
+    /// only there binds as an outer reference ([`Expr::Outer`]), which makes the
+    /// subquery correlated.
     pub outer: Vec<ScopeColumn>,
+    /// Columns of queries further out. A reference to one would need values
+    /// passed through the query between; it is 0A000 for now.
+    pub outer_far: Vec<ScopeColumn>,
+    /// Set when anything bound in this scope (or a scope derived from it) referred
+    /// to `outer`: shared by the whole subquery being bound.
+    pub outer_used: Arc<AtomicBool>,
+}
+
+/// Where a column name resolved: this query's row, or the enclosing query's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnRef {
+    Local(usize),
+    Outer(usize),
 }
 
 impl Scope {
-    pub fn resolve(&self, table: Option<&str>, name: &str) -> Result<usize, SqlError> {
+    pub fn resolve(&self, table: Option<&str>, name: &str) -> Result<ColumnRef, SqlError> {
+        match self.resolve_local(table, name) {
+            Ok(i) => Ok(ColumnRef::Local(i)),
+            Err(e) if e.code == "42703" || e.code == "42P01" => {
+                let matches = |c: &ScopeColumn| {
+                    c.name == name && (table.is_none() || c.table.as_deref() == table)
+                };
+                let outer: Vec<usize> = (0..self.outer.len())
+                    .filter(|&i| matches(&self.outer[i]))
+                    .collect();
+                match outer[..] {
+                    [i] => {
+                        self.outer_used.store(true, AtomicOrdering::Relaxed);
+                        Ok(ColumnRef::Outer(i))
+                    }
+                    [] if self.outer_far.iter().any(matches) => Err(SqlError::unsupported(
+                        "a reference to a column of a query two or more levels out",
+                    )),
+                    // A table of an enclosing query without that column.
+                    [] if e.code == "42P01"
+                        && table.is_some()
+                        && self
+                            .outer
+                            .iter()
+                            .chain(&self.outer_far)
+                            .any(|c| c.table.as_deref() == table) =>
+                    {
+                        Err(SqlError::new(
+                            "42703",
+                            format!("column {}.{name} does not exist", table.unwrap_or("")),
+                        ))
+                    }
+                    [] => Err(e),
+                    _ => Err(SqlError::new(
+                        "42702",
+                        format!("column reference \"{name}\" is ambiguous"),
+                    )),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn resolve_local(&self, table: Option<&str>, name: &str) -> Result<usize, SqlError> {
         let mut found = None;
         for (i, c) in self.columns.iter().enumerate() {
             if c.name == name && (table.is_none() || c.table.as_deref() == table) {
@@ -43,16 +101,6 @@ impl Scope {
                 }
                 found = Some(i);
             }
-        }
-        if found.is_none()
-            && self
-                .outer
-                .iter()
-                .any(|c| c.name == name && (table.is_none() || c.table.as_deref() == table))
-        {
-            return Err(SqlError::unsupported(
-                "a reference to an outer query's column (correlated subqueries)",
-            ));
         }
         found.ok_or_else(|| match table {
             Some(t) if !self.columns.iter().any(|c| c.table.as_deref() == Some(t)) => {
@@ -219,11 +267,19 @@ pub enum Expr {
     Exists(usize),
     /// `x [NOT] IN (subquery)`, by slot.
     InSub(Box<Expr>, usize, bool),
+    /// Column `i` of the enclosing query's current row, inside a correlated
+    /// subquery.
+    Outer(usize, Type),
+    /// A use of a correlated subquery (one of the three above): its slot holds the
+    /// value for the row being evaluated, so the executor runs the subquery for
+    /// each row before evaluating this (PostgreSQL's SubPlan). Never a constant.
+    PerRow(Box<Expr>),
 }
 
-/// What a subquery gives the expressions that use it. Subqueries are not
-/// correlated, so each is run once per statement, before the statement's own
-/// rows, at the statement's snapshot (PostgreSQL's InitPlan).
+/// What a subquery gives the expressions that use it. An uncorrelated subquery is
+/// run once per statement, before the statement's own rows, at the statement's
+/// snapshot (PostgreSQL's InitPlan); a correlated one once per row of the query it
+/// refers to (a SubPlan, see [`Expr::PerRow`]).
 #[derive(Debug, Clone)]
 pub enum SubValue {
     /// The only row's only column; NULL when there is no row.
@@ -244,8 +300,17 @@ pub enum SubKind {
     In,
 }
 
+/// A bound subquery, as [`BindCtx`] uses it.
+pub struct BoundSub {
+    pub slot: usize,
+    /// Its result column types.
+    pub types: Vec<Type>,
+    /// It refers to the enclosing query's row.
+    pub correlated: bool,
+}
+
 /// Binds a subquery for [`BindCtx`]: the executor's binder, which knows the
-/// catalog. Returns the subquery's slot and its result column types.
+/// catalog.
 pub trait SubqueryBinder {
     fn bind_subquery(
         &mut self,
@@ -253,7 +318,7 @@ pub trait SubqueryBinder {
         query: &ast::Query,
         kind: SubKind,
         params: &mut Vec<Type>,
-    ) -> Result<(usize, Vec<Type>), SqlError>;
+    ) -> Result<BoundSub, SqlError>;
 }
 
 impl Expr {
@@ -269,7 +334,9 @@ impl Expr {
             | Expr::Precomputed(_, t)
             | Expr::GroupRef(_, t)
             | Expr::AggRef(_, t)
-            | Expr::ScalarSub(_, t) => *t,
+            | Expr::ScalarSub(_, t)
+            | Expr::Outer(_, t) => *t,
+            Expr::PerRow(e) => e.ty(params),
             Expr::Param(i) => params.get(*i).copied().unwrap_or(Type::Unknown),
             Expr::Not(_)
             | Expr::IsNull(..)
@@ -627,7 +694,7 @@ impl<'a> BindCtx<'a> {
         scope: &Scope,
         q: &ast::Query,
         kind: SubKind,
-    ) -> Result<(usize, Vec<Type>), SqlError> {
+    ) -> Result<BoundSub, SqlError> {
         match self.subqueries.as_deref_mut() {
             Some(b) => b.bind_subquery(scope, q, kind, self.params),
             // PostgreSQL allows none in CHECK constraints, defaults and COPY.
@@ -654,8 +721,7 @@ impl<'a> BindCtx<'a> {
                         format!("column \"{}\" must appear in the GROUP BY clause or be used in an aggregate function", norm(id)),
                     ));
                 }
-                let i = scope.resolve(None, &norm(id))?;
-                Expr::Column(i, scope.columns[i].ty)
+                column(scope, scope.resolve(None, &norm(id))?)
             }
             E::CompoundIdentifier(parts) => {
                 if self.agg.is_some() {
@@ -667,8 +733,7 @@ impl<'a> BindCtx<'a> {
                     [_, t, c] => (Some(t.as_str()), c.as_str()),
                     _ => return Err(SqlError::unsupported(format!("column reference {e}"))),
                 };
-                let i = scope.resolve(table, name)?;
-                Expr::Column(i, scope.columns[i].ty)
+                column(scope, scope.resolve(table, name)?)
             }
             E::Value(v) => match &v.value {
                 Value::Placeholder(p) => {
@@ -905,18 +970,19 @@ impl<'a> BindCtx<'a> {
                 )
             }
             E::Subquery(q) => {
-                let (slot, cols) = self.subquery(scope, q, SubKind::Scalar)?;
-                match cols.as_slice() {
-                    [t] => Expr::ScalarSub(slot, *t),
+                let sub = self.subquery(scope, q, SubKind::Scalar)?;
+                match sub.types.as_slice() {
+                    [t] => per_row(Expr::ScalarSub(sub.slot, *t), sub.correlated),
                     _ => return Err(SqlError::syntax("subquery must return only one column")),
                 }
             }
             E::Exists { subquery, negated } => {
-                let (slot, _) = self.subquery(scope, subquery, SubKind::Exists)?;
+                let sub = self.subquery(scope, subquery, SubKind::Exists)?;
+                let e = per_row(Expr::Exists(sub.slot), sub.correlated);
                 if *negated {
-                    Expr::Not(Box::new(Expr::Exists(slot)))
+                    Expr::Not(Box::new(e))
                 } else {
-                    Expr::Exists(slot)
+                    e
                 }
             }
             E::InSubquery {
@@ -925,9 +991,12 @@ impl<'a> BindCtx<'a> {
                 negated,
             } => {
                 let x = self.bind_inner(scope, expr)?;
-                let (slot, cols) = self.subquery(scope, subquery, SubKind::In)?;
-                match cols.as_slice() {
-                    [t] => Expr::InSub(Box::new(self.coerce(x, *t)), slot, *negated),
+                let sub = self.subquery(scope, subquery, SubKind::In)?;
+                match sub.types.as_slice() {
+                    [t] => per_row(
+                        Expr::InSub(Box::new(self.coerce(x, *t)), sub.slot, *negated),
+                        sub.correlated,
+                    ),
                     [] => return Err(SqlError::syntax("subquery has too few columns")),
                     _ => return Err(SqlError::syntax("subquery has too many columns")),
                 }
@@ -1154,9 +1223,7 @@ impl<'a> BindCtx<'a> {
             }
         };
         let (func, ty) = match name.as_str() {
-            "now" | "current_timestamp" | "transaction_timestamp" => {
-                (Func::Now, Type::TimestampTz)
-            }
+            "now" | "current_timestamp" | "transaction_timestamp" => (Func::Now, Type::TimestampTz),
             "statement_timestamp" => (Func::StatementTimestamp, Type::TimestampTz),
             "clock_timestamp" => (Func::ClockTimestamp, Type::TimestampTz),
             // The session time zone is always UTC, so local time is UTC time.
@@ -1297,6 +1364,104 @@ impl BindCtx<'_> {
     }
 }
 
+fn column(scope: &Scope, r: ColumnRef) -> Expr {
+    match r {
+        ColumnRef::Local(i) => Expr::Column(i, scope.columns[i].ty),
+        ColumnRef::Outer(i) => Expr::Outer(i, scope.outer[i].ty),
+    }
+}
+
+/// A subquery's use, marked for evaluation per row when it is correlated.
+fn per_row(e: Expr, correlated: bool) -> Expr {
+    if correlated {
+        Expr::PerRow(Box::new(e))
+    } else {
+        e
+    }
+}
+
+/// Adds the slots of the correlated subqueries `e` uses (its [`Expr::PerRow`]
+/// nodes, outside other subqueries, which evaluate their own) to `out`.
+pub fn per_row_slots(e: &Expr, out: &mut Vec<usize>) {
+    let mut visit = |x: &Expr| per_row_slots(x, out);
+    match e {
+        Expr::PerRow(inner) => {
+            let slot = match &**inner {
+                Expr::ScalarSub(s, _) | Expr::Exists(s) | Expr::InSub(_, s, _) => Some(*s),
+                _ => None,
+            };
+            if let Expr::InSub(x, ..) = &**inner {
+                per_row_slots(x, out);
+            }
+            if let Some(s) = slot {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        Expr::Const(..)
+        | Expr::Column(..)
+        | Expr::Param(_)
+        | Expr::Precomputed(..)
+        | Expr::GroupRef(..)
+        | Expr::AggRef(..)
+        | Expr::ScalarSub(..)
+        | Expr::Exists(_)
+        | Expr::Outer(..) => {}
+        Expr::Binary(_, l, r, _) | Expr::Like(l, r, _, _) => {
+            visit(l);
+            visit(r);
+        }
+        Expr::Not(x)
+        | Expr::Neg(x, _)
+        | Expr::IsNull(x, _)
+        | Expr::IsBool(x, _, _)
+        | Expr::Cast(x, _, _)
+        | Expr::InSub(x, _, _) => visit(x),
+        Expr::InList(x, list, _) => {
+            visit(x);
+            list.iter().for_each(visit);
+        }
+        Expr::Between(x, lo, hi, _) => {
+            visit(x);
+            visit(lo);
+            visit(hi);
+        }
+        Expr::Case(op, whens, els, _) => {
+            if let Some(op) = op {
+                visit(op);
+            }
+            for (w, t) in whens {
+                visit(w);
+                visit(t);
+            }
+            if let Some(e) = els {
+                visit(e);
+            }
+        }
+        Expr::Func(_, args, _) => args.iter().for_each(visit),
+    }
+}
+
+/// The operands of a chain of ANDs.
+pub fn into_conjuncts(e: Expr) -> Vec<Expr> {
+    match e {
+        Expr::Binary(BinOp::And, l, r, _) => {
+            let mut v = into_conjuncts(*l);
+            v.extend(into_conjuncts(*r));
+            v
+        }
+        other => vec![other],
+    }
+}
+
+/// The AND of `parts` (None for none).
+pub fn and_all(parts: Vec<Expr>) -> Option<Expr> {
+    parts
+        .into_iter()
+        .reduce(|a, b| Expr::Binary(BinOp::And, Box::new(a), Box::new(b), Type::Bool))
+}
+
 /// Strips char(n) padding where a char(n) value becomes text.
 fn bpchar_trim(e: Expr, params: &[Type]) -> Expr {
     if e.ty(params) == Type::Bpchar {
@@ -1376,6 +1541,8 @@ pub struct EvalCtx<'a> {
     pub precomputed: &'a [Datum],
     /// The statement's subquery results, by slot.
     pub subqueries: &'a [SubValue],
+    /// The enclosing query's current row, inside a correlated subquery.
+    pub outer: &'a [Datum],
     pub database: &'a str,
     pub user: &'a str,
     /// The transaction's start time: now(), current_timestamp, current_date and
@@ -1826,6 +1993,8 @@ pub fn eval(e: &Expr, row: &[Datum], ctx: &EvalCtx<'_>) -> Result<Datum, SqlErro
             })?
         }
         Expr::Precomputed(i, _) => ctx.precomputed.get(*i).cloned().unwrap_or(Datum::Null),
+        Expr::Outer(i, _) => ctx.outer.get(*i).cloned().unwrap_or(Datum::Null),
+        Expr::PerRow(e) => eval(e, row, ctx)?,
         Expr::ScalarSub(i, _) => match ctx.subqueries.get(*i) {
             Some(SubValue::Scalar(d)) => d.clone(),
             _ => return Err(missing_subquery(*i)),
@@ -2016,7 +2185,9 @@ fn call(f: Func, mut v: Vec<Datum>, ty: Type, ctx: &EvalCtx<'_>) -> Result<Datum
         Func::Now => Datum::TimestampTz(ctx.now),
         Func::StatementTimestamp => Datum::TimestampTz(ctx.statement_now),
         Func::ClockTimestamp => Datum::TimestampTz(now_timestamp()),
-        Func::CurrentDate => Datum::Date(ctx.now.div_euclid(borealis_engine::types::USECS_PER_DAY) as i32),
+        Func::CurrentDate => {
+            Datum::Date(ctx.now.div_euclid(borealis_engine::types::USECS_PER_DAY) as i32)
+        }
         Func::LocalTimestamp => Datum::Timestamp(ctx.now),
         Func::Coalesce => v.into_iter().find(|d| !d.is_null()).unwrap_or(Datum::Null),
         Func::NullIf => {
@@ -2339,7 +2510,11 @@ fn text_call(f: TextFn, v: &[Datum]) -> Result<Datum, SqlError> {
             } else {
                 s.split(delim.as_str()).collect()
             };
-            let i = if k > 0 { k - 1 } else { fields.len() as i64 + k };
+            let i = if k > 0 {
+                k - 1
+            } else {
+                fields.len() as i64 + k
+            };
             usize::try_from(i)
                 .ok()
                 .and_then(|i| fields.get(i))

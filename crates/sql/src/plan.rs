@@ -107,8 +107,10 @@ impl KeyPlan {
 
 fn is_constant(e: &Expr) -> bool {
     match e {
-        // A scalar subquery is computed before the statement's rows are read.
-        Expr::Const(..) | Expr::Param(_) | Expr::ScalarSub(..) => true,
+        // A scalar subquery is computed before the statement's rows are read (a
+        // correlated one, wrapped in `PerRow`, is not constant), and an outer
+        // column is fixed for each run of the subquery that reads it.
+        Expr::Const(..) | Expr::Param(_) | Expr::ScalarSub(..) | Expr::Outer(..) => true,
         Expr::Cast(x, _, _) => is_constant(x),
         Expr::Neg(x, _) => is_constant(x),
         Expr::Binary(op, l, r, _) => {
