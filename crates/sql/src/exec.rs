@@ -277,6 +277,46 @@ struct ModifyPlan {
     sets: Option<Vec<(usize, Expr)>>,
     checks: Vec<(String, Expr)>,
     returning: Option<Returning>,
+    /// The conjuncts of WHERE that use correlated subqueries (split from
+    /// `filter`, which the scan applies), and the correlated subqueries of WHERE
+    /// and SET, run for each row before it is checked and changed.
+    row_filter: Option<Expr>,
+    row_subs: Vec<usize>,
+}
+
+impl ModifyPlan {
+    /// Like `SelectPlan::place_correlated`, for UPDATE and DELETE: correlated
+    /// subqueries run per row in WHERE and SET; in RETURNING they are 0A000.
+    fn place_correlated(&mut self, n: usize) -> Result<(), SqlError> {
+        let (filter, row_filter, mut slots) = split_per_row(self.filter.take());
+        self.filter = filter;
+        self.row_filter = row_filter;
+        for (_, e) in self.sets.iter().flatten() {
+            expr::per_row_slots(e, &mut slots);
+        }
+        if slots.len() < n {
+            return Err(SqlError::unsupported("correlated subqueries in RETURNING"));
+        }
+        self.row_subs = slots;
+        Ok(())
+    }
+}
+
+/// Splits a filter into the conjuncts without correlated subqueries and those
+/// with them, and lists the latter's subquery slots.
+fn split_per_row(filter: Option<Expr>) -> (Option<Expr>, Option<Expr>, Vec<usize>) {
+    let mut slots = vec![];
+    let (mut plain, mut per_row) = (vec![], vec![]);
+    for c in filter.into_iter().flat_map(expr::into_conjuncts) {
+        let before = slots.len();
+        expr::per_row_slots(&c, &mut slots);
+        if slots.len() > before {
+            per_row.push(c);
+        } else {
+            plain.push(c);
+        }
+    }
+    (expr::and_all(plain), expr::and_all(per_row), slots)
 }
 
 /// The column names an alias gives, `t (a, b)`.
@@ -329,21 +369,9 @@ impl SelectPlan {
     /// the executor runs them per row: in WHERE (before the filter) and in the
     /// select list (before projecting). Elsewhere is 0A000 for now.
     fn place_correlated(&mut self, n: usize) -> Result<(), SqlError> {
-        let mut filter = vec![];
-        if let Some(f) = self.filter.take() {
-            let (mut plain, mut per_row) = (vec![], vec![]);
-            for c in expr::into_conjuncts(f) {
-                let before = filter.len();
-                expr::per_row_slots(&c, &mut filter);
-                if filter.len() > before {
-                    per_row.push(c);
-                } else {
-                    plain.push(c);
-                }
-            }
-            self.filter = expr::and_all(plain);
-            self.row_filter = expr::and_all(per_row);
-        }
+        let (plain, row_filter, filter) = split_per_row(self.filter.take());
+        self.filter = plain;
+        self.row_filter = row_filter;
         let mut project = vec![];
         for e in &self.project {
             expr::per_row_slots(e, &mut project);
@@ -1695,6 +1723,8 @@ impl<'a> Binder<'a> {
             sets: Some(sets),
             checks,
             returning,
+            row_filter: None,
+            row_subs: vec![],
         })
     }
 
@@ -1728,6 +1758,8 @@ impl<'a> Binder<'a> {
             sets: None,
             checks: vec![],
             returning,
+            row_filter: None,
+            row_subs: vec![],
         })
     }
 }
@@ -1822,20 +1854,26 @@ fn bind_statement(
             ctes: vec![],
         }),
     };
-    let bound = match stmt {
+    let mut bound = match stmt {
         Statement::Query(q) => Some(Bound_::Select(b.select(q)?)),
         Statement::Insert(ins) => Some(Bound_::Insert(b.insert(ins)?)),
         Statement::Update(u) => Some(Bound_::Modify(b.update(u)?)),
         Statement::Delete(d) => Some(Bound_::Modify(b.delete(d)?)),
         _ => None,
     };
-    // A SELECT's own correlated subqueries are checked by `select_core`; those of
-    // INSERT, UPDATE and DELETE (in SET, WHERE, VALUES, RETURNING) have no
-    // per-row execution yet.
-    if b.subs.as_ref().is_some_and(|s| s.level_correlated > 0) {
-        return Err(SqlError::unsupported(
-            "correlated subqueries in INSERT, UPDATE or DELETE (outside a SELECT)",
-        ));
+    // A SELECT's own correlated subqueries are placed by `select_core`; those of
+    // UPDATE and DELETE here. INSERT's (in VALUES, ON CONFLICT, RETURNING) have
+    // no row to run for.
+    let correlated = b.subs.as_ref().map_or(0, |s| s.level_correlated);
+    if correlated > 0 {
+        match &mut bound {
+            Some(Bound_::Modify(p)) => p.place_correlated(correlated)?,
+            _ => {
+                return Err(SqlError::unsupported(
+                    "correlated subqueries in INSERT (outside its SELECT)",
+                ))
+            }
+        }
     }
     let params = b
         .params
@@ -2788,27 +2826,55 @@ impl<'a> Exec<'a> {
         // checks the statement's snapshot and predicate on the row where it finds
         // it (`modify_visible_row`), instead of reading the row once here and again
         // to change it.
-        let (keys, direct) = match self.point_key(&t, &p.key)? {
+        // Correlated subqueries (in WHERE or SET) run for each row before the engine
+        // checks and changes it, on the values the scan saw; see `expected` below.
+        let per_row = !p.row_subs.is_empty();
+        let point = if per_row {
+            None
+        } else {
+            self.point_key(&t, &p.key)?
+        };
+        let (keys, rows, direct) = match point {
             Some(Resolved::Empty) => return Ok((0, vec![])),
-            Some(Resolved::Point(key)) => (vec![key], true),
+            Some(Resolved::Point(key)) => (vec![key], vec![], true),
             _ => {
-                let (_, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
-                (keys, false)
+                let (rows, keys) = self.scan_table(&t, &p.key, p.filter.as_ref(), None).await?;
+                (keys, if per_row { rows } else { vec![] }, false)
             }
         };
         let mut count = 0u64;
         let mut returned = Vec::new();
-        let env = self.env();
+        let mut env = self.env();
+        let mut rows = rows.into_iter();
         for key in keys {
             let mut err = None;
             let mut new_key = None;
-            let outcome = {
+            // The row the correlated subqueries ran for. The engine may hand the
+            // decision a newer version (READ COMMITTED follows a concurrent
+            // update); then they run again for that version, as PostgreSQL
+            // re-evaluates the whole WHERE on it.
+            let mut expected = rows.next();
+            let mut rechecks = 0;
+            let outcome = loop {
+                if let Some(row) = &expected {
+                    self.correlate(&p.row_subs, row).await?;
+                    env = self.env();
+                }
+                let mut changed = None;
                 let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
+                let row_filter = &p.row_filter;
+                let expected_row = &expected;
                 let mut decide = |cur: &[Datum]| {
+                    if let Some(exp) = expected_row {
+                        if cur != &exp[..] {
+                            changed = Some(cur.to_vec());
+                            return Ok(RowAction::Skip);
+                        }
+                    }
                     let ctx = env.ctx();
                     // Re-check the predicate on the version we will change (it may be
                     // newer than the one the scan saw).
-                    if let Some(f) = &filter {
+                    for f in [filter, row_filter].into_iter().flatten() {
                         match expr::eval_pred(f, cur, &ctx) {
                             Ok(true) => {}
                             Ok(false) => return Ok(RowAction::Skip),
@@ -2862,12 +2928,25 @@ impl<'a> Exec<'a> {
                     if let Some(e) = filter_err {
                         return Err(e);
                     }
-                    outcome
-                } else {
-                    self.engine
-                        .modify_row(self.txn, &t, &key, &mut decide)
-                        .await
-                        .map_err(engine_error)?
+                    break outcome;
+                }
+                let outcome = self
+                    .engine
+                    .modify_row(self.txn, &t, &key, &mut decide)
+                    .await
+                    .map_err(engine_error)?;
+                match changed {
+                    Some(newer) if rechecks < MAX_ON_CONFLICT_RETRIES => {
+                        rechecks += 1;
+                        expected = Some(newer);
+                    }
+                    Some(_) => {
+                        return Err(SqlError::new(
+                            "40001",
+                            "could not serialize access due to concurrent update",
+                        ))
+                    }
+                    None => break outcome,
                 }
             };
             if let Some(e) = err {
