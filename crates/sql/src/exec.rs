@@ -2854,11 +2854,25 @@ impl<'a> Exec<'a> {
             // update); then they run again for that version, as PostgreSQL
             // re-evaluates the whole WHERE on it.
             let mut expected = rows.next();
+            if let Some(row) = &expected {
+                // The scan applied the other conjuncts to the version its snapshot
+                // sees; these must pass on it too, or the row is no candidate
+                // (a concurrent update cannot make it one).
+                self.correlate(&p.row_subs, row).await?;
+                if let Some(f) = &p.row_filter {
+                    if !expr::eval_pred(f, row, &self.ctx(&[]))? {
+                        continue;
+                    }
+                }
+                env = self.env();
+            }
             let mut rechecks = 0;
             let outcome = loop {
-                if let Some(row) = &expected {
-                    self.correlate(&p.row_subs, row).await?;
-                    env = self.env();
+                if rechecks > 0 {
+                    if let Some(row) = &expected {
+                        self.correlate(&p.row_subs, row).await?;
+                        env = self.env();
+                    }
                 }
                 let mut changed = None;
                 let (filter, sets, checks, tdef) = (&p.filter, &p.sets, &p.checks, &*t);
