@@ -1935,7 +1935,7 @@ struct Exec<'a> {
     /// The statement's subqueries, kept when some are correlated (run per row).
     sub_plans: Option<Arc<[SubPlan]>>,
     /// The enclosing query's row while a correlated subquery runs.
-    outer: Arc<Vec<Datum>>,
+    outer: Option<Arc<Vec<Datum>>>,
 }
 
 /// What evaluating an expression needs from the statement, owned (the names are
@@ -1948,7 +1948,7 @@ struct EvalEnv<'p> {
     now: i64,
     statement_now: i64,
     subs: Option<Arc<Vec<SubValue>>>,
-    outer: Arc<Vec<Datum>>,
+    outer: Option<Arc<Vec<Datum>>>,
 }
 
 impl EvalEnv<'_> {
@@ -1957,7 +1957,7 @@ impl EvalEnv<'_> {
             params: self.params,
             precomputed: &[],
             subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
-            outer: &self.outer,
+            outer: self.outer.as_deref().map_or(&[], Vec::as_slice),
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -1984,7 +1984,7 @@ impl<'a> Exec<'a> {
             params: self.params,
             precomputed: pre,
             subqueries: self.subs.as_deref().map_or(&[], Vec::as_slice),
-            outer: &self.outer,
+            outer: self.outer.as_deref().map_or(&[], Vec::as_slice),
             database: &self.database,
             user: &self.user,
             now: self.now,
@@ -2334,7 +2334,7 @@ impl<'a> Exec<'a> {
         let Some(plans) = self.sub_plans.clone() else {
             return Err(SqlError::internal("correlated subquery without its plan"));
         };
-        let saved = std::mem::replace(&mut self.outer, Arc::new(row.to_vec()));
+        let saved = std::mem::replace(&mut self.outer, Some(Arc::new(row.to_vec())));
         let result = self.run_correlated(&plans, slots).await;
         self.outer = saved;
         result
@@ -3300,7 +3300,7 @@ pub(crate) async fn execute(
         catalog,
         subs: None,
         sub_plans: None,
-        outer: Arc::default(),
+        outer: None,
     };
     match stmt {
         Statement::Query(_)
@@ -5311,7 +5311,7 @@ fn copy_exec<'a>(s: &'a mut Session, st: &CopyState) -> Exec<'a> {
         catalog: st.catalog.clone(),
         subs: None,
         sub_plans: None,
-        outer: Arc::default(),
+        outer: None,
     }
 }
 
