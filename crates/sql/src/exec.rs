@@ -2505,22 +2505,13 @@ impl<'a> Exec<'a> {
             input
         };
         let mut out = Vec::with_capacity(rows_in.len());
-        if !p.project_subs.is_empty() {
+        for row in &rows_in {
             // Correlated subqueries in the select list (never aggregated, see
-            // `place_correlated`): run for each row, then project it.
-            for row in &rows_in {
+            // `place_correlated`) run for each row before it is projected.
+            if !p.project_subs.is_empty() {
                 self.correlate(&p.project_subs, row).await?;
-                let ctx = self.ctx(&pre);
-                let o: Vec<Datum> = p
-                    .project
-                    .iter()
-                    .map(|e| expr::eval(e, row, &ctx))
-                    .collect::<Result<_, _>>()?;
-                out.push(o);
             }
-        }
-        let ctx = self.ctx(&pre);
-        for row in rows_in.iter().filter(|_| p.project_subs.is_empty()) {
+            let ctx = self.ctx(&pre);
             if let Some(AggPlan {
                 having: Some(h), ..
             }) = &p.agg

@@ -1194,13 +1194,12 @@ impl<'a> BindCtx<'a> {
             let mut args = Vec::with_capacity(arg_list.len());
             for (i, a) in arg_list.iter().enumerate() {
                 let t = types.get(i).or(types.last()).copied();
-                let e = self.bind(scope, a, t)?;
                 // concat prints char(n) with its padding (its output function),
                 // where the others take it as text.
                 args.push(if matches!(f, TextFn::Concat | TextFn::ConcatWs) {
-                    e
+                    self.bind(scope, a, t)?
                 } else {
-                    bpchar_trim(e, self.params)
+                    self.bind_text_arg(scope, a, t)?
                 });
             }
             return Ok(Expr::Func(Func::Text(f), args, f.result_type()));
@@ -1387,16 +1386,16 @@ pub fn per_row_slots(e: &Expr, out: &mut Vec<usize>) {
     match e {
         Expr::PerRow(inner) => {
             let slot = match &**inner {
-                Expr::ScalarSub(s, _) | Expr::Exists(s) | Expr::InSub(_, s, _) => Some(*s),
-                _ => None,
-            };
-            if let Expr::InSub(x, ..) = &**inner {
-                per_row_slots(x, out);
-            }
-            if let Some(s) = slot {
-                if !out.contains(&s) {
-                    out.push(s);
+                Expr::ScalarSub(s, _) | Expr::Exists(s) => *s,
+                // The probe is evaluated in this query, so its own uses count.
+                Expr::InSub(x, s, _) => {
+                    per_row_slots(x, out);
+                    *s
                 }
+                _ => return,
+            };
+            if !out.contains(&slot) {
+                out.push(slot);
             }
         }
         Expr::Const(..)
